@@ -1,0 +1,108 @@
+//! ImageService handlers.
+
+use std::pin::Pin;
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::{convert, status::to_status};
+use crate::image::{self, ImageRef, Progress};
+use crate::pb;
+use crate::pb::image_service_server::ImageService;
+use crate::runtime::Containerd;
+
+/// Progress messages buffered per PullImage stream (older ones are dropped when the client lags).
+const PULL_PROGRESS_QUEUE: usize = 64;
+
+/// The ImageService implementation.
+#[derive(Debug, Clone)]
+pub struct ImageApi {
+    cd: Containerd,
+}
+
+impl ImageApi {
+    /// Serves images of `cd`.
+    pub fn new(cd: Containerd) -> Self {
+        ImageApi { cd }
+    }
+}
+
+fn progress_msg(p: Progress) -> pb::PullImageResponse {
+    pb::PullImageResponse {
+        status: p.status,
+        digest: p.digest,
+        bytes_done: p.bytes_done,
+        bytes_total: p.bytes_total,
+        image: None,
+    }
+}
+
+#[tonic::async_trait]
+impl ImageService for ImageApi {
+    type PullImageStream =
+        Pin<Box<dyn Stream<Item = Result<pb::PullImageResponse, Status>> + Send>>;
+
+    async fn pull_image(
+        &self,
+        req: Request<pb::PullImageRequest>,
+    ) -> Result<Response<Self::PullImageStream>, Status> {
+        let image = ImageRef::parse("image", &req.into_inner().image).map_err(to_status)?;
+        let (progress_tx, mut progress_rx) = mpsc::channel::<Progress>(PULL_PROGRESS_QUEUE);
+        let (out_tx, out_rx) = mpsc::channel(PULL_PROGRESS_QUEUE);
+        let cd = self.cd.clone();
+        // The pull runs on its own task: a client that disconnects does not leave it half-done.
+        let pull = tokio::spawn(async move { image::pull(&cd, &image, Some(progress_tx)).await });
+        tokio::spawn(async move {
+            while let Some(p) = progress_rx.recv().await {
+                if out_tx.send(Ok(progress_msg(p))).await.is_err() {
+                    break;
+                }
+            }
+            let last = match pull.await {
+                Ok(Ok(info)) => Ok(pb::PullImageResponse {
+                    status: "done".into(),
+                    digest: info.digest.clone(),
+                    bytes_done: info.size_bytes,
+                    bytes_total: info.size_bytes,
+                    image: Some(convert::image(info)),
+                }),
+                Ok(Err(e)) => Err(to_status(e)),
+                Err(e) => Err(Status::internal(format!("pull task failed: {e}"))),
+            };
+            let _ = out_tx.send(last).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+
+    async fn get_image(
+        &self,
+        req: Request<pb::GetImageRequest>,
+    ) -> Result<Response<pb::GetImageResponse>, Status> {
+        let image = ImageRef::parse("image", &req.into_inner().image).map_err(to_status)?;
+        let info = image::get(&self.cd, &image).await.map_err(to_status)?;
+        Ok(Response::new(pb::GetImageResponse {
+            image: Some(convert::image(info)),
+        }))
+    }
+
+    async fn list_images(
+        &self,
+        _req: Request<pb::ListImagesRequest>,
+    ) -> Result<Response<pb::ListImagesResponse>, Status> {
+        let images = image::list(&self.cd).await.map_err(to_status)?;
+        Ok(Response::new(pb::ListImagesResponse {
+            images: images.into_iter().map(convert::image).collect(),
+        }))
+    }
+
+    async fn delete_image(
+        &self,
+        req: Request<pb::DeleteImageRequest>,
+    ) -> Result<Response<pb::DeleteImageResponse>, Status> {
+        let image = ImageRef::parse("image", &req.into_inner().image).map_err(to_status)?;
+        image::delete(&self.cd, &image).await.map_err(to_status)?;
+        Ok(Response::new(pb::DeleteImageResponse {}))
+    }
+}

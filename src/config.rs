@@ -1,0 +1,404 @@
+//! Typed configuration: defaults, an optional TOML file, environment variables and flags, each
+//! overriding the one before. The environment is read through an injectable lookup so tests never
+//! touch the process environment.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default gRPC listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7878";
+/// Default containerd socket.
+pub const DEFAULT_CONTAINERD_ADDRESS: &str = "/run/containerd/containerd.sock";
+/// Default containerd namespace holding everything sandboxd makes.
+pub const DEFAULT_NAMESPACE: &str = "sandboxd";
+/// Default state directory.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/sandboxd";
+/// Default parent cgroup of every sandbox.
+pub const DEFAULT_CGROUP_PARENT: &str = "/sandboxd";
+/// Default pids limit of a sandbox whose request sets none.
+pub const DEFAULT_PIDS_LIMIT: i64 = 1024;
+/// Default path of the idle PID 1 bind-mounted into sandboxes without a command.
+pub const DEFAULT_IDLE_INIT: &str = "/usr/bin/catatonit";
+
+/// Where the gRPC server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// A unix socket path (`unix:/path`).
+    Unix(PathBuf),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a socket path, e.g. unix:/run/sandboxd.sock".into());
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        s.parse::<SocketAddr>()
+            .map(ListenAddr::Tcp)
+            .map_err(|e| format!("{s:?} is neither HOST:PORT nor unix:/path ({e})"))
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => write!(f, "{addr}"),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// Whether sandboxd may start a private containerd when none answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbeddedContainerd {
+    /// Start one when nothing answers at the configured address (the default).
+    Auto,
+    /// Never: wait for the configured containerd (reported NOT_SERVING meanwhile).
+    Never,
+}
+
+impl FromStr for EmbeddedContainerd {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(EmbeddedContainerd::Auto),
+            "never" => Ok(EmbeddedContainerd::Never),
+            other => Err(format!("{other:?} is not one of: auto, never")),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "human" => Ok(LogFormat::Human),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("{other:?} is not one of: human, json")),
+        }
+    }
+}
+
+/// The settings as given on the command line (all optional: unset falls through to env, file,
+/// default).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// Optional TOML file with any of the settings below (keys as the flags, with underscores)
+    /// [env: SANDBOXD_CONFIG]
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address, HOST:PORT or unix:/path [env: SANDBOXD_LISTEN] [default: 127.0.0.1:7878]
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// containerd socket [env: SANDBOXD_CONTAINERD_ADDRESS] [default: /run/containerd/containerd.sock]
+    #[arg(long, value_name = "PATH")]
+    pub containerd_address: Option<PathBuf>,
+    /// containerd namespace holding everything sandboxd makes [env: SANDBOXD_NAMESPACE] [default: sandboxd]
+    #[arg(long, value_name = "NAME")]
+    pub namespace: Option<String>,
+    /// State directory (sandbox files, embedded containerd) [env: SANDBOXD_DATA_DIR] [default: /var/lib/sandboxd]
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Parent cgroup path of every sandbox [env: SANDBOXD_CGROUP_PARENT] [default: /sandboxd]
+    #[arg(long, value_name = "PATH")]
+    pub cgroup_parent: Option<String>,
+    /// Start a private containerd under the data dir when none answers: auto or never
+    /// [env: SANDBOXD_EMBEDDED_CONTAINERD] [default: auto]
+    #[arg(long, value_name = "MODE")]
+    pub embedded_containerd: Option<String>,
+    /// Idle PID 1 for sandboxes without a command [env: SANDBOXD_IDLE_INIT] [default: /usr/bin/catatonit]
+    #[arg(long, value_name = "PATH")]
+    pub idle_init: Option<PathBuf>,
+    /// Log format: human or json [env: SANDBOXD_LOG_FORMAT] [default: human]
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// The TOML file's shape: the same keys as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    containerd_address: Option<PathBuf>,
+    namespace: Option<String>,
+    data_dir: Option<PathBuf>,
+    cgroup_parent: Option<String>,
+    embedded_containerd: Option<String>,
+    idle_init: Option<PathBuf>,
+    log_format: Option<String>,
+}
+
+/// The resolved configuration of `sandboxd serve`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// gRPC listen address.
+    pub listen: ListenAddr,
+    /// containerd socket to use (or to start a private containerd at, see `embedded_containerd`).
+    pub containerd_address: PathBuf,
+    /// containerd namespace.
+    pub namespace: String,
+    /// State directory.
+    pub data_dir: PathBuf,
+    /// Parent cgroup of sandboxes.
+    pub cgroup_parent: String,
+    /// Private containerd policy.
+    pub embedded_containerd: EmbeddedContainerd,
+    /// Idle PID 1 binary.
+    pub idle_init: PathBuf,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// How often containerd's health is checked.
+    pub health_interval: Duration,
+    /// How often expired sandboxes are looked for.
+    pub ttl_sweep_interval: Duration,
+}
+
+/// A configuration problem, naming the setting.
+#[derive(Debug, thiserror::Error)]
+#[error("{setting}: {reason}")]
+pub struct ConfigError {
+    setting: &'static str,
+    reason: String,
+}
+
+impl Config {
+    /// Resolves flags over `env` over the TOML file over defaults.
+    pub fn resolve(
+        args: &ServeArgs,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let config_path = args
+            .config
+            .clone()
+            .or_else(|| env("SANDBOXD_CONFIG").map(PathBuf::from));
+        let file = match config_path {
+            Some(path) => read_file(&path)?,
+            None => FileConfig::default(),
+        };
+        let pick = |flag: &Option<String>, var: &str, file: &Option<String>, default: &str| {
+            flag.clone()
+                .or_else(|| env(var))
+                .or_else(|| file.clone())
+                .unwrap_or_else(|| default.to_string())
+        };
+        let pick_path =
+            |flag: &Option<PathBuf>, var: &str, file: &Option<PathBuf>, default: &str| {
+                flag.clone()
+                    .or_else(|| env(var).map(PathBuf::from))
+                    .or_else(|| file.clone())
+                    .unwrap_or_else(|| PathBuf::from(default))
+            };
+
+        let listen = pick(
+            &args.listen,
+            "SANDBOXD_LISTEN",
+            &file.listen,
+            DEFAULT_LISTEN,
+        );
+        let listen = listen.parse().map_err(|reason| ConfigError {
+            setting: "listen",
+            reason,
+        })?;
+        let namespace = pick(
+            &args.namespace,
+            "SANDBOXD_NAMESPACE",
+            &file.namespace,
+            DEFAULT_NAMESPACE,
+        );
+        if namespace.is_empty()
+            || !namespace
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(ConfigError {
+                setting: "namespace",
+                reason: format!("{namespace:?} must be letters, digits, '-', '_' or '.'"),
+            });
+        }
+        let cgroup_parent = pick(
+            &args.cgroup_parent,
+            "SANDBOXD_CGROUP_PARENT",
+            &file.cgroup_parent,
+            DEFAULT_CGROUP_PARENT,
+        );
+        if !cgroup_parent.starts_with('/') || cgroup_parent.contains("..") {
+            return Err(ConfigError {
+                setting: "cgroup_parent",
+                reason: format!("{cgroup_parent:?} must be an absolute cgroup path"),
+            });
+        }
+        let embedded_containerd = pick(
+            &args.embedded_containerd,
+            "SANDBOXD_EMBEDDED_CONTAINERD",
+            &file.embedded_containerd,
+            "auto",
+        )
+        .parse()
+        .map_err(|reason| ConfigError {
+            setting: "embedded_containerd",
+            reason,
+        })?;
+        let log_format = pick(
+            &args.log_format,
+            "SANDBOXD_LOG_FORMAT",
+            &file.log_format,
+            "human",
+        )
+        .parse()
+        .map_err(|reason| ConfigError {
+            setting: "log_format",
+            reason,
+        })?;
+        let data_dir = pick_path(
+            &args.data_dir,
+            "SANDBOXD_DATA_DIR",
+            &file.data_dir,
+            DEFAULT_DATA_DIR,
+        );
+        if !data_dir.is_absolute() {
+            return Err(ConfigError {
+                setting: "data_dir",
+                reason: format!("{} must be an absolute path", data_dir.display()),
+            });
+        }
+        Ok(Config {
+            listen,
+            containerd_address: pick_path(
+                &args.containerd_address,
+                "SANDBOXD_CONTAINERD_ADDRESS",
+                &file.containerd_address,
+                DEFAULT_CONTAINERD_ADDRESS,
+            ),
+            namespace,
+            data_dir,
+            cgroup_parent,
+            embedded_containerd,
+            idle_init: pick_path(
+                &args.idle_init,
+                "SANDBOXD_IDLE_INIT",
+                &file.idle_init,
+                DEFAULT_IDLE_INIT,
+            ),
+            log_format,
+            health_interval: Duration::from_secs(1),
+            ttl_sweep_interval: Duration::from_secs(1),
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        setting: "config",
+        reason: format!("cannot read {}: {e}", path.display()),
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError {
+        setting: "config",
+        reason: format!("{}: {e}", path.display()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn defaults_apply_when_nothing_is_set() {
+        let cfg = Config::resolve(&ServeArgs::default(), &env_of(&[])).unwrap();
+        assert_eq!(
+            cfg.listen,
+            ListenAddr::Tcp("127.0.0.1:7878".parse().unwrap())
+        );
+        assert_eq!(
+            cfg.containerd_address,
+            PathBuf::from(DEFAULT_CONTAINERD_ADDRESS)
+        );
+        assert_eq!(cfg.namespace, "sandboxd");
+        assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/sandboxd"));
+        assert_eq!(cfg.embedded_containerd, EmbeddedContainerd::Auto);
+    }
+
+    #[test]
+    fn flag_beats_env_beats_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "listen = \"unix:/tmp/file.sock\"\nnamespace = \"fromfile\"\ndata_dir = \"/srv/file\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(file),
+            listen: Some("127.0.0.1:9000".into()),
+            ..Default::default()
+        };
+        let env = env_of(&[
+            ("SANDBOXD_LISTEN", "127.0.0.1:9001"),
+            ("SANDBOXD_NAMESPACE", "fromenv"),
+        ]);
+        let cfg = Config::resolve(&args, &env).unwrap();
+        assert_eq!(
+            cfg.listen,
+            ListenAddr::Tcp("127.0.0.1:9000".parse().unwrap())
+        );
+        assert_eq!(cfg.namespace, "fromenv");
+        assert_eq!(cfg.data_dir, PathBuf::from("/srv/file"));
+    }
+
+    #[test]
+    fn unix_listen_address_parses() {
+        assert_eq!(
+            "unix:/run/s.sock".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Unix("/run/s.sock".into())
+        );
+        assert!("unix:".parse::<ListenAddr>().is_err());
+        assert!("nonsense".parse::<ListenAddr>().is_err());
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let env = env_of(&[("SANDBOXD_EMBEDDED_CONTAINERD", "sometimes")]);
+        let err = Config::resolve(&ServeArgs::default(), &env).unwrap_err();
+        assert!(err.to_string().starts_with("embedded_containerd:"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "lisen = \"x\"\n").unwrap();
+        let args = ServeArgs {
+            config: Some(file),
+            ..Default::default()
+        };
+        let err = Config::resolve(&args, &env_of(&[])).unwrap_err();
+        assert!(err.to_string().contains("lisen"), "{err}");
+    }
+}

@@ -1,0 +1,227 @@
+//! Images: references, pull, and reading what containerd holds.
+
+mod pull;
+mod reference;
+
+use containerd_client::services::v1::{DeleteImageRequest, GetImageRequest, ListImagesRequest};
+use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
+use sha2::{Digest, Sha256};
+
+pub use pull::{go_arch, pull, Progress, ProgressSink};
+pub use reference::ImageRef;
+
+use crate::error::{Error, Kind, Result};
+use crate::runtime::{content, Containerd};
+
+/// OCI image index media type.
+pub const MEDIA_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+/// OCI image manifest media type.
+pub const MEDIA_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// Docker manifest list media type.
+pub const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+/// Docker image manifest media type.
+pub const MEDIA_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+
+/// An image as the API reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageInfo {
+    /// Normalised reference.
+    pub name: String,
+    /// Digest of the target manifest or index.
+    pub digest: String,
+    /// Sum of the sizes of its blobs.
+    pub size_bytes: i64,
+    /// When containerd recorded it.
+    pub created_at: Option<prost_types::Timestamp>,
+}
+
+/// What a sandbox needs from its image.
+#[derive(Debug, Clone)]
+pub struct ResolvedImage {
+    /// Normalised reference.
+    pub name: String,
+    /// The image configuration (entrypoint, env, user...).
+    pub config: ImageConfiguration,
+    /// Chain id of the top layer: the parent of a sandbox's writable snapshot.
+    pub top_chain_id: String,
+    /// Image info for reporting.
+    pub info: ImageInfo,
+}
+
+/// Chain ids per the OCI image spec: `chain[0] = diff[0]`, `chain[n] = sha256(chain[n-1] + " " + diff[n])`.
+pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
+    for diff in diff_ids {
+        let next = match out.last() {
+            None => diff.clone(),
+            Some(prev) => format!(
+                "sha256:{}",
+                hex::encode(Sha256::digest(format!("{prev} {diff}")))
+            ),
+        };
+        out.push(next);
+    }
+    out
+}
+
+/// The image record named `name`, or `None`.
+async fn get_record(
+    cd: &Containerd,
+    name: &str,
+) -> Result<Option<containerd_client::services::v1::Image>> {
+    let req = GetImageRequest {
+        name: name.to_string(),
+    };
+    match cd.images().get(cd.req(req)).await {
+        Ok(resp) => Ok(resp.into_inner().image),
+        Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+        Err(s) => Err(Error::containerd("images.get", s)),
+    }
+}
+
+/// Reads the manifest behind an image target, descending through an index to this platform's entry.
+async fn load_manifest(
+    cd: &Containerd,
+    media_type: &str,
+    digest: &str,
+) -> Result<(ImageManifest, i64)> {
+    let bytes = content::read(cd, digest).await?;
+    let mut size = bytes.len() as i64;
+    let is_index = media_type == MEDIA_OCI_INDEX
+        || media_type == MEDIA_DOCKER_LIST
+        || serde_json::from_slice::<serde_json::Value>(&bytes)
+            .is_ok_and(|v| v.get("manifests").is_some());
+    let manifest_bytes = if is_index {
+        let index: ImageIndex = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Internal(format!("stored index {digest} is corrupt: {e}")))?;
+        let mut chosen = None;
+        for m in index.manifests() {
+            let platform_ok = m.platform().as_ref().is_none_or(|p| {
+                p.os().to_string() == "linux" && p.architecture().to_string() == go_arch()
+            });
+            if platform_ok && content::info(cd, m.digest().as_ref()).await?.is_some() {
+                chosen = Some(m.digest().to_string());
+                break;
+            }
+        }
+        let chosen = chosen.ok_or_else(|| {
+            Error::Internal(format!(
+                "index {digest} has no manifest for this platform in the content store"
+            ))
+        })?;
+        let bytes = content::read(cd, &chosen).await?;
+        size += bytes.len() as i64;
+        bytes
+    } else {
+        bytes
+    };
+    let manifest: ImageManifest = serde_json::from_slice(&manifest_bytes)
+        .map_err(|e| Error::Internal(format!("stored manifest is corrupt: {e}")))?;
+    size += manifest.config().size() as i64
+        + manifest
+            .layers()
+            .iter()
+            .map(|l| l.size() as i64)
+            .sum::<i64>();
+    Ok((manifest, size))
+}
+
+fn info_of(record: &containerd_client::services::v1::Image, size: i64) -> ImageInfo {
+    ImageInfo {
+        name: record.name.clone(),
+        digest: record
+            .target
+            .as_ref()
+            .map(|t| t.digest.clone())
+            .unwrap_or_default(),
+        size_bytes: size,
+        created_at: record.created_at,
+    }
+}
+
+/// GetImage: the image named `image`, NOT_FOUND when containerd does not hold it.
+pub async fn get(cd: &Containerd, image: &ImageRef) -> Result<ImageInfo> {
+    Ok(resolve(cd, image).await?.info)
+}
+
+/// Reads an image's configuration and top chain id, NOT_FOUND when it is not held.
+pub async fn resolve(cd: &Containerd, image: &ImageRef) -> Result<ResolvedImage> {
+    let record = get_record(cd, &image.name())
+        .await?
+        .ok_or_else(|| Error::not_found(Kind::Image, image.name()))?;
+    let target = record
+        .target
+        .clone()
+        .ok_or_else(|| Error::Internal(format!("image {} has no target", image.name())))?;
+    let (manifest, size) = load_manifest(cd, &target.media_type, &target.digest).await?;
+    let config_bytes = content::read(cd, manifest.config().digest().as_ref()).await?;
+    let config: ImageConfiguration = serde_json::from_slice(&config_bytes).map_err(|e| {
+        Error::Internal(format!("stored config of {} is corrupt: {e}", image.name()))
+    })?;
+    let chain = chain_ids(config.rootfs().diff_ids());
+    Ok(ResolvedImage {
+        name: image.name(),
+        top_chain_id: chain.last().cloned().unwrap_or_default(),
+        config,
+        info: info_of(&record, size),
+    })
+}
+
+/// ListImages, ordered by name.
+pub async fn list(cd: &Containerd) -> Result<Vec<ImageInfo>> {
+    let resp = cd
+        .images()
+        .list(cd.req(ListImagesRequest { filters: vec![] }))
+        .await
+        .map_err(|s| Error::containerd("images.list", s))?
+        .into_inner();
+    let mut out = Vec::with_capacity(resp.images.len());
+    for record in resp.images {
+        let Some(target) = record.target.as_ref() else {
+            continue;
+        };
+        // An image whose blobs are gone (a pull in progress elsewhere) is listed without a size.
+        let size = match load_manifest(cd, &target.media_type, &target.digest).await {
+            Ok((_, size)) => size,
+            Err(_) => target.size,
+        };
+        out.push(info_of(&record, size));
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// DeleteImage; containerd's GC then frees blobs and snapshots nothing else references.
+/// Sandboxes already created from it keep working: their snapshots pin their parents.
+pub async fn delete(cd: &Containerd, image: &ImageRef) -> Result<()> {
+    let req = DeleteImageRequest {
+        name: image.name(),
+        sync: true,
+        target: None,
+    };
+    match cd.images().delete(cd.req(req)).await {
+        Ok(_) => Ok(()),
+        Err(s) if s.code() == tonic::Code::NotFound => {
+            Err(Error::not_found(Kind::Image, image.name()))
+        }
+        Err(s) => Err(Error::containerd("images.delete", s)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_ids_follow_the_oci_formula() {
+        let diffs = vec!["sha256:aaa".to_string(), "sha256:bbb".to_string()];
+        let chain = chain_ids(&diffs);
+        assert_eq!(chain[0], "sha256:aaa");
+        let expect = format!(
+            "sha256:{}",
+            hex::encode(Sha256::digest(b"sha256:aaa sha256:bbb"))
+        );
+        assert_eq!(chain[1], expect);
+        assert!(chain_ids(&[]).is_empty());
+    }
+}

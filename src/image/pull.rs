@@ -1,0 +1,584 @@
+//! PullImage: the registry protocol (oci-client) feeding containerd's content store, then the
+//! layers unpacked into committed overlayfs snapshots, all under one lease.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use containerd_client::services::v1::snapshots::{
+    CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
+};
+use containerd_client::services::v1::{
+    ApplyRequest, CreateImageRequest, Image as CdImage, UpdateImageRequest,
+};
+use containerd_client::types::Descriptor as CdDescriptor;
+use futures::TryStreamExt;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
+use oci_client::secrets::RegistryAuth;
+use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest};
+use tokio::sync::mpsc;
+
+use super::{
+    chain_ids, ImageInfo, ImageRef, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX,
+    MEDIA_OCI_MANIFEST,
+};
+use crate::error::{Error, Kind, Result};
+use crate::runtime::lease::Lease;
+use crate::runtime::{content, Containerd, SNAPSHOTTER};
+
+/// How often a download reports progress at most.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// One step of a pull, as streamed to the caller.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    /// What is happening: resolving, downloading, exists, unpacking, done.
+    pub status: String,
+    /// The blob the message is about, if any.
+    pub digest: String,
+    /// Bytes of that blob (or of the whole image for `done`) so far.
+    pub bytes_done: i64,
+    /// Its size.
+    pub bytes_total: i64,
+}
+
+/// Where progress goes; a caller that went away does not stop the pull.
+pub type ProgressSink = mpsc::Sender<Progress>;
+
+fn report(sink: &Option<ProgressSink>, p: Progress) {
+    if let Some(sink) = sink {
+        // Dropping a progress message under back-pressure is fine; the final image is not.
+        let _ = sink.try_send(p);
+    }
+}
+
+/// Pulls `image` into containerd and returns it. Idempotent: blobs and snapshots that exist are
+/// reused; the image record is created or updated last, so a failed pull leaves no image.
+pub async fn pull(
+    cd: &Containerd,
+    image: &ImageRef,
+    sink: Option<ProgressSink>,
+) -> Result<ImageInfo> {
+    let lease = Lease::acquire(cd, "pull").await?;
+    let result = pull_leased(cd, image, &sink, lease.id()).await;
+    let released = lease.release(cd).await;
+    match result {
+        Ok(info) => {
+            released?;
+            Ok(info)
+        }
+        Err(e) => Err(e.with_cleanup(released)),
+    }
+}
+
+fn registry_client(image: &ImageRef) -> oci_client::Client {
+    let protocol = if image.is_local_registry() {
+        ClientProtocol::Http
+    } else {
+        ClientProtocol::Https
+    };
+    oci_client::Client::new(ClientConfig {
+        protocol,
+        ..Default::default()
+    })
+}
+
+fn registry_error(image: &ImageRef, e: OciDistributionError) -> Error {
+    match &e {
+        OciDistributionError::ImageManifestNotFoundError(_) => {
+            Error::not_found(Kind::Image, image.name())
+        }
+        OciDistributionError::RegistryError { envelope, .. }
+            if envelope.errors.iter().any(|e| {
+                matches!(
+                    format!("{:?}", e.code).as_str(),
+                    "ManifestUnknown" | "NameUnknown" | "BlobUnknown"
+                )
+            }) =>
+        {
+            Error::not_found(Kind::Image, image.name())
+        }
+        _ => Error::Registry(format!("{}: {e}", image.name())),
+    }
+}
+
+async fn pull_leased(
+    cd: &Containerd,
+    image: &ImageRef,
+    sink: &Option<ProgressSink>,
+    lease: &str,
+) -> Result<ImageInfo> {
+    let client = registry_client(image);
+    let auth = RegistryAuth::Anonymous;
+    let reference = image.reference();
+    report(
+        sink,
+        Progress {
+            status: "resolving".into(),
+            ..Default::default()
+        },
+    );
+    let accepted = [
+        MEDIA_OCI_INDEX,
+        MEDIA_DOCKER_LIST,
+        MEDIA_OCI_MANIFEST,
+        MEDIA_DOCKER_MANIFEST,
+    ];
+    let (top_bytes, top_digest) = client
+        .pull_manifest_raw(reference, &auth, &accepted)
+        .await
+        .map_err(|e| registry_error(image, e))?;
+    let top_media = media_type_of(&top_bytes);
+
+    // For an index, pick this platform's manifest; the index stays the image's target.
+    let (index, manifest_bytes, manifest_digest) = if is_index(&top_media, &top_bytes) {
+        let index: ImageIndex = serde_json::from_slice(&top_bytes)
+            .map_err(|e| Error::Registry(format!("{}: bad image index: {e}", image.name())))?;
+        let chosen = select_platform(&index).ok_or_else(|| {
+            Error::Registry(format!(
+                "{}: no manifest for linux/{}",
+                image.name(),
+                go_arch()
+            ))
+        })?;
+        let child_ref = reference.clone_with_digest(chosen.digest().to_string());
+        let (bytes, digest) = client
+            .pull_manifest_raw(
+                &child_ref,
+                &auth,
+                &[MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST],
+            )
+            .await
+            .map_err(|e| registry_error(image, e))?;
+        (
+            Some((index, top_bytes.clone(), top_digest.clone())),
+            bytes,
+            digest,
+        )
+    } else {
+        (None, top_bytes.clone(), top_digest.clone())
+    };
+    report(
+        sink,
+        Progress {
+            status: "resolved".into(),
+            digest: top_digest.clone(),
+            ..Default::default()
+        },
+    );
+
+    let manifest: ImageManifest = serde_json::from_slice(&manifest_bytes)
+        .map_err(|e| Error::Registry(format!("{}: bad image manifest: {e}", image.name())))?;
+    let config_desc = manifest.config().clone();
+    let config_bytes = fetch_small_blob(&client, image, &config_desc).await?;
+    let config: ImageConfiguration = serde_json::from_slice(&config_bytes)
+        .map_err(|e| Error::Registry(format!("{}: bad image config: {e}", image.name())))?;
+    let diff_ids = config.rootfs().diff_ids().clone();
+    if diff_ids.len() != manifest.layers().len() {
+        return Err(Error::Registry(format!(
+            "{}: manifest has {} layers but config lists {} diff ids",
+            image.name(),
+            manifest.layers().len(),
+            diff_ids.len()
+        )));
+    }
+    let chain = chain_ids(&diff_ids);
+
+    // Layers first, then config, manifest and index: a blob's GC labels may only name what exists.
+    for (layer, diff_id) in manifest.layers().iter().zip(&diff_ids) {
+        fetch_layer(cd, &client, image, lease, layer, diff_id, sink).await?;
+    }
+    unpack(cd, lease, manifest.layers(), &diff_ids, &chain, sink).await?;
+
+    let top_chain = chain.last().cloned().unwrap_or_default();
+    let config_labels: HashMap<String, String> = if top_chain.is_empty() {
+        HashMap::new()
+    } else {
+        [(
+            format!("containerd.io/gc.ref.snapshot.{SNAPSHOTTER}"),
+            top_chain,
+        )]
+        .into()
+    };
+    store_blob(
+        cd,
+        lease,
+        config_desc.digest().as_ref(),
+        Bytes::from(config_bytes),
+        config_labels,
+    )
+    .await?;
+
+    let mut manifest_labels: HashMap<String, String> = [(
+        "containerd.io/gc.ref.content.config".to_string(),
+        config_desc.digest().to_string(),
+    )]
+    .into();
+    for (i, layer) in manifest.layers().iter().enumerate() {
+        manifest_labels.insert(
+            format!("containerd.io/gc.ref.content.l.{i}"),
+            layer.digest().to_string(),
+        );
+    }
+    store_blob(
+        cd,
+        lease,
+        &manifest_digest,
+        manifest_bytes.clone(),
+        manifest_labels,
+    )
+    .await?;
+
+    let mut size = manifest_bytes.len() as i64 + config_desc.size() as i64;
+    size += manifest
+        .layers()
+        .iter()
+        .map(|l| l.size() as i64)
+        .sum::<i64>();
+    let target = if let Some((index, bytes, digest)) = index {
+        let mut labels = HashMap::new();
+        for (i, m) in index.manifests().iter().enumerate() {
+            if m.digest().to_string() == manifest_digest {
+                labels.insert(
+                    format!("containerd.io/gc.ref.content.m.{i}"),
+                    manifest_digest.clone(),
+                );
+            }
+        }
+        size += bytes.len() as i64;
+        let len = bytes.len() as i64;
+        store_blob(cd, lease, &digest, bytes, labels).await?;
+        CdDescriptor {
+            media_type: top_media.clone(),
+            digest: digest.clone(),
+            size: len,
+            annotations: HashMap::new(),
+        }
+    } else {
+        CdDescriptor {
+            media_type: if top_media.is_empty() {
+                MEDIA_OCI_MANIFEST.to_string()
+            } else {
+                top_media.clone()
+            },
+            digest: manifest_digest.clone(),
+            size: manifest_bytes.len() as i64,
+            annotations: HashMap::new(),
+        }
+    };
+
+    let record = CdImage {
+        name: image.name(),
+        target: Some(target),
+        ..Default::default()
+    };
+    let created = match cd
+        .images()
+        .create(cd.req_leased(
+            CreateImageRequest {
+                image: Some(record.clone()),
+                ..Default::default()
+            },
+            lease,
+        ))
+        .await
+    {
+        Ok(resp) => resp.into_inner().image,
+        Err(s) if s.code() == tonic::Code::AlreadyExists => {
+            let req = UpdateImageRequest {
+                image: Some(record),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["target".into()],
+                }),
+                ..Default::default()
+            };
+            cd.images()
+                .update(cd.req_leased(req, lease))
+                .await
+                .map_err(|s| Error::containerd("images.update", s))?
+                .into_inner()
+                .image
+        }
+        Err(s) => return Err(Error::containerd("images.create", s)),
+    };
+    let created_at = created.and_then(|i| i.created_at);
+    report(
+        sink,
+        Progress {
+            status: "done".into(),
+            digest: top_digest.clone(),
+            bytes_done: size,
+            bytes_total: size,
+        },
+    );
+    Ok(ImageInfo {
+        name: image.name(),
+        digest: top_digest,
+        size_bytes: size,
+        created_at,
+    })
+}
+
+fn media_type_of(bytes: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        #[serde(rename = "mediaType", default)]
+        media_type: String,
+    }
+    serde_json::from_slice::<Probe>(bytes)
+        .map(|p| p.media_type)
+        .unwrap_or_default()
+}
+
+fn is_index(media_type: &str, bytes: &[u8]) -> bool {
+    if media_type == MEDIA_OCI_INDEX || media_type == MEDIA_DOCKER_LIST {
+        return true;
+    }
+    // OCI allows an index without mediaType; it is told apart by its "manifests" array.
+    media_type.is_empty()
+        && serde_json::from_slice::<serde_json::Value>(bytes)
+            .is_ok_and(|v| v.get("manifests").is_some())
+}
+
+/// This host's architecture in Go's naming, as used by OCI platforms.
+pub fn go_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        other => other,
+    }
+}
+
+fn select_platform(index: &ImageIndex) -> Option<&Descriptor> {
+    index.manifests().iter().find(|m| {
+        m.platform().as_ref().is_some_and(|p| {
+            p.os().to_string() == "linux" && p.architecture().to_string() == go_arch()
+        })
+    })
+}
+
+async fn fetch_small_blob(
+    client: &oci_client::Client,
+    image: &ImageRef,
+    desc: &Descriptor,
+) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(desc.size() as usize);
+    let digest = desc.digest().to_string();
+    client
+        .pull_blob(image.reference(), digest.as_str(), &mut out)
+        .await
+        .map_err(|e| registry_error(image, e))?;
+    Ok(out)
+}
+
+async fn store_blob(
+    cd: &Containerd,
+    lease: &str,
+    digest: &str,
+    data: Bytes,
+    labels: HashMap<String, String>,
+) -> Result<()> {
+    if content::info(cd, digest).await?.is_some() {
+        return content::set_labels(cd, digest, &labels).await;
+    }
+    content::write_bytes(cd, lease, digest, data, labels.clone()).await?;
+    // A concurrent writer may have committed first without our labels.
+    content::set_labels(cd, digest, &labels).await
+}
+
+async fn fetch_layer(
+    cd: &Containerd,
+    client: &oci_client::Client,
+    image: &ImageRef,
+    lease: &str,
+    layer: &Descriptor,
+    diff_id: &str,
+    sink: &Option<ProgressSink>,
+) -> Result<()> {
+    let digest = layer.digest().to_string();
+    let total = layer.size() as i64;
+    let labels: HashMap<String, String> = [(
+        "containerd.io/uncompressed".to_string(),
+        diff_id.to_string(),
+    )]
+    .into();
+    if content::info(cd, &digest).await?.is_some() {
+        report(
+            sink,
+            Progress {
+                status: "exists".into(),
+                digest,
+                bytes_done: total,
+                bytes_total: total,
+            },
+        );
+        return Ok(());
+    }
+    report(
+        sink,
+        Progress {
+            status: "downloading".into(),
+            digest: digest.clone(),
+            bytes_done: 0,
+            bytes_total: total,
+        },
+    );
+    let stream = client
+        .pull_blob_stream(image.reference(), digest.as_str())
+        .await
+        .map_err(|e| registry_error(image, e))?
+        .stream
+        .map_err(std::io::Error::other);
+    let mut last = Instant::now();
+    content::write(cd, lease, &digest, total, labels, stream, |done| {
+        if last.elapsed() >= PROGRESS_INTERVAL {
+            last = Instant::now();
+            report(
+                sink,
+                Progress {
+                    status: "downloading".into(),
+                    digest: digest.clone(),
+                    bytes_done: done,
+                    bytes_total: total,
+                },
+            );
+        }
+    })
+    .await?;
+    report(
+        sink,
+        Progress {
+            status: "downloaded".into(),
+            digest: digest.clone(),
+            bytes_done: total,
+            bytes_total: total,
+        },
+    );
+    Ok(())
+}
+
+/// Applies each layer onto its parent and commits it under its chain id, skipping what exists.
+async fn unpack(
+    cd: &Containerd,
+    lease: &str,
+    layers: &[Descriptor],
+    diff_ids: &[String],
+    chain: &[String],
+    sink: &Option<ProgressSink>,
+) -> Result<()> {
+    for (i, layer) in layers.iter().enumerate() {
+        let chain_id = &chain[i];
+        let parent = if i == 0 {
+            String::new()
+        } else {
+            chain[i - 1].clone()
+        };
+        let stat = StatSnapshotRequest {
+            snapshotter: SNAPSHOTTER.into(),
+            key: chain_id.clone(),
+        };
+        match cd.snapshots().stat(cd.req(stat)).await {
+            Ok(_) => continue,
+            Err(s) if s.code() == tonic::Code::NotFound => {}
+            Err(s) => return Err(Error::containerd("snapshots.stat", s)),
+        }
+        report(
+            sink,
+            Progress {
+                status: "unpacking".into(),
+                digest: layer.digest().to_string(),
+                bytes_done: 0,
+                bytes_total: layer.size() as i64,
+            },
+        );
+        let key = format!(
+            "sandboxd-unpack-{}-{}",
+            crate::util::random_hex(6),
+            chain_id
+        );
+        let prepare = PrepareSnapshotRequest {
+            snapshotter: SNAPSHOTTER.into(),
+            key: key.clone(),
+            parent,
+            labels: HashMap::new(),
+        };
+        let mounts = cd
+            .snapshots()
+            .prepare(cd.req_leased(prepare, lease))
+            .await
+            .map_err(|s| Error::containerd("snapshots.prepare", s))?
+            .into_inner()
+            .mounts;
+        let result = apply_and_commit(cd, lease, layer, &diff_ids[i], chain_id, &key, mounts).await;
+        if let Err(e) = result {
+            let remove = RemoveSnapshotRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: key.clone(),
+            };
+            let cleanup = match cd.snapshots().remove(cd.req(remove)).await {
+                Ok(_) => Ok(()),
+                Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
+                Err(s) => Err(Error::containerd("snapshots.remove", s)),
+            };
+            return Err(e.with_cleanup(cleanup));
+        }
+    }
+    Ok(())
+}
+
+async fn apply_and_commit(
+    cd: &Containerd,
+    lease: &str,
+    layer: &Descriptor,
+    diff_id: &str,
+    chain_id: &str,
+    key: &str,
+    mounts: Vec<containerd_client::types::Mount>,
+) -> Result<()> {
+    let apply = ApplyRequest {
+        diff: Some(CdDescriptor {
+            media_type: layer.media_type().to_string(),
+            digest: layer.digest().to_string(),
+            size: layer.size() as i64,
+            annotations: HashMap::new(),
+        }),
+        mounts,
+        ..Default::default()
+    };
+    let applied = cd
+        .diff()
+        .apply(cd.req_leased(apply, lease))
+        .await
+        .map_err(|s| Error::containerd("diff.apply", s))?
+        .into_inner()
+        .applied
+        .ok_or_else(|| Error::Internal("diff.apply returned no descriptor".into()))?;
+    if applied.digest != diff_id {
+        return Err(Error::Registry(format!(
+            "layer {} unpacked to {} but the image config says {diff_id}",
+            layer.digest(),
+            applied.digest
+        )));
+    }
+    let commit = CommitSnapshotRequest {
+        snapshotter: SNAPSHOTTER.into(),
+        name: chain_id.to_string(),
+        key: key.to_string(),
+        labels: HashMap::new(),
+    };
+    match cd.snapshots().commit(cd.req_leased(commit, lease)).await {
+        Ok(_) => Ok(()),
+        // Another pull committed the same chain id first; ours is redundant.
+        Err(s) if s.code() == tonic::Code::AlreadyExists => {
+            let remove = RemoveSnapshotRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: key.to_string(),
+            };
+            let _ = cd.snapshots().remove(cd.req(remove)).await;
+            Ok(())
+        }
+        Err(s) => Err(Error::containerd("snapshots.commit", s)),
+    }
+}

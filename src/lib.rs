@@ -1,0 +1,14 @@
+//! sandboxd: a gRPC service that manages fast, isolated sandboxes on one node over containerd.
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod image;
+pub mod net;
+pub mod pb;
+pub mod runtime;
+pub mod sandbox;
+pub mod server;
+pub mod sys;
+pub mod telemetry;
+pub mod util;

@@ -1,0 +1,84 @@
+//! The `sandboxd` binary: parse flags, set up telemetry, serve.
+
+use clap::{Parser, Subcommand};
+
+use sandboxd::config::{Config, ServeArgs};
+
+/// sandboxd manages isolated sandboxes on this node over containerd, through a gRPC API
+/// (sandboxd.v1) with health and reflection.
+#[derive(Debug, Parser)]
+#[command(name = "sandboxd", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gRPC server. Settings: flag, else environment variable, else --config TOML key,
+    /// else default. Starts a private containerd under --data-dir when none answers.
+    Serve(ServeArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            let config = match Config::resolve(&args, &|k| std::env::var(k).ok()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("sandboxd: invalid configuration: {e}");
+                    return std::process::ExitCode::from(2);
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("sandboxd: cannot start the async runtime: {e}");
+                    return std::process::ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(async move {
+                let telemetry = match sandboxd::telemetry::init(
+                    config.log_format,
+                    std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok(),
+                ) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        eprintln!("sandboxd: cannot set up telemetry: {e}");
+                        return std::process::ExitCode::FAILURE;
+                    }
+                };
+                let result = sandboxd::server::serve(config, shutdown_signal()).await;
+                telemetry.shutdown();
+                match result {
+                    Ok(()) => std::process::ExitCode::SUCCESS,
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "sandboxd failed");
+                        eprintln!("sandboxd: {e:#}");
+                        std::process::ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

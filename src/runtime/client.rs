@@ -1,0 +1,118 @@
+//! A namespaced, lazily connecting handle on containerd's gRPC API.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use containerd_client::services::v1::{
+    containers_client::ContainersClient, content_client::ContentClient, diff_client::DiffClient,
+    images_client::ImagesClient, leases_client::LeasesClient,
+    snapshots::snapshots_client::SnapshotsClient, tasks_client::TasksClient,
+    version_client::VersionClient,
+};
+use hyper_util::rt::TokioIo;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{Error, Result};
+
+/// The only snapshotter sandboxd uses.
+pub const SNAPSHOTTER: &str = "overlayfs";
+
+/// How long one connection attempt to containerd's socket may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A cheap-to-clone containerd client bound to one namespace.
+#[derive(Clone, Debug)]
+pub struct Containerd {
+    channel: Channel,
+    namespace: String,
+    address: PathBuf,
+}
+
+impl Containerd {
+    /// Makes a client for the socket at `address`; the connection is opened on first use and
+    /// re-opened after containerd restarts.
+    pub fn new(address: &Path, namespace: &str) -> Result<Self> {
+        let path = address.to_path_buf();
+        // The URI is ignored: every connection goes to the unix socket.
+        let endpoint = Endpoint::from_static("http://[::1]:0").connect_timeout(CONNECT_TIMEOUT);
+        let channel = endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        }));
+        Ok(Containerd {
+            channel,
+            namespace: namespace.to_string(),
+            address: address.to_path_buf(),
+        })
+    }
+
+    /// The socket this client talks to.
+    pub fn address(&self) -> &Path {
+        &self.address
+    }
+
+    /// The containerd namespace of every call.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// Wraps `msg` in a request carrying the namespace header.
+    pub fn req<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        if let Ok(ns) = MetadataValue::try_from(self.namespace.as_str()) {
+            req.metadata_mut().insert("containerd-namespace", ns);
+        }
+        req
+    }
+
+    /// Like [`Self::req`], and attaches the lease so that what the call creates is protected from GC.
+    pub fn req_leased<T>(&self, msg: T, lease: &str) -> tonic::Request<T> {
+        let mut req = self.req(msg);
+        if let Ok(lease) = MetadataValue::try_from(lease) {
+            req.metadata_mut().insert("containerd-lease", lease);
+        }
+        req
+    }
+
+    /// Asks containerd for its version: the health probe.
+    pub async fn version(&self) -> Result<String> {
+        let resp = VersionClient::new(self.channel.clone())
+            .version(tonic::Request::new(()))
+            .await
+            .map_err(|s| Error::containerd("version", s))?;
+        Ok(resp.into_inner().version)
+    }
+
+    /// Containers service.
+    pub fn containers(&self) -> ContainersClient<Channel> {
+        ContainersClient::new(self.channel.clone())
+    }
+    /// Tasks service.
+    pub fn tasks(&self) -> TasksClient<Channel> {
+        TasksClient::new(self.channel.clone())
+    }
+    /// Snapshots service.
+    pub fn snapshots(&self) -> SnapshotsClient<Channel> {
+        SnapshotsClient::new(self.channel.clone())
+    }
+    /// Content service.
+    pub fn content(&self) -> ContentClient<Channel> {
+        ContentClient::new(self.channel.clone()).max_decoding_message_size(64 << 20)
+    }
+    /// Images service.
+    pub fn images(&self) -> ImagesClient<Channel> {
+        ImagesClient::new(self.channel.clone())
+    }
+    /// Diff service.
+    pub fn diff(&self) -> DiffClient<Channel> {
+        DiffClient::new(self.channel.clone())
+    }
+    /// Leases service.
+    pub fn leases(&self) -> LeasesClient<Channel> {
+        LeasesClient::new(self.channel.clone())
+    }
+}

@@ -1,0 +1,281 @@
+//! The OCI runtime spec of a sandbox: containerd's defaults for hardening, our choices for the rest.
+
+use std::path::{Path, PathBuf};
+
+use oci_spec::runtime::Spec;
+use serde_json::json;
+
+use crate::error::{Error, Result};
+
+/// Type URL under which containerd expects a runtime spec.
+pub const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
+/// Where the idle init is bind-mounted inside a sandbox.
+pub const IDLE_INIT_PATH: &str = "/.sandboxd/init";
+/// CPU CFS period used to turn millicores into a quota.
+const CPU_PERIOD_US: u64 = 100_000;
+/// Size of the /dev, /run and /dev/shm tmpfs mounts.
+const TMPFS_SIZE: &str = "size=65536k";
+
+/// Docker's default capability set, which containerd's default spec also uses.
+pub const DEFAULT_CAPABILITIES: [&str; 14] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+/// /proc and /sys paths hidden from sandboxes.
+const MASKED_PATHS: [&str; 11] = [
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+
+/// /proc paths sandboxes may read but not write.
+const READONLY_PATHS: [&str; 5] = [
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+/// A resolved user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct User {
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+}
+
+/// Everything that varies between sandboxes' specs.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    /// PID 1 argv (already resolved from the image or the request).
+    pub args: Vec<String>,
+    /// `KEY=VALUE` environment.
+    pub env: Vec<String>,
+    /// Working directory.
+    pub cwd: String,
+    /// User of PID 1.
+    pub user: User,
+    /// Hostname.
+    pub hostname: String,
+    /// cgroup path (absolute, under the configured parent).
+    pub cgroups_path: String,
+    /// CPU limit in millicores.
+    pub cpu_millis: Option<i64>,
+    /// Memory limit.
+    pub memory_bytes: Option<i64>,
+    /// pids limit.
+    pub pids_limit: i64,
+    /// Host directory holding the sandbox's hosts, hostname and resolv.conf.
+    pub etc_dir: PathBuf,
+    /// The idle init to bind-mount, when PID 1 is the idle init.
+    pub idle_init: Option<PathBuf>,
+    /// A network namespace to join; `None` makes a new one with loopback only.
+    pub netns_path: Option<PathBuf>,
+}
+
+fn bind(dest: &str, source: &Path, ro: bool) -> serde_json::Value {
+    let mut options = vec!["rbind", "rprivate", "nosuid", "nodev"];
+    if ro {
+        options.push("ro");
+    }
+    json!({"destination": dest, "type": "bind", "source": source, "options": options})
+}
+
+/// Builds the runtime spec as containerd expects it (JSON bytes, validated through oci-spec).
+pub fn build(s: &SandboxSpec) -> Result<Vec<u8>> {
+    let mut mounts = vec![
+        json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", TMPFS_SIZE]}),
+        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
+        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", TMPFS_SIZE]}),
+        json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
+        json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}),
+        json!({"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", TMPFS_SIZE]}),
+        bind("/etc/hosts", &s.etc_dir.join("hosts"), false),
+        bind("/etc/hostname", &s.etc_dir.join("hostname"), false),
+        bind("/etc/resolv.conf", &s.etc_dir.join("resolv.conf"), false),
+    ];
+    if let Some(init) = &s.idle_init {
+        mounts.push(bind(IDLE_INIT_PATH, init, true));
+    }
+
+    let mut resources = json!({
+        "devices": [{"allow": false, "access": "rwm"}],
+        "pids": {"limit": s.pids_limit},
+    });
+    if let Some(mem) = s.memory_bytes {
+        resources["memory"] = json!({"limit": mem});
+    }
+    if let Some(milli) = s.cpu_millis {
+        let quota = (milli as u64 * CPU_PERIOD_US / 1000).max(1000);
+        resources["cpu"] = json!({"quota": quota, "period": CPU_PERIOD_US});
+    }
+    let mut netns = json!({"type": "network"});
+    if let Some(path) = &s.netns_path {
+        netns["path"] = json!(path);
+    }
+
+    let spec = json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": s.user.uid, "gid": s.user.gid},
+            "args": s.args,
+            "env": s.env,
+            "cwd": s.cwd,
+            "capabilities": {
+                "bounding": DEFAULT_CAPABILITIES,
+                "effective": DEFAULT_CAPABILITIES,
+                "permitted": DEFAULT_CAPABILITIES,
+            },
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1_048_576u64, "soft": 1_048_576u64}],
+            "noNewPrivileges": true,
+        },
+        "root": {"path": "rootfs", "readonly": false},
+        "hostname": s.hostname,
+        "mounts": mounts,
+        "linux": {
+            "cgroupsPath": s.cgroups_path,
+            "resources": resources,
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, netns],
+            "maskedPaths": MASKED_PATHS,
+            "readonlyPaths": READONLY_PATHS,
+        },
+    });
+    // Round-trip through oci-spec so that a malformed spec fails here, not inside runc.
+    let typed: Spec =
+        serde_json::from_value(spec).map_err(|e| Error::Internal(format!("runtime spec: {e}")))?;
+    serde_json::to_vec(&typed).map_err(|e| Error::Internal(format!("runtime spec: {e}")))
+}
+
+/// The spec of an exec'd process inside a sandbox (same hardening as PID 1).
+pub fn process(
+    args: &[String],
+    env: &[String],
+    cwd: &str,
+    user: User,
+    terminal: bool,
+) -> Result<Vec<u8>> {
+    let process = json!({
+        "terminal": terminal,
+        "user": {"uid": user.uid, "gid": user.gid},
+        "args": args,
+        "env": env,
+        "cwd": cwd,
+        "capabilities": {
+            "bounding": DEFAULT_CAPABILITIES,
+            "effective": DEFAULT_CAPABILITIES,
+            "permitted": DEFAULT_CAPABILITIES,
+        },
+        "noNewPrivileges": true,
+    });
+    let typed: oci_spec::runtime::Process = serde_json::from_value(process)
+        .map_err(|e| Error::Internal(format!("process spec: {e}")))?;
+    serde_json::to_vec(&typed).map_err(|e| Error::Internal(format!("process spec: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> SandboxSpec {
+        SandboxSpec {
+            args: vec!["/bin/sh".into()],
+            env: vec!["PATH=/bin".into()],
+            cwd: "/".into(),
+            user: User {
+                uid: 1000,
+                gid: 1000,
+            },
+            hostname: "box".into(),
+            cgroups_path: "/sandboxd/box".into(),
+            cpu_millis: Some(500),
+            memory_bytes: Some(64 << 20),
+            pids_limit: 100,
+            etc_dir: PathBuf::from("/var/lib/sandboxd/sandboxes/box"),
+            idle_init: Some(PathBuf::from("/usr/bin/catatonit")),
+            netns_path: None,
+        }
+    }
+
+    #[test]
+    fn spec_carries_limits_hardening_and_mounts() {
+        let bytes = build(&sample()).unwrap();
+        let spec: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(spec["hostname"], "box");
+        assert_eq!(spec["process"]["noNewPrivileges"], true);
+        assert_eq!(spec["process"]["user"]["uid"], 1000);
+        assert_eq!(spec["linux"]["resources"]["pids"]["limit"], 100);
+        assert_eq!(spec["linux"]["resources"]["memory"]["limit"], 64 << 20);
+        assert_eq!(spec["linux"]["resources"]["cpu"]["quota"], 50_000);
+        assert_eq!(spec["linux"]["cgroupsPath"], "/sandboxd/box");
+        assert_eq!(spec["root"]["readonly"], false);
+        let caps = spec["process"]["capabilities"]["bounding"]
+            .as_array()
+            .unwrap();
+        assert_eq!(caps.len(), 14);
+        assert!(!caps.iter().any(|c| c == "CAP_SYS_ADMIN"));
+        let dests: Vec<&str> = spec["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["destination"].as_str().unwrap())
+            .collect();
+        for d in [
+            "/proc",
+            "/dev/pts",
+            "/etc/hosts",
+            "/etc/resolv.conf",
+            IDLE_INIT_PATH,
+        ] {
+            assert!(dests.contains(&d), "{d} missing");
+        }
+        let ns: Vec<&str> = spec["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(ns, ["pid", "ipc", "uts", "mount", "network"]);
+        assert!(spec["linux"]["maskedPaths"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p == "/proc/kcore"));
+    }
+
+    #[test]
+    fn no_limits_means_no_cpu_or_memory_section() {
+        let mut s = sample();
+        s.cpu_millis = None;
+        s.memory_bytes = None;
+        s.idle_init = None;
+        let spec: serde_json::Value = serde_json::from_slice(&build(&s).unwrap()).unwrap();
+        assert!(spec["linux"]["resources"].get("memory").is_none());
+        assert!(spec["linux"]["resources"].get("cpu").is_none());
+    }
+}

@@ -1,0 +1,958 @@
+//! The sandbox lifecycle on containerd. All state lives in containerd (container labels, the
+//! task, the writable snapshot); the files under the data dir are derived and rebuilt as needed.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use containerd_client::services::v1::container::Runtime;
+use containerd_client::services::v1::snapshots::{
+    ListSnapshotsRequest, MountsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest,
+};
+use containerd_client::services::v1::{
+    Container, CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest,
+    DeleteTaskRequest, GetContainerRequest, GetRequest, KillRequest, ListContainersRequest,
+    ListTasksRequest, ResumeTaskRequest, StartRequest, UpdateContainerRequest, WaitRequest,
+};
+use containerd_client::types::v1::{Process, Status as TaskStatus};
+use futures::StreamExt;
+use tracing::Instrument;
+
+use super::locks::KeyedLocks;
+use super::model::*;
+use crate::config::{Config, DEFAULT_PIDS_LIMIT};
+use crate::error::{Error, Kind, Result};
+use crate::image;
+use crate::runtime::lease::Lease;
+use crate::runtime::spec::{self, SandboxSpec, IDLE_INIT_PATH, SPEC_TYPE_URL};
+use crate::runtime::{Containerd, SNAPSHOTTER};
+use crate::sys;
+
+/// Label marking containers sandboxd manages.
+pub const L_MANAGED: &str = "sandboxd.io/managed";
+const L_IMAGE: &str = "sandboxd.io/image";
+const L_SNAPSHOT: &str = "sandboxd.io/snapshot";
+const L_EXPIRES: &str = "sandboxd.io/expires-at";
+const L_STARTED: &str = "sandboxd.io/started-at";
+const L_EXITED: &str = "sandboxd.io/exited-at";
+const L_EXIT_STATUS: &str = "sandboxd.io/exit-status";
+const L_CPU: &str = "sandboxd.io/cpu-millis";
+const L_MEMORY: &str = "sandboxd.io/memory-bytes";
+const L_PIDS: &str = "sandboxd.io/pids-limit";
+const L_NETWORK: &str = "sandboxd.io/network";
+const L_COMMAND: &str = "sandboxd.io/command";
+const L_HOSTNAME: &str = "sandboxd.io/hostname";
+/// Label on a writable snapshot naming its sandbox.
+pub const L_SNAPSHOT_OWNER: &str = "sandboxd.io/sandbox";
+
+/// The runtime shim every sandbox uses.
+const RUNTIME: &str = "io.containerd.runc.v2";
+/// Default PATH for images that set none.
+const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// How long a SIGKILLed sandbox may take to be reported gone.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+/// Prefix of the snapshot keys used while unpacking layers.
+const UNPACK_KEY_PREFIX: &str = "sandboxd-unpack-";
+
+/// Settings of the manager, taken from the service config.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// Where per-sandbox files live.
+    pub data_dir: PathBuf,
+    /// Parent cgroup.
+    pub cgroup_parent: String,
+    /// Idle PID 1 binary on the host.
+    pub idle_init: PathBuf,
+}
+
+impl From<&Config> for ManagerConfig {
+    fn from(c: &Config) -> Self {
+        ManagerConfig {
+            data_dir: c.data_dir.clone(),
+            cgroup_parent: c.cgroup_parent.clone(),
+            idle_init: c.idle_init.clone(),
+        }
+    }
+}
+
+/// Creates, inspects, starts, stops and deletes sandboxes.
+#[derive(Debug)]
+pub struct Manager {
+    cd: Containerd,
+    cfg: ManagerConfig,
+    locks: KeyedLocks,
+}
+
+/// The undo steps of a create, run in reverse when a later step fails.
+#[derive(Default)]
+struct Undo {
+    files: Option<PathBuf>,
+    snapshot: Option<String>,
+    container: Option<String>,
+    task: Option<String>,
+}
+
+impl Manager {
+    /// A manager on `cd`.
+    pub fn new(cd: Containerd, cfg: ManagerConfig) -> Arc<Manager> {
+        Arc::new(Manager {
+            cd,
+            cfg,
+            locks: KeyedLocks::default(),
+        })
+    }
+
+    /// The containerd client.
+    pub fn containerd(&self) -> &Containerd {
+        &self.cd
+    }
+
+    fn files_dir(&self, id: &SandboxId) -> PathBuf {
+        self.cfg.data_dir.join("sandboxes").join(id.as_str())
+    }
+
+    fn mount_base(&self) -> PathBuf {
+        self.cfg.data_dir.join("mnt")
+    }
+
+    // ---- reading ----
+
+    async fn container(&self, id: &SandboxId) -> Result<Option<Container>> {
+        let req = GetContainerRequest {
+            id: id.as_str().to_string(),
+        };
+        match self.cd.containers().get(self.cd.req(req)).await {
+            Ok(resp) => Ok(resp
+                .into_inner()
+                .container
+                .filter(|c| c.labels.contains_key(L_MANAGED))),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+            Err(s) => Err(Error::containerd("containers.get", s)),
+        }
+    }
+
+    async fn task(&self, id: &str) -> Result<Option<Process>> {
+        let req = GetRequest {
+            container_id: id.to_string(),
+            exec_id: String::new(),
+        };
+        match self.cd.tasks().get(self.cd.req(req)).await {
+            Ok(resp) => Ok(resp.into_inner().process),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+            Err(s) => Err(Error::containerd("tasks.get", s)),
+        }
+    }
+
+    /// GetSandbox.
+    pub async fn get(&self, id: &SandboxId) -> Result<Sandbox> {
+        let container = self
+            .container(id)
+            .await?
+            .ok_or_else(|| Error::not_found(Kind::Sandbox, id.as_str()))?;
+        let task = self.task(id.as_str()).await?;
+        Ok(view(&container, task.as_ref()))
+    }
+
+    async fn managed_containers(&self) -> Result<Vec<Container>> {
+        let req = ListContainersRequest {
+            filters: vec![format!("labels.\"{L_MANAGED}\"==true")],
+        };
+        let mut containers = self
+            .cd
+            .containers()
+            .list(self.cd.req(req))
+            .await
+            .map_err(|s| Error::containerd("containers.list", s))?
+            .into_inner()
+            .containers;
+        containers.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(containers)
+    }
+
+    /// ListSandboxes: those matching `selector`, ordered by id, one page.
+    pub async fn list(
+        &self,
+        selector: &LabelSelector,
+        page: &Page,
+    ) -> Result<(Vec<Sandbox>, String)> {
+        let containers: Vec<Container> = self
+            .managed_containers()
+            .await?
+            .into_iter()
+            .filter(|c| selector.matches(&user_labels(&c.labels)))
+            .collect();
+        let (containers, next) = page.apply(containers, |c| c.id.as_str());
+        let tasks: HashMap<String, Process> = self
+            .cd
+            .tasks()
+            .list(self.cd.req(ListTasksRequest {
+                filter: String::new(),
+            }))
+            .await
+            .map_err(|s| Error::containerd("tasks.list", s))?
+            .into_inner()
+            .tasks
+            .into_iter()
+            .map(|t| (t.container_id.clone(), t))
+            .collect();
+        let sandboxes = containers
+            .iter()
+            .map(|c| view(c, tasks.get(&c.id)))
+            .collect();
+        Ok((sandboxes, next))
+    }
+
+    // ---- create ----
+
+    /// CreateSandbox. Runs to completion (or full undo) even if the caller goes away.
+    pub async fn create(self: &Arc<Self>, spec: CreateSpec) -> Result<Sandbox> {
+        let this = self.clone();
+        let span = tracing::info_span!("create_sandbox", sandbox_id = %spec.id);
+        detach(async move { this.create_inner(spec).await }.instrument(span)).await
+    }
+
+    async fn create_inner(&self, spec: CreateSpec) -> Result<Sandbox> {
+        let _guard = self.locks.lock(spec.id.as_str()).await;
+        if self.container(&spec.id).await?.is_some() {
+            return Err(Error::AlreadyExists {
+                kind: Kind::Sandbox,
+                id: spec.id.to_string(),
+            });
+        }
+        let image_ref = match &spec.source {
+            Source::Image(image) => image.clone(),
+            Source::Snapshot(snapshot) => {
+                return Err(Error::not_found(Kind::Snapshot, snapshot.clone()))
+            }
+        };
+        let image = match image::resolve(&self.cd, &image_ref).await {
+            Ok(image) => image,
+            Err(Error::NotFound { .. }) => {
+                tracing::info!(image = %image_ref, "pulling a missing image");
+                image::pull(&self.cd, &image_ref, None).await?;
+                image::resolve(&self.cd, &image_ref).await?
+            }
+            Err(e) => return Err(e),
+        };
+
+        let lease = Lease::acquire(&self.cd, "create").await?;
+        let mut undo = Undo::default();
+        let result = self.create_steps(&spec, &image, &lease, &mut undo).await;
+        let released = lease.release(&self.cd).await;
+        match result {
+            Ok(()) => {
+                if let Err(e) = released {
+                    tracing::warn!(error = %e, "releasing the create lease failed; it will expire");
+                }
+                self.get(&spec.id).await
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "create failed; undoing");
+                let cleanup = self.undo(undo).await;
+                Err(e.with_cleanup(cleanup))
+            }
+        }
+    }
+
+    async fn create_steps(
+        &self,
+        spec: &CreateSpec,
+        image: &image::ResolvedImage,
+        lease: &Lease,
+        undo: &mut Undo,
+    ) -> Result<()> {
+        let id = &spec.id;
+        let files = self.files_dir(id);
+        undo.files = Some(files.clone());
+        write_etc_files(&files, &spec.hostname).await?;
+
+        let key = format!("sandboxd-rw-{id}-{}", crate::util::random_hex(4));
+        let prepare = PrepareSnapshotRequest {
+            snapshotter: SNAPSHOTTER.into(),
+            key: key.clone(),
+            parent: image.top_chain_id.clone(),
+            labels: [(L_SNAPSHOT_OWNER.to_string(), id.to_string())].into(),
+        };
+        let mounts = self
+            .cd
+            .snapshots()
+            .prepare(self.cd.req_leased(prepare, lease.id()))
+            .await
+            .map_err(|s| Error::containerd("snapshots.prepare", s))?
+            .into_inner()
+            .mounts;
+        undo.snapshot = Some(key.clone());
+
+        let config = image.config.config().clone().unwrap_or_default();
+        let user_spec = spec
+            .user
+            .clone()
+            .or_else(|| config.user().clone().filter(|u| !u.is_empty()))
+            .unwrap_or_else(|| "0".to_string());
+        let user = if sys::user_needs_lookup(&user_spec) {
+            let mounts: Vec<sys::MountSpec> = mounts.iter().map(Into::into).collect();
+            let base = self.mount_base();
+            sys::blocking(move || {
+                let root = sys::mount_snapshot(&mounts, &base)?;
+                sys::resolve_user("user", &user_spec, Some(root.path()))
+            })
+            .await?
+        } else {
+            sys::resolve_user("user", &user_spec, None)?
+        };
+
+        let mut env: Vec<String> = config.env().clone().unwrap_or_default();
+        if !env.iter().any(|e| e.starts_with("PATH=")) {
+            env.insert(0, DEFAULT_PATH.to_string());
+        }
+        for (k, v) in &spec.env {
+            env.retain(|e| e.split_once('=').map(|(ek, _)| ek) != Some(k.as_str()));
+            env.push(format!("{k}={v}"));
+        }
+        let idle = spec.command.is_empty();
+        let args = if idle {
+            vec![IDLE_INIT_PATH.to_string(), "-P".to_string()]
+        } else {
+            spec.command.clone()
+        };
+        let cwd = spec
+            .working_dir
+            .clone()
+            .or_else(|| config.working_dir().clone().filter(|w| !w.is_empty()))
+            .unwrap_or_else(|| "/".to_string());
+        let runtime_spec = spec::build(&SandboxSpec {
+            args: args.clone(),
+            env,
+            cwd,
+            user,
+            hostname: spec.hostname.clone(),
+            cgroups_path: format!("{}/{}", self.cfg.cgroup_parent.trim_end_matches('/'), id),
+            cpu_millis: spec.resources.cpu_millis,
+            memory_bytes: spec.resources.memory_bytes,
+            pids_limit: spec.resources.pids_limit.unwrap_or(DEFAULT_PIDS_LIMIT),
+            etc_dir: files.clone(),
+            idle_init: idle.then(|| self.cfg.idle_init.clone()),
+            netns_path: None,
+        })?;
+        if idle && !self.cfg.idle_init.is_file() {
+            return Err(Error::FailedPrecondition(format!(
+                "the idle init {} is not installed on this node; install catatonit or pass a command",
+                self.cfg.idle_init.display()
+            )));
+        }
+
+        let now = SystemTime::now();
+        let mut labels = spec.labels.clone();
+        labels.insert(L_MANAGED.into(), "true".into());
+        labels.insert(L_IMAGE.into(), image.name.clone());
+        labels.insert(L_HOSTNAME.into(), spec.hostname.clone());
+        labels.insert(L_NETWORK.into(), spec.network.as_str().into());
+        labels.insert(
+            L_COMMAND.into(),
+            serde_json::to_string(&args).unwrap_or_default(),
+        );
+        labels.insert(
+            L_PIDS.into(),
+            spec.resources
+                .pids_limit
+                .unwrap_or(DEFAULT_PIDS_LIMIT)
+                .to_string(),
+        );
+        if let Some(cpu) = spec.resources.cpu_millis {
+            labels.insert(L_CPU.into(), cpu.to_string());
+        }
+        if let Some(mem) = spec.resources.memory_bytes {
+            labels.insert(L_MEMORY.into(), mem.to_string());
+        }
+        if let Some(ttl) = spec.ttl {
+            labels.insert(L_EXPIRES.into(), crate::util::rfc3339(now + ttl));
+        }
+        let container = Container {
+            id: id.to_string(),
+            labels,
+            image: image.name.clone(),
+            runtime: Some(Runtime {
+                name: RUNTIME.into(),
+                options: None,
+            }),
+            spec: Some(prost_types::Any {
+                type_url: SPEC_TYPE_URL.into(),
+                value: runtime_spec,
+            }),
+            snapshotter: SNAPSHOTTER.into(),
+            snapshot_key: key.clone(),
+            ..Default::default()
+        };
+        self.cd
+            .containers()
+            .create(self.cd.req_leased(
+                CreateContainerRequest {
+                    container: Some(container),
+                },
+                lease.id(),
+            ))
+            .await
+            .map_err(|s| match s.code() {
+                tonic::Code::AlreadyExists => Error::AlreadyExists {
+                    kind: Kind::Sandbox,
+                    id: id.to_string(),
+                },
+                _ => Error::containerd("containers.create", s),
+            })?;
+        undo.container = Some(id.to_string());
+
+        if spec.start {
+            undo.task = Some(id.to_string());
+            self.start_task(id, &key).await?;
+        }
+        Ok(())
+    }
+
+    async fn undo(&self, undo: Undo) -> Result<()> {
+        let mut first_err = Ok(());
+        let mut note = |r: Result<()>| {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "undo step failed");
+                if first_err.is_ok() {
+                    first_err = Err(e);
+                }
+            }
+        };
+        if let Some(id) = &undo.task {
+            note(self.kill_and_delete_task(id).await);
+        }
+        if let Some(key) = &undo.snapshot {
+            note(self.remove_snapshot(key).await);
+        }
+        if let Some(id) = &undo.container {
+            note(self.delete_container(id).await);
+        }
+        if let Some(dir) = &undo.files {
+            note(remove_dir(dir).await);
+        }
+        first_err
+    }
+
+    // ---- start / stop ----
+
+    /// StartSandbox: starts a created or stopped sandbox; a running one is returned unchanged.
+    pub async fn start(self: &Arc<Self>, id: SandboxId) -> Result<Sandbox> {
+        let this = self.clone();
+        let span = tracing::info_span!("start_sandbox", sandbox_id = %id);
+        detach(
+            async move {
+                let _guard = this.locks.lock(id.as_str()).await;
+                let container = this
+                    .container(&id)
+                    .await?
+                    .ok_or_else(|| Error::not_found(Kind::Sandbox, id.as_str()))?;
+                match this.task(id.as_str()).await? {
+                    Some(t) if t.status == TaskStatus::Running as i32 => {
+                        return this.get(&id).await
+                    }
+                    Some(t)
+                        if t.status == TaskStatus::Paused as i32
+                            || t.status == TaskStatus::Pausing as i32 =>
+                    {
+                        return Err(Error::FailedPrecondition(format!("sandbox {id} is paused")));
+                    }
+                    Some(_) => this.finish_task(&id).await?,
+                    None => {}
+                }
+                write_etc_files(
+                    &this.files_dir(&id),
+                    container
+                        .labels
+                        .get(L_HOSTNAME)
+                        .map_or(id.as_str(), |h| h.as_str()),
+                )
+                .await?;
+                if let Err(e) = this.start_task(&id, &container.snapshot_key).await {
+                    let cleanup = this.kill_and_delete_task(id.as_str()).await;
+                    return Err(e.with_cleanup(cleanup));
+                }
+                this.get(&id).await
+            }
+            .instrument(span),
+        )
+        .await
+    }
+
+    async fn start_task(&self, id: &SandboxId, snapshot_key: &str) -> Result<u32> {
+        let mounts = self
+            .cd
+            .snapshots()
+            .mounts(self.cd.req(MountsRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: snapshot_key.to_string(),
+            }))
+            .await
+            .map_err(|s| Error::containerd("snapshots.mounts", s))?
+            .into_inner()
+            .mounts;
+        let create = CreateTaskRequest {
+            container_id: id.to_string(),
+            rootfs: mounts,
+            ..Default::default()
+        };
+        self.cd
+            .tasks()
+            .create(self.cd.req(create))
+            .await
+            .map_err(|s| task_error("tasks.create", s))?;
+        let pid = self
+            .cd
+            .tasks()
+            .start(self.cd.req(StartRequest {
+                container_id: id.to_string(),
+                exec_id: String::new(),
+            }))
+            .await
+            .map_err(|s| task_error("tasks.start", s))?
+            .into_inner()
+            .pid;
+        let now = crate::util::rfc3339(SystemTime::now());
+        self.update_labels(
+            id.as_str(),
+            &[
+                (L_STARTED, Some(now)),
+                (L_EXITED, None),
+                (L_EXIT_STATUS, None),
+            ],
+        )
+        .await?;
+        Ok(pid)
+    }
+
+    /// StopSandbox: `signal` to PID 1, wait `timeout`; then SIGKILL to everything if `force`,
+    /// else DEADLINE_EXCEEDED with the sandbox still running.
+    pub async fn stop(
+        self: &Arc<Self>,
+        id: SandboxId,
+        signal: i32,
+        timeout: Duration,
+        force: bool,
+    ) -> Result<Sandbox> {
+        let this = self.clone();
+        let span = tracing::info_span!("stop_sandbox", sandbox_id = %id);
+        detach(async move {
+            let _guard = this.locks.lock(id.as_str()).await;
+            this.container(&id).await?.ok_or_else(|| Error::not_found(Kind::Sandbox, id.as_str()))?;
+            let Some(task) = this.task(id.as_str()).await? else {
+                return this.get(&id).await;
+            };
+            if task.status == TaskStatus::Paused as i32 || task.status == TaskStatus::Pausing as i32 {
+                this.resume(id.as_str()).await?;
+            }
+            if task.status == TaskStatus::Running as i32 || task.status == TaskStatus::Paused as i32 {
+                this.kill(id.as_str(), signal as u32, false).await?;
+                if !this.wait_exit(id.as_str(), timeout).await? {
+                    if !force {
+                        return Err(Error::DeadlineExceeded(format!(
+                            "sandbox {id} did not exit within {timeout:?} of signal {signal}; retry with force to SIGKILL it"
+                        )));
+                    }
+                    this.kill(id.as_str(), libc::SIGKILL as u32, true).await?;
+                    if !this.wait_exit(id.as_str(), KILL_WAIT).await? {
+                        return Err(Error::Internal(format!("sandbox {id} survived SIGKILL for {KILL_WAIT:?}")));
+                    }
+                }
+            }
+            this.finish_task(&id).await?;
+            this.get(&id).await
+        }.instrument(span))
+        .await
+    }
+
+    async fn kill(&self, id: &str, signal: u32, all: bool) -> Result<()> {
+        let req = KillRequest {
+            container_id: id.to_string(),
+            exec_id: String::new(),
+            signal,
+            all,
+        };
+        match self.cd.tasks().kill(self.cd.req(req)).await {
+            Ok(_) => Ok(()),
+            // Already gone: nothing to signal.
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::NotFound | tonic::Code::FailedPrecondition
+                ) =>
+            {
+                Ok(())
+            }
+            Err(s) => Err(Error::containerd("tasks.kill", s)),
+        }
+    }
+
+    async fn resume(&self, id: &str) -> Result<()> {
+        match self
+            .cd
+            .tasks()
+            .resume(self.cd.req(ResumeTaskRequest {
+                container_id: id.to_string(),
+            }))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::NotFound | tonic::Code::FailedPrecondition
+                ) =>
+            {
+                Ok(())
+            }
+            Err(s) => Err(Error::containerd("tasks.resume", s)),
+        }
+    }
+
+    /// Waits up to `timeout` for PID 1 to exit; false on timeout.
+    async fn wait_exit(&self, id: &str, timeout: Duration) -> Result<bool> {
+        let req = WaitRequest {
+            container_id: id.to_string(),
+            exec_id: String::new(),
+        };
+        let mut tasks = self.cd.tasks();
+        match tokio::time::timeout(timeout, tasks.wait(self.cd.req(req))).await {
+            Err(_) => Ok(false),
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(s)) if s.code() == tonic::Code::NotFound => Ok(true),
+            Ok(Err(s)) => Err(Error::containerd("tasks.wait", s)),
+        }
+    }
+
+    /// Deletes an exited task and records its exit status in the container's labels.
+    async fn finish_task(&self, id: &SandboxId) -> Result<()> {
+        let resp = match self
+            .cd
+            .tasks()
+            .delete(self.cd.req(DeleteTaskRequest {
+                container_id: id.to_string(),
+            }))
+            .await
+        {
+            Ok(resp) => resp.into_inner(),
+            Err(s) if s.code() == tonic::Code::NotFound => return Ok(()),
+            Err(s) => return Err(Error::containerd("tasks.delete", s)),
+        };
+        let exited = resp
+            .exited_at
+            .map(|t| crate::util::system_time(&t))
+            .unwrap_or_else(SystemTime::now);
+        self.update_labels(
+            id.as_str(),
+            &[
+                (L_EXITED, Some(crate::util::rfc3339(exited))),
+                (L_EXIT_STATUS, Some(resp.exit_status.to_string())),
+            ],
+        )
+        .await
+    }
+
+    async fn kill_and_delete_task(&self, id: &str) -> Result<()> {
+        if self.task(id).await?.is_none() {
+            return Ok(());
+        }
+        self.resume(id).await?;
+        self.kill(id, libc::SIGKILL as u32, true).await?;
+        self.wait_exit(id, KILL_WAIT).await?;
+        match self
+            .cd
+            .tasks()
+            .delete(self.cd.req(DeleteTaskRequest {
+                container_id: id.to_string(),
+            }))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
+            Err(s) => Err(Error::containerd("tasks.delete", s)),
+        }
+    }
+
+    async fn update_labels(&self, id: &str, changes: &[(&str, Option<String>)]) -> Result<()> {
+        let labels = changes
+            .iter()
+            .filter_map(|(k, v)| v.clone().map(|v| (k.to_string(), v)))
+            .collect();
+        let req = UpdateContainerRequest {
+            container: Some(Container {
+                id: id.to_string(),
+                labels,
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: changes.iter().map(|(k, _)| format!("labels.{k}")).collect(),
+            }),
+        };
+        self.cd
+            .containers()
+            .update(self.cd.req(req))
+            .await
+            .map_err(|s| Error::containerd("containers.update", s))?;
+        Ok(())
+    }
+
+    // ---- delete ----
+
+    /// DeleteSandbox: task, writable snapshot, container, files. A running sandbox needs `force`.
+    pub async fn delete(self: &Arc<Self>, id: SandboxId, force: bool) -> Result<()> {
+        let this = self.clone();
+        let span = tracing::info_span!("delete_sandbox", sandbox_id = %id);
+        detach(
+            async move {
+                let _guard = this.locks.lock(id.as_str()).await;
+                this.delete_locked(&id, force).await
+            }
+            .instrument(span),
+        )
+        .await
+    }
+
+    async fn delete_locked(&self, id: &SandboxId, force: bool) -> Result<()> {
+        let container = self
+            .container(id)
+            .await?
+            .ok_or_else(|| Error::not_found(Kind::Sandbox, id.as_str()))?;
+        if let Some(task) = self.task(id.as_str()).await? {
+            let live = task.status != TaskStatus::Stopped as i32;
+            if live && !force {
+                return Err(Error::FailedPrecondition(format!(
+                    "sandbox {id} is running; stop it first or delete with force"
+                )));
+            }
+            self.kill_and_delete_task(id.as_str()).await?;
+        }
+        // Snapshot before container: an interrupted delete leaves a container to delete again,
+        // never an orphaned snapshot.
+        self.remove_snapshot(&container.snapshot_key).await?;
+        self.delete_container(id.as_str()).await?;
+        remove_dir(&self.files_dir(id)).await
+    }
+
+    async fn remove_snapshot(&self, key: &str) -> Result<()> {
+        if key.is_empty() {
+            return Ok(());
+        }
+        let req = RemoveSnapshotRequest {
+            snapshotter: SNAPSHOTTER.into(),
+            key: key.to_string(),
+        };
+        match self.cd.snapshots().remove(self.cd.req(req)).await {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
+            Err(s) => Err(Error::containerd("snapshots.remove", s)),
+        }
+    }
+
+    async fn delete_container(&self, id: &str) -> Result<()> {
+        match self
+            .cd
+            .containers()
+            .delete(self.cd.req(DeleteContainerRequest { id: id.to_string() }))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
+            Err(s) => Err(Error::containerd("containers.delete", s)),
+        }
+    }
+
+    // ---- background duties ----
+
+    /// Deletes every sandbox whose TTL has passed; returns how many.
+    pub async fn reap_expired(self: &Arc<Self>) -> Result<usize> {
+        let now = SystemTime::now();
+        let mut reaped = 0;
+        for c in self.managed_containers().await? {
+            let expired = c
+                .labels
+                .get(L_EXPIRES)
+                .and_then(|v| crate::util::parse_rfc3339(v))
+                .is_some_and(|t| t <= now);
+            if !expired {
+                continue;
+            }
+            let Ok(id) = SandboxId::parse("sandbox_id", &c.id) else {
+                continue;
+            };
+            match self.delete(id.clone(), true).await {
+                Ok(()) | Err(Error::NotFound { .. }) => {
+                    tracing::info!(sandbox_id = %id, "deleted an expired sandbox");
+                    reaped += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(sandbox_id = %id, error = %e, "deleting an expired sandbox failed")
+                }
+            }
+        }
+        Ok(reaped)
+    }
+
+    /// After a restart: removes what an interrupted operation left behind (writable snapshots
+    /// without a container, unpack snapshots, files of sandboxes that are gone).
+    pub async fn recover(&self) -> Result<()> {
+        let containers = self.managed_containers().await?;
+        let keys: std::collections::HashSet<&str> =
+            containers.iter().map(|c| c.snapshot_key.as_str()).collect();
+        let req = ListSnapshotsRequest {
+            snapshotter: SNAPSHOTTER.into(),
+            filters: vec![],
+        };
+        let mut stream = self
+            .cd
+            .snapshots()
+            .list(self.cd.req(req))
+            .await
+            .map_err(|s| Error::containerd("snapshots.list", s))?
+            .into_inner();
+        let mut orphans = Vec::new();
+        while let Some(batch) = stream.next().await {
+            let batch = batch.map_err(|s| Error::containerd("snapshots.list", s))?;
+            for info in batch.info {
+                let ours = info.labels.contains_key(L_SNAPSHOT_OWNER)
+                    || info.name.starts_with(UNPACK_KEY_PREFIX);
+                if ours && !keys.contains(info.name.as_str()) {
+                    orphans.push(info.name);
+                }
+            }
+        }
+        for key in orphans {
+            tracing::info!(snapshot = %key, "removing a snapshot left by an interrupted operation");
+            if let Err(e) = self.remove_snapshot(&key).await {
+                tracing::warn!(snapshot = %key, error = %e, "could not remove a leftover snapshot");
+            }
+        }
+        let ids: std::collections::HashSet<&str> =
+            containers.iter().map(|c| c.id.as_str()).collect();
+        if let Ok(entries) = std::fs::read_dir(self.cfg.data_dir.join("sandboxes")) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().to_string();
+                if !ids.contains(name.as_str()) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs `fut` on its own task so that a cancelled caller cannot stop it half-way.
+async fn detach<T: Send + 'static>(
+    fut: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    tokio::spawn(fut)
+        .await
+        .map_err(|e| Error::Internal(format!("operation task failed: {e}")))?
+}
+
+/// Task errors caused by the request (a missing program, a bad working dir) are the caller's.
+fn task_error(op: &'static str, s: tonic::Status) -> Error {
+    let msg = s.message();
+    if msg.contains("executable file not found")
+        || msg.contains("no such file or directory") && msg.contains("exec")
+    {
+        Error::invalid("command", msg.to_string())
+    } else if msg.contains("chdir") || msg.contains("cwd") {
+        Error::invalid("working_dir", msg.to_string())
+    } else {
+        Error::containerd(op, s)
+    }
+}
+
+fn user_labels(labels: &HashMap<String, String>) -> HashMap<String, String> {
+    labels
+        .iter()
+        .filter(|(k, _)| !RESERVED_LABEL_PREFIXES.iter().any(|p| k.starts_with(p)))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+fn view(c: &Container, task: Option<&Process>) -> Sandbox {
+    let label = |k: &str| c.labels.get(k).cloned().unwrap_or_default();
+    let time = |k: &str| c.labels.get(k).and_then(|v| crate::util::parse_rfc3339(v));
+    let num = |k: &str| c.labels.get(k).and_then(|v| v.parse::<i64>().ok());
+    let (state, pid, exit_status, exited_at) = match task {
+        Some(t) => match TaskStatus::try_from(t.status).unwrap_or(TaskStatus::Unknown) {
+            TaskStatus::Created => (State::Created, t.pid, None, None),
+            TaskStatus::Running => (State::Running, t.pid, None, None),
+            TaskStatus::Paused | TaskStatus::Pausing => (State::Paused, t.pid, None, None),
+            TaskStatus::Stopped => (
+                State::Stopped,
+                0,
+                Some(t.exit_status as i32),
+                t.exited_at.as_ref().map(crate::util::system_time),
+            ),
+            TaskStatus::Unknown => (State::Unknown, t.pid, None, None),
+        },
+        None if c.labels.contains_key(L_STARTED) => (
+            State::Stopped,
+            0,
+            num(L_EXIT_STATUS).map(|s| s as i32),
+            time(L_EXITED),
+        ),
+        None => (State::Created, 0, None, None),
+    };
+    Sandbox {
+        id: SandboxId::parse("sandbox_id", &c.id).unwrap_or_else(|_| SandboxId::generate()),
+        image: label(L_IMAGE),
+        snapshot_id: label(L_SNAPSHOT),
+        state,
+        pid,
+        exit_status,
+        labels: user_labels(&c.labels),
+        resources: Resources {
+            cpu_millis: num(L_CPU),
+            memory_bytes: num(L_MEMORY),
+            pids_limit: num(L_PIDS),
+        },
+        network: if label(L_NETWORK) == "bridge" {
+            NetworkMode::Bridge
+        } else {
+            NetworkMode::None
+        },
+        ip_address: String::new(),
+        gateway: String::new(),
+        command: serde_json::from_str(&label(L_COMMAND)).unwrap_or_default(),
+        hostname: label(L_HOSTNAME),
+        created_at: c.created_at.as_ref().map(crate::util::system_time),
+        started_at: time(L_STARTED),
+        expires_at: time(L_EXPIRES),
+        exited_at,
+    }
+}
+
+/// Writes the sandbox's /etc/hosts, /etc/hostname and /etc/resolv.conf sources.
+async fn write_etc_files(dir: &std::path::Path, hostname: &str) -> Result<()> {
+    let dir = dir.to_path_buf();
+    let hostname = hostname.to_string();
+    sys::blocking(move || {
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let hosts = format!(
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
+        );
+        let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        let files = [
+            ("hosts", hosts),
+            ("hostname", format!("{hostname}\n")),
+            ("resolv.conf", crate::net::filter_resolv_conf(&host_resolv)),
+        ];
+        for (name, content) in files {
+            let path = dir.join(name);
+            std::fs::write(&path, content).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+async fn remove_dir(dir: &std::path::Path) -> Result<()> {
+    match tokio::fs::remove_dir_all(dir).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("removing {}", dir.display()), e)),
+    }
+}

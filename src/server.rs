@@ -1,0 +1,210 @@
+//! The gRPC server: our services, health, reflection, background duties and graceful shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::StreamExt;
+use tonic::transport::Server;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+
+use crate::api::{FileApi, ImageApi, SandboxApi, SnapshotApi};
+use crate::config::{Config, ListenAddr};
+use crate::pb;
+use crate::runtime::{supervisor, Containerd};
+use crate::sandbox::{Manager, ManagerConfig};
+
+/// Services whose health is reported (besides the overall "").
+pub const SERVICE_NAMES: [&str; 4] = [
+    "sandboxd.v1.SandboxService",
+    "sandboxd.v1.SnapshotService",
+    "sandboxd.v1.FileService",
+    "sandboxd.v1.ImageService",
+];
+/// How long in-flight calls get to finish after SIGTERM before the server exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How long one health probe of containerd may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    for name in SERVICE_NAMES {
+        reporter.set_service_status(name, status).await;
+    }
+}
+
+/// Probes containerd and reports health; the first time it answers, cleans what an earlier run
+/// left half-done.
+async fn health_loop(
+    cd: Containerd,
+    manager: Arc<Manager>,
+    reporter: HealthReporter,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut serving = None;
+    let mut recovered = false;
+    loop {
+        let up = matches!(
+            tokio::time::timeout(PROBE_TIMEOUT, cd.version()).await,
+            Ok(Ok(_))
+        );
+        if up && !recovered {
+            match manager.recover().await {
+                Ok(()) => recovered = true,
+                Err(e) => tracing::warn!(error = %e, "recovery after start failed; will retry"),
+            }
+        }
+        if serving != Some(up) {
+            if up {
+                tracing::info!("containerd is reachable: SERVING");
+            } else {
+                tracing::warn!(address = %cd.address().display(), "containerd is unreachable: NOT_SERVING");
+            }
+            set_health(
+                &reporter,
+                if up {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                },
+            )
+            .await;
+            serving = Some(up);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn ttl_loop(manager: Arc<Manager>, interval: Duration, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => return,
+        }
+        if let Err(e) = manager.reap_expired().await {
+            tracing::debug!(error = %e, "ttl sweep failed");
+        }
+    }
+}
+
+/// Runs the server until `shutdown` resolves, then stops gracefully.
+pub async fn serve(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+        anyhow::anyhow!("cannot create data dir {}: {e}", config.data_dir.display())
+    })?;
+    let (address, supervisor) = supervisor::ensure(&config).await?;
+    let cd = Containerd::new(&address, &config.namespace)?;
+    let manager = Manager::new(cd.clone(), ManagerConfig::from(&config));
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    set_health(&reporter, ServingStatus::NotServing).await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let health_task = tokio::spawn(health_loop(
+        cd.clone(),
+        manager.clone(),
+        reporter.clone(),
+        config.health_interval,
+        stop_rx.clone(),
+    ));
+    let ttl_task = tokio::spawn(ttl_loop(
+        manager.clone(),
+        config.ttl_sweep_interval,
+        stop_rx.clone(),
+    ));
+
+    let router = Server::builder()
+        .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(pb::sandbox_service_server::SandboxServiceServer::new(
+            SandboxApi::new(manager.clone()),
+        ))
+        .add_service(pb::image_service_server::ImageServiceServer::new(
+            ImageApi::new(cd.clone()),
+        ))
+        .add_service(pb::snapshot_service_server::SnapshotServiceServer::new(
+            SnapshotApi,
+        ))
+        .add_service(pb::file_service_server::FileServiceServer::new(FileApi));
+
+    let (drain_tx, mut drain_rx) = watch::channel(false);
+    let reporter_for_shutdown = reporter.clone();
+    let signalled = async move {
+        shutdown.await;
+        tracing::info!("shutting down: finishing in-flight calls");
+        set_health(&reporter_for_shutdown, ServingStatus::NotServing).await;
+        let _ = drain_tx.send(true);
+    };
+    let server = async {
+        match &config.listen {
+            ListenAddr::Tcp(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+                tracing::info!(listen = %listener.local_addr()?, containerd = %address.display(), namespace = %config.namespace, "sandboxd ready");
+                let incoming = TcpListenerStream::new(listener).map(|s| {
+                    if let Ok(s) = &s {
+                        let _ = s.set_nodelay(true);
+                    }
+                    s
+                });
+                router
+                    .serve_with_incoming_shutdown(incoming, signalled)
+                    .await?;
+            }
+            ListenAddr::Unix(path) => {
+                let _ = std::fs::remove_file(path);
+                let listener = tokio::net::UnixListener::bind(path).map_err(|e| {
+                    anyhow::anyhow!("cannot listen on unix:{}: {e}", path.display())
+                })?;
+                tracing::info!(listen = %config.listen, containerd = %address.display(), namespace = %config.namespace, "sandboxd ready");
+                router
+                    .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signalled)
+                    .await?;
+            }
+        }
+        anyhow::Ok(())
+    };
+    let grace_expired = async {
+        let _ = drain_rx.wait_for(|d| *d).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    let result = tokio::select! {
+        r = server => r,
+        _ = grace_expired => {
+            tracing::warn!("in-flight calls did not finish within {SHUTDOWN_GRACE:?}; exiting anyway");
+            Ok(())
+        }
+    };
+    let _ = stop_tx.send(true);
+    let _ = health_task.await;
+    let _ = ttl_task.await;
+    if let Some(supervisor) = supervisor {
+        supervisor.shutdown().await;
+    }
+    if let ListenAddr::Unix(path) = &config.listen {
+        let _ = std::fs::remove_file(path);
+    }
+    tracing::info!("sandboxd stopped");
+    result
+}
