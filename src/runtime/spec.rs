@@ -152,7 +152,6 @@ pub fn build(s: &SandboxSpec) -> Result<Vec<u8>> {
                 "effective": DEFAULT_CAPABILITIES,
                 "permitted": DEFAULT_CAPABILITIES,
             },
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1_048_576u64, "soft": 1_048_576u64}],
             "noNewPrivileges": true,
         },
         "root": {"path": "rootfs", "readonly": false},

@@ -653,10 +653,13 @@ impl Manager {
     }
 
     async fn kill_and_delete_task(&self, id: &str) -> Result<()> {
-        if self.task(id).await?.is_none() {
+        let Some(task) = self.task(id).await? else {
             return Ok(());
+        };
+        // A frozen task cannot die: thaw it first.
+        if task.status == TaskStatus::Paused as i32 || task.status == TaskStatus::Pausing as i32 {
+            self.resume(id).await?;
         }
-        self.resume(id).await?;
         self.kill(id, libc::SIGKILL as u32, true).await?;
         self.wait_exit(id, KILL_WAIT).await?;
         match self

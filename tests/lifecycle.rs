@@ -1,0 +1,713 @@
+//! Sandbox lifecycle against a real containerd + runc, a real registry and the real binary.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::TestEnv;
+use sandboxd::pb::sandbox_service_client::SandboxServiceClient;
+use sandboxd::pb::{self, SandboxState};
+use tonic::transport::Channel;
+use tonic::Code;
+
+type Client = SandboxServiceClient<Channel>;
+
+async fn client(env: &TestEnv) -> Client {
+    SandboxServiceClient::new(env.channel().await)
+}
+
+fn create_req(env: &TestEnv, id: &str) -> pb::CreateSandboxRequest {
+    pb::CreateSandboxRequest {
+        sandbox_id: id.into(),
+        image: env.image_ref(),
+        ..Default::default()
+    }
+}
+
+async fn create(c: &mut Client, req: pb::CreateSandboxRequest) -> pb::Sandbox {
+    c.create_sandbox(req)
+        .await
+        .expect("create_sandbox")
+        .into_inner()
+        .sandbox
+        .expect("sandbox")
+}
+
+async fn get(c: &mut Client, id: &str) -> Result<pb::Sandbox, tonic::Status> {
+    c.get_sandbox(pb::GetSandboxRequest {
+        sandbox_id: id.into(),
+    })
+    .await
+    .map(|r| r.into_inner().sandbox.expect("sandbox"))
+}
+
+async fn delete(c: &mut Client, id: &str, force: bool) -> Result<(), tonic::Status> {
+    c.delete_sandbox(pb::DeleteSandboxRequest {
+        sandbox_id: id.into(),
+        force,
+    })
+    .await
+    .map(|_| ())
+}
+
+async fn wait_state(c: &mut Client, id: &str, want: SandboxState, within: Duration) -> pb::Sandbox {
+    let deadline = Instant::now() + within;
+    loop {
+        let sb = get(c, id).await.expect("get_sandbox");
+        if sb.state() == want {
+            return sb;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sandbox {id} is {:?}, wanted {want:?}",
+            sb.state()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn read_proc_root(pid: u32, path: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/root{path}"))
+        .unwrap_or_else(|e| panic!("reading {path} of pid {pid}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sandbox_walks_created_running_stopped_and_deleted() {
+    let env = TestEnv::new().await;
+    let mut c = client(&env).await;
+    // The image is not pulled yet: create pulls it.
+    let sb = create(
+        &mut c,
+        pb::CreateSandboxRequest {
+            hostname: "box1".into(),
+            ..create_req(&env, "life")
+        },
+    )
+    .await;
+    assert_eq!(sb.state(), SandboxState::Running);
+    assert!(sb.pid > 0);
+    assert_eq!(sb.image, env.image_ref());
+    assert_eq!(sb.command, ["/.sandboxd/init", "-P"]);
+    assert!(sb.created_at.is_some() && sb.started_at.is_some());
+    // PID 1 is the idle init and sees the files the service provided.
+    assert_eq!(read_proc_root(sb.pid, "/etc/hostname"), "box1\n");
+    assert!(read_proc_root(sb.pid, "/etc/hosts").contains("box1"));
+    assert!(std::fs::read_to_string(format!("/proc/{}/cmdline", sb.pid))
+        .unwrap()
+        .starts_with("/.sandboxd/init"));
+
+    let listed = c
+        .list_sandboxes(pb::ListSandboxesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        listed
+            .sandboxes
+            .iter()
+            .map(|s| s.sandbox_id.as_str())
+            .collect::<Vec<_>>(),
+        ["life"]
+    );
+
+    let err = delete(&mut c, "life", false).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+
+    let stopped = c
+        .stop_sandbox(pb::StopSandboxRequest {
+            sandbox_id: "life".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!(stopped.state(), SandboxState::Stopped);
+    assert_eq!(stopped.pid, 0);
+    assert!(stopped.exit_status.is_some());
+    assert!(stopped.exited_at.is_some());
+    // Stopping a stopped sandbox is a no-op.
+    let again = c
+        .stop_sandbox(pb::StopSandboxRequest {
+            sandbox_id: "life".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        again.into_inner().sandbox.unwrap().state(),
+        SandboxState::Stopped
+    );
+
+    let started = c
+        .start_sandbox(pb::StartSandboxRequest {
+            sandbox_id: "life".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!(started.state(), SandboxState::Running);
+    assert!(started.pid > 0 && started.pid != sb.pid);
+    // Starting a running sandbox is a no-op.
+    let same = c
+        .start_sandbox(pb::StartSandboxRequest {
+            sandbox_id: "life".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!(same.pid, started.pid);
+
+    delete(&mut c, "life", true).await.expect("forced delete");
+    assert_eq!(
+        get(&mut c, "life").await.unwrap_err().code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        delete(&mut c, "life", true).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    env.leak_check().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn create_only_then_start_and_a_command_that_exits() {
+    let env = TestEnv::new().await;
+    let mut c = client(&env).await;
+    let sb = create(
+        &mut c,
+        pb::CreateSandboxRequest {
+            start: Some(false),
+            ..create_req(&env, "later")
+        },
+    )
+    .await;
+    assert_eq!(sb.state(), SandboxState::Created);
+    assert_eq!(sb.pid, 0);
+    let sb = c
+        .start_sandbox(pb::StartSandboxRequest {
+            sandbox_id: "later".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!(sb.state(), SandboxState::Running);
+
+    let cmd = pb::CreateSandboxRequest {
+        command: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "echo $GREETING > /tmp/out; exit 3".into(),
+        ],
+        env: HashMap::from([("GREETING".to_string(), "hi".to_string())]),
+        ..create_req(&env, "exits")
+    };
+    create(&mut c, cmd).await;
+    let done = wait_state(
+        &mut c,
+        "exits",
+        SandboxState::Stopped,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(done.exit_status, Some(3));
+    // A stopped sandbox (exited by itself) deletes without force.
+    delete(&mut c, "exits", false).await.unwrap();
+    delete(&mut c, "later", true).await.unwrap();
+    env.leak_check().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stop_without_force_times_out_and_force_kills() {
+    let env = TestEnv::new().await;
+    let mut c = client(&env).await;
+    // PID 1 in its own pid namespace ignores SIGTERM unless it installs a handler.
+    let req = pb::CreateSandboxRequest {
+        command: vec!["/bin/sleep".into(), "1000".into()],
+        ..create_req(&env, "stubborn")
+    };
+    create(&mut c, req).await;
+    let timeout = Some(prost_types::Duration {
+        seconds: 1,
+        nanos: 0,
+    });
+    let err = c
+        .stop_sandbox(pb::StopSandboxRequest {
+            sandbox_id: "stubborn".into(),
+            timeout,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+    assert_eq!(
+        get(&mut c, "stubborn").await.unwrap().state(),
+        SandboxState::Running
+    );
+    let sb = c
+        .stop_sandbox(pb::StopSandboxRequest {
+            sandbox_id: "stubborn".into(),
+            timeout,
+            force: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!(sb.state(), SandboxState::Stopped);
+    assert_eq!(sb.exit_status, Some(137));
+    delete(&mut c, "stubborn", false).await.unwrap();
+    env.leak_check().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn label_selector_and_pagination_cover_every_sandbox_once() {
+    let env = TestEnv::new().await;
+    let mut c = client(&env).await;
+    let mut want = Vec::new();
+    for i in 0..7 {
+        let id = format!("page-{i}");
+        let team = if i % 2 == 0 { "even" } else { "odd" };
+        let labels = HashMap::from([
+            ("team".to_string(), team.to_string()),
+            ("n".to_string(), i.to_string()),
+        ]);
+        create(
+            &mut c,
+            pb::CreateSandboxRequest {
+                labels,
+                start: Some(false),
+                ..create_req(&env, &id)
+            },
+        )
+        .await;
+        want.push(id);
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let resp = c
+            .list_sandboxes(pb::ListSandboxesRequest {
+                page_size: 3,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(resp.sandboxes.len() <= 3);
+        seen.extend(resp.sandboxes.into_iter().map(|s| s.sandbox_id));
+        pages += 1;
+        if resp.next_page_token.is_empty() {
+            break;
+        }
+        token = resp.next_page_token;
+    }
+    assert_eq!(seen, want);
+    assert_eq!(pages, 3);
+
+    let even = c
+        .list_sandboxes(pb::ListSandboxesRequest {
+            label_selector: "team=even".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        even.sandboxes
+            .iter()
+            .map(|s| s.sandbox_id.as_str())
+            .collect::<Vec<_>>(),
+        ["page-0", "page-2", "page-4", "page-6"]
+    );
+    assert_eq!(
+        even.sandboxes[0].labels.get("team").map(String::as_str),
+        Some("even")
+    );
+    let one = c
+        .list_sandboxes(pb::ListSandboxesRequest {
+            label_selector: "team=odd,n=3".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(one.sandboxes.len(), 1);
+    assert_eq!(one.sandboxes[0].sandbox_id, "page-3");
+    let bad = c
+        .list_sandboxes(pb::ListSandboxesRequest {
+            label_selector: "novalue".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    let bad = c
+        .list_sandboxes(pb::ListSandboxesRequest {
+            page_token: "not-a-token".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    for id in &want {
+        delete(&mut c, id, false).await.unwrap();
+    }
+    env.leak_check().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ttl_expiry_deletes_the_sandbox_even_across_a_restart() {
+    let env = TestEnv::new().await;
+    let mut c = client(&env).await;
+    let ttl = Some(prost_types::Duration {
+        seconds: 3,
+        nanos: 0,
+    });
+    let sb = create(
+        &mut c,
+        pb::CreateSandboxRequest {
+            ttl,
+            ..create_req(&env, "short")
+        },
+    )
+    .await;
+    let expires = sb.expires_at.expect("expires_at");
+    let created = sb.created_at.expect("created_at");
+    assert!((expires.seconds - created.seconds - 3).abs() <= 1);
+    // The expiry is stored in containerd: a restarted service still honours it.
+    env.sandboxd.restart().await;
+    let mut c = client(&env).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match get(&mut c, "short").await {
+            Err(s) if s.code() == Code::NotFound => break,
+            Ok(_) => assert!(Instant::now() < deadline, "sandbox outlived its ttl"),
+            Err(s) => panic!("get_sandbox: {s}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    env.leak_check().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restarted_sandboxd_sees_and_deletes_old_sandboxes() {
+    let env = TestEnv::new().await;
+    let mut c = client(&env).await;
+    let running = create(&mut c, create_req(&env, "survivor")).await;
+    create(
+        &mut c,
+        pb::CreateSandboxRequest {
+            start: Some(false),
+            labels: HashMap::from([("k".into(), "v".into())]),
+            ..create_req(&env, "idle")
+        },
+    )
+    .await;
+    env.sandboxd.restart().await;
+    let mut c = client(&env).await;
+    let after = get(&mut c, "survivor").await.unwrap();
+    assert_eq!(after.state(), SandboxState::Running);
+    assert_eq!(
+        after.pid, running.pid,
+        "the sandbox's processes survive a service restart"
+    );
+    let idle = get(&mut c, "idle").await.unwrap();
+    assert_eq!(idle.state(), SandboxState::Created);
+    assert_eq!(idle.labels.get("k").map(String::as_str), Some("v"));
+    delete(&mut c, "survivor", true).await.unwrap();
+    delete(&mut c, "idle", false).await.unwrap();
+    env.leak_check().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_follows_containerd_and_sandboxes_survive_its_restart() {
+    let env = TestEnv::new().await;
+    let mut c = client(&env).await;
+    let sb = create(&mut c, create_req(&env, "steady")).await;
+    assert_eq!(
+        env.sandboxd.health().await.unwrap(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+    env.containerd.kill();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while env.sandboxd.health().await
+        != Ok(tonic_health::pb::health_check_response::ServingStatus::NotServing)
+    {
+        assert!(Instant::now() < deadline, "health never went NOT_SERVING");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let err = get(&mut c, "steady").await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    env.containerd.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while env.sandboxd.health().await
+        != Ok(tonic_health::pb::health_check_response::ServingStatus::Serving)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "health never came back to SERVING"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = get(&mut c, "steady").await.unwrap();
+    assert_eq!(after.state(), SandboxState::Running);
+    assert_eq!(after.pid, sb.pid);
+    delete(&mut c, "steady", true).await.unwrap();
+    env.leak_check().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resources_reach_the_cgroup() {
+    let env = TestEnv::new().await;
+    let mut c = client(&env).await;
+    let resources = Some(pb::Resources {
+        cpu_millis: 500,
+        memory_bytes: 64 << 20,
+        pids_limit: 50,
+    });
+    let sb = create(
+        &mut c,
+        pb::CreateSandboxRequest {
+            resources,
+            ..create_req(&env, "limited")
+        },
+    )
+    .await;
+    assert_eq!(sb.resources, resources);
+    let cgroup = format!("{}/limited", env.cgroup.path());
+    let read = |ctrl: &str, file: &str| {
+        std::fs::read_to_string(format!("/sys/fs/cgroup/{ctrl}{cgroup}/{file}"))
+            .ok()
+            .map(|s| s.trim().to_string())
+    };
+    if std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        assert_eq!(read("", "memory.max").as_deref(), Some("67108864"));
+        assert_eq!(read("", "pids.max").as_deref(), Some("50"));
+        assert_eq!(read("", "cpu.max").as_deref(), Some("50000 100000"));
+    } else {
+        assert_eq!(
+            read("memory", "memory.limit_in_bytes").as_deref(),
+            Some("67108864")
+        );
+        assert_eq!(read("pids", "pids.max").as_deref(), Some("50"));
+        assert_eq!(
+            read("cpu,cpuacct", "cpu.cfs_quota_us")
+                .or_else(|| read("cpu", "cpu.cfs_quota_us"))
+                .as_deref(),
+            Some("50000")
+        );
+    }
+    // The default pids limit applies when none is asked for.
+    let dflt = create(&mut c, create_req(&env, "default-limits")).await;
+    assert_eq!(dflt.resources.unwrap().pids_limit, 1024);
+    delete(&mut c, "limited", true).await.unwrap();
+    delete(&mut c, "default-limits", true).await.unwrap();
+    env.leak_check().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_create_requests_are_rejected_and_leave_nothing_behind() {
+    let env = TestEnv::new().await;
+    let mut c = client(&env).await;
+    let base = create_req(&env, "ok");
+    let cases: Vec<(&str, pb::CreateSandboxRequest, Code, &str)> = vec![
+        (
+            "bad id",
+            pb::CreateSandboxRequest {
+                sandbox_id: "Bad_ID".into(),
+                ..base.clone()
+            },
+            Code::InvalidArgument,
+            "sandbox_id",
+        ),
+        (
+            "long id",
+            pb::CreateSandboxRequest {
+                sandbox_id: "a".repeat(64),
+                ..base.clone()
+            },
+            Code::InvalidArgument,
+            "sandbox_id",
+        ),
+        (
+            "bad image",
+            pb::CreateSandboxRequest {
+                image: "no spaces allowed".into(),
+                ..base.clone()
+            },
+            Code::InvalidArgument,
+            "image",
+        ),
+        (
+            "no image",
+            pb::CreateSandboxRequest {
+                image: String::new(),
+                ..base.clone()
+            },
+            Code::InvalidArgument,
+            "image",
+        ),
+        (
+            "missing image",
+            pb::CreateSandboxRequest {
+                image: format!("{}/nope:latest", env.registry.addr()),
+                ..base.clone()
+            },
+            Code::NotFound,
+            "nope",
+        ),
+        (
+            "unknown snapshot",
+            pb::CreateSandboxRequest {
+                image: String::new(),
+                snapshot_id: "snap-x".into(),
+                ..base.clone()
+            },
+            Code::NotFound,
+            "snap-x",
+        ),
+        (
+            "negative cpu",
+            pb::CreateSandboxRequest {
+                resources: Some(pb::Resources {
+                    cpu_millis: -5,
+                    ..Default::default()
+                }),
+                ..base.clone()
+            },
+            Code::InvalidArgument,
+            "cpu_millis",
+        ),
+        (
+            "absurd memory",
+            pb::CreateSandboxRequest {
+                resources: Some(pb::Resources {
+                    memory_bytes: i64::MAX,
+                    ..Default::default()
+                }),
+                ..base.clone()
+            },
+            Code::InvalidArgument,
+            "memory_bytes",
+        ),
+        (
+            "negative pids",
+            pb::CreateSandboxRequest {
+                resources: Some(pb::Resources {
+                    pids_limit: -1,
+                    ..Default::default()
+                }),
+                ..base.clone()
+            },
+            Code::InvalidArgument,
+            "pids_limit",
+        ),
+        (
+            "oversized label",
+            pb::CreateSandboxRequest {
+                labels: HashMap::from([("k".into(), "v".repeat(5000))]),
+                ..base.clone()
+            },
+            Code::InvalidArgument,
+            "labels",
+        ),
+        (
+            "reserved label",
+            pb::CreateSandboxRequest {
+                labels: HashMap::from([("sandboxd.io/image".into(), "x".into())]),
+                ..base.clone()
+            },
+            Code::InvalidArgument,
+            "labels",
+        ),
+        (
+            "negative ttl",
+            pb::CreateSandboxRequest {
+                ttl: Some(prost_types::Duration {
+                    seconds: -3,
+                    nanos: 0,
+                }),
+                ..base.clone()
+            },
+            Code::InvalidArgument,
+            "ttl",
+        ),
+        (
+            "relative workdir",
+            pb::CreateSandboxRequest {
+                working_dir: "tmp".into(),
+                ..base.clone()
+            },
+            Code::InvalidArgument,
+            "working_dir",
+        ),
+        (
+            "unknown user",
+            pb::CreateSandboxRequest {
+                user: "ghost".into(),
+                ..base.clone()
+            },
+            Code::InvalidArgument,
+            "user",
+        ),
+        (
+            "missing program",
+            pb::CreateSandboxRequest {
+                command: vec!["/no/such/program".into()],
+                ..base.clone()
+            },
+            Code::InvalidArgument,
+            "command",
+        ),
+    ];
+    for (what, req, code, needle) in cases {
+        let err = c.create_sandbox(req).await.expect_err(what);
+        assert_eq!(err.code(), code, "{what}: {err}");
+        assert!(err.message().contains(needle), "{what}: {err}");
+    }
+    // Every rejected request left nothing: the namespace is empty.
+    let listed = c
+        .list_sandboxes(pb::ListSandboxesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.sandboxes.is_empty(), "{:?}", listed.sandboxes);
+    env.leak_check().await;
+
+    create(&mut c, base.clone()).await;
+    let dup = c.create_sandbox(base).await.unwrap_err();
+    assert_eq!(dup.code(), Code::AlreadyExists);
+    assert_eq!(
+        get(&mut c, "ok").await.unwrap().state(),
+        SandboxState::Running,
+        "a duplicate create must not harm the original"
+    );
+    for (what, err) in [
+        ("get bad id", get(&mut c, "UPPER").await.unwrap_err()),
+        ("get missing", get(&mut c, "missing").await.unwrap_err()),
+        (
+            "delete missing",
+            delete(&mut c, "missing", false).await.unwrap_err(),
+        ),
+    ] {
+        assert!(
+            matches!(err.code(), Code::InvalidArgument | Code::NotFound),
+            "{what}: {err}"
+        );
+    }
+    delete(&mut c, "ok", true).await.unwrap();
+    env.leak_check().await;
+}
