@@ -1,0 +1,115 @@
+//! Integration-test fixtures: a private containerd, a local registry holding a busybox image,
+//! and the sandboxd binary wired to both. Every fixture is an RAII guard that kills its
+//! processes, unmounts and removes its directories on drop, also when the test panics.
+//!
+//! Tests must run as root with the packages of `scripts/install-deps.sh` installed; fixtures
+//! panic (never skip) otherwise.
+
+// Each test crate includes this module and uses a different part of it.
+#![allow(dead_code, unused_imports)]
+
+pub mod containerd;
+pub mod host;
+pub mod image;
+pub mod registry;
+pub mod sandboxd;
+
+pub use containerd::{namespaced, Containerd, Leaks};
+pub use host::{unique_name, CgroupParent};
+pub use image::{
+    build_busybox_layout, build_layout_layers, build_layout_with, busybox_layout, LayoutInfo,
+};
+pub use registry::Registry;
+pub use sandboxd::{Sandboxd, SandboxdOptions};
+
+use tonic::transport::Channel;
+
+/// Name and tag under which [`TestEnv`] pushes the busybox image.
+pub const BUSYBOX_NAME_TAG: &str = "busybox:latest";
+
+/// Everything a sandboxd integration test needs: containerd, a registry serving
+/// `busybox:latest`, and sandboxd itself in a namespace and cgroup parent of its own.
+///
+/// Fields drop in declaration order: sandboxd stops first, then containerd and its shims, then
+/// the registry, and last the cgroup parent (whose leftover cgroups are removed).
+pub struct TestEnv {
+    /// The service under test.
+    pub sandboxd: Sandboxd,
+    /// The containerd sandboxd talks to.
+    pub containerd: Containerd,
+    /// The registry holding [`BUSYBOX_NAME_TAG`].
+    pub registry: Registry,
+    /// The cgroup parent given to sandboxd.
+    pub cgroup: CgroupParent,
+    /// The containerd namespace given to sandboxd.
+    pub namespace: String,
+}
+
+impl TestEnv {
+    /// Starts containerd, a registry with busybox pushed, and sandboxd (no extra arguments).
+    pub async fn new() -> TestEnv {
+        TestEnv::with_args(&[]).await
+    }
+
+    /// Like [`TestEnv::new`], appending `extra_args` to `sandboxd serve`'s command line.
+    pub async fn with_args(extra_args: &[&str]) -> TestEnv {
+        host::require_prerequisites();
+        let layout = busybox_layout();
+        let containerd = Containerd::start().await;
+        let registry = Registry::start();
+        registry.push(&layout, BUSYBOX_NAME_TAG);
+        let cgroup = CgroupParent::new();
+        let namespace = unique_name("sbx-test");
+        let sandboxd = Sandboxd::start(SandboxdOptions {
+            containerd_address: containerd.address(),
+            namespace: namespace.clone(),
+            cgroup_parent: cgroup.path().to_owned(),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        })
+        .await;
+        TestEnv {
+            sandboxd,
+            containerd,
+            registry,
+            cgroup,
+            namespace,
+        }
+    }
+
+    /// `127.0.0.1:PORT/busybox:latest`, the reference to pull.
+    pub fn image_ref(&self) -> String {
+        format!("{}/{BUSYBOX_NAME_TAG}", self.registry.addr())
+    }
+
+    /// sandboxd's endpoint, `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        self.sandboxd.endpoint()
+    }
+
+    /// A connected gRPC channel to sandboxd.
+    pub async fn channel(&self) -> Channel {
+        self.sandboxd.channel().await
+    }
+
+    /// Pushes a layout to the env's registry as `name_tag` and returns its full reference.
+    pub fn push_image(&self, layout: &std::path::Path, name_tag: &str) -> String {
+        self.registry.push(layout, name_tag);
+        format!("{}/{name_tag}", self.registry.addr())
+    }
+
+    /// What sandboxd's namespace still holds in containerd, plus cgroups below its parent.
+    pub async fn leaks(&self) -> Leaks {
+        let mut leaks = self.containerd.leaks(&self.namespace).await;
+        leaks.cgroups = self.cgroup.leftovers();
+        leaks
+    }
+
+    /// Panics, listing them, if any container, task, active snapshot, lease or cgroup remains.
+    pub async fn leak_check(&self) {
+        let leaks = self.leaks().await;
+        assert!(
+            leaks.is_empty(),
+            "resources leaked after the test:\n{leaks}"
+        );
+    }
+}
