@@ -128,6 +128,39 @@ pub fn open_in_root(root: &Path, path: &str) -> std::io::Result<OwnedFd> {
     Ok(nix::fcntl::openat2(&dir, path, how)?)
 }
 
+/// True when `path` is a directory inside `root` (resolved confined to it).
+pub fn is_dir_in_root(root: &Path, path: &str) -> bool {
+    let Ok(dir) = nix::fcntl::open(
+        root,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return false;
+    };
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    nix::fcntl::openat2(&dir, path, how).is_ok()
+}
+
+/// Every process on the host as (pid, parent pid).
+pub fn process_parents() -> Vec<(i32, i32)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // The command name may hold spaces and parentheses: fields start after the last ')'.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let ppid = rest.split(' ').nth(1)?.parse().ok()?;
+            Some((pid, ppid))
+        })
+        .collect()
+}
+
 /// Reads a small text file confined to `root`; a missing file is `None`.
 pub fn read_in_root(root: &Path, path: &str) -> Result<Option<String>> {
     let fd = match open_in_root(root, path) {
@@ -211,7 +244,7 @@ pub fn user_needs_lookup(spec: &str) -> bool {
     spec.split(':').any(|part| part.parse::<u32>().is_err())
 }
 
-fn lookup<'a>(text: &'a str, pred: impl Fn(&[&str]) -> bool) -> Option<Vec<&'a str>> {
+fn lookup(text: &str, pred: impl Fn(&[&str]) -> bool) -> Option<Vec<&str>> {
     text.lines()
         .map(|l| l.split(':').collect::<Vec<_>>())
         .filter(|f| f.len() >= 4)

@@ -150,6 +150,167 @@ pub fn image(i: ImageInfo) -> pb::Image {
     }
 }
 
+/// Largest `max_output_bytes` of ExecSync, per stream (the response must fit a gRPC message).
+pub const MAX_EXEC_SYNC_OUTPUT: i64 = 16 << 20;
+/// Default `max_output_bytes` of ExecSync.
+pub const DEFAULT_EXEC_SYNC_OUTPUT: i64 = 1 << 20;
+
+fn exec_timeout(d: Option<prost_types::Duration>) -> Result<Option<std::time::Duration>> {
+    match d {
+        None => Ok(None),
+        Some(d) => match crate::util::duration(&d) {
+            None => Err(Error::invalid("timeout", "a timeout cannot be negative")),
+            Some(t) if t.is_zero() => Ok(None),
+            Some(t) => Ok(Some(t)),
+        },
+    }
+}
+
+/// The fields Exec and ExecSync share, validated.
+struct ExecCommon {
+    sandbox_id: SandboxId,
+    args: Vec<String>,
+    env: std::collections::BTreeMap<String, String>,
+    working_dir: Option<String>,
+    user: Option<String>,
+}
+
+fn exec_common(
+    sandbox_id: &str,
+    args: Vec<String>,
+    env: std::collections::HashMap<String, String>,
+    working_dir: String,
+    user: String,
+) -> Result<ExecCommon> {
+    let id = SandboxId::parse("sandbox_id", sandbox_id)?;
+    let args = sandbox::parse_args("args", args)?;
+    if args.is_empty() {
+        return Err(Error::invalid("args", "a command is required"));
+    }
+    let env = sandbox::parse_env("env", env)?;
+    let working_dir = if working_dir.is_empty() {
+        None
+    } else {
+        Some(sandbox::parse_abs_path("working_dir", &working_dir)?)
+    };
+    let user = if user.is_empty() { None } else { Some(user) };
+    if let Some(u) = &user {
+        if u.len() > 256 || u.split(':').count() > 2 || u.split(':').any(str::is_empty) {
+            return Err(Error::invalid(
+                "user",
+                format!("{u:?} is not user, uid, user:group or uid:gid"),
+            ));
+        }
+    }
+    Ok(ExecCommon {
+        sandbox_id: id,
+        args,
+        env,
+        working_dir,
+        user,
+    })
+}
+
+/// Exec's start message → ExecSpec.
+pub fn exec_spec(s: pb::ExecStart) -> Result<sandbox::ExecSpec> {
+    let ExecCommon {
+        sandbox_id,
+        args,
+        env,
+        working_dir,
+        user,
+    } = exec_common(&s.sandbox_id, s.args, s.env, s.working_dir, s.user)?;
+    let tty_size = match s.tty_size {
+        None => None,
+        Some(t) if t.rows == 0 || t.cols == 0 || t.rows > 10_000 || t.cols > 10_000 => {
+            return Err(Error::invalid(
+                "tty_size",
+                format!("{}x{} is not a terminal size", t.rows, t.cols),
+            ))
+        }
+        Some(t) => Some((t.rows, t.cols)),
+    };
+    Ok(sandbox::ExecSpec {
+        sandbox_id,
+        args,
+        env,
+        working_dir,
+        user,
+        tty: s.tty,
+        stdin: s.stdin,
+        timeout: exec_timeout(s.timeout)?,
+        tty_size,
+    })
+}
+
+/// ExecSyncRequest → (ExecSpec, stdin, max output per stream).
+pub fn exec_sync_spec(r: pb::ExecSyncRequest) -> Result<(sandbox::ExecSpec, bytes::Bytes, usize)> {
+    let ExecCommon {
+        sandbox_id,
+        args,
+        env,
+        working_dir,
+        user,
+    } = exec_common(&r.sandbox_id, r.args, r.env, r.working_dir, r.user)?;
+    let max = match r.max_output_bytes {
+        0 => DEFAULT_EXEC_SYNC_OUTPUT,
+        m if m < 0 => return Err(Error::invalid("max_output_bytes", "cannot be negative")),
+        m if m > MAX_EXEC_SYNC_OUTPUT => {
+            return Err(Error::invalid(
+                "max_output_bytes",
+                format!("at most {MAX_EXEC_SYNC_OUTPUT}; use Exec to stream more"),
+            ))
+        }
+        m => m,
+    };
+    let spec = sandbox::ExecSpec {
+        sandbox_id,
+        args,
+        env,
+        working_dir,
+        user,
+        tty: false,
+        stdin: !r.stdin.is_empty(),
+        timeout: exec_timeout(r.timeout)?,
+        tty_size: None,
+    };
+    Ok((spec, bytes::Bytes::from(r.stdin), max as usize))
+}
+
+/// A later Exec client message → domain input (`None` for messages to ignore).
+pub fn exec_input(r: pb::ExecRequest) -> Option<sandbox::ExecInput> {
+    use pb::exec_request::Request;
+    match r.request? {
+        Request::Start(_) => None,
+        Request::Stdin(data) => Some(sandbox::ExecInput::Stdin(bytes::Bytes::from(data))),
+        Request::CloseStdin(_) => Some(sandbox::ExecInput::CloseStdin),
+        Request::Resize(t) if t.rows > 0 && t.cols > 0 => {
+            Some(sandbox::ExecInput::Resize(t.rows, t.cols))
+        }
+        Request::Resize(_) => None,
+        Request::Signal(s) if (1..=64).contains(&s) => Some(sandbox::ExecInput::Signal(s)),
+        Request::Signal(_) => None,
+    }
+}
+
+/// Domain exec event → proto.
+pub fn exec_event(ev: sandbox::ExecEvent) -> pb::ExecResponse {
+    use pb::exec_response::Response;
+    let response = match ev {
+        sandbox::ExecEvent::Stdout(d) => Response::Stdout(d.to_vec()),
+        sandbox::ExecEvent::Stderr(d) => Response::Stderr(d.to_vec()),
+        sandbox::ExecEvent::Exited(e) => Response::Exited(pb::ExecExited {
+            exit_code: e.exit_code,
+            signal: e.signal,
+            timed_out: e.timed_out,
+            oom_killed: e.oom_killed,
+        }),
+    };
+    pb::ExecResponse {
+        response: Some(response),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,13 +4,17 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{convert, status::to_status};
 use crate::pb;
 use crate::pb::sandbox_service_server::SandboxService;
-use crate::sandbox::{LabelSelector, Manager, Page, SandboxId};
+use crate::sandbox::{
+    ExecInput, LabelSelector, Manager, Page, SandboxId, EXEC_INPUT_QUEUE, EXEC_OUTPUT_QUEUE,
+};
 
 /// Default grace period of StopSandbox.
 const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -139,15 +143,138 @@ impl SandboxService for SandboxApi {
 
     async fn exec(
         &self,
-        _req: Request<Streaming<pb::ExecRequest>>,
+        req: Request<Streaming<pb::ExecRequest>>,
     ) -> Result<Response<Self::ExecStream>, Status> {
-        Err(Status::unimplemented("Exec is not implemented yet"))
+        let deadline = grpc_timeout(req.metadata());
+        let mut inbound = req.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| {
+            Status::invalid_argument("invalid request: the stream ended before the start message")
+        })?;
+        let Some(pb::exec_request::Request::Start(start)) = first.request else {
+            return Err(Status::invalid_argument(
+                "invalid request: the first message must be start",
+            ));
+        };
+        let spec = convert::exec_spec(start).map_err(to_status)?;
+        let session = self.manager.exec_start(spec).await.map_err(to_status)?;
+        let started = pb::ExecResponse {
+            response: Some(pb::exec_response::Response::Started(pb::ExecStarted {
+                exec_id: session.exec_id.clone(),
+                pid: session.pid,
+            })),
+        };
+        let (in_tx, in_rx) = mpsc::channel(EXEC_INPUT_QUEUE);
+        let (ev_tx, ev_rx) = mpsc::channel(EXEC_OUTPUT_QUEUE);
+        tokio::spawn(session.run(in_rx, ev_tx));
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(msg)) => {
+                        if let Some(input) = convert::exec_input(msg) {
+                            if in_tx.send(input).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    // Half-close: dropping the sender tells the session input has ended.
+                    Ok(None) => return,
+                    Err(_) => {
+                        let _ = in_tx.send(ExecInput::Cancel).await;
+                        return;
+                    }
+                }
+            }
+        });
+        let Some(deadline) = deadline else {
+            let events = ReceiverStream::new(ev_rx).map(|ev| Ok(convert::exec_event(ev)));
+            let stream = futures::stream::once(async move { Ok(started) }).chain(events);
+            return Ok(Response::new(Box::pin(stream)));
+        };
+        // tonic does not enforce a streaming call's deadline: end the stream ourselves, which
+        // (by dropping the events' receiver) kills the process.
+        let (out_tx, out_rx) = mpsc::channel(EXEC_OUTPUT_QUEUE);
+        let _ = out_tx.send(Ok(started)).await;
+        let mut ev_rx = ev_rx;
+        tokio::spawn(async move {
+            let expiry = tokio::time::sleep(deadline);
+            tokio::pin!(expiry);
+            loop {
+                tokio::select! {
+                    ev = ev_rx.recv() => match ev {
+                        Some(ev) => {
+                            if out_tx.send(Ok(convert::exec_event(ev))).await.is_err() {
+                                return;
+                            }
+                        }
+                        None => return,
+                    },
+                    _ = &mut expiry => {
+                        drop(ev_rx);
+                        let _ = out_tx.send(Err(Status::deadline_exceeded("the call's deadline expired; the process was killed"))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
     }
 
     async fn exec_sync(
         &self,
-        _req: Request<pb::ExecSyncRequest>,
+        req: Request<pb::ExecSyncRequest>,
     ) -> Result<Response<pb::ExecSyncResponse>, Status> {
-        Err(Status::unimplemented("ExecSync is not implemented yet"))
+        let (spec, stdin, max) = convert::exec_sync_spec(req.into_inner()).map_err(to_status)?;
+        let r = self
+            .manager
+            .exec_sync(spec, stdin, max)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ExecSyncResponse {
+            exit_code: r.exit.exit_code,
+            stdout: r.stdout,
+            stderr: r.stderr,
+            stdout_truncated: r.stdout_truncated,
+            stderr_truncated: r.stderr_truncated,
+            timed_out: r.exit.timed_out,
+            signal: r.exit.signal,
+        }))
+    }
+}
+
+/// The caller's deadline from the `grpc-timeout` header (`<digits><H|M|S|m|u|n>`).
+fn grpc_timeout(md: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = md.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_header_parses_every_unit() {
+        let mut md = tonic::metadata::MetadataMap::new();
+        assert_eq!(grpc_timeout(&md), None);
+        for (v, d) in [
+            ("2S", Duration::from_secs(2)),
+            ("150m", Duration::from_millis(150)),
+            ("1H", Duration::from_secs(3600)),
+            ("7u", Duration::from_micros(7)),
+        ] {
+            md.insert("grpc-timeout", v.parse().unwrap());
+            assert_eq!(grpc_timeout(&md), Some(d), "{v}");
+        }
+        md.insert("grpc-timeout", "5x".parse().unwrap());
+        assert_eq!(grpc_timeout(&md), None);
     }
 }

@@ -178,8 +178,9 @@ pub fn process(
     cwd: &str,
     user: User,
     terminal: bool,
+    console_size: Option<(u32, u32)>,
 ) -> Result<Vec<u8>> {
-    let process = json!({
+    let mut process = json!({
         "terminal": terminal,
         "user": {"uid": user.uid, "gid": user.gid},
         "args": args,
@@ -192,6 +193,9 @@ pub fn process(
         },
         "noNewPrivileges": true,
     });
+    if let Some((rows, cols)) = console_size {
+        process["consoleSize"] = json!({"height": rows, "width": cols});
+    }
     let typed: oci_spec::runtime::Process = serde_json::from_value(process)
         .map_err(|e| Error::Internal(format!("process spec: {e}")))?;
     serde_json::to_vec(&typed).map_err(|e| Error::Internal(format!("process spec: {e}")))

@@ -112,13 +112,21 @@ impl Manager {
         self.cfg.data_dir.join("sandboxes").join(id.as_str())
     }
 
+    pub(super) fn exec_dir(&self) -> PathBuf {
+        self.cfg.data_dir.join("exec")
+    }
+
+    pub(super) fn cgroup_parent(&self) -> &str {
+        &self.cfg.cgroup_parent
+    }
+
     fn mount_base(&self) -> PathBuf {
         self.cfg.data_dir.join("mnt")
     }
 
     // ---- reading ----
 
-    async fn container(&self, id: &SandboxId) -> Result<Option<Container>> {
+    pub(super) async fn container(&self, id: &SandboxId) -> Result<Option<Container>> {
         let req = GetContainerRequest {
             id: id.as_str().to_string(),
         };
@@ -132,7 +140,7 @@ impl Manager {
         }
     }
 
-    async fn task(&self, id: &str) -> Result<Option<Process>> {
+    pub(super) async fn task(&self, id: &str) -> Result<Option<Process>> {
         let req = GetRequest {
             container_id: id.to_string(),
             exec_id: String::new(),

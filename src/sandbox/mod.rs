@@ -1,8 +1,13 @@
 //! The sandbox domain: validated types and the lifecycle manager.
 
+mod exec;
 mod locks;
 mod manager;
 mod model;
 
+pub use exec::{
+    ExecEvent, ExecInput, ExecSession, ExecSpec, ExecSyncResult, ExitInfo, EXEC_INPUT_QUEUE,
+    EXEC_OUTPUT_QUEUE,
+};
 pub use manager::{Manager, ManagerConfig, L_MANAGED, L_SNAPSHOT_OWNER};
 pub use model::*;

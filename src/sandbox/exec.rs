@@ -1,0 +1,588 @@
+//! Exec: processes started in a running sandbox through containerd's task API (no agent inside),
+//! their stdio carried over FIFOs with bounded buffers, so a slow client slows the process down
+//! instead of growing our memory.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use containerd_client::services::v1::{
+    CloseIoRequest, DeleteProcessRequest, ExecProcessRequest, KillRequest, ResizePtyRequest,
+    StartRequest, WaitRequest,
+};
+use containerd_client::types::v1::Status as TaskStatus;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use super::manager::Manager;
+use super::model::SandboxId;
+use crate::error::{Error, Kind, Result};
+use crate::runtime::spec::{self, User};
+use crate::sys;
+
+/// Bytes read from an output FIFO at a time (and the largest output message).
+pub const EXEC_CHUNK: usize = 64 * 1024;
+/// Output events queued towards one client before the process is slowed down.
+pub const EXEC_OUTPUT_QUEUE: usize = 16;
+/// Input events queued from one client.
+pub const EXEC_INPUT_QUEUE: usize = 16;
+/// How long output may keep flowing after the process exited (its children may hold the pipes).
+pub const EXEC_OUTPUT_GRACE: Duration = Duration::from_secs(2);
+/// Type URL of an exec process spec.
+const PROCESS_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Process";
+/// Default terminal size.
+const DEFAULT_TTY: (u32, u32) = (24, 80);
+
+/// A validated exec request.
+#[derive(Debug, Clone)]
+pub struct ExecSpec {
+    /// Target sandbox.
+    pub sandbox_id: SandboxId,
+    /// argv; never empty.
+    pub args: Vec<String>,
+    /// Environment merged over the sandbox's.
+    pub env: BTreeMap<String, String>,
+    /// Working directory override.
+    pub working_dir: Option<String>,
+    /// User override.
+    pub user: Option<String>,
+    /// Allocate a pseudo-terminal.
+    pub tty: bool,
+    /// Whether the client sends input.
+    pub stdin: bool,
+    /// Kill the process after this long.
+    pub timeout: Option<Duration>,
+    /// Initial terminal size (rows, cols).
+    pub tty_size: Option<(u32, u32)>,
+}
+
+/// What the client sends after the start message.
+#[derive(Debug)]
+pub enum ExecInput {
+    /// Bytes for the process's stdin.
+    Stdin(Bytes),
+    /// End of input.
+    CloseStdin,
+    /// New terminal size (rows, cols).
+    Resize(u32, u32),
+    /// A signal number for the process.
+    Signal(i32),
+    /// The client went away: kill the process.
+    Cancel,
+}
+
+/// What the server sends.
+#[derive(Debug, PartialEq)]
+pub enum ExecEvent {
+    /// Output of stdout (or the terminal).
+    Stdout(Bytes),
+    /// Output of stderr.
+    Stderr(Bytes),
+    /// The last event.
+    Exited(ExitInfo),
+}
+
+/// How an exec ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ExitInfo {
+    /// Exit code (128 + signal when killed by one).
+    pub exit_code: i32,
+    /// The signal that killed it, if any.
+    pub signal: i32,
+    /// Killed because its timeout ran out.
+    pub timed_out: bool,
+    /// Killed by the kernel's OOM killer.
+    pub oom_killed: bool,
+}
+
+/// A started exec: its identity, and the halves that [`ExecSession::run`] drives.
+pub struct ExecSession {
+    manager: Arc<Manager>,
+    sandbox: String,
+    /// containerd's exec id.
+    pub exec_id: String,
+    /// Host pid of the process.
+    pub pid: u32,
+    spec: ExecSpec,
+    dir: FifoDir,
+    stdin: Option<pipe::Sender>,
+    stdout: pipe::Receiver,
+    stderr: Option<pipe::Receiver>,
+    oom_before: u64,
+}
+
+/// The FIFO directory of one exec, removed on drop.
+struct FifoDir(PathBuf);
+
+impl Drop for FifoDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn mkfifo(path: &Path) -> Result<()> {
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+        .map_err(|e| Error::io(format!("creating fifo {}", path.display()), e.into()))
+}
+
+impl Manager {
+    /// Starts a process in a running sandbox. Errors that stop it from starting (no such
+    /// sandbox, not running, bad program, bad user) are returned here, before any output.
+    pub async fn exec_start(self: &Arc<Self>, spec: ExecSpec) -> Result<ExecSession> {
+        let id = spec.sandbox_id.clone();
+        let container = self
+            .container(&id)
+            .await?
+            .ok_or_else(|| Error::not_found(Kind::Sandbox, id.as_str()))?;
+        let task = self.task(id.as_str()).await?;
+        let pid1 = match task {
+            Some(t) if t.status == TaskStatus::Running as i32 => t.pid,
+            Some(t)
+                if t.status == TaskStatus::Paused as i32
+                    || t.status == TaskStatus::Pausing as i32 =>
+            {
+                return Err(Error::FailedPrecondition(format!("sandbox {id} is paused")))
+            }
+            _ => {
+                return Err(Error::FailedPrecondition(format!(
+                    "sandbox {id} is not running; start it first"
+                )))
+            }
+        };
+        let base: serde_json::Value = container
+            .spec
+            .as_ref()
+            .and_then(|any| serde_json::from_slice(&any.value).ok())
+            .unwrap_or_default();
+        let base = &base["process"];
+        let mut env: Vec<String> = base["env"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (k, v) in &spec.env {
+            env.retain(|e| e.split_once('=').map(|(ek, _)| ek) != Some(k.as_str()));
+            env.push(format!("{k}={v}"));
+        }
+        if spec.tty && !env.iter().any(|e| e.starts_with("TERM=")) {
+            env.push("TERM=xterm".to_string());
+        }
+        let cwd = spec
+            .working_dir
+            .clone()
+            .unwrap_or_else(|| base["cwd"].as_str().unwrap_or("/").to_string());
+        let user = match &spec.user {
+            None => User {
+                uid: base["user"]["uid"].as_u64().unwrap_or(0) as u32,
+                gid: base["user"]["gid"].as_u64().unwrap_or(0) as u32,
+            },
+            Some(u) => {
+                let root = PathBuf::from(format!("/proc/{pid1}/root"));
+                let u = u.clone();
+                sys::blocking(move || sys::resolve_user("user", &u, Some(&root))).await?
+            }
+        };
+        // A working dir that does not exist would fail deep inside runc with a vague message.
+        let root = PathBuf::from(format!("/proc/{pid1}/root"));
+        let check_cwd = cwd.clone();
+        let cwd_ok = sys::blocking(move || Ok(sys::is_dir_in_root(&root, &check_cwd))).await?;
+        if !cwd_ok {
+            return Err(Error::invalid(
+                "working_dir",
+                format!("{cwd:?} is not a directory in sandbox {id}"),
+            ));
+        }
+        let size = spec.tty_size.unwrap_or(DEFAULT_TTY);
+        let process = spec::process(
+            &spec.args,
+            &env,
+            &cwd,
+            user,
+            spec.tty,
+            spec.tty.then_some(size),
+        )?;
+
+        let exec_id = format!("exec-{}", crate::util::random_hex(8));
+        let dir = FifoDir(self.exec_dir().join(format!("{id}-{exec_id}")));
+        std::fs::create_dir_all(&dir.0)
+            .map_err(|e| Error::io(format!("creating {}", dir.0.display()), e))?;
+        let (stdin_path, stdout_path, stderr_path) = (
+            dir.0.join("stdin"),
+            dir.0.join("stdout"),
+            dir.0.join("stderr"),
+        );
+        mkfifo(&stdout_path)?;
+        if !spec.tty {
+            mkfifo(&stderr_path)?;
+        }
+        if spec.stdin {
+            mkfifo(&stdin_path)?;
+        }
+        let open_err =
+            |what: &str, e: std::io::Error| Error::io(format!("opening the {what} fifo"), e);
+        let stdout = pipe::OpenOptions::new()
+            .open_receiver(&stdout_path)
+            .map_err(|e| open_err("stdout", e))?;
+        let stderr = if spec.tty {
+            None
+        } else {
+            Some(
+                pipe::OpenOptions::new()
+                    .open_receiver(&stderr_path)
+                    .map_err(|e| open_err("stderr", e))?,
+            )
+        };
+        // Until the shim has opened its write ends, a reader alone would see EOF: hold writers.
+        let hold_out = pipe::OpenOptions::new()
+            .open_sender(&stdout_path)
+            .map_err(|e| open_err("stdout", e))?;
+        let hold_err = match spec.tty {
+            true => None,
+            false => Some(
+                pipe::OpenOptions::new()
+                    .open_sender(&stderr_path)
+                    .map_err(|e| open_err("stderr", e))?,
+            ),
+        };
+        // Read-write, so that opening does not wait for (or fail without) the shim's reader.
+        let stdin = match spec.stdin {
+            true => Some(
+                pipe::OpenOptions::new()
+                    .read_write(true)
+                    .open_sender(&stdin_path)
+                    .map_err(|e| open_err("stdin", e))?,
+            ),
+            false => None,
+        };
+        let path_str = |p: &Path, on: bool| {
+            if on {
+                p.display().to_string()
+            } else {
+                String::new()
+            }
+        };
+        let req = ExecProcessRequest {
+            container_id: id.to_string(),
+            stdin: path_str(&stdin_path, spec.stdin),
+            stdout: path_str(&stdout_path, true),
+            stderr: path_str(&stderr_path, !spec.tty),
+            terminal: spec.tty,
+            spec: Some(prost_types::Any {
+                type_url: PROCESS_TYPE_URL.into(),
+                value: process,
+            }),
+            exec_id: exec_id.clone(),
+        };
+        let cd = self.containerd();
+        cd.tasks()
+            .exec(cd.req(req))
+            .await
+            .map_err(|s| exec_error(&spec, "tasks.exec", s))?;
+        let oom_before = self.oom_kills(&id);
+        let started = cd
+            .tasks()
+            .start(cd.req(StartRequest {
+                container_id: id.to_string(),
+                exec_id: exec_id.clone(),
+            }))
+            .await;
+        drop(hold_out);
+        drop(hold_err);
+        let pid = match started {
+            Ok(resp) => resp.into_inner().pid,
+            Err(s) => {
+                let _ = cd
+                    .tasks()
+                    .delete_process(cd.req(DeleteProcessRequest {
+                        container_id: id.to_string(),
+                        exec_id: exec_id.clone(),
+                    }))
+                    .await;
+                return Err(exec_error(&spec, "tasks.start", s));
+            }
+        };
+        if spec.tty {
+            let (rows, cols) = size;
+            let _ = self.resize(id.as_str(), &exec_id, rows, cols).await;
+        }
+        Ok(ExecSession {
+            manager: self.clone(),
+            sandbox: id.to_string(),
+            exec_id,
+            pid,
+            spec,
+            dir,
+            stdin,
+            stdout,
+            stderr,
+            oom_before,
+        })
+    }
+
+    async fn resize(&self, id: &str, exec_id: &str, rows: u32, cols: u32) -> Result<()> {
+        let cd = self.containerd();
+        let req = ResizePtyRequest {
+            container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            width: cols,
+            height: rows,
+        };
+        cd.tasks()
+            .resize_pty(cd.req(req))
+            .await
+            .map_err(|s| Error::containerd("tasks.resize_pty", s))?;
+        Ok(())
+    }
+
+    /// The sandbox's count of OOM kills so far (0 when the cgroup does not say).
+    fn oom_kills(&self, id: &SandboxId) -> u64 {
+        let cgroup = format!("{}/{}", self.cgroup_parent().trim_end_matches('/'), id);
+        let v1 = format!("/sys/fs/cgroup/memory{cgroup}/memory.oom_control");
+        let v2 = format!("/sys/fs/cgroup{cgroup}/memory.events");
+        let text = std::fs::read_to_string(v1)
+            .or_else(|_| std::fs::read_to_string(v2))
+            .unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// Start failures caused by the request are the caller's to fix.
+fn exec_error(spec: &ExecSpec, op: &'static str, s: tonic::Status) -> Error {
+    let msg = s.message();
+    if msg.contains("executable file not found")
+        || msg.contains("no such file or directory")
+        || msg.contains("permission denied")
+    {
+        Error::invalid("args", format!("cannot run {:?}: {msg}", spec.args[0]))
+    } else if msg.contains("chdir") {
+        Error::invalid("working_dir", msg.to_string())
+    } else {
+        Error::containerd(op, s)
+    }
+}
+
+impl ExecSession {
+    /// Drives the process to its end: input from `input`, output and the final exit to `output`.
+    /// A closed `output` (client gone) kills the process. Always cleans up the FIFOs and deletes
+    /// the process from the task.
+    pub async fn run(
+        mut self,
+        mut input: mpsc::Receiver<ExecInput>,
+        output: mpsc::Sender<ExecEvent>,
+    ) {
+        let span = tracing::info_span!("exec", sandbox_id = %self.sandbox, exec_id = %self.exec_id);
+        async move {
+            let cd = self.manager.containerd().clone();
+            let (sandbox, exec_id) = (self.sandbox.clone(), self.exec_id.clone());
+            let out_pump = tokio::spawn(pump(self.stdout, output.clone(), ExecEvent::Stdout));
+            let err_pump = self.stderr.take().map(|rx| tokio::spawn(pump(rx, output.clone(), ExecEvent::Stderr)));
+            let wait = {
+                let cd = cd.clone();
+                let req = WaitRequest { container_id: sandbox.clone(), exec_id: exec_id.clone() };
+                tokio::spawn(async move { cd.tasks().wait(cd.req(req)).await })
+            };
+            tokio::pin!(wait);
+            let timeout = async {
+                match self.spec.timeout {
+                    Some(t) => tokio::time::sleep(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(timeout);
+            let mut stdin = self.stdin.take();
+            let mut timed_out = false;
+            let mut input_open = true;
+            let mut client_gone = false;
+            let wait_result = loop {
+                tokio::select! {
+                    res = &mut wait => break res,
+                    _ = &mut timeout, if !timed_out => {
+                        timed_out = true;
+                        tracing::info!("exec timed out; killing it");
+                        kill_tree(self.pid, libc::SIGKILL);
+                    }
+                    _ = output.closed(), if !client_gone => {
+                        tracing::info!("client went away; killing the exec");
+                        kill_tree(self.pid, libc::SIGKILL);
+                        client_gone = true;
+                        input_open = false;
+                    }
+                    msg = input.recv(), if input_open => match msg {
+                        Some(ExecInput::Stdin(data)) => {
+                            if let Some(w) = stdin.as_mut() {
+                                if w.write_all(&data).await.is_err() {
+                                    stdin = None;
+                                }
+                            }
+                        }
+                        Some(ExecInput::CloseStdin) => {
+                            if stdin.take().is_some() {
+                                let req = CloseIoRequest { container_id: sandbox.clone(), exec_id: exec_id.clone(), stdin: true };
+                                let _ = cd.tasks().close_io(cd.req(req)).await;
+                            }
+                        }
+                        Some(ExecInput::Resize(rows, cols)) => {
+                            if self.spec.tty {
+                                let _ = self.manager.resize(&sandbox, &exec_id, rows, cols).await;
+                            }
+                        }
+                        Some(ExecInput::Signal(sig)) => {
+                            let req = KillRequest { container_id: sandbox.clone(), exec_id: exec_id.clone(), signal: sig as u32, all: false };
+                            let _ = cd.tasks().kill(cd.req(req)).await;
+                        }
+                        Some(ExecInput::Cancel) => {
+                            tracing::info!("client cancelled; killing the exec");
+                            kill_tree(self.pid, libc::SIGKILL);
+                            input_open = false;
+                        }
+                        None => {
+                            // The client half-closed: that ends its input.
+                            input_open = false;
+                            if stdin.take().is_some() {
+                                let req = CloseIoRequest { container_id: sandbox.clone(), exec_id: exec_id.clone(), stdin: true };
+                                let _ = cd.tasks().close_io(cd.req(req)).await;
+                            }
+                        }
+                    },
+                }
+            };
+            drop(stdin);
+            let status = match wait_result {
+                Ok(Ok(resp)) => resp.into_inner().exit_status,
+                Ok(Err(s)) => {
+                    tracing::warn!(error = %s, "waiting for the exec failed");
+                    255
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the wait task failed");
+                    255
+                }
+            };
+            let del = DeleteProcessRequest { container_id: sandbox.clone(), exec_id: exec_id.clone() };
+            if let Err(s) = cd.tasks().delete_process(cd.req(del)).await {
+                tracing::warn!(error = %s, "deleting the exec process failed");
+            }
+            // Every byte before the exit: drain the pumps, bounded for children holding the pipes.
+            let pumps: Vec<_> = std::iter::once(out_pump).chain(err_pump).collect();
+            let aborts: Vec<_> = pumps.iter().map(|p| p.abort_handle()).collect();
+            if tokio::time::timeout(EXEC_OUTPUT_GRACE, futures::future::join_all(pumps)).await.is_err() {
+                tracing::info!("output still open {EXEC_OUTPUT_GRACE:?} after exit (a child holds it); closing");
+                aborts.iter().for_each(|a| a.abort());
+            }
+            let signal = if status > 128 && status <= 128 + 64 { status as i32 - 128 } else { 0 };
+            let oom_killed = signal == libc::SIGKILL && !timed_out && self.manager.oom_kills(&self.spec.sandbox_id) > self.oom_before;
+            let info = ExitInfo { exit_code: status as i32, signal, timed_out, oom_killed };
+            let _ = output.send(ExecEvent::Exited(info)).await;
+            drop(self.dir);
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// Copies one FIFO into the output channel until EOF; stops reading while the channel is full.
+async fn pump(
+    mut rx: pipe::Receiver,
+    output: mpsc::Sender<ExecEvent>,
+    wrap: fn(Bytes) -> ExecEvent,
+) {
+    let mut buf = vec![0u8; EXEC_CHUNK];
+    loop {
+        match rx.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if output
+                    .send(wrap(Bytes::copy_from_slice(&buf[..n])))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Sends `signal` to `pid` and every descendant (host pids), children first seen first killed.
+pub fn kill_tree(pid: u32, signal: i32) {
+    let mut pids = vec![pid as i32];
+    let mut i = 0;
+    let all = sys::process_parents();
+    while i < pids.len() {
+        let parent = pids[i];
+        pids.extend(all.iter().filter(|(_, pp)| *pp == parent).map(|(p, _)| *p));
+        i += 1;
+    }
+    for p in pids {
+        // SAFETY: kill(2) has no memory-safety preconditions; a stale pid only yields ESRCH.
+        unsafe {
+            libc::kill(p, signal);
+        }
+    }
+}
+
+/// Output of [`Manager::exec_sync`].
+#[derive(Debug, Default, PartialEq)]
+pub struct ExecSyncResult {
+    /// How it ended.
+    pub exit: ExitInfo,
+    /// Captured stdout.
+    pub stdout: Vec<u8>,
+    /// Captured stderr.
+    pub stderr: Vec<u8>,
+    /// stdout had more than the limit.
+    pub stdout_truncated: bool,
+    /// stderr had more than the limit.
+    pub stderr_truncated: bool,
+}
+
+impl Manager {
+    /// ExecSync: runs to completion, feeding `stdin` then closing it, capturing up to `max_output`
+    /// bytes of each stream and draining (discarding) the rest so the process never blocks.
+    pub async fn exec_sync(
+        self: &Arc<Self>,
+        mut spec: ExecSpec,
+        stdin: Bytes,
+        max_output: usize,
+    ) -> Result<ExecSyncResult> {
+        spec.stdin = !stdin.is_empty();
+        spec.tty = false;
+        let session = self.exec_start(spec).await?;
+        let (in_tx, in_rx) = mpsc::channel(EXEC_INPUT_QUEUE);
+        let (out_tx, mut out_rx) = mpsc::channel(EXEC_OUTPUT_QUEUE);
+        let runner = tokio::spawn(session.run(in_rx, out_tx));
+        if !stdin.is_empty() {
+            let _ = in_tx.send(ExecInput::Stdin(stdin)).await;
+            let _ = in_tx.send(ExecInput::CloseStdin).await;
+        }
+        let mut result = ExecSyncResult::default();
+        let keep = |buf: &mut Vec<u8>, truncated: &mut bool, data: &[u8]| {
+            let room = max_output.saturating_sub(buf.len());
+            buf.extend_from_slice(&data[..room.min(data.len())]);
+            *truncated |= data.len() > room;
+        };
+        while let Some(ev) = out_rx.recv().await {
+            match ev {
+                ExecEvent::Stdout(d) => keep(&mut result.stdout, &mut result.stdout_truncated, &d),
+                ExecEvent::Stderr(d) => keep(&mut result.stderr, &mut result.stderr_truncated, &d),
+                ExecEvent::Exited(info) => {
+                    result.exit = info;
+                    break;
+                }
+            }
+        }
+        drop(in_tx);
+        let _ = runner.await;
+        Ok(result)
+    }
+}

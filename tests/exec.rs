@@ -1,0 +1,609 @@
+//! Exec and ExecSync against a real containerd: no byte lost, timeouts and kills that work.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::TestEnv;
+use futures::StreamExt;
+use sandboxd::pb::sandbox_service_client::SandboxServiceClient;
+use sandboxd::pb::{self, exec_request, exec_response};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::Code;
+
+type Client = SandboxServiceClient<Channel>;
+
+/// What one exec produced.
+#[derive(Debug, Default)]
+struct Outcome {
+    pid: u32,
+    exec_id: String,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    exited: Option<pb::ExecExited>,
+    after_exit: usize,
+}
+
+fn start(id: &str, args: &[&str]) -> pb::ExecStart {
+    pb::ExecStart {
+        sandbox_id: id.into(),
+        args: args.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn msg(r: exec_request::Request) -> pb::ExecRequest {
+    pb::ExecRequest { request: Some(r) }
+}
+
+/// Runs an exec, sending `inputs` after the start message, and collects everything.
+async fn run(
+    c: &mut Client,
+    start: pb::ExecStart,
+    inputs: Vec<exec_request::Request>,
+) -> Result<Outcome, tonic::Status> {
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(msg(exec_request::Request::Start(start)))
+        .await
+        .unwrap();
+    let feeder = tokio::spawn(async move {
+        for i in inputs {
+            if tx.send(msg(i)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut stream = c.exec(ReceiverStream::new(rx)).await?.into_inner();
+    let mut out = Outcome::default();
+    while let Some(m) = stream.next().await {
+        match m?.response.expect("response") {
+            exec_response::Response::Started(s) => {
+                out.pid = s.pid;
+                out.exec_id = s.exec_id;
+            }
+            exec_response::Response::Stdout(d) => {
+                out.after_exit += usize::from(out.exited.is_some());
+                out.stdout.extend(d)
+            }
+            exec_response::Response::Stderr(d) => {
+                out.after_exit += usize::from(out.exited.is_some());
+                out.stderr.extend(d)
+            }
+            exec_response::Response::Exited(e) => out.exited = Some(e),
+        }
+    }
+    feeder.abort();
+    Ok(out)
+}
+
+async fn sandbox(env: &TestEnv, id: &str) -> Client {
+    let mut c = SandboxServiceClient::new(env.channel().await);
+    c.create_sandbox(pb::CreateSandboxRequest {
+        sandbox_id: id.into(),
+        image: env.image_ref(),
+        ..Default::default()
+    })
+    .await
+    .expect("create_sandbox");
+    c
+}
+
+fn exec_dirs(env: &TestEnv) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(env.sandboxd.data_dir().join("exec"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+/// No exec process remains in the task and no FIFO directory on disk.
+async fn assert_no_exec_leftovers(env: &TestEnv, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let ps = env.containerd.ctr_ok(&env.namespace, &["task", "ps", id]);
+        let procs = ps.lines().skip(1).filter(|l| !l.trim().is_empty()).count();
+        let dirs = exec_dirs(env);
+        if procs <= 1 && dirs.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "exec leftovers: processes\n{ps}\nfifo dirs {dirs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_streams_output_exit_codes_and_signals() {
+    let env = TestEnv::new().await;
+    let mut c = sandbox(&env, "ex").await;
+    let out = run(&mut c, start("ex", &["echo", "hello"]), vec![])
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, b"hello\n");
+    assert!(out.pid > 0 && out.exec_id.starts_with("exec-"));
+    assert_eq!(out.exited.unwrap().exit_code, 0);
+    assert_eq!(out.after_exit, 0, "output arrived after exited");
+
+    let script = "for i in 1 2 3 4 5; do echo out$i; echo err$i >&2; done";
+    let out = run(&mut c, start("ex", &["sh", "-c", script]), vec![])
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "out1\nout2\nout3\nout4\nout5\n"
+    );
+    assert_eq!(
+        String::from_utf8(out.stderr).unwrap(),
+        "err1\nerr2\nerr3\nerr4\nerr5\n"
+    );
+
+    for code in [0, 1, 255] {
+        let out = run(
+            &mut c,
+            start("ex", &["sh", "-c", &format!("exit {code}")]),
+            vec![],
+        )
+        .await
+        .unwrap();
+        assert_eq!(out.exited.unwrap().exit_code, code);
+    }
+    let out = run(&mut c, start("ex", &["sh", "-c", "kill -TERM $$"]), vec![])
+        .await
+        .unwrap();
+    let exited = out.exited.unwrap();
+    assert_eq!((exited.exit_code, exited.signal), (143, 15));
+
+    // A signal sent over the stream reaches the process.
+    let out = run(
+        &mut c,
+        start("ex", &["sleep", "30"]),
+        vec![exec_request::Request::Signal(libc::SIGINT)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.exited.unwrap().signal, libc::SIGINT);
+
+    // Env merges over the sandbox's, working_dir and user apply.
+    let mut s = start("ex", &["sh", "-c", "echo $FOO:$PATH; pwd; id -u; id -g"]);
+    s.env.insert("FOO".into(), "bar".into());
+    s.working_dir = "/tmp".into();
+    s.user = "65534:65534".into();
+    let out = run(&mut c, s, vec![]).await.unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("bar:/usr/local/sbin"), "{text}");
+    assert_eq!(&lines[1..], ["/tmp", "65534", "65534"]);
+    let mut s = start("ex", &["id", "-un"]);
+    s.user = "nobody".into();
+    assert_eq!(run(&mut c, s, vec![]).await.unwrap().stdout, b"nobody\n");
+    assert_no_exec_leftovers(&env, "ex").await;
+    c.delete_sandbox(pb::DeleteSandboxRequest {
+        sandbox_id: "ex".into(),
+        force: true,
+    })
+    .await
+    .unwrap();
+    env.leak_check().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_errors_are_prompt_and_clear() {
+    let env = TestEnv::new().await;
+    let mut c = sandbox(&env, "errs").await;
+    let cases: Vec<(pb::ExecStart, Code, &str)> = vec![
+        (start("missing", &["true"]), Code::NotFound, "missing"),
+        (
+            start("errs", &["/no/such/program"]),
+            Code::InvalidArgument,
+            "/no/such/program",
+        ),
+        (start("errs", &[]), Code::InvalidArgument, "args"),
+        (
+            pb::ExecStart {
+                working_dir: "/no/such/dir".into(),
+                ..start("errs", &["true"])
+            },
+            Code::InvalidArgument,
+            "working_dir",
+        ),
+        (
+            pb::ExecStart {
+                user: "ghost".into(),
+                ..start("errs", &["true"])
+            },
+            Code::InvalidArgument,
+            "ghost",
+        ),
+        (
+            start("Bad!", &["true"]),
+            Code::InvalidArgument,
+            "sandbox_id",
+        ),
+    ];
+    for (s, code, needle) in cases {
+        let t = Instant::now();
+        let err = run(&mut c, s.clone(), vec![])
+            .await
+            .expect_err(&format!("{s:?}"));
+        assert_eq!(err.code(), code, "{s:?}: {err}");
+        assert!(err.message().contains(needle), "{s:?}: {err}");
+        assert!(t.elapsed() < Duration::from_secs(5), "slow error for {s:?}");
+    }
+    // The first message must be start.
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(msg(exec_request::Request::Stdin(b"x".to_vec())))
+        .await
+        .unwrap();
+    let err = c
+        .exec(ReceiverStream::new(rx))
+        .await
+        .map(|_| ())
+        .expect_err("not start first");
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    c.stop_sandbox(pb::StopSandboxRequest {
+        sandbox_id: "errs".into(),
+        force: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let err = run(&mut c, start("errs", &["true"]), vec![])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    assert!(exec_dirs(&env).is_empty());
+    c.delete_sandbox(pb::DeleteSandboxRequest {
+        sandbox_id: "errs".into(),
+        force: true,
+    })
+    .await
+    .unwrap();
+    env.leak_check().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stdin_round_trips_256_mib_through_cat_on_both_streams() {
+    let env = TestEnv::new().await;
+    let mut c = sandbox(&env, "cat").await;
+    const TOTAL: usize = 256 << 20;
+    const CHUNK: usize = 256 << 10;
+    for (label, script) in [("stdout", "cat"), ("stderr", "cat >&2")] {
+        let mut data = vec![0u8; CHUNK];
+        let mut hasher = Sha256::new();
+        let mut inputs = Vec::with_capacity(TOTAL / CHUNK + 1);
+        let mut seed = 0x9e3779b97f4a7c15u64;
+        for _ in 0..TOTAL / CHUNK {
+            for b in data.iter_mut() {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                *b = seed as u8;
+            }
+            hasher.update(&data);
+            inputs.push(exec_request::Request::Stdin(data.clone()));
+        }
+        inputs.push(exec_request::Request::CloseStdin(pb::CloseStdin {}));
+        let want = hex::encode(hasher.finalize());
+        let s = pb::ExecStart {
+            stdin: true,
+            ..start("cat", &["sh", "-c", script])
+        };
+        let out = run(&mut c, s, inputs).await.unwrap();
+        let got = if label == "stdout" {
+            &out.stdout
+        } else {
+            &out.stderr
+        };
+        assert_eq!(got.len(), TOTAL, "{label}");
+        assert_eq!(hex::encode(Sha256::digest(got)), want, "{label}");
+        assert_eq!(out.exited.unwrap().exit_code, 0);
+    }
+    assert_no_exec_leftovers(&env, "cat").await;
+    c.delete_sandbox(pb::DeleteSandboxRequest {
+        sandbox_id: "cat".into(),
+        force: true,
+    })
+    .await
+    .unwrap();
+    env.leak_check().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sequential_and_concurrent_execs_are_all_exact() {
+    let env = TestEnv::new().await;
+    let mut c = sandbox(&env, "many").await;
+    for n in 0..1000 {
+        let out = run(&mut c, start("many", &["echo", &n.to_string()]), vec![])
+            .await
+            .unwrap();
+        assert_eq!(out.stdout, format!("{n}\n").as_bytes());
+        assert_eq!(out.exited.unwrap().exit_code, 0);
+    }
+    let mut tasks = Vec::new();
+    for n in 0..100 {
+        let mut c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let out = run(
+                &mut c,
+                start("many", &["sh", "-c", &format!("echo {n}; echo e{n} >&2")]),
+                vec![],
+            )
+            .await
+            .unwrap();
+            assert_eq!(out.stdout, format!("{n}\n").as_bytes());
+            assert_eq!(out.stderr, format!("e{n}\n").as_bytes());
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // 10 execs on each of 10 sandboxes at once.
+    for i in 0..10 {
+        c.create_sandbox(pb::CreateSandboxRequest {
+            sandbox_id: format!("m{i}"),
+            image: env.image_ref(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        for n in 0..10 {
+            let mut c = c.clone();
+            tasks.push(tokio::spawn(async move {
+                let out = run(
+                    &mut c,
+                    start(&format!("m{i}"), &["echo", &format!("{i}-{n}")]),
+                    vec![],
+                )
+                .await
+                .unwrap();
+                assert_eq!(out.stdout, format!("{i}-{n}\n").as_bytes());
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_no_exec_leftovers(&env, "many").await;
+    for id in std::iter::once("many".to_string()).chain((0..10).map(|i| format!("m{i}"))) {
+        c.delete_sandbox(pb::DeleteSandboxRequest {
+            sandbox_id: id,
+            force: true,
+        })
+        .await
+        .unwrap();
+    }
+    env.leak_check().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn timeouts_and_cancellation_kill_the_process() {
+    let env = TestEnv::new().await;
+    let mut c = sandbox(&env, "kill").await;
+    let t = Instant::now();
+    let s = pb::ExecStart {
+        timeout: Some(prost_types::Duration {
+            seconds: 1,
+            nanos: 0,
+        }),
+        ..start("kill", &["sleep", "60"])
+    };
+    let out = run(&mut c, s, vec![]).await.unwrap();
+    let exited = out.exited.unwrap();
+    assert!(exited.timed_out);
+    assert_eq!(exited.signal, libc::SIGKILL);
+    assert!(t.elapsed() < Duration::from_secs(10));
+
+    // A client that goes away mid-stream gets its process killed.
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(msg(exec_request::Request::Start(start(
+        "kill",
+        &["sh", "-c", "echo ready; sleep 300"],
+    ))))
+    .await
+    .unwrap();
+    let mut stream = c.exec(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut pid = 0;
+    while let Some(m) = stream.next().await {
+        match m.unwrap().response.unwrap() {
+            exec_response::Response::Started(s) => pid = s.pid,
+            exec_response::Response::Stdout(_) => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(pid > 0 && std::path::Path::new(&format!("/proc/{pid}")).exists());
+    drop(stream);
+    drop(tx);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < deadline, "the exec outlived its client");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // An expired gRPC deadline also kills the command.
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(msg(exec_request::Request::Start(start(
+        "kill",
+        &["sh", "-c", "sleep 300"],
+    ))))
+    .await
+    .unwrap();
+    let mut req = tonic::Request::new(ReceiverStream::new(rx));
+    req.set_timeout(Duration::from_secs(1));
+    let mut stream = c.exec(req).await.unwrap().into_inner();
+    let mut pid = 0;
+    let mut err = None;
+    while let Some(m) = stream.next().await {
+        match m {
+            Ok(m) => {
+                if let Some(exec_response::Response::Started(s)) = m.response {
+                    pid = s.pid;
+                }
+            }
+            Err(e) => err = Some(e),
+        }
+    }
+    drop(tx);
+    assert_eq!(err.expect("deadline error").code(), Code::DeadlineExceeded);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pid > 0 && std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < deadline, "the exec outlived its deadline");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_no_exec_leftovers(&env, "kill").await;
+    c.delete_sandbox(pb::DeleteSandboxRequest {
+        sandbox_id: "kill".into(),
+        force: true,
+    })
+    .await
+    .unwrap();
+    env.leak_check().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tty_merges_output_and_follows_resize() {
+    let env = TestEnv::new().await;
+    let mut c = sandbox(&env, "tty").await;
+    let s = pb::ExecStart {
+        tty: true,
+        stdin: true,
+        tty_size: Some(pb::TtySize {
+            rows: 30,
+            cols: 100,
+        }),
+        ..start(
+            "tty",
+            &["sh", "-c", "stty size; echo err >&2; read x; stty size"],
+        )
+    };
+    let inputs = vec![
+        exec_request::Request::Resize(pb::TtySize {
+            rows: 50,
+            cols: 132,
+        }),
+        exec_request::Request::Stdin(b"go\n".to_vec()),
+    ];
+    // Give the first stty a moment before the resize arrives.
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(msg(exec_request::Request::Start(s))).await.unwrap();
+    let mut stream = c.exec(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut text = String::new();
+    let mut exited = None;
+    let mut sent = false;
+    while let Some(m) = stream.next().await {
+        match m.unwrap().response.unwrap() {
+            exec_response::Response::Stdout(d) => {
+                text.push_str(&String::from_utf8_lossy(&d));
+                if !sent && text.contains("err") {
+                    sent = true;
+                    for i in inputs.clone() {
+                        tx.send(msg(i)).await.unwrap();
+                    }
+                }
+            }
+            exec_response::Response::Stderr(_) => panic!("a tty merges stderr into stdout"),
+            exec_response::Response::Exited(e) => exited = Some(e),
+            exec_response::Response::Started(_) => {}
+        }
+    }
+    assert!(text.contains("30 100"), "{text:?}");
+    assert!(text.contains("50 132"), "{text:?}");
+    assert_eq!(exited.unwrap().exit_code, 0);
+    assert_no_exec_leftovers(&env, "tty").await;
+    c.delete_sandbox(pb::DeleteSandboxRequest {
+        sandbox_id: "tty".into(),
+        force: true,
+    })
+    .await
+    .unwrap();
+    env.leak_check().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_sync_captures_truncates_and_times_out() {
+    let env = TestEnv::new().await;
+    let mut c = sandbox(&env, "sync").await;
+    let req = |args: &[&str]| pb::ExecSyncRequest {
+        sandbox_id: "sync".into(),
+        args: args.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let r = c
+        .exec_sync(req(&["sh", "-c", "echo out; echo err >&2; exit 7"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.stdout.as_slice(), r.stderr.as_slice(), r.exit_code),
+        (&b"out\n"[..], &b"err\n"[..], 7)
+    );
+    assert!(!r.stdout_truncated && !r.timed_out);
+
+    let r = c
+        .exec_sync(pb::ExecSyncRequest {
+            stdin: b"piped input".to_vec(),
+            ..req(&["cat"])
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.stdout, b"piped input");
+
+    // 8 MiB of output with a 1 KiB cap: the rest is drained, the process is not blocked.
+    let r = c
+        .exec_sync(pb::ExecSyncRequest {
+            max_output_bytes: 1024,
+            ..req(&["sh", "-c", "head -c 8388608 /dev/zero; echo done >&2"])
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.stdout.len(), 1024);
+    assert!(r.stdout_truncated && !r.stderr_truncated);
+    assert_eq!(r.stderr, b"done\n");
+    assert_eq!(r.exit_code, 0);
+    // The default cap is 1 MiB.
+    let r = c
+        .exec_sync(req(&["head", "-c", "3000000", "/dev/zero"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.stdout.len(), 1 << 20);
+    assert!(r.stdout_truncated);
+
+    let t = Instant::now();
+    let r = c
+        .exec_sync(pb::ExecSyncRequest {
+            timeout: Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 0,
+            }),
+            ..req(&["sleep", "60"])
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.timed_out);
+    assert!(t.elapsed() < Duration::from_secs(10));
+    let err = c
+        .exec_sync(pb::ExecSyncRequest {
+            max_output_bytes: -1,
+            ..req(&["true"])
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_no_exec_leftovers(&env, "sync").await;
+    c.delete_sandbox(pb::DeleteSandboxRequest {
+        sandbox_id: "sync".into(),
+        force: true,
+    })
+    .await
+    .unwrap();
+    env.leak_check().await;
+}
