@@ -607,3 +607,90 @@ async fn exec_sync_captures_truncates_and_times_out() {
     .unwrap();
     env.leak_check().await;
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_reader_of_1_gib_keeps_server_memory_bounded() {
+    let env = TestEnv::new().await;
+    let mut c = sandbox(&env, "slow").await;
+    let server = env.sandboxd.pid();
+    let before = rss_kib(server);
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(msg(exec_request::Request::Start(start(
+        "slow",
+        &["head", "-c", "1073741824", "/dev/zero"],
+    ))))
+    .await
+    .unwrap();
+    let mut stream = c.exec(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut total = 0usize;
+    let mut peak = before;
+    let mut n = 0u64;
+    let mut exited = None;
+    while let Some(m) = stream.next().await {
+        match m.unwrap().response.unwrap() {
+            exec_response::Response::Stdout(d) => total += d.len(),
+            exec_response::Response::Exited(e) => exited = Some(e),
+            _ => {}
+        }
+        n += 1;
+        // Read slowly for a while: the process must wait for us, not pile up in our memory.
+        if n < 200 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if n % 64 == 0 {
+            peak = peak.max(rss_kib(server));
+        }
+    }
+    drop(tx);
+    assert_eq!(total, 1 << 30);
+    assert_eq!(exited.unwrap().exit_code, 0);
+    let growth_mib = peak.saturating_sub(before) / 1024;
+    assert!(
+        growth_mib < 64,
+        "server RSS grew by {growth_mib} MiB while streaming 1 GiB"
+    );
+    c.delete_sandbox(pb::DeleteSandboxRequest {
+        sandbox_id: "slow".into(),
+        force: true,
+    })
+    .await
+    .unwrap();
+    env.leak_check().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn children_holding_the_pipes_do_not_hold_the_exit_forever() {
+    let env = TestEnv::new().await;
+    let mut c = sandbox(&env, "bg").await;
+    let t = Instant::now();
+    let out = run(
+        &mut c,
+        start("bg", &["sh", "-c", "sleep 30 & echo started"]),
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.stdout, b"started\n");
+    assert_eq!(out.exited.unwrap().exit_code, 0);
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "exit held for {:?}",
+        t.elapsed()
+    );
+    c.delete_sandbox(pb::DeleteSandboxRequest {
+        sandbox_id: "bg".into(),
+        force: true,
+    })
+    .await
+    .unwrap();
+    env.leak_check().await;
+}
