@@ -10,29 +10,29 @@ pub struct KeyedLocks {
 }
 
 /// Holds one key's lock until dropped.
-pub struct KeyGuard<'a> {
-    locks: &'a KeyedLocks,
+pub struct KeyGuard {
+    locks: Arc<KeyedLocks>,
     key: String,
     guard: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl KeyedLocks {
     /// Waits for the lock of `key`.
-    pub async fn lock(&self, key: &str) -> KeyGuard<'_> {
+    pub async fn lock(self: &Arc<Self>, key: &str) -> KeyGuard {
         let mutex = {
             let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
             map.entry(key.to_string()).or_default().clone()
         };
         let guard = mutex.lock_owned().await;
         KeyGuard {
-            locks: self,
+            locks: self.clone(),
             key: key.to_string(),
             guard: Some(guard),
         }
     }
 }
 
-impl Drop for KeyGuard<'_> {
+impl Drop for KeyGuard {
     fn drop(&mut self) {
         self.guard.take();
         let mut map = self.locks.map.lock().unwrap_or_else(|p| p.into_inner());
@@ -52,7 +52,7 @@ mod tests {
 
     #[tokio::test]
     async fn entries_are_dropped_after_use() {
-        let locks = KeyedLocks::default();
+        let locks = Arc::new(KeyedLocks::default());
         {
             let _a = locks.lock("a").await;
             assert_eq!(locks.map.lock().unwrap().len(), 1);

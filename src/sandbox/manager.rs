@@ -19,7 +19,7 @@ use containerd_client::types::v1::{Process, Status as TaskStatus};
 use futures::StreamExt;
 use tracing::Instrument;
 
-use super::locks::KeyedLocks;
+use super::locks::{KeyGuard, KeyedLocks};
 use super::model::*;
 use crate::config::{Config, DEFAULT_PIDS_LIMIT};
 use crate::error::{Error, Kind, Result};
@@ -81,7 +81,27 @@ impl From<&Config> for ManagerConfig {
 pub struct Manager {
     cd: Containerd,
     cfg: ManagerConfig,
-    locks: KeyedLocks,
+    locks: Arc<KeyedLocks>,
+}
+
+/// A sandbox's root filesystem as seen from the host, for file access. A running sandbox is
+/// reached through its PID 1's root; a stopped one through a temporary mount of its writable
+/// snapshot, unmounted (and the sandbox unlocked) when this is dropped.
+pub enum SandboxRoot {
+    /// `/proc/<pid>/root` of the running PID 1.
+    Running(PathBuf),
+    /// A temporary mount; holds the sandbox's lock so it cannot start meanwhile.
+    Mounted(sys::MountGuard, KeyGuard),
+}
+
+impl SandboxRoot {
+    /// The directory that is the sandbox's `/`.
+    pub fn path(&self) -> &std::path::Path {
+        match self {
+            SandboxRoot::Running(p) => p,
+            SandboxRoot::Mounted(m, _) => m.path(),
+        }
+    }
 }
 
 /// The undo steps of a create, run in reverse when a later step fails.
@@ -99,7 +119,7 @@ impl Manager {
         Arc::new(Manager {
             cd,
             cfg,
-            locks: KeyedLocks::default(),
+            locks: Arc::new(KeyedLocks::default()),
         })
     }
 
@@ -209,6 +229,47 @@ impl Manager {
             .map(|c| view(c, tasks.get(&c.id)))
             .collect();
         Ok((sandboxes, next))
+    }
+
+    /// The root of sandbox `id` for file access (see [`SandboxRoot`]).
+    pub async fn sandbox_root(&self, id: &SandboxId) -> Result<SandboxRoot> {
+        let container = self
+            .container(id)
+            .await?
+            .ok_or_else(|| Error::not_found(Kind::Sandbox, id.as_str()))?;
+        if let Some(t) = self.task(id.as_str()).await? {
+            if t.status == TaskStatus::Running as i32 || t.status == TaskStatus::Paused as i32 {
+                return Ok(SandboxRoot::Running(PathBuf::from(format!(
+                    "/proc/{}/root",
+                    t.pid
+                ))));
+            }
+        }
+        let guard = self.locks.lock(id.as_str()).await;
+        // Re-check under the lock: it may have started while we waited.
+        if let Some(t) = self.task(id.as_str()).await? {
+            if t.status == TaskStatus::Running as i32 || t.status == TaskStatus::Paused as i32 {
+                return Ok(SandboxRoot::Running(PathBuf::from(format!(
+                    "/proc/{}/root",
+                    t.pid
+                ))));
+            }
+        }
+        let mounts = self
+            .cd
+            .snapshots()
+            .mounts(self.cd.req(MountsRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: container.snapshot_key.clone(),
+            }))
+            .await
+            .map_err(|s| Error::containerd("snapshots.mounts", s))?
+            .into_inner()
+            .mounts;
+        let mounts: Vec<sys::MountSpec> = mounts.iter().map(Into::into).collect();
+        let base = self.mount_base();
+        let mount = sys::blocking(move || sys::mount_snapshot(&mounts, &base)).await?;
+        Ok(SandboxRoot::Mounted(mount, guard))
     }
 
     // ---- create ----

@@ -9,5 +9,5 @@ pub use exec::{
     ExecEvent, ExecInput, ExecSession, ExecSpec, ExecSyncResult, ExitInfo, EXEC_INPUT_QUEUE,
     EXEC_OUTPUT_QUEUE,
 };
-pub use manager::{Manager, ManagerConfig, L_MANAGED, L_SNAPSHOT_OWNER};
+pub use manager::{Manager, ManagerConfig, SandboxRoot, L_MANAGED, L_SNAPSHOT_OWNER};
 pub use model::*;
