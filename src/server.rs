@@ -143,7 +143,7 @@ pub async fn serve(
             ImageApi::new(cd.clone()),
         ))
         .add_service(pb::snapshot_service_server::SnapshotServiceServer::new(
-            SnapshotApi,
+            SnapshotApi::new(manager.clone()),
         ))
         .add_service(pb::file_service_server::FileServiceServer::new(FileApi));
 

@@ -311,6 +311,19 @@ pub fn exec_event(ev: sandbox::ExecEvent) -> pb::ExecResponse {
     }
 }
 
+/// Domain snapshot → proto.
+pub fn snapshot(s: sandbox::Snapshot) -> pb::Snapshot {
+    pb::Snapshot {
+        snapshot_id: s.id,
+        sandbox_id: s.sandbox_id,
+        parent_snapshot_id: s.parent_snapshot_id,
+        image: s.image,
+        size_bytes: s.size_bytes,
+        created_at: ts(s.created_at),
+        labels: s.labels,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

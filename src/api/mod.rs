@@ -4,8 +4,10 @@ pub mod convert;
 mod image;
 mod pending;
 mod sandbox;
+mod snapshot;
 pub mod status;
 
 pub use image::ImageApi;
-pub use pending::{FileApi, SnapshotApi};
+pub use pending::FileApi;
 pub use sandbox::SandboxApi;
+pub use snapshot::SnapshotApi;

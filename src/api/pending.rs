@@ -8,54 +8,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::pb;
 use crate::pb::file_service_server::FileService;
-use crate::pb::snapshot_service_server::SnapshotService;
 
 fn pending(rpc: &str) -> Status {
     Status::unimplemented(format!("{rpc} is not implemented yet"))
-}
-
-/// SnapshotService, pending.
-#[derive(Debug, Clone, Default)]
-pub struct SnapshotApi;
-
-#[tonic::async_trait]
-impl SnapshotService for SnapshotApi {
-    async fn commit_snapshot(
-        &self,
-        _: Request<pb::CommitSnapshotRequest>,
-    ) -> Result<Response<pb::CommitSnapshotResponse>, Status> {
-        Err(pending("CommitSnapshot"))
-    }
-    async fn restore_sandbox(
-        &self,
-        _: Request<pb::RestoreSandboxRequest>,
-    ) -> Result<Response<pb::RestoreSandboxResponse>, Status> {
-        Err(pending("RestoreSandbox"))
-    }
-    async fn get_snapshot(
-        &self,
-        _: Request<pb::GetSnapshotRequest>,
-    ) -> Result<Response<pb::GetSnapshotResponse>, Status> {
-        Err(pending("GetSnapshot"))
-    }
-    async fn list_snapshots(
-        &self,
-        _: Request<pb::ListSnapshotsRequest>,
-    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
-        Err(pending("ListSnapshots"))
-    }
-    async fn delete_snapshot(
-        &self,
-        _: Request<pb::DeleteSnapshotRequest>,
-    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
-        Err(pending("DeleteSnapshot"))
-    }
-    async fn export_snapshot(
-        &self,
-        _: Request<pb::ExportSnapshotRequest>,
-    ) -> Result<Response<pb::ExportSnapshotResponse>, Status> {
-        Err(pending("ExportSnapshot"))
-    }
 }
 
 /// FileService, pending.

@@ -46,6 +46,10 @@ pub struct ResolvedImage {
     pub top_chain_id: String,
     /// Image info for reporting.
     pub info: ImageInfo,
+    /// The platform manifest (layers and config descriptors).
+    pub manifest: ImageManifest,
+    /// Its digest.
+    pub manifest_digest: String,
 }
 
 /// Chain ids per the OCI image spec: `chain[0] = diff[0]`, `chain[n] = sha256(chain[n-1] + " " + diff[n])`.
@@ -84,14 +88,14 @@ async fn load_manifest(
     cd: &Containerd,
     media_type: &str,
     digest: &str,
-) -> Result<(ImageManifest, i64)> {
+) -> Result<(ImageManifest, String, i64)> {
     let bytes = content::read(cd, digest).await?;
     let mut size = bytes.len() as i64;
     let is_index = media_type == MEDIA_OCI_INDEX
         || media_type == MEDIA_DOCKER_LIST
         || serde_json::from_slice::<serde_json::Value>(&bytes)
             .is_ok_and(|v| v.get("manifests").is_some());
-    let manifest_bytes = if is_index {
+    let (manifest_bytes, manifest_digest) = if is_index {
         let index: ImageIndex = serde_json::from_slice(&bytes)
             .map_err(|e| Error::Internal(format!("stored index {digest} is corrupt: {e}")))?;
         let mut chosen = None;
@@ -111,9 +115,9 @@ async fn load_manifest(
         })?;
         let bytes = content::read(cd, &chosen).await?;
         size += bytes.len() as i64;
-        bytes
+        (bytes, chosen)
     } else {
-        bytes
+        (bytes, digest.to_string())
     };
     let manifest: ImageManifest = serde_json::from_slice(&manifest_bytes)
         .map_err(|e| Error::Internal(format!("stored manifest is corrupt: {e}")))?;
@@ -123,7 +127,7 @@ async fn load_manifest(
             .iter()
             .map(|l| l.size() as i64)
             .sum::<i64>();
-    Ok((manifest, size))
+    Ok((manifest, manifest_digest, size))
 }
 
 fn info_of(record: &containerd_client::services::v1::Image, size: i64) -> ImageInfo {
@@ -153,7 +157,8 @@ pub async fn resolve(cd: &Containerd, image: &ImageRef) -> Result<ResolvedImage>
         .target
         .clone()
         .ok_or_else(|| Error::Internal(format!("image {} has no target", image.name())))?;
-    let (manifest, size) = load_manifest(cd, &target.media_type, &target.digest).await?;
+    let (manifest, manifest_digest, size) =
+        load_manifest(cd, &target.media_type, &target.digest).await?;
     let config_bytes = content::read(cd, manifest.config().digest().as_ref()).await?;
     let config: ImageConfiguration = serde_json::from_slice(&config_bytes).map_err(|e| {
         Error::Internal(format!("stored config of {} is corrupt: {e}", image.name()))
@@ -164,6 +169,8 @@ pub async fn resolve(cd: &Containerd, image: &ImageRef) -> Result<ResolvedImage>
         top_chain_id: chain.last().cloned().unwrap_or_default(),
         config,
         info: info_of(&record, size),
+        manifest,
+        manifest_digest,
     })
 }
 
@@ -180,9 +187,16 @@ pub async fn list(cd: &Containerd) -> Result<Vec<ImageInfo>> {
         let Some(target) = record.target.as_ref() else {
             continue;
         };
+        // Snapshots are images internally but are listed by SnapshotService, not here.
+        if record
+            .name
+            .starts_with(crate::sandbox::SNAPSHOT_IMAGE_PREFIX)
+        {
+            continue;
+        }
         // An image whose blobs are gone (a pull in progress elsewhere) is listed without a size.
         let size = match load_manifest(cd, &target.media_type, &target.digest).await {
-            Ok((_, size)) => size,
+            Ok((_, _, size)) => size,
             Err(_) => target.size,
         };
         out.push(info_of(&record, size));

@@ -31,8 +31,8 @@ use crate::sys;
 
 /// Label marking containers sandboxd manages.
 pub const L_MANAGED: &str = "sandboxd.io/managed";
-const L_IMAGE: &str = "sandboxd.io/image";
-const L_SNAPSHOT: &str = "sandboxd.io/snapshot";
+pub(super) const L_IMAGE: &str = "sandboxd.io/image";
+pub(super) const L_SNAPSHOT: &str = "sandboxd.io/snapshot";
 const L_EXPIRES: &str = "sandboxd.io/expires-at";
 const L_STARTED: &str = "sandboxd.io/started-at";
 const L_EXITED: &str = "sandboxd.io/exited-at";
@@ -272,6 +272,76 @@ impl Manager {
         Ok(SandboxRoot::Mounted(mount, guard))
     }
 
+    pub(super) async fn lock(&self, id: &str) -> KeyGuard {
+        self.locks.lock(id).await
+    }
+
+    /// Ids of managed sandboxes whose label `key` is `value`.
+    pub(super) async fn containers_with_label(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> Result<Vec<String>> {
+        Ok(self
+            .managed_containers()
+            .await?
+            .into_iter()
+            .filter(|c| c.labels.get(key).is_some_and(|v| v == value))
+            .map(|c| c.id)
+            .collect())
+    }
+
+    pub(super) async fn remove_snapshot_key(&self, key: &str) -> Result<()> {
+        self.remove_snapshot(key).await
+    }
+
+    /// Gives sandbox `id` a new writable snapshot on `parent_chain` (a restore): prepared first,
+    /// so that a failure before the swap leaves the sandbox untouched; then the task is stopped,
+    /// the container switched over, and the old writable snapshot removed.
+    pub(super) async fn swap_rootfs(
+        &self,
+        id: &SandboxId,
+        container: &Container,
+        new_key: &str,
+        parent_chain: &str,
+        snapshot_id: &str,
+        lease: &Lease,
+    ) -> Result<()> {
+        let prepare = PrepareSnapshotRequest {
+            snapshotter: SNAPSHOTTER.into(),
+            key: new_key.to_string(),
+            parent: parent_chain.to_string(),
+            labels: [(L_SNAPSHOT_OWNER.to_string(), id.to_string())].into(),
+        };
+        self.cd
+            .snapshots()
+            .prepare(self.cd.req_leased(prepare, lease.id()))
+            .await
+            .map_err(|s| Error::containerd("snapshots.prepare", s))?;
+        self.kill_and_delete_task(id.as_str()).await?;
+        let labels = HashMap::from([(L_SNAPSHOT.to_string(), snapshot_id.to_string())]);
+        let req = UpdateContainerRequest {
+            container: Some(Container {
+                id: id.to_string(),
+                snapshot_key: new_key.to_string(),
+                labels,
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["snapshotkey".into(), format!("labels.{L_SNAPSHOT}")],
+            }),
+        };
+        self.cd
+            .containers()
+            .update(self.cd.req(req))
+            .await
+            .map_err(|s| Error::containerd("containers.update", s))?;
+        if let Err(e) = self.remove_snapshot(&container.snapshot_key).await {
+            tracing::warn!(error = %e, key = %container.snapshot_key, "removing the replaced writable snapshot failed");
+        }
+        Ok(())
+    }
+
     // ---- create ----
 
     /// CreateSandbox. Runs to completion (or full undo) even if the caller goes away.
@@ -289,10 +359,12 @@ impl Manager {
                 id: spec.id.to_string(),
             });
         }
-        let image_ref = match &spec.source {
-            Source::Image(image) => image.clone(),
+        let (image_ref, base_image) = match &spec.source {
+            Source::Image(image) => (image.clone(), image.name()),
             Source::Snapshot(snapshot) => {
-                return Err(Error::not_found(Kind::Snapshot, snapshot.clone()))
+                let snap = self.get_snapshot(snapshot).await?;
+                let name = super::snapshot::snapshot_image_name(&snap.id);
+                (image::ImageRef::parse("snapshot_id", &name)?, snap.image)
             }
         };
         let image = match image::resolve(&self.cd, &image_ref).await {
@@ -307,7 +379,9 @@ impl Manager {
 
         let lease = Lease::acquire(&self.cd, "create").await?;
         let mut undo = Undo::default();
-        let result = self.create_steps(&spec, &image, &lease, &mut undo).await;
+        let result = self
+            .create_steps(&spec, &image, &base_image, &lease, &mut undo)
+            .await;
         let released = lease.release(&self.cd).await;
         match result {
             Ok(()) => {
@@ -328,6 +402,7 @@ impl Manager {
         &self,
         spec: &CreateSpec,
         image: &image::ResolvedImage,
+        base_image: &str,
         lease: &Lease,
         undo: &mut Undo,
     ) -> Result<()> {
@@ -414,7 +489,16 @@ impl Manager {
         let now = SystemTime::now();
         let mut labels = spec.labels.clone();
         labels.insert(L_MANAGED.into(), "true".into());
-        labels.insert(L_IMAGE.into(), image.name.clone());
+        labels.insert(L_IMAGE.into(), base_image.to_string());
+        if let Source::Snapshot(snapshot) = &spec.source {
+            labels.insert(L_SNAPSHOT.into(), snapshot.clone());
+        }
+        // Pins the image's manifest (and through its labels config and layers) against GC for
+        // as long as the sandbox exists, so that a snapshot of it can still be made an image.
+        labels.insert(
+            "containerd.io/gc.ref.content.m".into(),
+            image.manifest_digest.clone(),
+        );
         labels.insert(L_HOSTNAME.into(), spec.hostname.clone());
         labels.insert(L_NETWORK.into(), spec.network.as_str().into());
         labels.insert(
@@ -548,7 +632,7 @@ impl Manager {
         .await
     }
 
-    async fn start_task(&self, id: &SandboxId, snapshot_key: &str) -> Result<u32> {
+    pub(super) async fn start_task(&self, id: &SandboxId, snapshot_key: &str) -> Result<u32> {
         let mounts = self
             .cd
             .snapshots()
@@ -913,7 +997,7 @@ impl Manager {
 }
 
 /// Runs `fut` on its own task so that a cancelled caller cannot stop it half-way.
-async fn detach<T: Send + 'static>(
+pub(super) async fn detach<T: Send + 'static>(
     fut: impl std::future::Future<Output = Result<T>> + Send + 'static,
 ) -> Result<T> {
     tokio::spawn(fut)

@@ -4,6 +4,7 @@ mod exec;
 mod locks;
 mod manager;
 mod model;
+mod snapshot;
 
 pub use exec::{
     ExecEvent, ExecInput, ExecSession, ExecSpec, ExecSyncResult, ExitInfo, EXEC_INPUT_QUEUE,
@@ -11,3 +12,4 @@ pub use exec::{
 };
 pub use manager::{Manager, ManagerConfig, SandboxRoot, L_MANAGED, L_SNAPSHOT_OWNER};
 pub use model::*;
+pub use snapshot::{parse_snapshot_id, Snapshot, SNAPSHOT_IMAGE_PREFIX};

@@ -1,0 +1,117 @@
+//! SnapshotService handlers.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::{convert, status::to_status};
+use crate::pb;
+use crate::pb::snapshot_service_server::SnapshotService;
+use crate::sandbox::{self, parse_snapshot_id, LabelSelector, Manager, Page, SandboxId};
+
+/// The SnapshotService implementation.
+#[derive(Debug, Clone)]
+pub struct SnapshotApi {
+    manager: Arc<Manager>,
+}
+
+impl SnapshotApi {
+    /// Serves snapshots of `manager`'s sandboxes.
+    pub fn new(manager: Arc<Manager>) -> Self {
+        SnapshotApi { manager }
+    }
+}
+
+fn snapshot_id(s: &str) -> Result<String, Status> {
+    parse_snapshot_id("snapshot_id", s).map_err(to_status)
+}
+
+#[tonic::async_trait]
+impl SnapshotService for SnapshotApi {
+    async fn commit_snapshot(
+        &self,
+        req: Request<pb::CommitSnapshotRequest>,
+    ) -> Result<Response<pb::CommitSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let id = SandboxId::parse("sandbox_id", &r.sandbox_id).map_err(to_status)?;
+        let labels = sandbox::parse_labels("labels", r.labels).map_err(to_status)?;
+        let snap = self
+            .manager
+            .commit_snapshot(id, labels)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::CommitSnapshotResponse {
+            snapshot: Some(convert::snapshot(snap)),
+        }))
+    }
+
+    async fn restore_sandbox(
+        &self,
+        req: Request<pb::RestoreSandboxRequest>,
+    ) -> Result<Response<pb::RestoreSandboxResponse>, Status> {
+        let r = req.into_inner();
+        let id = SandboxId::parse("sandbox_id", &r.sandbox_id).map_err(to_status)?;
+        let snap = snapshot_id(&r.snapshot_id)?;
+        let sb = self
+            .manager
+            .restore_sandbox(id, snap)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::RestoreSandboxResponse {
+            sandbox: Some(convert::sandbox(sb)),
+        }))
+    }
+
+    async fn get_snapshot(
+        &self,
+        req: Request<pb::GetSnapshotRequest>,
+    ) -> Result<Response<pb::GetSnapshotResponse>, Status> {
+        let id = snapshot_id(&req.into_inner().snapshot_id)?;
+        let snap = self.manager.get_snapshot(&id).await.map_err(to_status)?;
+        Ok(Response::new(pb::GetSnapshotResponse {
+            snapshot: Some(convert::snapshot(snap)),
+        }))
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        let r = req.into_inner();
+        let sandbox = if r.sandbox_id.is_empty() {
+            None
+        } else {
+            Some(SandboxId::parse("sandbox_id", &r.sandbox_id).map_err(to_status)?)
+        };
+        let selector =
+            LabelSelector::parse("label_selector", &r.label_selector).map_err(to_status)?;
+        let page = Page::parse(r.page_size, &r.page_token).map_err(to_status)?;
+        let (snaps, next_page_token) = self
+            .manager
+            .list_snapshots(sandbox.as_ref().map(SandboxId::as_str), &selector, &page)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ListSnapshotsResponse {
+            snapshots: snaps.into_iter().map(convert::snapshot).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        let id = snapshot_id(&req.into_inner().snapshot_id)?;
+        self.manager.delete_snapshot(&id).await.map_err(to_status)?;
+        Ok(Response::new(pb::DeleteSnapshotResponse {}))
+    }
+
+    async fn export_snapshot(
+        &self,
+        _req: Request<pb::ExportSnapshotRequest>,
+    ) -> Result<Response<pb::ExportSnapshotResponse>, Status> {
+        Err(Status::unimplemented(
+            "ExportSnapshot is not implemented yet",
+        ))
+    }
+}

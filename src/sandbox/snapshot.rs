@@ -1,0 +1,551 @@
+//! Snapshots: a sandbox's filesystem captured as an OCI image in containerd (the base image's
+//! layers plus one layer holding the sandbox's changes) with its unpacked committed chain, so a
+//! fork is a snapshot `Prepare` without copying and an export is a registry push.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use containerd_client::services::v1::snapshots::{
+    CommitSnapshotRequest, MountsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest,
+    StatSnapshotRequest, ViewSnapshotRequest,
+};
+use containerd_client::services::v1::{
+    ApplyRequest, CreateImageRequest, DeleteImageRequest, DiffRequest, Image as CdImage,
+    ListImagesRequest, PauseTaskRequest, ResumeTaskRequest,
+};
+use containerd_client::types::v1::Status as TaskStatus;
+use containerd_client::types::Descriptor as CdDescriptor;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tracing::Instrument;
+
+use super::manager::{Manager, L_IMAGE, L_SNAPSHOT};
+use super::model::{LabelSelector, Page, SandboxId};
+use crate::error::{Error, Kind, Result};
+use crate::image::{self, ImageRef, MEDIA_OCI_MANIFEST};
+use crate::runtime::lease::Lease;
+use crate::runtime::{content, SNAPSHOTTER};
+
+/// Where snapshot images are named: `<prefix><snapshot id>:latest`.
+pub const SNAPSHOT_IMAGE_PREFIX: &str = "sandboxd.local/snapshots/";
+/// Media type of the layers sandboxd writes (uncompressed: capture speed beats size on one node).
+const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
+const L_SNAPSHOT_ID: &str = "sandboxd.io/snapshot-id";
+const L_FROM_SANDBOX: &str = "sandboxd.io/sandbox-id";
+const L_PARENT: &str = "sandboxd.io/parent-snapshot";
+const L_BASE_IMAGE: &str = "sandboxd.io/base-image";
+const L_SIZE: &str = "sandboxd.io/size-bytes";
+
+/// A committed snapshot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// Its id.
+    pub id: String,
+    /// The sandbox it was taken from.
+    pub sandbox_id: String,
+    /// The snapshot that sandbox was built on, if any.
+    pub parent_snapshot_id: String,
+    /// The base image.
+    pub image: String,
+    /// Bytes this snapshot adds over its parent.
+    pub size_bytes: i64,
+    /// When it was taken.
+    pub created_at: Option<SystemTime>,
+    /// User labels.
+    pub labels: HashMap<String, String>,
+}
+
+/// Validates a snapshot id (`snap-` ids are generated; the same charset as sandbox ids).
+pub fn parse_snapshot_id(field: &str, s: &str) -> Result<String> {
+    SandboxId::parse(field, s).map(|id| id.to_string())
+}
+
+/// The image name a snapshot is stored under.
+pub fn snapshot_image_name(id: &str) -> String {
+    format!("{SNAPSHOT_IMAGE_PREFIX}{id}:latest")
+}
+
+fn view_of(record: &CdImage) -> Option<Snapshot> {
+    let l = &record.labels;
+    Some(Snapshot {
+        id: l.get(L_SNAPSHOT_ID)?.clone(),
+        sandbox_id: l.get(L_FROM_SANDBOX).cloned().unwrap_or_default(),
+        parent_snapshot_id: l.get(L_PARENT).cloned().unwrap_or_default(),
+        image: l.get(L_BASE_IMAGE).cloned().unwrap_or_default(),
+        size_bytes: l.get(L_SIZE).and_then(|v| v.parse().ok()).unwrap_or(0),
+        created_at: record.created_at.as_ref().map(crate::util::system_time),
+        labels: l
+            .iter()
+            .filter(|(k, _)| {
+                !super::model::RESERVED_LABEL_PREFIXES
+                    .iter()
+                    .any(|p| k.starts_with(p))
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    })
+}
+
+impl Manager {
+    async fn snapshot_records(&self) -> Result<Vec<CdImage>> {
+        let cd = self.containerd();
+        let req = ListImagesRequest {
+            filters: vec![format!("labels.\"{L_SNAPSHOT_ID}\"")],
+        };
+        Ok(cd
+            .images()
+            .list(cd.req(req))
+            .await
+            .map_err(|s| Error::containerd("images.list", s))?
+            .into_inner()
+            .images)
+    }
+
+    /// GetSnapshot.
+    pub async fn get_snapshot(&self, id: &str) -> Result<Snapshot> {
+        self.snapshot_records()
+            .await?
+            .iter()
+            .filter_map(view_of)
+            .find(|s| s.id == id)
+            .ok_or_else(|| Error::not_found(Kind::Snapshot, id))
+    }
+
+    /// ListSnapshots: optionally of one sandbox, matching `selector`, ordered by id, one page.
+    pub async fn list_snapshots(
+        &self,
+        sandbox: Option<&str>,
+        selector: &LabelSelector,
+        page: &Page,
+    ) -> Result<(Vec<Snapshot>, String)> {
+        let mut all: Vec<Snapshot> = self
+            .snapshot_records()
+            .await?
+            .iter()
+            .filter_map(view_of)
+            .filter(|s| sandbox.is_none_or(|id| s.sandbox_id == id))
+            .filter(|s| selector.matches(&s.labels))
+            .collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(page.apply(all, |s| s.id.as_str()))
+    }
+
+    /// DeleteSnapshot: refused while a sandbox or another snapshot builds on it; then its image
+    /// record goes and containerd's GC frees what nothing else references.
+    pub async fn delete_snapshot(&self, id: &str) -> Result<()> {
+        let records = self.snapshot_records().await?;
+        let snaps: Vec<Snapshot> = records.iter().filter_map(view_of).collect();
+        if !snaps.iter().any(|s| s.id == id) {
+            return Err(Error::not_found(Kind::Snapshot, id));
+        }
+        if let Some(child) = snaps.iter().find(|s| s.parent_snapshot_id == id) {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {id} is the parent of snapshot {}",
+                child.id
+            )));
+        }
+        if let Some(user) = self.containers_with_label(L_SNAPSHOT, id).await?.first() {
+            return Err(Error::FailedPrecondition(format!(
+                "sandbox {user} is built on snapshot {id}"
+            )));
+        }
+        let cd = self.containerd();
+        let req = DeleteImageRequest {
+            name: snapshot_image_name(id),
+            sync: true,
+            target: None,
+        };
+        match cd.images().delete(cd.req(req)).await {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                Err(Error::not_found(Kind::Snapshot, id))
+            }
+            Err(s) => Err(Error::containerd("images.delete", s)),
+        }
+    }
+
+    /// CommitSnapshot: captures the sandbox's filesystem; a running sandbox is paused only for
+    /// the diff and keeps running with its processes and memory untouched.
+    pub async fn commit_snapshot(
+        self: &Arc<Self>,
+        id: SandboxId,
+        labels: HashMap<String, String>,
+    ) -> Result<Snapshot> {
+        let this = self.clone();
+        let span = tracing::info_span!("commit_snapshot", sandbox_id = %id);
+        super::manager::detach(
+            async move {
+                let _guard = this.lock(id.as_str()).await;
+                let lease = Lease::acquire(this.containerd(), "commit").await?;
+                let result = this.commit_locked(&id, labels, &lease).await;
+                let released = lease.release(this.containerd()).await;
+                match result {
+                    Ok(s) => {
+                        if let Err(e) = released {
+                            tracing::warn!(error = %e, "releasing the commit lease failed; it will expire");
+                        }
+                        Ok(s)
+                    }
+                    Err(e) => Err(e.with_cleanup(released)),
+                }
+            }
+            .instrument(span),
+        )
+        .await
+    }
+
+    async fn commit_locked(
+        &self,
+        id: &SandboxId,
+        labels: HashMap<String, String>,
+        lease: &Lease,
+    ) -> Result<Snapshot> {
+        let cd = self.containerd();
+        let container = self
+            .container(id)
+            .await?
+            .ok_or_else(|| Error::not_found(Kind::Sandbox, id.as_str()))?;
+        let key = container.snapshot_key.clone();
+        let info = cd
+            .snapshots()
+            .stat(cd.req(StatSnapshotRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: key.clone(),
+            }))
+            .await
+            .map_err(|s| Error::containerd("snapshots.stat", s))?
+            .into_inner()
+            .info
+            .ok_or_else(|| Error::Internal("snapshots.stat returned nothing".into()))?;
+        let parent_chain = info.parent;
+        let base_name = container.labels.get(L_IMAGE).cloned().unwrap_or_default();
+        let parent_snapshot = container
+            .labels
+            .get(L_SNAPSHOT)
+            .cloned()
+            .unwrap_or_default();
+        // The image the sandbox was made from: the source snapshot's image when it was forked.
+        let source_ref = if parent_snapshot.is_empty() {
+            base_name.clone()
+        } else {
+            snapshot_image_name(&parent_snapshot)
+        };
+        let source = image::resolve(cd, &ImageRef::parse("image", &source_ref)?)
+            .await
+            .map_err(|e| match e {
+                Error::NotFound { .. } => Error::FailedPrecondition(format!(
+                    "the image {source_ref} this sandbox was built from is gone"
+                )),
+                e => e,
+            })?;
+        if source.top_chain_id != parent_chain {
+            return Err(Error::Internal(format!(
+                "sandbox {id}'s snapshot parent {parent_chain} is not the top of {source_ref}"
+            )));
+        }
+
+        // The diff: paused (if running) just long enough for a consistent view.
+        let view_key = format!("sandboxd-view-{}", crate::util::random_hex(6));
+        let left = cd
+            .snapshots()
+            .view(cd.req_leased(
+                ViewSnapshotRequest {
+                    snapshotter: SNAPSHOTTER.into(),
+                    key: view_key.clone(),
+                    parent: parent_chain.clone(),
+                    labels: HashMap::new(),
+                },
+                lease.id(),
+            ))
+            .await
+            .map_err(|s| Error::containerd("snapshots.view", s))?
+            .into_inner()
+            .mounts;
+        let right = cd
+            .snapshots()
+            .mounts(cd.req(MountsRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: key.clone(),
+            }))
+            .await
+            .map_err(|s| Error::containerd("snapshots.mounts", s))?
+            .into_inner()
+            .mounts;
+        let running = matches!(self.task(id.as_str()).await?, Some(t) if t.status == TaskStatus::Running as i32);
+        let diff_ref = format!("sandboxd-commit-{}", crate::util::random_hex(6));
+        let pause_started = Instant::now();
+        if running {
+            cd.tasks()
+                .pause(cd.req(PauseTaskRequest {
+                    container_id: id.to_string(),
+                }))
+                .await
+                .map_err(|s| Error::containerd("tasks.pause", s))?;
+        }
+        // SAFETY: sync(2) takes no arguments and cannot fail.
+        unsafe { libc::sync() };
+        let diff = cd
+            .diff()
+            .diff(cd.req_leased(
+                DiffRequest {
+                    left,
+                    right,
+                    media_type: LAYER_MEDIA_TYPE.into(),
+                    r#ref: diff_ref,
+                    labels: HashMap::new(),
+                    source_date_epoch: None,
+                },
+                lease.id(),
+            ))
+            .await;
+        let resumed = if running {
+            cd.tasks()
+                .resume(cd.req(ResumeTaskRequest {
+                    container_id: id.to_string(),
+                }))
+                .await
+                .map_err(|s| Error::containerd("tasks.resume", s))
+                .map(|_| ())
+        } else {
+            Ok(())
+        };
+        let pause_window = pause_started.elapsed();
+        let _ = cd
+            .snapshots()
+            .remove(cd.req(RemoveSnapshotRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: view_key,
+            }))
+            .await;
+        tracing::info!(?pause_window, running, "captured the sandbox's changes");
+        resumed?;
+        let layer = diff
+            .map_err(|s| Error::containerd("diff.diff", s))?
+            .into_inner()
+            .diff
+            .ok_or_else(|| Error::Internal("diff.diff returned nothing".into()))?;
+        // Uncompressed: the layer digest is its diff id.
+        let diff_id = layer.digest.clone();
+        let chain = format!(
+            "sha256:{}",
+            hex::encode(Sha256::digest(format!("{parent_chain} {diff_id}")))
+        );
+
+        // Unpack the layer onto the parent as a committed snapshot named by its chain id.
+        let exists = cd
+            .snapshots()
+            .stat(cd.req(StatSnapshotRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: chain.clone(),
+            }))
+            .await
+            .is_ok();
+        if !exists {
+            let tmp = format!("sandboxd-unpack-{}", crate::util::random_hex(6));
+            let mounts = cd
+                .snapshots()
+                .prepare(cd.req_leased(
+                    PrepareSnapshotRequest {
+                        snapshotter: SNAPSHOTTER.into(),
+                        key: tmp.clone(),
+                        parent: parent_chain.clone(),
+                        labels: HashMap::new(),
+                    },
+                    lease.id(),
+                ))
+                .await
+                .map_err(|s| Error::containerd("snapshots.prepare", s))?
+                .into_inner()
+                .mounts;
+            let applied = async {
+                cd.diff()
+                    .apply(cd.req_leased(
+                        ApplyRequest {
+                            diff: Some(layer.clone()),
+                            mounts,
+                            ..Default::default()
+                        },
+                        lease.id(),
+                    ))
+                    .await
+                    .map_err(|s| Error::containerd("diff.apply", s))?;
+                match cd
+                    .snapshots()
+                    .commit(cd.req_leased(
+                        CommitSnapshotRequest {
+                            snapshotter: SNAPSHOTTER.into(),
+                            name: chain.clone(),
+                            key: tmp.clone(),
+                            labels: HashMap::new(),
+                        },
+                        lease.id(),
+                    ))
+                    .await
+                {
+                    Ok(_) => Ok(()),
+                    Err(s) if s.code() == tonic::Code::AlreadyExists => Ok(()),
+                    Err(s) => Err(Error::containerd("snapshots.commit", s)),
+                }
+            }
+            .await;
+            if let Err(e) = applied {
+                let _ = cd
+                    .snapshots()
+                    .remove(cd.req(RemoveSnapshotRequest {
+                        snapshotter: SNAPSHOTTER.into(),
+                        key: tmp,
+                    }))
+                    .await;
+                return Err(e);
+            }
+        }
+
+        // The snapshot as an image: the source's layers plus ours.
+        let snap_id = format!("snap-{}", crate::util::random_hex(8));
+        let mut config = serde_json::to_value(&source.config)
+            .map_err(|e| Error::Internal(format!("image config: {e}")))?;
+        config["rootfs"]["diff_ids"]
+            .as_array_mut()
+            .ok_or_else(|| Error::Internal("image config has no diff_ids".into()))?
+            .push(json!(diff_id));
+        let history =
+            json!({"created_by": format!("sandboxd commit of sandbox {id}"), "comment": snap_id});
+        match config["history"].as_array_mut() {
+            Some(h) => h.push(history),
+            None => config["history"] = json!([history]),
+        }
+        let config_bytes = Bytes::from(
+            serde_json::to_vec(&config)
+                .map_err(|e| Error::Internal(format!("image config: {e}")))?,
+        );
+        let config_digest = format!("sha256:{}", hex::encode(Sha256::digest(&config_bytes)));
+        let config_labels = HashMap::from([(
+            format!("containerd.io/gc.ref.snapshot.{SNAPSHOTTER}"),
+            chain.clone(),
+        )]);
+        content::write_bytes(
+            cd,
+            lease.id(),
+            &config_digest,
+            config_bytes.clone(),
+            config_labels.clone(),
+        )
+        .await?;
+        content::set_labels(cd, &config_digest, &config_labels).await?;
+
+        let mut layers: Vec<serde_json::Value> = source
+            .manifest
+            .layers()
+            .iter()
+            .map(|l| json!({"mediaType": l.media_type().to_string(), "digest": l.digest().to_string(), "size": l.size()}))
+            .collect();
+        layers.push(
+            json!({"mediaType": LAYER_MEDIA_TYPE, "digest": layer.digest, "size": layer.size}),
+        );
+        let manifest = json!({
+            "schemaVersion": 2,
+            "mediaType": MEDIA_OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_bytes.len()},
+            "layers": layers,
+        });
+        let manifest_bytes = Bytes::from(
+            serde_json::to_vec(&manifest).map_err(|e| Error::Internal(format!("manifest: {e}")))?,
+        );
+        let manifest_digest = format!("sha256:{}", hex::encode(Sha256::digest(&manifest_bytes)));
+        let mut manifest_labels = HashMap::from([(
+            "containerd.io/gc.ref.content.config".to_string(),
+            config_digest.clone(),
+        )]);
+        for (i, l) in layers.iter().enumerate() {
+            manifest_labels.insert(
+                format!("containerd.io/gc.ref.content.l.{i}"),
+                l["digest"].as_str().unwrap_or_default().to_string(),
+            );
+        }
+        content::write_bytes(
+            cd,
+            lease.id(),
+            &manifest_digest,
+            manifest_bytes.clone(),
+            manifest_labels.clone(),
+        )
+        .await?;
+        content::set_labels(cd, &manifest_digest, &manifest_labels).await?;
+
+        let mut image_labels = labels;
+        image_labels.insert(L_SNAPSHOT_ID.into(), snap_id.clone());
+        image_labels.insert(L_FROM_SANDBOX.into(), id.to_string());
+        image_labels.insert(L_BASE_IMAGE.into(), base_name);
+        image_labels.insert(L_SIZE.into(), layer.size.to_string());
+        if !parent_snapshot.is_empty() {
+            image_labels.insert(L_PARENT.into(), parent_snapshot);
+        }
+        let record = CdImage {
+            name: snapshot_image_name(&snap_id),
+            labels: image_labels,
+            target: Some(CdDescriptor {
+                media_type: MEDIA_OCI_MANIFEST.into(),
+                digest: manifest_digest,
+                size: manifest_bytes.len() as i64,
+                annotations: HashMap::new(),
+            }),
+            ..Default::default()
+        };
+        let created = cd
+            .images()
+            .create(cd.req_leased(
+                CreateImageRequest {
+                    image: Some(record),
+                    ..Default::default()
+                },
+                lease.id(),
+            ))
+            .await
+            .map_err(|s| Error::containerd("images.create", s))?
+            .into_inner()
+            .image
+            .ok_or_else(|| Error::Internal("images.create returned nothing".into()))?;
+        view_of(&created)
+            .ok_or_else(|| Error::Internal("the snapshot record lost its labels".into()))
+    }
+
+    /// RestoreSandbox: the sandbox's filesystem becomes the snapshot's and its task restarts
+    /// with the same spec; the old writable snapshot is removed. On failure it is left as it was.
+    pub async fn restore_sandbox(
+        self: &Arc<Self>,
+        id: SandboxId,
+        snapshot_id: String,
+    ) -> Result<super::Sandbox> {
+        let this = self.clone();
+        let span = tracing::info_span!("restore_sandbox", sandbox_id = %id, %snapshot_id);
+        super::manager::detach(
+            async move {
+                let _guard = this.lock(id.as_str()).await;
+                let container = this.container(&id).await?.ok_or_else(|| Error::not_found(Kind::Sandbox, id.as_str()))?;
+                let snap = this.get_snapshot(&snapshot_id).await?;
+                let image = image::resolve(this.containerd(), &ImageRef::parse("snapshot_id", &snapshot_image_name(&snap.id))?).await?;
+                let was_running = matches!(this.task(id.as_str()).await?, Some(t) if t.status == TaskStatus::Running as i32 || t.status == TaskStatus::Paused as i32);
+                let lease = Lease::acquire(this.containerd(), "restore").await?;
+                let new_key = format!("sandboxd-rw-{id}-{}", crate::util::random_hex(4));
+                let result = this.swap_rootfs(&id, &container, &new_key, &image.top_chain_id, &snap.id, &lease).await;
+                let released = lease.release(this.containerd()).await;
+                if let Err(e) = result {
+                    // Undo: the old snapshot is still in place; bring the task back if it ran.
+                    let cleanup = this.remove_snapshot_key(&new_key).await;
+                    let restarted = if was_running && this.task(id.as_str()).await?.is_none() {
+                        this.start_task(&id, &container.snapshot_key).await.map(|_| ())
+                    } else {
+                        Ok(())
+                    };
+                    return Err(e.with_cleanup(cleanup.and(restarted)).with_cleanup(released));
+                }
+                this.start_task(&id, &new_key).await?;
+                this.get(&id).await
+            }
+            .instrument(span),
+        )
+        .await
+    }
+}

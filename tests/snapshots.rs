@@ -1,0 +1,365 @@
+//! SnapshotService against a real containerd: commit keeps a running sandbox running, restore
+//! and fork see exactly the committed files, delete refuses while in use and then frees storage.
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestEnv;
+use sandboxd::pb::sandbox_service_client::SandboxServiceClient;
+use sandboxd::pb::snapshot_service_client::SnapshotServiceClient;
+use sandboxd::pb::{self, SandboxState};
+use tonic::transport::Channel;
+use tonic::Code;
+
+struct Clients {
+    sb: SandboxServiceClient<Channel>,
+    snap: SnapshotServiceClient<Channel>,
+}
+
+async fn clients(env: &TestEnv) -> Clients {
+    let ch = env.channel().await;
+    Clients {
+        sb: SandboxServiceClient::new(ch.clone()),
+        snap: SnapshotServiceClient::new(ch),
+    }
+}
+
+async fn sh(c: &mut Clients, id: &str, script: &str) -> (i32, String) {
+    let r =
+        c.sb.exec_sync(pb::ExecSyncRequest {
+            sandbox_id: id.into(),
+            args: vec!["sh".into(), "-c".into(), script.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("exec in {id}: {e}"))
+        .into_inner();
+    (
+        r.exit_code,
+        String::from_utf8_lossy(&r.stdout).into_owned() + &String::from_utf8_lossy(&r.stderr),
+    )
+}
+
+async fn commit(c: &mut Clients, id: &str) -> pb::Snapshot {
+    c.snap
+        .commit_snapshot(pb::CommitSnapshotRequest {
+            sandbox_id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("commit_snapshot")
+        .into_inner()
+        .snapshot
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn commit_keeps_a_running_sandbox_running_and_restore_rolls_back() {
+    let env = TestEnv::new().await;
+    let mut c = clients(&env).await;
+    let counter = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done";
+    let sb =
+        c.sb.create_sandbox(pb::CreateSandboxRequest {
+            sandbox_id: "live".into(),
+            image: env.image_ref(),
+            command: vec!["sh".into(), "-c".into(), counter.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!(
+        sh(&mut c, "live", "mkdir -p /data && echo kept > /data/before")
+            .await
+            .0,
+        0
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before: u64 = sh(&mut c, "live", "cat /tmp/count")
+        .await
+        .1
+        .trim()
+        .parse()
+        .unwrap();
+    let snap = commit(&mut c, "live").await;
+    assert!(snap.snapshot_id.starts_with("snap-"));
+    assert_eq!(snap.sandbox_id, "live");
+    assert_eq!(snap.image, env.image_ref());
+    assert!(snap.size_bytes > 0);
+    // Same PID 1, still counting from where it was: its memory survived the capture.
+    let after_commit =
+        c.sb.get_sandbox(pb::GetSandboxRequest {
+            sandbox_id: "live".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!(after_commit.state(), SandboxState::Running);
+    assert_eq!(after_commit.pid, sb.pid);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let later: u64 = sh(&mut c, "live", "cat /tmp/count")
+        .await
+        .1
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(later > before, "the counter stopped: {before} then {later}");
+
+    sh(&mut c, "live", "echo gone > /data/after; rm /data/before").await;
+    let restored = c
+        .snap
+        .restore_sandbox(pb::RestoreSandboxRequest {
+            sandbox_id: "live".into(),
+            snapshot_id: snap.snapshot_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!(restored.state(), SandboxState::Running);
+    assert_eq!(restored.snapshot_id, snap.snapshot_id);
+    assert_eq!(
+        sh(&mut c, "live", "cat /data/before").await,
+        (0, "kept\n".into())
+    );
+    assert_ne!(
+        sh(&mut c, "live", "cat /data/after").await.0,
+        0,
+        "a file written after the commit survived the restore"
+    );
+
+    let got = c
+        .snap
+        .get_snapshot(pb::GetSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(got, snap);
+    // In use by the restored sandbox: refused.
+    let err = c
+        .snap
+        .delete_snapshot(pb::DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    c.sb.delete_sandbox(pb::DeleteSandboxRequest {
+        sandbox_id: "live".into(),
+        force: true,
+    })
+    .await
+    .unwrap();
+    c.snap
+        .delete_snapshot(pb::DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+        })
+        .await
+        .unwrap();
+    let err = c
+        .snap
+        .get_snapshot(pb::GetSnapshotRequest {
+            snapshot_id: snap.snapshot_id,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    env.leak_check().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_forks_see_the_snapshot_and_diverge() {
+    let env = TestEnv::new().await;
+    let mut c = clients(&env).await;
+    c.sb.create_sandbox(pb::CreateSandboxRequest {
+        sandbox_id: "origin".into(),
+        image: env.image_ref(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    sh(&mut c, "origin", "echo shared > /seed").await;
+    // A stopped sandbox commits too.
+    c.sb.stop_sandbox(pb::StopSandboxRequest {
+        sandbox_id: "origin".into(),
+        force: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let snap = commit(&mut c, "origin").await;
+    let listed = c
+        .snap
+        .list_snapshots(pb::ListSnapshotsRequest {
+            sandbox_id: "origin".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.snapshots.len(), 1);
+    for i in 0..20 {
+        let fork =
+            c.sb.create_sandbox(pb::CreateSandboxRequest {
+                sandbox_id: format!("fork-{i}"),
+                snapshot_id: snap.snapshot_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .sandbox
+            .unwrap();
+        assert_eq!(fork.snapshot_id, snap.snapshot_id);
+        assert_eq!(fork.image, env.image_ref());
+    }
+    for i in 0..20 {
+        let id = format!("fork-{i}");
+        assert_eq!(sh(&mut c, &id, "cat /seed").await, (0, "shared\n".into()));
+        sh(&mut c, &id, &format!("echo {i} > /mine")).await;
+    }
+    for i in 0..20 {
+        assert_eq!(
+            sh(&mut c, &format!("fork-{i}"), "cat /mine").await.1,
+            format!("{i}\n")
+        );
+    }
+    // A snapshot of a fork names its parent, and a parent with children cannot go.
+    let child = commit(&mut c, "fork-0").await;
+    assert_eq!(child.parent_snapshot_id, snap.snapshot_id);
+    let fork_of_child =
+        c.sb.create_sandbox(pb::CreateSandboxRequest {
+            sandbox_id: "grandchild".into(),
+            snapshot_id: child.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!(fork_of_child.state(), SandboxState::Running);
+    assert_eq!(
+        sh(&mut c, "grandchild", "cat /seed /mine").await.1,
+        "shared\n0\n"
+    );
+    for id in std::iter::once("grandchild".to_string())
+        .chain((0..20).map(|i| format!("fork-{i}")))
+        .chain(["origin".to_string()])
+    {
+        c.sb.delete_sandbox(pb::DeleteSandboxRequest {
+            sandbox_id: id,
+            force: true,
+        })
+        .await
+        .unwrap();
+    }
+    let err = c
+        .snap
+        .delete_snapshot(pb::DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    c.snap
+        .delete_snapshot(pb::DeleteSnapshotRequest {
+            snapshot_id: child.snapshot_id,
+        })
+        .await
+        .unwrap();
+    c.snap
+        .delete_snapshot(pb::DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id,
+        })
+        .await
+        .unwrap();
+    // Every snapshot layer was freed by GC: only the base image's committed snapshot remains.
+    let snaps = env.containerd.ctr_ok(&env.namespace, &["snapshots", "ls"]);
+    assert_eq!(snaps.lines().count(), 2, "snapshots left:\n{snaps}");
+    env.leak_check().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshot_errors_are_clear() {
+    let env = TestEnv::new().await;
+    let mut c = clients(&env).await;
+    let err = c
+        .snap
+        .commit_snapshot(pb::CommitSnapshotRequest {
+            sandbox_id: "missing".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = c
+        .snap
+        .get_snapshot(pb::GetSnapshotRequest {
+            snapshot_id: "snap-nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = c
+        .snap
+        .get_snapshot(pb::GetSnapshotRequest {
+            snapshot_id: "BAD ID".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    c.sb.create_sandbox(pb::CreateSandboxRequest {
+        sandbox_id: "s".into(),
+        image: env.image_ref(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let err = c
+        .snap
+        .restore_sandbox(pb::RestoreSandboxRequest {
+            sandbox_id: "s".into(),
+            snapshot_id: "snap-nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    // The failed restore left the sandbox as it was.
+    let sb =
+        c.sb.get_sandbox(pb::GetSandboxRequest {
+            sandbox_id: "s".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!(sb.state(), SandboxState::Running);
+    let err = c
+        .snap
+        .commit_snapshot(pb::CommitSnapshotRequest {
+            sandbox_id: "s".into(),
+            labels: [("sandboxd.io/x".to_string(), "y".to_string())].into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    c.sb.delete_sandbox(pb::DeleteSandboxRequest {
+        sandbox_id: "s".into(),
+        force: true,
+    })
+    .await
+    .unwrap();
+    env.leak_check().await;
+}
