@@ -22,6 +22,10 @@ pub enum Error {
     #[error("{0}")]
     FailedPrecondition(String),
 
+    /// The operation would reach outside what the caller may touch (a path leaving a sandbox).
+    #[error("{0}")]
+    PermissionDenied(String),
+
     /// The operation ran out of time.
     #[error("{0}")]
     DeadlineExceeded(String),
@@ -70,6 +74,8 @@ pub enum Kind {
     Image,
     Snapshot,
     Task,
+    /// A path inside a sandbox.
+    Path,
 }
 
 impl fmt::Display for Kind {
@@ -79,6 +85,7 @@ impl fmt::Display for Kind {
             Kind::Image => "image",
             Kind::Snapshot => "snapshot",
             Kind::Task => "task",
+            Kind::Path => "path",
         })
     }
 }

@@ -363,3 +363,102 @@ async fn snapshot_errors_are_clear() {
     .unwrap();
     env.leak_check().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exported_snapshot_forks_on_a_second_node() {
+    let env = TestEnv::new().await;
+    let mut c = clients(&env).await;
+    c.sb.create_sandbox(pb::CreateSandboxRequest {
+        sandbox_id: "src".into(),
+        image: env.image_ref(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    sh(
+        &mut c,
+        "src",
+        "mkdir -p /work && echo from-node-1 > /work/state",
+    )
+    .await;
+    let snap = commit(&mut c, "src").await;
+    let target = format!("{}/exported/agent:v1", env.registry.addr());
+    let exported = c
+        .snap
+        .export_snapshot(pb::ExportSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            image: target.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(exported.image, target);
+    assert!(exported.digest.starts_with("sha256:"));
+    let err = c
+        .snap
+        .export_snapshot(pb::ExportSnapshotRequest {
+            snapshot_id: "snap-missing".into(),
+            image: target.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    // A second node: its own containerd and sandboxd, sharing only the registry.
+    let containerd2 = common::Containerd::start().await;
+    let cgroup2 = common::CgroupParent::new();
+    let ns2 = common::unique_name("node2");
+    let node2 = common::Sandboxd::start(common::SandboxdOptions {
+        containerd_address: containerd2.address(),
+        namespace: ns2.clone(),
+        cgroup_parent: cgroup2.path().to_owned(),
+        extra_args: vec![],
+    })
+    .await;
+    let mut c2 = Clients {
+        sb: SandboxServiceClient::new(node2.channel().await),
+        snap: SnapshotServiceClient::new(node2.channel().await),
+    };
+    let fork = c2
+        .sb
+        .create_sandbox(pb::CreateSandboxRequest {
+            sandbox_id: "remote-fork".into(),
+            image: target.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!(fork.state(), SandboxState::Running);
+    assert_eq!(
+        sh(&mut c2, "remote-fork", "cat /work/state").await,
+        (0, "from-node-1\n".into())
+    );
+    c2.sb
+        .delete_sandbox(pb::DeleteSandboxRequest {
+            sandbox_id: "remote-fork".into(),
+            force: true,
+        })
+        .await
+        .unwrap();
+    let leaks = containerd2.leaks(&ns2).await;
+    assert!(leaks.is_empty(), "node 2 leaked: {leaks}");
+    drop(node2);
+    drop(containerd2);
+    drop(cgroup2);
+    c.sb.delete_sandbox(pb::DeleteSandboxRequest {
+        sandbox_id: "src".into(),
+        force: true,
+    })
+    .await
+    .unwrap();
+    c.snap
+        .delete_snapshot(pb::DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id,
+        })
+        .await
+        .unwrap();
+    env.leak_check().await;
+}

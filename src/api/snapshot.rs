@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::{convert, status::to_status};
+use crate::image::ImageRef;
 use crate::pb;
 use crate::pb::snapshot_service_server::SnapshotService;
 use crate::sandbox::{self, parse_snapshot_id, LabelSelector, Manager, Page, SandboxId};
@@ -108,10 +109,24 @@ impl SnapshotService for SnapshotApi {
 
     async fn export_snapshot(
         &self,
-        _req: Request<pb::ExportSnapshotRequest>,
+        req: Request<pb::ExportSnapshotRequest>,
     ) -> Result<Response<pb::ExportSnapshotResponse>, Status> {
-        Err(Status::unimplemented(
-            "ExportSnapshot is not implemented yet",
-        ))
+        let r = req.into_inner();
+        let id = snapshot_id(&r.snapshot_id)?;
+        let target = ImageRef::parse("image", &r.image).map_err(to_status)?;
+        if target.reference().digest().is_some() {
+            return Err(Status::invalid_argument(
+                "invalid image: the target must be a tag, not a digest",
+            ));
+        }
+        let digest = self
+            .manager
+            .export_snapshot(&id, &target)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ExportSnapshotResponse {
+            image: target.name(),
+            digest,
+        }))
     }
 }

@@ -11,6 +11,7 @@ pub fn to_status(e: Error) -> Status {
         Error::NotFound { .. } => Status::not_found(e.to_string()),
         Error::AlreadyExists { .. } => Status::already_exists(e.to_string()),
         Error::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
+        Error::PermissionDenied(_) => Status::permission_denied(e.to_string()),
         Error::DeadlineExceeded(_) => Status::deadline_exceeded(e.to_string()),
         Error::Unavailable { .. } => {
             tracing::warn!(error = %e, "containerd unavailable");
@@ -48,6 +49,7 @@ fn clone_shallow(e: &Error) -> Error {
             id: id.clone(),
         },
         Error::FailedPrecondition(m) => Error::FailedPrecondition(m.clone()),
+        Error::PermissionDenied(m) => Error::PermissionDenied(m.clone()),
         Error::DeadlineExceeded(m) => Error::DeadlineExceeded(m.clone()),
         Error::Unavailable { op, message } => Error::Unavailable {
             op,
@@ -91,6 +93,10 @@ mod tests {
         assert_eq!(
             to_status(Error::FailedPrecondition("x".into())).code(),
             Code::FailedPrecondition
+        );
+        assert_eq!(
+            to_status(Error::PermissionDenied("x".into())).code(),
+            Code::PermissionDenied
         );
         assert_eq!(
             to_status(Error::DeadlineExceeded("x".into())).code(),

@@ -1,6 +1,7 @@
 //! Images: references, pull, and reading what containerd holds.
 
 mod pull;
+mod push;
 mod reference;
 
 use containerd_client::services::v1::{DeleteImageRequest, GetImageRequest, ListImagesRequest};
@@ -8,6 +9,7 @@ use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
 use sha2::{Digest, Sha256};
 
 pub use pull::{go_arch, pull, Progress, ProgressSink};
+pub use push::push;
 pub use reference::ImageRef;
 
 use crate::error::{Error, Kind, Result};

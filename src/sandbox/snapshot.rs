@@ -511,6 +511,17 @@ impl Manager {
             .ok_or_else(|| Error::Internal("the snapshot record lost its labels".into()))
     }
 
+    /// ExportSnapshot: pushes the snapshot's image to `target`; returns the pushed digest.
+    pub async fn export_snapshot(&self, id: &str, target: &ImageRef) -> Result<String> {
+        let cd = self.containerd();
+        let name = ImageRef::parse("snapshot_id", &snapshot_image_name(id))?;
+        let resolved = image::resolve(cd, &name).await.map_err(|e| match e {
+            Error::NotFound { .. } => Error::not_found(Kind::Snapshot, id),
+            e => e,
+        })?;
+        image::push(cd, &resolved.manifest_digest, target).await
+    }
+
     /// RestoreSandbox: the sandbox's filesystem becomes the snapshot's and its task restarts
     /// with the same spec; the old writable snapshot is removed. On failure it is left as it was.
     pub async fn restore_sandbox(

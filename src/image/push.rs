@@ -1,0 +1,79 @@
+//! Pushing an image held in containerd to a registry (ExportSnapshot): each blob streamed from
+//! the content store unless the registry has it, then the manifest.
+
+use futures::StreamExt;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
+use oci_client::secrets::RegistryAuth;
+use oci_client::RegistryOperation;
+use oci_spec::image::ImageManifest;
+
+use super::{ImageRef, MEDIA_OCI_MANIFEST};
+use crate::error::{Error, Result};
+use crate::runtime::{content, Containerd};
+use containerd_client::services::v1::ReadContentRequest;
+
+/// Pushes the single-platform image whose manifest is `manifest_digest` to `target`; returns the
+/// pushed manifest digest.
+pub async fn push(cd: &Containerd, manifest_digest: &str, target: &ImageRef) -> Result<String> {
+    let protocol = if target.is_local_registry() {
+        ClientProtocol::Http
+    } else {
+        ClientProtocol::Https
+    };
+    let client = oci_client::Client::new(ClientConfig {
+        protocol,
+        ..Default::default()
+    });
+    let reference = target.reference();
+    let registry_err =
+        |e: OciDistributionError| Error::Registry(format!("pushing to {target}: {e}"));
+    client
+        .auth(reference, &RegistryAuth::Anonymous, RegistryOperation::Push)
+        .await
+        .map_err(registry_err)?;
+
+    let manifest_bytes = content::read(cd, manifest_digest).await?;
+    let manifest: ImageManifest = serde_json::from_slice(&manifest_bytes).map_err(|e| {
+        Error::Internal(format!("stored manifest {manifest_digest} is corrupt: {e}"))
+    })?;
+    let blobs = std::iter::once(manifest.config()).chain(manifest.layers().iter());
+    for blob in blobs {
+        let digest = blob.digest().to_string();
+        if client
+            .blob_exists(reference, &digest)
+            .await
+            .map_err(registry_err)?
+        {
+            continue;
+        }
+        let req = ReadContentRequest {
+            digest: digest.clone(),
+            offset: 0,
+            size: 0,
+        };
+        let stream = cd
+            .content()
+            .read(cd.req(req))
+            .await
+            .map_err(|s| Error::containerd("content.read", s))?
+            .into_inner()
+            .map(|chunk| {
+                chunk.map(|c| bytes::Bytes::from(c.data)).map_err(|s| {
+                    OciDistributionError::GenericError(Some(format!(
+                        "reading from containerd: {s}"
+                    )))
+                })
+            });
+        client
+            .push_blob_stream(reference, stream, &digest, Some(blob.size()))
+            .await
+            .map_err(registry_err)?;
+    }
+    let content_type = http::HeaderValue::from_static(MEDIA_OCI_MANIFEST);
+    client
+        .push_manifest_raw(reference, manifest_bytes, content_type)
+        .await
+        .map_err(registry_err)?;
+    Ok(manifest_digest.to_string())
+}
