@@ -462,3 +462,101 @@ async fn exported_snapshot_forks_on_a_second_node() {
         .unwrap();
     env.leak_check().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hundred_generations_keep_working() {
+    let env = TestEnv::new().await;
+    let mut c = clients(&env).await;
+    c.sb.create_sandbox(pb::CreateSandboxRequest {
+        sandbox_id: "deep".into(),
+        image: env.image_ref(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    sh(&mut c, "deep", "mkdir /gen").await;
+    let mut last = String::new();
+    for g in 0..200 {
+        assert_eq!(
+            sh(&mut c, "deep", &format!("echo {g} > /gen/{g}")).await.0,
+            0,
+            "generation {g}"
+        );
+        let snap = commit(&mut c, "deep").await;
+        // Alternate: restore the sandbox onto its snapshot, or fork a new one from it.
+        if g % 2 == 0 {
+            c.snap
+                .restore_sandbox(pb::RestoreSandboxRequest {
+                    sandbox_id: "deep".into(),
+                    snapshot_id: snap.snapshot_id.clone(),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("restore at generation {g}: {e}"));
+        } else {
+            c.sb.delete_sandbox(pb::DeleteSandboxRequest {
+                sandbox_id: "deep".into(),
+                force: true,
+            })
+            .await
+            .unwrap();
+            c.sb.create_sandbox(pb::CreateSandboxRequest {
+                sandbox_id: "deep".into(),
+                snapshot_id: snap.snapshot_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("fork at generation {g}: {e}"));
+        }
+        last = snap.snapshot_id;
+    }
+    let (code, out) = sh(&mut c, "deep", "ls /gen | wc -l; cat /gen/0 /gen/199").await;
+    assert_eq!(code, 0);
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["200", "0", "199"]
+    );
+    // Squashing kept the chain short enough for overlayfs.
+    let snaps = env.containerd.ctr_ok(&env.namespace, &["snapshots", "ls"]);
+    assert!(!last.is_empty());
+    let mut c2 = clients(&env).await;
+    c2.sb
+        .delete_sandbox(pb::DeleteSandboxRequest {
+            sandbox_id: "deep".into(),
+            force: true,
+        })
+        .await
+        .unwrap();
+    // Snapshots delete newest first (each is the parent of the next).
+    let mut all = c2
+        .snap
+        .list_snapshots(pb::ListSnapshotsRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots;
+    assert_eq!(all.len(), 200, "{snaps}");
+    all.sort_by_key(|s| std::cmp::Reverse(s.created_at.map(|t| (t.seconds, t.nanos))));
+    let mut remaining = all;
+    while !remaining.is_empty() {
+        let before = remaining.len();
+        let mut next = Vec::new();
+        for s in remaining {
+            if c2
+                .snap
+                .delete_snapshot(pb::DeleteSnapshotRequest {
+                    snapshot_id: s.snapshot_id.clone(),
+                })
+                .await
+                .is_err()
+            {
+                next.push(s);
+            }
+        }
+        assert!(next.len() < before, "no snapshot could be deleted");
+        remaining = next;
+    }
+    env.leak_check().await;
+}

@@ -32,6 +32,9 @@ use crate::runtime::{content, SNAPSHOTTER};
 pub const SNAPSHOT_IMAGE_PREFIX: &str = "sandboxd.local/snapshots/";
 /// Media type of the layers sandboxd writes (uncompressed: capture speed beats size on one node).
 const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
+/// Most layers a snapshot image may have before commits squash it into one. overlayfs takes the
+/// lower directories in one mount-option page; containerd 1.6's paths fit about 40 of them.
+pub const MAX_LAYERS: usize = 24;
 const L_SNAPSHOT_ID: &str = "sandboxd.io/snapshot-id";
 const L_FROM_SANDBOX: &str = "sandboxd.io/sandbox-id";
 const L_PARENT: &str = "sandboxd.io/parent-snapshot";
@@ -246,6 +249,15 @@ impl Manager {
             )));
         }
 
+        // Deep chains hit overlayfs' limit on lower layers (the mount options fit one page):
+        // past MAX_LAYERS the snapshot becomes one layer holding the whole filesystem.
+        let squash = source.manifest.layers().len() + 1 > MAX_LAYERS;
+        let base_chain = if squash {
+            String::new()
+        } else {
+            parent_chain.clone()
+        };
+
         // The diff: paused (if running) just long enough for a consistent view.
         let view_key = format!("sandboxd-view-{}", crate::util::random_hex(6));
         let left = cd
@@ -254,7 +266,7 @@ impl Manager {
                 ViewSnapshotRequest {
                     snapshotter: SNAPSHOTTER.into(),
                     key: view_key.clone(),
-                    parent: parent_chain.clone(),
+                    parent: base_chain.clone(),
                     labels: HashMap::new(),
                 },
                 lease.id(),
@@ -328,10 +340,14 @@ impl Manager {
             .ok_or_else(|| Error::Internal("diff.diff returned nothing".into()))?;
         // Uncompressed: the layer digest is its diff id.
         let diff_id = layer.digest.clone();
-        let chain = format!(
-            "sha256:{}",
-            hex::encode(Sha256::digest(format!("{parent_chain} {diff_id}")))
-        );
+        let chain = if squash {
+            diff_id.clone()
+        } else {
+            format!(
+                "sha256:{}",
+                hex::encode(Sha256::digest(format!("{parent_chain} {diff_id}")))
+            )
+        };
 
         // Unpack the layer onto the parent as a committed snapshot named by its chain id.
         let exists = cd
@@ -350,7 +366,7 @@ impl Manager {
                     PrepareSnapshotRequest {
                         snapshotter: SNAPSHOTTER.into(),
                         key: tmp.clone(),
-                        parent: parent_chain.clone(),
+                        parent: base_chain.clone(),
                         labels: HashMap::new(),
                     },
                     lease.id(),
@@ -406,6 +422,10 @@ impl Manager {
         let snap_id = format!("snap-{}", crate::util::random_hex(8));
         let mut config = serde_json::to_value(&source.config)
             .map_err(|e| Error::Internal(format!("image config: {e}")))?;
+        if squash {
+            config["rootfs"]["diff_ids"] = json!([]);
+            config["history"] = json!([]);
+        }
         config["rootfs"]["diff_ids"]
             .as_array_mut()
             .ok_or_else(|| Error::Internal("image config has no diff_ids".into()))?
@@ -439,6 +459,7 @@ impl Manager {
             .manifest
             .layers()
             .iter()
+            .filter(|_| !squash)
             .map(|l| json!({"mediaType": l.media_type().to_string(), "digest": l.digest().to_string(), "size": l.size()}))
             .collect();
         layers.push(
