@@ -135,6 +135,10 @@ pub struct ServeArgs {
     /// Log format: human or json [env: SANDBOXD_LOG_FORMAT] [default: human]
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
+    /// Test-only fault injection: comma-separated steps that fail on purpose (see
+    /// `sandbox::failpoint`). Hidden from --help; never set it in production.
+    #[arg(long, hide = true, value_name = "STEPS")]
+    pub failpoints: Option<String>,
 }
 
 /// The TOML file's shape: the same keys as the flags.
@@ -174,6 +178,8 @@ pub struct Config {
     pub health_interval: Duration,
     /// How often expired sandboxes are looked for.
     pub ttl_sweep_interval: Duration,
+    /// Steps that fail on purpose (tests only).
+    pub failpoints: Vec<String>,
 }
 
 /// A configuration problem, naming the setting.
@@ -305,6 +311,14 @@ impl Config {
             log_format,
             health_interval: Duration::from_secs(1),
             ttl_sweep_interval: Duration::from_secs(1),
+            failpoints: args
+                .failpoints
+                .as_deref()
+                .unwrap_or_default()
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect(),
         })
     }
 }

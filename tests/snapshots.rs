@@ -560,3 +560,180 @@ async fn two_hundred_generations_keep_working() {
     }
     env.leak_check().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failures_mid_commit_and_restore_leave_the_sandbox_as_it_was() {
+    let env = TestEnv::with_args(&["--failpoints", "commit.diff"]).await;
+    let mut c = clients(&env).await;
+    let counter = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done";
+    let sb =
+        c.sb.create_sandbox(pb::CreateSandboxRequest {
+            sandbox_id: "fragile".into(),
+            image: env.image_ref(),
+            command: vec!["sh".into(), "-c".into(), counter.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    sh(&mut c, "fragile", "echo precious > /keep").await;
+    let err = c
+        .snap
+        .commit_snapshot(pb::CommitSnapshotRequest {
+            sandbox_id: "fragile".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err}");
+    assert!(err.message().contains("commit.diff"), "{err}");
+    // Still running, same PID 1, resumed (the counter moves), files intact, no snapshot made.
+    let after =
+        c.sb.get_sandbox(pb::GetSandboxRequest {
+            sandbox_id: "fragile".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!((after.state(), after.pid), (SandboxState::Running, sb.pid));
+    let a: u64 = sh(&mut c, "fragile", "cat /tmp/count")
+        .await
+        .1
+        .trim()
+        .parse()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b: u64 = sh(&mut c, "fragile", "cat /tmp/count")
+        .await
+        .1
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(b > a, "the sandbox stayed paused after a failed commit");
+    assert_eq!(sh(&mut c, "fragile", "cat /keep").await.1, "precious\n");
+    let listed = c
+        .snap
+        .list_snapshots(pb::ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.snapshots.is_empty());
+    c.sb.delete_sandbox(pb::DeleteSandboxRequest {
+        sandbox_id: "fragile".into(),
+        force: true,
+    })
+    .await
+    .unwrap();
+    env.leak_check().await;
+    drop(env);
+
+    // Apply failing after the diff, and a restore failing after the old task was stopped.
+    let env = TestEnv::with_args(&["--failpoints", "commit.apply,create.start"]).await;
+    let mut c = clients(&env).await;
+    let err =
+        c.sb.create_sandbox(pb::CreateSandboxRequest {
+            sandbox_id: "never".into(),
+            image: env.image_ref(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("create.start"), "{err}");
+    assert_eq!(
+        c.sb.get_sandbox(pb::GetSandboxRequest {
+            sandbox_id: "never".into()
+        })
+        .await
+        .unwrap_err()
+        .code(),
+        Code::NotFound
+    );
+    env.leak_check().await;
+    c.sb.create_sandbox(pb::CreateSandboxRequest {
+        sandbox_id: "f2".into(),
+        image: env.image_ref(),
+        start: Some(false),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let err = c
+        .snap
+        .commit_snapshot(pb::CommitSnapshotRequest {
+            sandbox_id: "f2".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("commit.apply"), "{err}");
+    assert!(c
+        .snap
+        .list_snapshots(pb::ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots
+        .is_empty());
+    c.sb.delete_sandbox(pb::DeleteSandboxRequest {
+        sandbox_id: "f2".into(),
+        force: true,
+    })
+    .await
+    .unwrap();
+    env.leak_check().await;
+    drop(env);
+
+    // A restore that fails after stopping the old task brings the sandbox back as it was.
+    let env = TestEnv::with_args(&["--failpoints", "restore.swap"]).await;
+    let mut c = clients(&env).await;
+    c.sb.create_sandbox(pb::CreateSandboxRequest {
+        sandbox_id: "r".into(),
+        image: env.image_ref(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let snap = commit(&mut c, "r").await;
+    sh(&mut c, "r", "echo newer > /newer").await;
+    let err = c
+        .snap
+        .restore_sandbox(pb::RestoreSandboxRequest {
+            sandbox_id: "r".into(),
+            snapshot_id: snap.snapshot_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("restore.swap"), "{err}");
+    let after =
+        c.sb.get_sandbox(pb::GetSandboxRequest {
+            sandbox_id: "r".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!(after.state(), SandboxState::Running);
+    assert_eq!(
+        after.snapshot_id, "",
+        "the failed restore must not have switched the sandbox"
+    );
+    assert_eq!(sh(&mut c, "r", "cat /newer").await.1, "newer\n");
+    c.sb.delete_sandbox(pb::DeleteSandboxRequest {
+        sandbox_id: "r".into(),
+        force: true,
+    })
+    .await
+    .unwrap();
+    c.snap
+        .delete_snapshot(pb::DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id,
+        })
+        .await
+        .unwrap();
+    env.leak_check().await;
+}

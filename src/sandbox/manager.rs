@@ -64,6 +64,8 @@ pub struct ManagerConfig {
     pub cgroup_parent: String,
     /// Idle PID 1 binary on the host.
     pub idle_init: PathBuf,
+    /// Steps that fail on purpose, to test that failures undo cleanly (tests only).
+    pub failpoints: Vec<String>,
 }
 
 impl From<&Config> for ManagerConfig {
@@ -72,6 +74,7 @@ impl From<&Config> for ManagerConfig {
             data_dir: c.data_dir.clone(),
             cgroup_parent: c.cgroup_parent.clone(),
             idle_init: c.idle_init.clone(),
+            failpoints: c.failpoints.clone(),
         }
     }
 }
@@ -272,6 +275,15 @@ impl Manager {
         Ok(SandboxRoot::Mounted(mount, guard))
     }
 
+    /// Fails when the test-only failpoint `step` is set: it stands in for a real failure of
+    /// that step so tests can check that the operation undoes itself.
+    pub(super) fn failpoint(&self, step: &str) -> Result<()> {
+        if self.cfg.failpoints.iter().any(|f| f == step) {
+            return Err(Error::Internal(format!("failpoint {step}")));
+        }
+        Ok(())
+    }
+
     pub(super) async fn lock(&self, id: &str) -> KeyGuard {
         self.locks.lock(id).await
     }
@@ -319,6 +331,7 @@ impl Manager {
             .await
             .map_err(|s| Error::containerd("snapshots.prepare", s))?;
         self.kill_and_delete_task(id.as_str()).await?;
+        self.failpoint("restore.swap")?;
         let labels = HashMap::from([(L_SNAPSHOT.to_string(), snapshot_id.to_string())]);
         let req = UpdateContainerRequest {
             container: Some(Container {
@@ -557,6 +570,7 @@ impl Manager {
 
         if spec.start {
             undo.task = Some(id.to_string());
+            self.failpoint("create.start")?;
             self.start_task(id, &key).await?;
         }
         Ok(())

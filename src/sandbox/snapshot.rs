@@ -298,20 +298,24 @@ impl Manager {
         }
         // SAFETY: sync(2) takes no arguments and cannot fail.
         unsafe { libc::sync() };
-        let diff = cd
-            .diff()
-            .diff(cd.req_leased(
-                DiffRequest {
-                    left,
-                    right,
-                    media_type: LAYER_MEDIA_TYPE.into(),
-                    r#ref: diff_ref,
-                    labels: HashMap::new(),
-                    source_date_epoch: None,
-                },
-                lease.id(),
-            ))
-            .await;
+        let diff = match self.failpoint("commit.diff") {
+            Err(e) => Err(e),
+            Ok(()) => cd
+                .diff()
+                .diff(cd.req_leased(
+                    DiffRequest {
+                        left,
+                        right,
+                        media_type: LAYER_MEDIA_TYPE.into(),
+                        r#ref: diff_ref,
+                        labels: HashMap::new(),
+                        source_date_epoch: None,
+                    },
+                    lease.id(),
+                ))
+                .await
+                .map_err(|s| Error::containerd("diff.diff", s)),
+        };
         let resumed = if running {
             cd.tasks()
                 .resume(cd.req(ResumeTaskRequest {
@@ -333,8 +337,7 @@ impl Manager {
             .await;
         tracing::info!(?pause_window, running, "captured the sandbox's changes");
         resumed?;
-        let layer = diff
-            .map_err(|s| Error::containerd("diff.diff", s))?
+        let layer = diff?
             .into_inner()
             .diff
             .ok_or_else(|| Error::Internal("diff.diff returned nothing".into()))?;
@@ -376,6 +379,7 @@ impl Manager {
                 .into_inner()
                 .mounts;
             let applied = async {
+                self.failpoint("commit.apply")?;
                 cd.diff()
                     .apply(cd.req_leased(
                         ApplyRequest {
