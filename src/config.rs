@@ -135,6 +135,9 @@ pub struct ServeArgs {
     /// Log format: human or json [env: SANDBOXD_LOG_FORMAT] [default: human]
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off unless set) [env: SANDBOXD_METRICS_LISTEN]
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_listen: Option<String>,
     /// Test-only fault injection: comma-separated steps that fail on purpose (see
     /// `sandbox::failpoint`). Hidden from --help; never set it in production.
     #[arg(long, hide = true, value_name = "STEPS")]
@@ -153,6 +156,7 @@ struct FileConfig {
     embedded_containerd: Option<String>,
     idle_init: Option<PathBuf>,
     log_format: Option<String>,
+    metrics_listen: Option<String>,
 }
 
 /// The resolved configuration of `sandboxd serve`.
@@ -180,6 +184,8 @@ pub struct Config {
     pub ttl_sweep_interval: Duration,
     /// Steps that fail on purpose (tests only).
     pub failpoints: Vec<String>,
+    /// Address of the Prometheus endpoint, if enabled.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// A configuration problem, naming the setting.
@@ -278,6 +284,19 @@ impl Config {
             setting: "log_format",
             reason,
         })?;
+        let metrics_listen = match args
+            .metrics_listen
+            .clone()
+            .or_else(|| env("SANDBOXD_METRICS_LISTEN"))
+            .or_else(|| file.metrics_listen.clone())
+        {
+            None => None,
+            Some(s) if s.is_empty() => None,
+            Some(s) => Some(s.parse::<SocketAddr>().map_err(|e| ConfigError {
+                setting: "metrics_listen",
+                reason: format!("{s:?} is not HOST:PORT ({e})"),
+            })?),
+        };
         let data_dir = pick_path(
             &args.data_dir,
             "SANDBOXD_DATA_DIR",
@@ -311,6 +330,7 @@ impl Config {
             log_format,
             health_interval: Duration::from_secs(1),
             ttl_sweep_interval: Duration::from_secs(1),
+            metrics_listen,
             failpoints: args
                 .failpoints
                 .as_deref()

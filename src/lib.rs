@@ -4,6 +4,7 @@ pub mod api;
 pub mod config;
 pub mod error;
 pub mod image;
+pub mod metrics;
 pub mod net;
 pub mod pb;
 pub mod runtime;

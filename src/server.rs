@@ -58,6 +58,7 @@ async fn health_loop(
                 Err(e) => tracing::warn!(error = %e, "recovery after start failed; will retry"),
             }
         }
+        crate::metrics::metrics().containerd_up.set(i64::from(up));
         if serving != Some(up) {
             if up {
                 tracing::info!("containerd is reachable: SERVING");
@@ -111,10 +112,12 @@ pub async fn serve(
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -131,8 +134,24 @@ pub async fn serve(
         stop_rx.clone(),
     ));
 
+    let metrics_task = match config.metrics_listen {
+        None => None,
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
+            tracing::info!(metrics = %addr, "serving Prometheus metrics at /metrics");
+            let mut stop = stop_rx.clone();
+            let shutdown = async move {
+                let _ = stop.changed().await;
+            };
+            Some(tokio::spawn(crate::metrics::serve(listener, manager.clone(), shutdown)))
+        }
+    };
+
     let router = Server::builder()
-        .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
+        .layer(crate::metrics::RpcMetricsLayer)
+        .trace_fn(crate::telemetry::rpc_span)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -199,6 +218,9 @@ pub async fn serve(
     let _ = stop_tx.send(true);
     let _ = health_task.await;
     let _ = ttl_task.await;
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
     if let Some(supervisor) = supervisor {
         supervisor.shutdown().await;
     }

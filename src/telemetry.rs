@@ -1,7 +1,9 @@
 //! Logs (human or JSON) and, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, OTLP trace export.
 
 use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -50,6 +52,8 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<String>) -> anyhow::Result<
         .with(fmt)
         .with(otel)
         .try_init()?;
+    // A caller's W3C traceparent continues through sandboxd (see `rpc_span`).
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     Ok(Telemetry { provider })
 }
 
@@ -62,4 +66,25 @@ impl Telemetry {
             }
         }
     }
+}
+
+/// Reads W3C trace context from gRPC request headers.
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// The span of one RPC: named after its method, child of the caller's `traceparent` if any.
+pub fn rpc_span<B>(req: &http::Request<B>) -> tracing::Span {
+    let span = tracing::info_span!("rpc", method = %req.uri().path(), otel.name = %req.uri().path(), otel.kind = "server");
+    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(req.headers())));
+    let _ = span.set_parent(parent);
+    span
 }

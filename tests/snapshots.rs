@@ -413,6 +413,7 @@ async fn exported_snapshot_forks_on_a_second_node() {
         namespace: ns2.clone(),
         cgroup_parent: cgroup2.path().to_owned(),
         extra_args: vec![],
+        extra_env: vec![],
     })
     .await;
     let mut c2 = Clients {

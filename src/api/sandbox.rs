@@ -2,7 +2,9 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use crate::metrics::{metrics, observe_since};
 
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
@@ -45,7 +47,9 @@ impl SandboxService for SandboxApi {
         req: Request<pb::CreateSandboxRequest>,
     ) -> Result<Response<pb::CreateSandboxResponse>, Status> {
         let spec = convert::create_spec(req.into_inner()).map_err(to_status)?;
+        let started = Instant::now();
         let sandbox = self.manager.create(spec).await.map_err(to_status)?;
+        observe_since(&metrics().create_seconds, started);
         Ok(Response::new(pb::CreateSandboxResponse {
             sandbox: Some(convert::sandbox(sandbox)),
         }))

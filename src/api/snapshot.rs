@@ -36,11 +36,13 @@ impl SnapshotService for SnapshotApi {
         let r = req.into_inner();
         let id = SandboxId::parse("sandbox_id", &r.sandbox_id).map_err(to_status)?;
         let labels = sandbox::parse_labels("labels", r.labels).map_err(to_status)?;
+        let started = std::time::Instant::now();
         let snap = self
             .manager
             .commit_snapshot(id, labels)
             .await
             .map_err(to_status)?;
+        crate::metrics::observe_since(&crate::metrics::metrics().commit_seconds, started);
         Ok(Response::new(pb::CommitSnapshotResponse {
             snapshot: Some(convert::snapshot(snap)),
         }))
@@ -53,11 +55,13 @@ impl SnapshotService for SnapshotApi {
         let r = req.into_inner();
         let id = SandboxId::parse("sandbox_id", &r.sandbox_id).map_err(to_status)?;
         let snap = snapshot_id(&r.snapshot_id)?;
+        let started = std::time::Instant::now();
         let sb = self
             .manager
             .restore_sandbox(id, snap)
             .await
             .map_err(to_status)?;
+        crate::metrics::observe_since(&crate::metrics::metrics().restore_seconds, started);
         Ok(Response::new(pb::RestoreSandboxResponse {
             sandbox: Some(convert::sandbox(sb)),
         }))

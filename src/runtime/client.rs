@@ -80,7 +80,7 @@ impl Containerd {
 
     /// Asks containerd for its version: the health probe.
     pub async fn version(&self) -> Result<String> {
-        let resp = VersionClient::new(self.channel.clone())
+        let resp = VersionClient::new(Traced(self.channel.clone()))
             .version(tonic::Request::new(()))
             .await
             .map_err(|s| Error::containerd("version", s))?;
@@ -88,31 +88,52 @@ impl Containerd {
     }
 
     /// Containers service.
-    pub fn containers(&self) -> ContainersClient<Channel> {
-        ContainersClient::new(self.channel.clone())
+    pub fn containers(&self) -> ContainersClient<Traced> {
+        ContainersClient::new(Traced(self.channel.clone()))
     }
     /// Tasks service.
-    pub fn tasks(&self) -> TasksClient<Channel> {
-        TasksClient::new(self.channel.clone())
+    pub fn tasks(&self) -> TasksClient<Traced> {
+        TasksClient::new(Traced(self.channel.clone()))
     }
     /// Snapshots service.
-    pub fn snapshots(&self) -> SnapshotsClient<Channel> {
-        SnapshotsClient::new(self.channel.clone())
+    pub fn snapshots(&self) -> SnapshotsClient<Traced> {
+        SnapshotsClient::new(Traced(self.channel.clone()))
     }
     /// Content service.
-    pub fn content(&self) -> ContentClient<Channel> {
-        ContentClient::new(self.channel.clone()).max_decoding_message_size(64 << 20)
+    pub fn content(&self) -> ContentClient<Traced> {
+        ContentClient::new(Traced(self.channel.clone())).max_decoding_message_size(64 << 20)
     }
     /// Images service.
-    pub fn images(&self) -> ImagesClient<Channel> {
-        ImagesClient::new(self.channel.clone())
+    pub fn images(&self) -> ImagesClient<Traced> {
+        ImagesClient::new(Traced(self.channel.clone()))
     }
     /// Diff service.
-    pub fn diff(&self) -> DiffClient<Channel> {
-        DiffClient::new(self.channel.clone())
+    pub fn diff(&self) -> DiffClient<Traced> {
+        DiffClient::new(Traced(self.channel.clone()))
     }
     /// Leases service.
-    pub fn leases(&self) -> LeasesClient<Channel> {
-        LeasesClient::new(self.channel.clone())
+    pub fn leases(&self) -> LeasesClient<Traced> {
+        LeasesClient::new(Traced(self.channel.clone()))
+    }
+}
+
+/// containerd's channel with one tracing span per call, so that containerd calls appear as
+/// children of the RPC that made them.
+#[derive(Clone, Debug)]
+pub struct Traced(Channel);
+
+impl tower::Service<http::Request<tonic::body::Body>> for Traced {
+    type Response = <Channel as tower::Service<http::Request<tonic::body::Body>>>::Response;
+    type Error = <Channel as tower::Service<http::Request<tonic::body::Body>>>::Error;
+    type Future = tracing::instrument::Instrumented<<Channel as tower::Service<http::Request<tonic::body::Body>>>::Future>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        use tracing::Instrument;
+        let span = tracing::info_span!("containerd", method = %req.uri().path(), otel.kind = "client");
+        self.0.call(req).instrument(span)
     }
 }

@@ -113,6 +113,7 @@ pub struct ExecSession {
     stdout: pipe::Receiver,
     stderr: Option<pipe::Receiver>,
     oom_before: u64,
+    requested_at: std::time::Instant,
 }
 
 /// The FIFO directory of one exec, removed on drop.
@@ -133,6 +134,7 @@ impl Manager {
     /// Starts a process in a running sandbox. Errors that stop it from starting (no such
     /// sandbox, not running, bad program, bad user) are returned here, before any output.
     pub async fn exec_start(self: &Arc<Self>, spec: ExecSpec) -> Result<ExecSession> {
+        let requested_at = std::time::Instant::now();
         let id = spec.sandbox_id.clone();
         let container = self
             .container(&id)
@@ -323,6 +325,7 @@ impl Manager {
             stdout,
             stderr,
             oom_before,
+            requested_at,
         })
     }
 
@@ -384,8 +387,10 @@ impl ExecSession {
         async move {
             let cd = self.manager.containerd().clone();
             let (sandbox, exec_id) = (self.sandbox.clone(), self.exec_id.clone());
-            let out_pump = tokio::spawn(pump(self.stdout, output.clone(), ExecEvent::Stdout));
-            let err_pump = self.stderr.take().map(|rx| tokio::spawn(pump(rx, output.clone(), ExecEvent::Stderr)));
+            let first = Arc::new(std::sync::Once::new());
+            let at = self.requested_at;
+            let out_pump = tokio::spawn(pump(self.stdout, output.clone(), ExecEvent::Stdout, first.clone(), at));
+            let err_pump = self.stderr.take().map(|rx| tokio::spawn(pump(rx, output.clone(), ExecEvent::Stderr, first.clone(), at)));
             let wait = {
                 let cd = cd.clone();
                 let req = WaitRequest { container_id: sandbox.clone(), exec_id: exec_id.clone() };
@@ -420,6 +425,7 @@ impl ExecSession {
                     msg = input.recv(), if input_open => match msg {
                         Some(ExecInput::Stdin(data)) => {
                             if let Some(w) = stdin.as_mut() {
+                                crate::metrics::metrics().exec_bytes(crate::metrics::Direction::In, data.len());
                                 if w.write_all(&data).await.is_err() {
                                     stdin = None;
                                 }
@@ -495,12 +501,17 @@ async fn pump(
     mut rx: pipe::Receiver,
     output: mpsc::Sender<ExecEvent>,
     wrap: fn(Bytes) -> ExecEvent,
+    first_byte: Arc<std::sync::Once>,
+    requested_at: std::time::Instant,
 ) {
     let mut buf = vec![0u8; EXEC_CHUNK];
+    let m = crate::metrics::metrics();
     loop {
         match rx.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => {
+                first_byte.call_once(|| crate::metrics::observe_since(&m.exec_first_byte_seconds, requested_at));
+                m.exec_bytes(crate::metrics::Direction::Out, n);
                 if output
                     .send(wrap(Bytes::copy_from_slice(&buf[..n])))
                     .await

@@ -53,6 +53,11 @@ impl TestEnv {
 
     /// Like [`TestEnv::new`], appending `extra_args` to `sandboxd serve`'s command line.
     pub async fn with_args(extra_args: &[&str]) -> TestEnv {
+        TestEnv::with_args_env(extra_args, &[]).await
+    }
+
+    /// Like [`TestEnv::with_args`], also setting environment variables for sandboxd.
+    pub async fn with_args_env(extra_args: &[&str], extra_env: &[(&str, &str)]) -> TestEnv {
         host::require_prerequisites();
         let layout = busybox_layout();
         let containerd = Containerd::start().await;
@@ -65,6 +70,10 @@ impl TestEnv {
             namespace: namespace.clone(),
             cgroup_parent: cgroup.path().to_owned(),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            extra_env: extra_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         })
         .await;
         TestEnv {

@@ -38,6 +38,8 @@ pub struct SandboxdOptions {
     pub cgroup_parent: String,
     /// Further arguments appended after the fixture's own.
     pub extra_args: Vec<String>,
+    /// Environment variables set for sandboxd (e.g. OTEL_EXPORTER_OTLP_ENDPOINT).
+    pub extra_env: Vec<(String, String)>,
 }
 
 /// A running `sandboxd serve` with a private data dir and a free loopback port, its output
@@ -269,6 +271,9 @@ impl Sandboxd {
             if key.to_string_lossy().starts_with("SANDBOXD_") {
                 command.env_remove(key);
             }
+        }
+        for (key, value) in &self.options().extra_env {
+            command.env(key, value);
         }
         let child = command.spawn().expect("spawn sandboxd");
         *self.lock_child() = Some(child);

@@ -1,0 +1,819 @@
+//! Sandbox lifecycle latency: sandboxd against raw containerd driven by `ctr`.
+//!
+//! One run starts the integration-test fixtures (a private containerd, a local registry holding
+//! busybox, and the sandboxd binary), pulls the image into sandboxd's namespace and into a
+//! separate `ctr` namespace of the same containerd (not timed), then times the same work on both:
+//!
+//! * create → RUNNING: `CreateSandbox` with no command (the idle PID 1) until the response says
+//!   RUNNING, against `ctr run -d IMAGE ID /bin/sleep 1000000`;
+//! * delete: `DeleteSandbox{force: true}`, against `ctr tasks delete --force ID` (wait, SIGKILL
+//!   to all processes, wait for exit, delete the task) followed by `ctr containers delete ID`
+//!   (container and its writable snapshot);
+//!
+//! first `BENCH_N` (default 50) sandboxes one after another (all created, then all deleted),
+//! then `BENCH_ROUNDS` (default 3) rounds of 20 concurrent creates followed by 20 concurrent
+//! deletes. sandboxd is called through one gRPC channel; `ctr` is one process per call, so the
+//! concurrent rounds start 20 `ctr` processes at once. The two sides take turns phase by phase,
+//! and the load average is recorded before and after, since other work skews a 2-core machine.
+//!
+//! It prints a table (p50, p99, mean in ms and the sandboxd/ctr ratios) with the target of
+//! sandboxd ≤ 0.8× ctr, writes the same figures to `target/bench-lifecycle.json`, and checks that
+//! neither side left a container, task, active snapshot or lease behind.
+//!
+//! Run it as root with `cargo bench --bench lifecycle`; it needs the packages of
+//! `scripts/install-deps.sh`. Run without `--bench` (as `cargo test --benches` does) it only
+//! prints how to run it, so it never takes part in CI's pass/fail.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use containerd_client::services::v1::version_client::VersionClient;
+use futures::future::join_all;
+use sandboxd::pb::image_service_client::ImageServiceClient;
+use sandboxd::pb::sandbox_service_client::SandboxServiceClient;
+use sandboxd::pb::{self, SandboxState};
+use serde::Serialize;
+use tonic::transport::Channel;
+
+use common::{host, CgroupParent, Containerd, TestEnv};
+
+/// Environment variable: how many sandboxes the sequential phase creates and deletes.
+const ENV_N: &str = "BENCH_N";
+/// Default of [`ENV_N`].
+const DEFAULT_N: usize = 50;
+/// Environment variable: how many concurrent create/delete rounds run.
+const ENV_ROUNDS: &str = "BENCH_ROUNDS";
+/// Default of [`ENV_ROUNDS`].
+const DEFAULT_ROUNDS: usize = 3;
+/// Sandboxes created (then deleted) at once in each concurrent round.
+const CONCURRENCY: usize = 20;
+/// Untimed create/delete pairs per side before measuring (first-use costs: cgroup parents,
+/// connection set-up, page cache).
+const WARMUP: usize = 2;
+/// The goal: sandboxd's latency at most this fraction of ctr's (compared on p50).
+const TARGET_RATIO: f64 = 0.8;
+/// The command `ctr run` gives the container: busybox's sleep, long enough to outlive the run.
+const CTR_COMMAND: &[&str] = &["/bin/sleep", "1000000"];
+/// Where the JSON results go, below cargo's target directory.
+const JSON_FILE_NAME: &str = "bench-lifecycle.json";
+/// The argument cargo passes to a `harness = false` bench target under `cargo bench`.
+const CARGO_BENCH_FLAG: &str = "--bench";
+
+fn main() -> Result<()> {
+    if !std::env::args().any(|arg| arg == CARGO_BENCH_FLAG) {
+        println!("lifecycle bench: skipped (run it as root with `cargo bench --bench lifecycle`)");
+        return Ok(());
+    }
+    let settings = Settings::from_env()?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("build the tokio runtime")?
+        .block_on(run(settings))
+}
+
+/// Starts the fixtures, measures both sides, reports, and checks for leftovers.
+async fn run(settings: Settings) -> Result<()> {
+    let env = TestEnv::new().await;
+    let image = env.image_ref();
+    let machine = MachineFacts::collect(&env.containerd).await?;
+    let load_before = load_average()?;
+    println!("{}", machine.render());
+    println!("load average (1 min) before: {load_before:.2}");
+    println!("{}\n", settings.render(&image));
+
+    let sandboxd = SandboxdSide::connect(&env, &image).await?;
+    let ctr = CtrSide::new(&env.containerd, &image);
+    ctr.pull().await?;
+
+    let (sandboxd_samples, ctr_samples) = measure_both(&sandboxd, &ctr, &settings).await?;
+    let load = LoadAverages {
+        before: load_before,
+        after: load_average()?,
+    };
+
+    let report = Report::new(
+        machine,
+        load,
+        &settings,
+        &image,
+        &sandboxd_samples,
+        &ctr_samples,
+    );
+    println!("\n{}", report.render_table());
+    let json_path = report.write_json()?;
+    println!("results written to {}", json_path.display());
+
+    check_no_leftovers(&env, &ctr).await
+}
+
+// ---- settings and machine facts ----
+
+/// What the run does, from the environment.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Settings {
+    /// Sandboxes in the sequential phase.
+    sequential: usize,
+    /// Concurrent rounds.
+    rounds: usize,
+    /// Sandboxes per concurrent round.
+    concurrency: usize,
+    /// Untimed warm-up create/delete pairs per side.
+    warmup: usize,
+}
+
+impl Settings {
+    /// Reads [`ENV_N`] and [`ENV_ROUNDS`], falling back to the defaults.
+    fn from_env() -> Result<Settings> {
+        let sequential = env_count(ENV_N, DEFAULT_N)?;
+        let rounds = env_count(ENV_ROUNDS, DEFAULT_ROUNDS)?;
+        ensure!(
+            sequential > 0 || rounds > 0,
+            "{ENV_N} and {ENV_ROUNDS} are both 0: nothing to measure"
+        );
+        Ok(Settings {
+            sequential,
+            rounds,
+            concurrency: CONCURRENCY,
+            warmup: WARMUP,
+        })
+    }
+
+    fn render(&self, image: &str) -> String {
+        format!(
+            "workload: image {image}; {} sequential, {} rounds of {} concurrent, {} warm-up per side",
+            self.sequential, self.rounds, self.concurrency, self.warmup
+        )
+    }
+}
+
+/// A non-negative count from environment variable `name`, or `default` when it is unset.
+fn env_count(name: &str, default: usize) -> Result<usize> {
+    match std::env::var(name) {
+        Ok(value) => value
+            .trim()
+            .parse()
+            .with_context(|| format!("{name}={value:?} is not a non-negative integer")),
+        Err(std::env::VarError::NotPresent) => Ok(default),
+        Err(e) => Err(e).with_context(|| format!("reading {name}")),
+    }
+}
+
+/// The machine the figures were taken on.
+#[derive(Debug, Clone, Serialize)]
+struct MachineFacts {
+    /// CPUs available to this process (what `nproc` prints).
+    nproc: usize,
+    /// Kernel release.
+    kernel: String,
+    /// cgroup hierarchy in use ("v1" or "v2").
+    cgroup: String,
+    /// containerd's version and revision as its Version RPC reports them.
+    containerd: String,
+    /// First line of `runc --version`.
+    runc: String,
+}
+
+impl MachineFacts {
+    async fn collect(containerd: &Containerd) -> Result<MachineFacts> {
+        let nproc = std::thread::available_parallelism()
+            .context("query the number of CPUs")?
+            .get();
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .context("read /proc/sys/kernel/osrelease")?
+            .trim()
+            .to_owned();
+        let cgroup = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            "v2"
+        } else {
+            "v1"
+        };
+        let version = VersionClient::new(containerd.channel().await)
+            .version(())
+            .await
+            .context("containerd Version RPC")?
+            .into_inner();
+        let runc = first_line_of(&host::binary("runc"), &["--version"]).await?;
+        Ok(MachineFacts {
+            nproc,
+            kernel,
+            cgroup: cgroup.to_owned(),
+            containerd: format!("{} ({})", version.version, version.revision),
+            runc,
+        })
+    }
+
+    fn render(&self) -> String {
+        format!(
+            "machine: nproc {}, kernel {}, cgroup {}, containerd {}, {}",
+            self.nproc, self.kernel, self.cgroup, self.containerd, self.runc
+        )
+    }
+}
+
+/// The first line of what `program args` prints on stdout.
+async fn first_line_of(program: &Path, args: &[&str]) -> Result<String> {
+    let out = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("run {}", program.display()))?;
+    ensure!(
+        out.status.success(),
+        "{} {args:?} failed ({})",
+        program.display(),
+        out.status
+    );
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned())
+}
+
+/// The 1-minute load average: other work on a 2-core machine skews every figure.
+fn load_average() -> Result<f64> {
+    let text = std::fs::read_to_string("/proc/loadavg").context("read /proc/loadavg")?;
+    let first = text.split_whitespace().next().unwrap_or_default();
+    first
+        .parse()
+        .with_context(|| format!("/proc/loadavg starts with {first:?}, not a number"))
+}
+
+/// The machine's 1-minute load average when the run started and when it ended (the latter
+/// includes the bench's own containerd, shims and `ctr` processes).
+#[derive(Debug, Clone, Copy, Serialize)]
+struct LoadAverages {
+    before: f64,
+    after: f64,
+}
+
+// ---- the two sides ----
+
+/// Something that creates running sandboxes and deletes them, the thing being timed.
+trait Side {
+    /// Short name for messages and the table.
+    const NAME: &'static str;
+
+    /// Creates sandbox `id` and returns once it runs.
+    async fn create(&self, id: &str) -> Result<()>;
+
+    /// Deletes sandbox `id` with everything it holds (task, container, writable snapshot).
+    async fn delete(&self, id: &str) -> Result<()>;
+}
+
+/// sandboxd through its generated tonic client, all calls over one channel.
+struct SandboxdSide {
+    client: SandboxServiceClient<Channel>,
+    image: String,
+}
+
+impl SandboxdSide {
+    /// Connects one channel and pulls `image` through ImageService (not timed).
+    async fn connect(env: &TestEnv, image: &str) -> Result<SandboxdSide> {
+        let channel = env.channel().await;
+        let mut pull = ImageServiceClient::new(channel.clone())
+            .pull_image(pb::PullImageRequest {
+                image: image.to_owned(),
+            })
+            .await
+            .map_err(|s| status_error("PullImage", image, &s))?
+            .into_inner();
+        while pull
+            .message()
+            .await
+            .map_err(|s| status_error("PullImage stream", image, &s))?
+            .is_some()
+        {}
+        Ok(SandboxdSide {
+            client: SandboxServiceClient::new(channel),
+            image: image.to_owned(),
+        })
+    }
+}
+
+impl Side for SandboxdSide {
+    const NAME: &'static str = "sandboxd";
+
+    async fn create(&self, id: &str) -> Result<()> {
+        let request = pb::CreateSandboxRequest {
+            sandbox_id: id.to_owned(),
+            image: self.image.clone(),
+            ..Default::default()
+        };
+        let sandbox = self
+            .client
+            .clone()
+            .create_sandbox(request)
+            .await
+            .map_err(|s| status_error("CreateSandbox", id, &s))?
+            .into_inner()
+            .sandbox
+            .with_context(|| format!("CreateSandbox {id}: the response holds no sandbox"))?;
+        ensure!(
+            sandbox.state() == SandboxState::Running,
+            "CreateSandbox {id} answered state {:?}, not RUNNING",
+            sandbox.state()
+        );
+        Ok(())
+    }
+
+    async fn delete(&self, id: &str) -> Result<()> {
+        let request = pb::DeleteSandboxRequest {
+            sandbox_id: id.to_owned(),
+            force: true,
+        };
+        self.client
+            .clone()
+            .delete_sandbox(request)
+            .await
+            .map_err(|s| status_error("DeleteSandbox", id, &s))?;
+        Ok(())
+    }
+}
+
+/// A gRPC failure as an error naming the call, the object and the exact status.
+fn status_error(call: &str, id: &str, status: &tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{call} {id} failed: {:?}: {}",
+        status.code(),
+        status.message()
+    )
+}
+
+/// Raw containerd through the `ctr` CLI (one process per call) in a namespace of its own on the
+/// same containerd. Containers it still tracks are force-deleted on drop.
+struct CtrSide<'a> {
+    containerd: &'a Containerd,
+    namespace: String,
+    image: String,
+    /// Parent of the containers' cgroups, as sandboxd has one; removed on drop.
+    cgroup: CgroupParent,
+    /// Containers created and not deleted yet.
+    live: Mutex<BTreeSet<String>>,
+}
+
+impl<'a> CtrSide<'a> {
+    fn new(containerd: &'a Containerd, image: &str) -> CtrSide<'a> {
+        CtrSide {
+            containerd,
+            namespace: host::unique_name("bench-ctr"),
+            image: image.to_owned(),
+            cgroup: CgroupParent::new(),
+            live: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    /// Pulls (and unpacks) the image into the ctr namespace over plain HTTP (not timed).
+    async fn pull(&self) -> Result<()> {
+        self.ctr(&["images", "pull", "--plain-http", &self.image])
+            .await
+    }
+
+    /// Runs `ctr --address SOCK --namespace NS args...`; an error carries ctr's stderr.
+    async fn ctr(&self, args: &[&str]) -> Result<()> {
+        let out = tokio::process::Command::new(host::binary("ctr"))
+            .arg("--address")
+            .arg(self.containerd.address())
+            .args(["--namespace", &self.namespace])
+            .args(args)
+            .env("PATH", host::DAEMON_PATH)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .with_context(|| format!("spawn ctr {args:?}"))?;
+        ensure!(
+            out.status.success(),
+            "ctr {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    }
+
+    /// Containers still tracked as live.
+    fn live(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.live
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Side for CtrSide<'_> {
+    const NAME: &'static str = "ctr";
+
+    async fn create(&self, id: &str) -> Result<()> {
+        let cgroup = format!("{}/{id}", self.cgroup.path());
+        let mut args = vec!["run", "-d", "--cgroup", &cgroup, &self.image, id];
+        args.extend_from_slice(CTR_COMMAND);
+        self.live().insert(id.to_owned());
+        self.ctr(&args).await
+    }
+
+    async fn delete(&self, id: &str) -> Result<()> {
+        self.ctr(&["tasks", "delete", "--force", id]).await?;
+        self.ctr(&["containers", "delete", id]).await?;
+        self.live().remove(id);
+        Ok(())
+    }
+}
+
+impl Drop for CtrSide<'_> {
+    fn drop(&mut self) {
+        let leftovers: Vec<String> = self.live().iter().cloned().collect();
+        for id in leftovers {
+            for args in [
+                ["tasks", "delete", "--force", id.as_str()].as_slice(),
+                ["containers", "delete", id.as_str()].as_slice(),
+            ] {
+                let out = self.containerd.ctr(&self.namespace, args);
+                if !out.status.success() {
+                    eprintln!(
+                        "bench cleanup: ctr {args:?} failed ({}): {}",
+                        out.status,
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
+                }
+            }
+        }
+    }
+}
+
+// ---- measuring ----
+
+/// Latencies of one side, per operation.
+#[derive(Debug, Default)]
+struct Samples {
+    create_sequential: Vec<Duration>,
+    delete_sequential: Vec<Duration>,
+    create_concurrent: Vec<Duration>,
+    delete_concurrent: Vec<Duration>,
+    /// Wall time of each concurrent create round (first start to last finish).
+    create_round_walls: Vec<Duration>,
+    /// Wall time of each concurrent delete round.
+    delete_round_walls: Vec<Duration>,
+}
+
+/// Runs the warm-up, the sequential phase and the concurrent rounds, alternating between the
+/// sides phase by phase so that a slow spell of the machine does not fall on one side only.
+async fn measure_both(
+    sandboxd: &SandboxdSide,
+    ctr: &CtrSide<'_>,
+    settings: &Settings,
+) -> Result<(Samples, Samples)> {
+    let (mut sandboxd_samples, mut ctr_samples) = (Samples::default(), Samples::default());
+    println!("warming up ...");
+    warm_up(sandboxd, settings.warmup).await?;
+    warm_up(ctr, settings.warmup).await?;
+    println!("sequential: {} sandboxes per side ...", settings.sequential);
+    sequential(sandboxd, settings.sequential, &mut sandboxd_samples).await?;
+    sequential(ctr, settings.sequential, &mut ctr_samples).await?;
+    for round in 0..settings.rounds {
+        println!(
+            "concurrent round {}/{}: {} at once per side ...",
+            round + 1,
+            settings.rounds,
+            settings.concurrency
+        );
+        concurrent_round(sandboxd, round, settings.concurrency, &mut sandboxd_samples).await?;
+        concurrent_round(ctr, round, settings.concurrency, &mut ctr_samples).await?;
+    }
+    Ok((sandboxd_samples, ctr_samples))
+}
+
+/// Creates and deletes `count` sandboxes on `side` without timing them.
+async fn warm_up<S: Side>(side: &S, count: usize) -> Result<()> {
+    for i in 0..count {
+        let id = format!("bench-warmup-{i}");
+        side.create(&id)
+            .await
+            .with_context(|| format!("{}: warm-up", S::NAME))?;
+        side.delete(&id)
+            .await
+            .with_context(|| format!("{}: warm-up", S::NAME))?;
+    }
+    Ok(())
+}
+
+/// Creates `count` sandboxes one after another, then deletes them one after another.
+async fn sequential<S: Side>(side: &S, count: usize, samples: &mut Samples) -> Result<()> {
+    let ids: Vec<String> = (0..count).map(|i| format!("bench-seq-{i:04}")).collect();
+    for id in &ids {
+        let latency = timed(side.create(id))
+            .await
+            .with_context(|| format!("{}: sequential create", S::NAME))?;
+        samples.create_sequential.push(latency);
+    }
+    for id in &ids {
+        let latency = timed(side.delete(id))
+            .await
+            .with_context(|| format!("{}: sequential delete", S::NAME))?;
+        samples.delete_sequential.push(latency);
+    }
+    Ok(())
+}
+
+/// Creates `concurrency` sandboxes at once, then deletes them all at once.
+async fn concurrent_round<S: Side>(
+    side: &S,
+    round: usize,
+    concurrency: usize,
+    samples: &mut Samples,
+) -> Result<()> {
+    let ids: Vec<String> = (0..concurrency)
+        .map(|i| format!("bench-r{round}-{i:02}"))
+        .collect();
+    let (latencies, wall) = concurrently(&ids, |id| side.create(id))
+        .await
+        .with_context(|| format!("{}: concurrent create round {round}", S::NAME))?;
+    samples.create_concurrent.extend(latencies);
+    samples.create_round_walls.push(wall);
+    let (latencies, wall) = concurrently(&ids, |id| side.delete(id))
+        .await
+        .with_context(|| format!("{}: concurrent delete round {round}", S::NAME))?;
+    samples.delete_concurrent.extend(latencies);
+    samples.delete_round_walls.push(wall);
+    Ok(())
+}
+
+/// How long `operation` takes to succeed.
+async fn timed(operation: impl Future<Output = Result<()>>) -> Result<Duration> {
+    let start = Instant::now();
+    operation.await?;
+    Ok(start.elapsed())
+}
+
+/// Starts `operation` for every id at once; returns each one's latency and the wall time of the
+/// whole batch, or every failure (all operations run to completion first).
+async fn concurrently<'a, F, Fut>(
+    ids: &'a [String],
+    operation: F,
+) -> Result<(Vec<Duration>, Duration)>
+where
+    F: Fn(&'a str) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let start = Instant::now();
+    let results = join_all(ids.iter().map(|id| timed(operation(id)))).await;
+    let wall = start.elapsed();
+    let mut latencies = Vec::with_capacity(results.len());
+    let mut failures = Vec::new();
+    for result in results {
+        match result {
+            Ok(latency) => latencies.push(latency),
+            Err(e) => failures.push(format!("{e:#}")),
+        }
+    }
+    if !failures.is_empty() {
+        bail!(
+            "{} of {} operations failed:\n  {}",
+            failures.len(),
+            ids.len(),
+            failures.join("\n  ")
+        );
+    }
+    Ok((latencies, wall))
+}
+
+/// Fails, listing them, if sandboxd's or ctr's namespace still holds containers, tasks, active
+/// snapshots or leases (and, for sandboxd, cgroups): both deletes must remove the same things.
+async fn check_no_leftovers(env: &TestEnv, ctr: &CtrSide<'_>) -> Result<()> {
+    let sandboxd_leaks = env.leaks().await;
+    let ctr_leaks = env.containerd.leaks(&ctr.namespace).await;
+    ensure!(
+        sandboxd_leaks.is_empty() && ctr_leaks.is_empty(),
+        "leftovers after the run:\nsandboxd: {sandboxd_leaks}\nctr: {ctr_leaks}"
+    );
+    println!("leftover check: both namespaces hold no container, task, active snapshot or lease");
+    Ok(())
+}
+
+// ---- statistics and report ----
+
+/// p50, p99 and mean of a set of latencies, in milliseconds.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Summary {
+    samples: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    mean_ms: f64,
+}
+
+impl Summary {
+    /// Percentiles by nearest rank; `None` when there are no samples.
+    fn of(latencies: &[Duration]) -> Option<Summary> {
+        if latencies.is_empty() {
+            return None;
+        }
+        let mut ms: Vec<f64> = latencies.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        ms.sort_by(f64::total_cmp);
+        let mean_ms = ms.iter().sum::<f64>() / ms.len() as f64;
+        Some(Summary {
+            samples: ms.len(),
+            p50_ms: nearest_rank(&ms, 0.50),
+            p99_ms: nearest_rank(&ms, 0.99),
+            mean_ms,
+        })
+    }
+}
+
+/// The `q` quantile of sorted, non-empty `values` by the nearest-rank method.
+fn nearest_rank(sorted: &[f64], q: f64) -> f64 {
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// One row of the table: an operation on both sides.
+#[derive(Debug, Clone, Serialize)]
+struct Row {
+    operation: String,
+    sandboxd: Summary,
+    ctr: Summary,
+    /// sandboxd p50 / ctr p50.
+    ratio_p50: f64,
+    /// sandboxd mean / ctr mean.
+    ratio_mean: f64,
+    /// Whether `ratio_p50` ≤ [`TARGET_RATIO`].
+    meets_target: bool,
+}
+
+impl Row {
+    fn new(operation: String, sandboxd: &[Duration], ctr: &[Duration]) -> Option<Row> {
+        let (sandboxd, ctr) = (Summary::of(sandboxd)?, Summary::of(ctr)?);
+        let ratio_p50 = sandboxd.p50_ms / ctr.p50_ms;
+        Some(Row {
+            operation,
+            sandboxd,
+            ctr,
+            ratio_p50,
+            ratio_mean: sandboxd.mean_ms / ctr.mean_ms,
+            meets_target: ratio_p50 <= TARGET_RATIO,
+        })
+    }
+}
+
+/// Wall times of the concurrent rounds, in milliseconds.
+#[derive(Debug, Clone, Serialize)]
+struct RoundWalls {
+    create_ms: Vec<f64>,
+    delete_ms: Vec<f64>,
+}
+
+impl RoundWalls {
+    fn of(samples: &Samples) -> RoundWalls {
+        let ms = |walls: &[Duration]| walls.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        RoundWalls {
+            create_ms: ms(&samples.create_round_walls),
+            delete_ms: ms(&samples.delete_round_walls),
+        }
+    }
+}
+
+/// Everything the run found, as printed and as written to JSON.
+#[derive(Debug, Clone, Serialize)]
+struct Report {
+    machine: MachineFacts,
+    load_average_1min: LoadAverages,
+    settings: Settings,
+    image: String,
+    target_ratio: f64,
+    rows: Vec<Row>,
+    sandboxd_round_walls: RoundWalls,
+    ctr_round_walls: RoundWalls,
+}
+
+impl Report {
+    fn new(
+        machine: MachineFacts,
+        load: LoadAverages,
+        settings: &Settings,
+        image: &str,
+        sandboxd: &Samples,
+        ctr: &Samples,
+    ) -> Report {
+        let concurrent =
+            |operation: &str| format!("{operation} concurrent({})", settings.concurrency);
+        let rows = [
+            Row::new(
+                "create→RUNNING sequential".to_owned(),
+                &sandboxd.create_sequential,
+                &ctr.create_sequential,
+            ),
+            Row::new(
+                "delete sequential".to_owned(),
+                &sandboxd.delete_sequential,
+                &ctr.delete_sequential,
+            ),
+            Row::new(
+                concurrent("create"),
+                &sandboxd.create_concurrent,
+                &ctr.create_concurrent,
+            ),
+            Row::new(
+                concurrent("delete"),
+                &sandboxd.delete_concurrent,
+                &ctr.delete_concurrent,
+            ),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        Report {
+            machine,
+            load_average_1min: load,
+            settings: *settings,
+            image: image.to_owned(),
+            target_ratio: TARGET_RATIO,
+            rows,
+            sandboxd_round_walls: RoundWalls::of(sandboxd),
+            ctr_round_walls: RoundWalls::of(ctr),
+        }
+    }
+
+    /// The plain-text table with the target verdicts and the round wall times.
+    fn render_table(&self) -> String {
+        let mut out = format!(
+            "{:<28} {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9} | {:>9} {:>10} {:>6}\n",
+            "operation (ms)",
+            "sbx p50",
+            "sbx p99",
+            "sbx mean",
+            "ctr p50",
+            "ctr p99",
+            "ctr mean",
+            "ratio p50",
+            "ratio mean",
+            "target"
+        );
+        out.push_str(&"-".repeat(out.chars().count() - 1));
+        out.push('\n');
+        for row in &self.rows {
+            out.push_str(&format!(
+                "{:<28} {:>9.1} {:>9.1} {:>9.1} | {:>9.1} {:>9.1} {:>9.1} | {:>8.2}x {:>9.2}x {:>6}\n",
+                row.operation,
+                row.sandboxd.p50_ms,
+                row.sandboxd.p99_ms,
+                row.sandboxd.mean_ms,
+                row.ctr.p50_ms,
+                row.ctr.p99_ms,
+                row.ctr.mean_ms,
+                row.ratio_p50,
+                row.ratio_mean,
+                if row.meets_target { "met" } else { "MISSED" }
+            ));
+        }
+        out.push_str(&format!(
+            "load average (1 min): {:.2} before, {:.2} after (after includes the bench's own processes)\n",
+            self.load_average_1min.before, self.load_average_1min.after
+        ));
+        out.push_str(&format!(
+            "target: sandboxd ≤ {TARGET_RATIO}× ctr on p50 (sbx = sandboxd over one gRPC channel; \
+             ctr = one ctr process per call; p99 by nearest rank)\n"
+        ));
+        for (name, walls) in [
+            ("sandboxd", &self.sandboxd_round_walls),
+            ("ctr", &self.ctr_round_walls),
+        ] {
+            out.push_str(&format!(
+                "wall time per round of {} concurrent, {name}: create {} ms, delete {} ms\n",
+                self.settings.concurrency,
+                join_ms(&walls.create_ms),
+                join_ms(&walls.delete_ms)
+            ));
+        }
+        out
+    }
+
+    /// Writes the report as JSON to cargo's target directory; returns the path.
+    fn write_json(&self) -> Result<PathBuf> {
+        let path = target_dir().join(JSON_FILE_NAME);
+        let json = serde_json::to_string_pretty(self).context("serialize the report")?;
+        std::fs::write(&path, json + "\n").with_context(|| format!("write {}", path.display()))?;
+        Ok(path)
+    }
+}
+
+/// Milliseconds joined for display, like "412 / 398 / 405".
+fn join_ms(values: &[f64]) -> String {
+    values
+        .iter()
+        .map(|v| format!("{v:.0}"))
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
+/// cargo's target directory: `CARGO_TARGET_DIR` when set, else `target/` of this package.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+}

@@ -1,0 +1,74 @@
+{{/* The chart's name, shortened to the 63 characters a label value allows. */}}
+{{- define "sandboxd.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The release's full name: object names and the default ServiceAccount. */}}
+{{- define "sandboxd.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The headless Service's name (kept within 63 characters). */}}
+{{- define "sandboxd.headlessName" -}}
+{{- printf "%s-headless" (include "sandboxd.fullname" . | trunc 54 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "sandboxd.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "sandboxd.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "sandboxd.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "sandboxd.labels" -}}
+helm.sh/chart: {{ include "sandboxd.chart" . }}
+{{ include "sandboxd.selectorLabels" . }}
+app.kubernetes.io/version: {{ include "sandboxd.tag" . | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "sandboxd.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "sandboxd.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "sandboxd.tag" -}}
+{{- default .Chart.AppVersion .Values.image.tag }}
+{{- end }}
+
+{{- define "sandboxd.image" -}}
+{{- printf "%s:%s" .Values.image.repository (include "sandboxd.tag" .) }}
+{{- end }}
+
+{{/* The gRPC port inside the pod; the probes and both Services point at it. */}}
+{{- define "sandboxd.grpcPort" -}}
+7878
+{{- end }}
+
+{{/* Checks that span several values (the schema checks each value alone). */}}
+{{- define "sandboxd.validate" -}}
+{{- $dataDir := clean .Values.dataDir }}
+{{- if and .Values.idleInit.installFromImage (not (hasPrefix (printf "%s/" $dataDir) (clean .Values.idleInit.path))) }}
+{{- fail (printf "idleInit.path (%s) must be under dataDir (%s) when idleInit.installFromImage is true" .Values.idleInit.path $dataDir) }}
+{{- end }}
+{{- if and .Values.serviceMonitor.enabled (not .Values.metrics.enabled) }}
+{{- fail "serviceMonitor.enabled needs metrics.enabled" }}
+{{- end }}
+{{- if eq (int .Values.metrics.port) (int (include "sandboxd.grpcPort" .)) }}
+{{- fail (printf "metrics.port must differ from the gRPC port %s" (include "sandboxd.grpcPort" .)) }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,491 @@
+#!/usr/bin/env python3
+"""Checks the Helm chart in helm/sandboxd without a cluster or a helm binary.
+
+Helm's own Go SDK (through helm-python-sdk) lints and renders the chart with the default values,
+with every option on (values-all-on.yaml) and with the alternative branches; kubernetes-validate
+checks every rendered manifest against the newest Kubernetes schemas it ships (strict: unknown
+fields fail); yamllint checks the values files. The remaining tests pin what the chart must do for
+sandboxd to work on a node. Run: python3 tests/helm/test_chart.py
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import tomllib
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import helm_python as helm
+import kubernetes_validate
+import yaml
+from yamllint import linter as yamllint_linter
+from yamllint.config import YamlLintConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "sandboxd"
+ALL_ON = Path(__file__).resolve().parent / "values-all-on.yaml"
+CONFIG_RS = ROOT / "src" / "config.rs"
+RELEASE = "sandboxd"
+NAMESPACE = "sandboxd-system"
+GRPC_PORT = 7878
+# The oldest Kubernetes the chart must validate against; the newest the package knows is used.
+MIN_KUBE = (1, 30)
+
+# Branches neither the defaults nor values-all-on.yaml take: a socket outside containerd's state
+# dir and an idle init the node provides outside the data dir.
+ALTERNATIVE = {
+    "containerd": {
+        "address": "/run/k3s/containerd/containerd.sock",
+        "root": "/var/lib/rancher/k3s/agent/containerd",
+        "state": "/run/containerd",
+    },
+    "idleInit": {"path": "/usr/local/bin/catatonit", "installFromImage": False},
+    "metrics": {"enabled": False, "port": 9090},
+    "networkPolicy": {"enabled": False},
+    "serviceAccount": {"create": False},
+}
+
+
+def kube_version() -> str:
+    latest = kubernetes_validate.latest_version()
+    major, minor = (int(p) for p in latest.split(".")[:2])
+    assert (major, minor) >= MIN_KUBE, f"kubernetes-validate {latest} is older than {MIN_KUBE}"
+    return f"{major}.{minor}.0"
+
+
+def all_on_values() -> dict[str, Any]:
+    return yaml.safe_load(ALL_ON.read_text())
+
+
+def render(values: dict[str, Any] | None = None) -> dict[str, str]:
+    """Template path -> rendered text, like `helm template` (schema checked)."""
+    chart = helm.Chart.load(str(CHART))
+    return chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+
+
+def manifests(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    docs = []
+    for path, text in sorted(render(values).items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                docs.append(doc)
+    return docs
+
+
+def one(docs: list[dict[str, Any]], kind: str, name_suffix: str = "") -> dict[str, Any]:
+    found = [
+        d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(name_suffix)
+    ]
+    if name_suffix == "" and kind == "Service":
+        found = [d for d in found if not d["metadata"]["name"].endswith("-headless")]
+    names = [d["metadata"]["name"] for d in found]
+    assert len(found) == 1, f"expected one {kind} named *{name_suffix}, got {names}"
+    return found[0]
+
+
+def sandboxd_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    pod = one(docs, "DaemonSet")["spec"]["template"]["spec"]
+    (container,) = [c for c in pod["containers"] if c["name"] == "sandboxd"]
+    return container
+
+
+def config_toml(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return tomllib.loads(one(docs, "ConfigMap")["data"]["config.toml"])
+
+
+def accepted_config_keys() -> set[str]:
+    """The fields of src/config.rs's FileConfig, the TOML file's shape (unknown keys rejected)."""
+    source = CONFIG_RS.read_text()
+    m = re.search(
+        r"#\[serde\(deny_unknown_fields\)\]\s*struct FileConfig\s*\{(.*?)\n\}", source, re.S
+    )
+    assert m, "src/config.rs no longer has `#[serde(deny_unknown_fields)] struct FileConfig`"
+    keys = set(re.findall(r"^\s*(?:pub(?:\([^)]*\))?\s+)?(\w+)\s*:", m.group(1), re.M))
+    assert "listen" in keys and "containerd_address" in keys, keys
+    return keys
+
+
+def schema_refuses(values: dict[str, Any], needle: str) -> None:
+    try:
+        render(values)
+    except helm.HelmValuesError as e:
+        assert needle in str(e), f"refused, but the message does not name {needle!r}: {e}"
+    else:
+        raise AssertionError(f"rendering with {values} was accepted")
+
+
+def mount_and_volume(pod: dict[str, Any], container: dict[str, Any], mount_path: str):
+    mounts = [m for m in container["volumeMounts"] if m["mountPath"] == mount_path]
+    assert len(mounts) == 1, f"no single mount at {mount_path}: {container['volumeMounts']}"
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mounts[0]["name"]]
+    return mounts[0], volume
+
+
+def preceding_comment(lines: list[str], index: int) -> str:
+    """The comment block right above lines[index] (empty if there is none)."""
+    block = []
+    i = index - 1
+    while i >= 0 and lines[i].strip().startswith("#"):
+        block.append(lines[i].strip().lstrip("#").strip())
+        i -= 1
+    return " ".join(reversed(block))
+
+
+# --------------------------------------------------------------------------------------------- #
+
+
+def test_lint_passes_strict_with_defaults_and_all_on():
+    for name, values in (("defaults", None), ("all-on", all_on_values()), ("alt", ALTERNATIVE)):
+        report = helm.lint(str(CHART), values, strict=True, kube_version="v" + kube_version())
+        assert report["total_charts_linted"] == 1, report
+        problems = [m for m in report["messages"] if m["severity"] >= 2]
+        assert not report["errors"] and not problems, f"{name}: {report}"
+
+
+def test_every_rendered_manifest_validates_against_kubernetes_schemas():
+    version = kube_version()
+    for name, values in (("defaults", None), ("all-on", all_on_values()), ("alt", ALTERNATIVE)):
+        docs = manifests(values)
+        assert docs, name
+        for doc in docs:
+            if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+                continue  # a CRD: no built-in schema (checked in the ServiceMonitor test)
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                raise AssertionError(
+                    f"{name}: {doc['kind']}/{doc['metadata']['name']} invalid for {version}: "
+                    f"{e.message} at {list(e.path)}"
+                ) from None
+
+
+def test_values_files_pass_yamllint():
+    config = YamlLintConfig(
+        "extends: default\n"
+        "rules:\n"
+        "  document-start: disable\n"
+        "  line-length: {max: 100}\n"
+    )
+    for path in (CHART / "values.yaml", ALL_ON, CHART / "Chart.yaml"):
+        problems = list(yamllint_linter.run(path.read_text(), config, str(path)))
+        assert not problems, "\n".join(f"{path}:{p.line}:{p.column} {p.desc}" for p in problems)
+
+
+def test_grpc_probes_ask_the_health_service_on_7878():
+    for values in (None, all_on_values()):
+        container = sandboxd_container(manifests(values))
+        for probe in ("livenessProbe", "readinessProbe"):
+            assert container[probe]["grpc"] == {"port": GRPC_PORT, "service": ""}, container[probe]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports["grpc"] == GRPC_PORT, ports
+
+
+def test_sandboxd_listens_where_probes_and_services_point():
+    for values in (None, all_on_values()):
+        docs = manifests(values)
+        assert config_toml(docs)["listen"] == f"0.0.0.0:{GRPC_PORT}"
+        for svc in (one(docs, "Service"), one(docs, "Service", "-headless")):
+            (grpc,) = [p for p in svc["spec"]["ports"] if p["name"] == "grpc"]
+            assert grpc["targetPort"] == "grpc", svc
+        container = sandboxd_container(docs)
+        assert container["args"] == ["serve", "--config", "/etc/sandboxd/config.toml"]
+        assert {"name": "config", "mountPath": "/etc/sandboxd", "readOnly": True} in container[
+            "volumeMounts"
+        ]
+
+
+def test_containerd_socket_is_mounted_from_the_node_at_the_same_path():
+    for values in (None, all_on_values(), ALTERNATIVE):
+        docs = manifests(values)
+        pod = one(docs, "DaemonSet")["spec"]["template"]["spec"]
+        container = sandboxd_container(docs)
+        socket = config_toml(docs)["containerd_address"]
+        # The socket's directory, not the file: containerd recreates the socket on restart.
+        mount, volume = mount_and_volume(pod, container, str(Path(socket).parent))
+        assert volume["hostPath"] == {"path": mount["mountPath"], "type": "Directory"}, volume
+        assert mount.get("readOnly") is not True
+    alt = manifests(ALTERNATIVE)
+    pod = one(alt, "DaemonSet")["spec"]["template"]["spec"]
+    container = sandboxd_container(alt)
+    assert config_toml(alt)["containerd_address"] == "/run/k3s/containerd/containerd.sock"
+    for path in ("/run/containerd", "/var/lib/rancher/k3s/agent/containerd"):
+        mount, volume = mount_and_volume(pod, container, path)
+        assert volume["hostPath"]["path"] == path and mount["mountPropagation"] == "HostToContainer"
+
+
+def test_node_paths_are_mounted_with_the_propagation_sandboxd_needs():
+    docs = manifests()
+    pod = one(docs, "DaemonSet")["spec"]["template"]["spec"]
+    container = sandboxd_container(docs)
+    toml = config_toml(docs)
+    expected = {
+        # path: (mountPropagation, readOnly, hostPath type)
+        toml["data_dir"]: ("Bidirectional", None, "DirectoryOrCreate"),
+        "/run/netns": ("Bidirectional", None, "DirectoryOrCreate"),
+        "/run/containerd": ("HostToContainer", None, "Directory"),
+        "/var/lib/containerd": ("HostToContainer", None, "Directory"),
+        "/sys/fs/cgroup": (None, None, "Directory"),
+        "/opt/cni/bin": (None, True, "DirectoryOrCreate"),
+        "/etc/cni/net.d": (None, True, "DirectoryOrCreate"),
+    }
+    for path, (propagation, read_only, kind) in expected.items():
+        mount, volume = mount_and_volume(pod, container, path)
+        assert volume["hostPath"] == {"path": path, "type": kind}, (path, volume)
+        assert mount.get("mountPropagation") == propagation, (path, mount)
+        assert mount.get("readOnly") == read_only, (path, mount)
+
+
+def test_privileges_are_set_and_each_one_says_why():
+    for values in (None, all_on_values()):
+        docs = manifests(values)
+        pod = one(docs, "DaemonSet")["spec"]["template"]["spec"]
+        container = sandboxd_container(docs)
+        assert pod["hostPID"] is True
+        assert "hostNetwork" not in pod
+        assert pod["automountServiceAccountToken"] is False
+        assert container["securityContext"]["privileged"] is True
+        assert container["securityContext"]["runAsUser"] == 0
+        for init in pod.get("initContainers", []):
+            assert init["securityContext"]["allowPrivilegeEscalation"] is False, init
+            assert init["securityContext"]["capabilities"] == {"drop": ["ALL"]}, init
+    lines = (CHART / "templates" / "daemonset.yaml").read_text().splitlines()
+    why = {
+        "privileged: true": ("mount", "cgroup", "setns"),
+        "hostPID: true": ("/proc/", "PID namespace"),
+        "runAsUser: 0": ("root",),
+        "mountPropagation: Bidirectional": ("Bidirectional",),
+        "mountPropagation: HostToContainer": ("HostToContainer",),
+    }
+    for setting, words in why.items():
+        hits = [i for i, line in enumerate(lines) if line.strip() == setting]
+        assert hits, f"{setting} is not in templates/daemonset.yaml"
+        for i in hits:
+            # The comment sits right above the setting or, for a mount's propagation, above the
+            # volumeMounts item it belongs to.
+            j = i
+            if setting.startswith("mountPropagation"):
+                while j > 0 and not lines[j].lstrip().startswith("- "):
+                    j -= 1
+            comment = preceding_comment(lines, j)
+            assert comment, f"line {i + 1} ({setting}) has no comment saying why"
+            missing = [w for w in words if w not in comment]
+            assert not missing, f"line {i + 1} ({setting}): comment lacks {missing}: {comment!r}"
+
+
+def test_configmap_toml_parses_and_holds_only_keys_sandboxd_accepts():
+    accepted = accepted_config_keys()
+    chart_keys = {
+        "listen", "containerd_address", "namespace", "data_dir", "cgroup_parent",
+        "embedded_containerd", "idle_init", "log_format",
+    }
+    cases = (
+        (None, chart_keys | {"metrics_listen"}),
+        (all_on_values(), chart_keys | {"metrics_listen"}),
+        (ALTERNATIVE, chart_keys),
+    )
+    for values, expected in cases:
+        toml = config_toml(manifests(values))
+        assert set(toml) == expected, sorted(set(toml) ^ expected)
+        unknown = set(toml) - accepted
+        assert not unknown, f"config.rs rejects {sorted(unknown)}; it accepts {sorted(accepted)}"
+        assert toml["embedded_containerd"] == "never"
+        assert all(isinstance(v, str) for v in toml.values()), toml
+    default = config_toml(manifests())
+    assert default["containerd_address"] == "/run/containerd/containerd.sock"
+    assert default["namespace"] == "sandboxd" and default["data_dir"] == "/var/lib/sandboxd"
+    assert default["metrics_listen"] == "0.0.0.0:9090"
+    on = config_toml(manifests(all_on_values()))
+    assert on["metrics_listen"] == "0.0.0.0:9464" and on["namespace"] == "sandboxd-prod"
+    assert on["log_format"] == "human" and on["cgroup_parent"] == "/kubepods.slice/sandboxd"
+
+
+def test_idle_init_exists_on_the_node_where_runc_and_sandboxd_look():
+    docs = manifests()
+    pod = one(docs, "DaemonSet")["spec"]["template"]["spec"]
+    toml = config_toml(docs)
+    (init,) = pod["initContainers"]
+    assert init["command"][-2:] == ["/usr/bin/catatonit", toml["idle_init"]], init["command"]
+    assert toml["idle_init"].startswith(toml["data_dir"] + "/")
+    assert init["volumeMounts"] == [{"name": "data", "mountPath": toml["data_dir"]}]
+    alt = manifests(ALTERNATIVE)
+    pod = one(alt, "DaemonSet")["spec"]["template"]["spec"]
+    assert "initContainers" not in pod
+    mount, volume = mount_and_volume(pod, sandboxd_container(alt), "/usr/local/bin/catatonit")
+    assert volume["hostPath"] == {"path": "/usr/local/bin/catatonit", "type": "File"}
+    assert mount["readOnly"] is True
+    schema_ok_but_refused = {"idleInit": {"path": "/opt/catatonit", "installFromImage": True}}
+    try:
+        render(schema_ok_but_refused)
+    except helm.HelmError as e:
+        assert "must be under dataDir" in str(e), e
+    else:
+        raise AssertionError("an idle init copied outside the data dir was accepted")
+
+
+def test_services_reach_the_local_node_or_one_pod():
+    for values in (None, all_on_values()):
+        docs = manifests(values)
+        pod_labels = one(docs, "DaemonSet")["spec"]["template"]["metadata"]["labels"]
+        local = one(docs, "Service")
+        headless = one(docs, "Service", "-headless")
+        assert local["spec"]["internalTrafficPolicy"] == "Local", local["spec"]
+        assert headless["spec"]["clusterIP"] == "None", headless["spec"]
+        for svc in (local, headless):
+            assert svc["spec"]["selector"].items() <= pod_labels.items(), svc["spec"]["selector"]
+    local = one(manifests(all_on_values()), "Service")
+    assert [p["port"] for p in local["spec"]["ports"]] == [50051]
+
+
+def test_networkpolicy_admits_only_the_client_label_by_default():
+    docs = manifests()
+    policy = one(docs, "NetworkPolicy")
+    pod_labels = one(docs, "DaemonSet")["spec"]["template"]["metadata"]["labels"]
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert spec["policyTypes"] == ["Ingress"]
+    assert spec["ingress"] == [
+        {
+            "from": [{"podSelector": {"matchLabels": {"sandboxd.io/client": "true"}}}],
+            "ports": [{"port": "grpc", "protocol": "TCP"}],
+        }
+    ], spec["ingress"]
+    custom = one(
+        manifests({"networkPolicy": {"clientLabel": {"key": "team", "value": "agents"}}}),
+        "NetworkPolicy",
+    )
+    assert custom["spec"]["ingress"][0]["from"] == [
+        {"podSelector": {"matchLabels": {"team": "agents"}}}
+    ]
+    on = one(manifests(all_on_values()), "NetworkPolicy")["spec"]["ingress"]
+    assert on[0]["from"] == [
+        {
+            "podSelector": {"matchLabels": {"agents.example.com/sandboxd-client": "allowed"}},
+            "namespaceSelector": {"matchLabels": {"sandboxd.io/clients-allowed": "true"}},
+        }
+    ], on[0]
+    assert on[0]["ports"] == [{"port": "grpc", "protocol": "TCP"}]
+    assert on[1]["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert on[1]["from"] == all_on_values()["networkPolicy"]["metricsFrom"]
+    every_ns = one(
+        manifests({"networkPolicy": {"clientNamespaceSelector": {}}}), "NetworkPolicy"
+    )["spec"]["ingress"][0]["from"][0]
+    assert every_ns["namespaceSelector"] == {}, every_ns
+    assert not any(d["kind"] == "NetworkPolicy" for d in manifests(ALTERNATIVE))
+
+
+def test_notes_and_readme_say_callers_are_not_authenticated():
+    notes = render()["sandboxd/templates/NOTES.txt"]
+    assert "does not authenticate callers" in notes and "sandboxd.io/client" in notes, notes
+    open_notes = render({"networkPolicy": {"enabled": False}})["sandboxd/templates/NOTES.txt"]
+    assert "WARNING: networkPolicy.enabled is false" in open_notes, open_notes
+    readme = (CHART / "README.md").read_text()
+    assert "does not authenticate callers" in readme and "NetworkPolicy" in readme
+
+
+def test_servicemonitor_only_when_enabled_and_scrapes_the_metrics_port():
+    assert not any(d["kind"] == "ServiceMonitor" for d in manifests())
+    docs = manifests(all_on_values())
+    monitor = one(docs, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    headless = one(docs, "Service", "-headless")
+    local = one(docs, "Service")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= headless["metadata"]["labels"].items()
+    assert not selector.items() <= local["metadata"]["labels"].items()
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    assert endpoint["interval"] == "15s" and endpoint["scrapeTimeout"] == "5s"
+    (port,) = [p for p in headless["spec"]["ports"] if p["name"] == "metrics"]
+    assert port["port"] == 9464 and port["targetPort"] == "metrics"
+    container = sandboxd_container(docs)
+    assert {"name": "metrics", "containerPort": 9464, "protocol": "TCP"} in container["ports"]
+    try:
+        render({"serviceMonitor": {"enabled": True}, "metrics": {"enabled": False, "port": 9090}})
+    except helm.HelmError as e:
+        assert "serviceMonitor.enabled needs metrics.enabled" in str(e), e
+    else:
+        raise AssertionError("a ServiceMonitor without metrics was accepted")
+
+
+def test_metrics_off_leaves_no_metrics_port_or_key():
+    docs = manifests({"metrics": {"enabled": False}})
+    assert "metrics_listen" not in config_toml(docs)
+    assert [p["name"] for p in sandboxd_container(docs)["ports"]] == ["grpc"]
+    assert [p["name"] for p in one(docs, "Service", "-headless")["spec"]["ports"]] == ["grpc"]
+
+
+def test_otlp_endpoint_becomes_the_standard_env_var():
+    env = {e["name"]: e for e in sandboxd_container(manifests(all_on_values()))["env"]}
+    endpoint = env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"]
+    assert endpoint == "http://otel-collector.observability.svc:4317", endpoint
+    assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    default_env = [e["name"] for e in sandboxd_container(manifests())["env"]]
+    assert default_env == ["RUST_LOG"], default_env
+
+
+def test_daemonset_scheduling_values_render():
+    on = one(manifests(all_on_values()), "DaemonSet")
+    pod = on["spec"]["template"]["spec"]
+    assert on["spec"]["updateStrategy"] == {
+        "type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%"}
+    }
+    assert pod["tolerations"][0]["key"] == "sandboxd.io/dedicated"
+    assert pod["nodeSelector"]["sandboxd.io/enabled"] == "true"
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert pod["serviceAccountName"] == "sandboxd-node"
+    assert sandboxd_container([on])["image"] == "registry.example.com/platform/sandboxd:0.2.0"
+    assert sandboxd_container([on])["resources"]["limits"]["memory"] == "2Gi"
+    default = one(manifests(), "DaemonSet")
+    assert sandboxd_container([default])["image"] == "ghcr.io/sandboxd/sandboxd:0.1.0"
+    assert default["spec"]["updateStrategy"]["type"] == "RollingUpdate"
+    # A config change must roll the pods: sandboxd reads its config once.
+    a = default["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    b = one(manifests({"config": {"logFormat": "human"}}), "DaemonSet")
+    assert a != b["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+
+
+def test_schema_refuses_bad_values():
+    schema_refuses({"service": {"port": "x"}}, "/service/port")
+    schema_refuses({"service": {"port": 70000}}, "/service/port")
+    schema_refuses({"config": {"logFormat": "yaml"}}, "/config/logFormat")
+    schema_refuses({"config": {"namespace": "no spaces"}}, "/config/namespace")
+    schema_refuses({"config": {"cgroupParent": "/a/../b"}}, "/config/cgroupParent")
+    schema_refuses({"dataDir": "relative/dir"}, "/dataDir")
+    schema_refuses({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy")
+    schema_refuses({"metrics": {"enabled": "yes"}}, "/metrics/enabled")
+    schema_refuses({"otlp": {"endpoint": "collector:4317"}}, "/otlp/endpoint")
+    label = "/networkPolicy/clientLabel"
+    schema_refuses({"networkPolicy": {"clientLabel": {"key": ""}}}, label + "/key")
+    schema_refuses({"networkPolicy": {"clientLabel": {"value": "has space"}}}, label + "/value")
+    schema_refuses({"replicas": 3}, "replicas")  # a DaemonSet has none: typos are refused too
+    report = helm.lint(str(CHART), {"config": {"logFormat": "yaml"}})
+    assert any("/config/logFormat" in e for e in report["errors"]), report
+
+
+def main() -> int:
+    tests: list[tuple[str, Callable[[], None]]] = [
+        (name, fn) for name, fn in globals().items() if name.startswith("test_") and callable(fn)
+    ]
+    passed = failed = 0
+    for name, fn in tests:
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - every failure is reported, then counted
+            failed += 1
+            print(f"FAIL {name}")
+            traceback.print_exc(file=sys.stdout)
+        else:
+            passed += 1
+            print(f"ok   {name}")
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
