@@ -5,8 +5,10 @@
 //! sandbox's root, so `..`, absolute or relative symlinks, chains of them and symlinks swapped in
 //! during a call all stay inside the root. Changes act on the last component with the `*at`
 //! system calls relative to a descriptor of its parent (opened the same way), which never follow
-//! a symlink there. Trees are walked descriptor by descriptor without following symlinks or
-//! crossing mounts. No host path string of a file inside the sandbox is ever built.
+//! a symlink there. Trees are walked descriptor by descriptor without following symlinks (and a
+//! removal never enters or removes a mount of a running sandbox). No host path string of a file
+//! inside the sandbox is ever built; the only path strings opened on the host are the sandbox's
+//! root itself and `/proc/self/fd/N`, which names a descriptor already open.
 //!
 //! Regular files are opened for I/O only after their type is checked on an `O_PATH` descriptor,
 //! by re-opening that very descriptor through `/proc/self/fd`: opening a device node or FIFO that
@@ -61,7 +63,7 @@ pub const TEMP_PREFIX: &str = ".sandboxd-write-";
 /// Kernel pseudo-filesystems whose "regular files" are windows on the host kernel, not files of
 /// the sandbox. The sandbox's own processes see them masked or read-only; sandboxd, as host
 /// root, would not, so it never reads them.
-const PSEUDO_FILESYSTEMS: [libc::c_long; 10] = [
+const PSEUDO_FILESYSTEMS: [libc::c_long; 8] = [
     libc::PROC_SUPER_MAGIC,
     libc::SYSFS_MAGIC,
     libc::CGROUP_SUPER_MAGIC,
@@ -70,8 +72,6 @@ const PSEUDO_FILESYSTEMS: [libc::c_long; 10] = [
     libc::SECURITYFS_MAGIC,
     libc::TRACEFS_MAGIC,
     libc::BPF_FS_MAGIC,
-    libc::EFIVARFS_MAGIC,
-    libc::CONFIGFS_MAGIC,
 ];
 
 // ---- paths ----
@@ -320,6 +320,31 @@ fn open_child_dir(dir: &impl AsFd, name: &CStr, cross_mounts: bool) -> nix::Resu
     retry(|| nix::fcntl::openat2(dir, name, how))
 }
 
+/// True when entry `name` of `dir` is a mount point in the namespace `dir` was reached through.
+/// Such a mount (a running sandbox's /proc or its bind-mounted /etc/hosts) is invisible to the
+/// kernel's own busy checks from sandboxd's namespace: unlinking or renaming over it would
+/// silently detach it from the sandbox, so it is left alone.
+fn is_mount_point(dir: &impl AsFd, name: &CStr) -> nix::Result<bool> {
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+        .resolve(
+            ResolveFlag::RESOLVE_BENEATH
+                | ResolveFlag::RESOLVE_NO_SYMLINKS
+                | ResolveFlag::RESOLVE_NO_XDEV,
+        );
+    match retry(|| nix::fcntl::openat2(dir, name, how)) {
+        Ok(_) => Ok(false),
+        Err(Errno::EXDEV) => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
+fn mount_point_error(path: &str) -> Error {
+    Error::FailedPrecondition(format!(
+        "path {path:?} is a mount point of the running sandbox, which is left alone"
+    ))
+}
+
 /// The names in directory `fd`, without `.` and `..`.
 fn read_names(fd: &OwnedFd, path: &str) -> Result<Vec<CString>> {
     let dup = fd.try_clone().map_err(|e| Error::io("dup", e))?;
@@ -465,10 +490,9 @@ impl ListDepth {
         match depth {
             0 => Ok(ListDepth(1)),
             d if d < 0 => Err(Error::invalid(field, "cannot be negative")),
-            d if d as u32 > MAX_LIST_DEPTH => Err(Error::invalid(
-                field,
-                format!("at most {MAX_LIST_DEPTH}"),
-            )),
+            d if d as u32 > MAX_LIST_DEPTH => {
+                Err(Error::invalid(field, format!("at most {MAX_LIST_DEPTH}")))
+            }
             d => Ok(ListDepth(d as u32)),
         }
     }
@@ -500,8 +524,7 @@ fn walk(
 ) -> Result<()> {
     for name in read_names(dir, dir_path)? {
         let shown = join(dir_path, &lossy(OsStr::from_bytes(name.to_bytes())));
-        let st = match nix::sys::stat::fstatat(dir, name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
-        {
+        let st = match nix::sys::stat::fstatat(dir, name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(st) => st,
             // Removed since the directory was read.
             Err(Errno::ENOENT) => continue,
@@ -666,11 +689,17 @@ impl AtomicWriter {
     /// file with its mode and owner and, to append, copies the current content into it.
     pub fn create(root: Root, spec: &WriteSpec) -> Result<AtomicWriter> {
         let (dir, name, path) = resolve_for_write(&root, spec.path.as_str())?;
-        let existing = match nix::sys::stat::fstatat(&dir, name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
-            Ok(st) => Some(st),
-            Err(Errno::ENOENT) => None,
-            Err(e) => return Err(fail(&path, e)),
-        };
+        let existing =
+            match nix::sys::stat::fstatat(&dir, name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+                Ok(st) => Some(st),
+                Err(Errno::ENOENT) => None,
+                Err(e) => return Err(fail(&path, e)),
+            };
+        if existing.is_some()
+            && is_mount_point(&dir, name.as_c_str()).map_err(|e| fail(&path, e))?
+        {
+            return Err(mount_point_error(&path));
+        }
         if let Some(st) = &existing {
             match file_type(st) {
                 FileType::Regular => {}
@@ -731,16 +760,7 @@ impl AtomicWriter {
         .map_err(|e| fail(&self.path, e))?;
         let mut src = reopen_regular(&opath, OFlag::O_RDONLY, &self.path)?;
         let dst = self.file.as_mut().expect("the file is open until commit");
-        // In-kernel copy (a reflink where the filesystem can); plain copy where it cannot.
-        loop {
-            match nix::fcntl::copy_file_range(&src, None, &*dst, None, 1 << 30) {
-                Ok(0) => return Ok(()),
-                Ok(_) => {}
-                Err(Errno::EINTR) => {}
-                Err(Errno::EXDEV | Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => break,
-                Err(e) => return Err(fail(&self.path, e)),
-            }
-        }
+        // std copies file to file in the kernel (copy_file_range) where it can.
         std::io::copy(&mut src, dst)
             .map(drop)
             .map_err(|e| Error::io(format!("copying {:?} to append to it", self.path), e))
@@ -948,6 +968,9 @@ pub fn remove(root: &Root, path: &SandboxPath, recursive: bool) -> Result<()> {
     let c_name = cstring(name)?;
     let st = nix::sys::stat::fstatat(&dir, c_name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
         .map_err(|e| fail(p, e))?;
+    if is_mount_point(&dir, c_name.as_c_str()).map_err(|e| fail(p, e))? {
+        return Err(mount_point_error(p));
+    }
     if file_type(&st) != FileType::Directory {
         return nix::unistd::unlinkat(&dir, c_name.as_c_str(), UnlinkatFlags::NoRemoveDir)
             .map_err(|e| fail(p, e));
@@ -955,7 +978,12 @@ pub fn remove(root: &Root, path: &SandboxPath, recursive: bool) -> Result<()> {
     match nix::unistd::unlinkat(&dir, c_name.as_c_str(), UnlinkatFlags::RemoveDir) {
         Ok(()) => Ok(()),
         Err(Errno::ENOTEMPTY | Errno::EEXIST) if recursive => {
-            remove_tree(&dir, &c_name, p, 0)
+            match remove_tree(&dir, &c_name, p, 0)? {
+                None => Ok(()),
+                Some(mount) => Err(Error::FailedPrecondition(format!(
+                    "path {p:?} holds mount point {mount:?} of the running sandbox, which is left alone; everything else below it was removed"
+                ))),
+            }
         }
         Err(Errno::ENOTEMPTY | Errno::EEXIST) => Err(Error::FailedPrecondition(format!(
             "path {p:?} is a non-empty directory; set recursive to remove it"
@@ -964,14 +992,21 @@ pub fn remove(root: &Root, path: &SandboxPath, recursive: bool) -> Result<()> {
     }
 }
 
-/// Removes directory `name` of `parent` and everything below it, descriptor by descriptor.
-fn remove_tree(parent: &OwnedFd, name: &CStr, path: &str, level: usize) -> Result<()> {
+/// Removes directory `name` of `parent` and everything below it, descriptor by descriptor. Like
+/// `rm -r` meeting a busy mount, it removes all it can and leaves mount points (and the
+/// directories holding them) in place: returns the first mount point left, if any.
+fn remove_tree(parent: &OwnedFd, name: &CStr, path: &str, level: usize) -> Result<Option<String>> {
     if level >= MAX_REMOVE_DEPTH {
         return Err(Error::FailedPrecondition(format!(
             "path {path:?} is more than {MAX_REMOVE_DEPTH} directories deep; remove its deepest parts first"
         )));
     }
-    let dir = open_child_dir(parent, name, false).map_err(|e| fail(path, e))?;
+    let dir = match open_child_dir(parent, name, false) {
+        Ok(dir) => dir,
+        Err(Errno::EXDEV) => return Ok(Some(path.to_string())),
+        Err(e) => return Err(fail(path, e)),
+    };
+    let mut left = None;
     for child in read_names(&dir, path)? {
         let shown = join(path, &lossy(OsStr::from_bytes(child.to_bytes())));
         let st = match nix::sys::stat::fstatat(&dir, child.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
@@ -980,18 +1015,25 @@ fn remove_tree(parent: &OwnedFd, name: &CStr, path: &str, level: usize) -> Resul
             Err(Errno::ENOENT) => continue,
             Err(e) => return Err(fail(&shown, e)),
         };
-        let result = if file_type(&st) == FileType::Directory {
-            remove_tree(&dir, &child, &shown, level + 1)
+        let kept = if file_type(&st) == FileType::Directory {
+            remove_tree(&dir, &child, &shown, level + 1)?
+        } else if is_mount_point(&dir, child.as_c_str()).map_err(|e| fail(&shown, e))? {
+            Some(shown)
         } else {
-            nix::unistd::unlinkat(&dir, child.as_c_str(), UnlinkatFlags::NoRemoveDir)
-                .map_err(|e| fail(&shown, e))
+            match nix::unistd::unlinkat(&dir, child.as_c_str(), UnlinkatFlags::NoRemoveDir) {
+                Ok(()) | Err(Errno::ENOENT) => None,
+                Err(e) => return Err(fail(&shown, e)),
+            }
         };
-        match result {
-            Ok(()) | Err(Error::NotFound { .. }) => {}
-            Err(e) => return Err(e),
-        }
+        left = left.or(kept);
     }
-    nix::unistd::unlinkat(parent, name, UnlinkatFlags::RemoveDir).map_err(|e| fail(path, e))
+    if left.is_some() {
+        return Ok(left);
+    }
+    match nix::unistd::unlinkat(parent, name, UnlinkatFlags::RemoveDir) {
+        Ok(()) | Err(Errno::ENOENT) => Ok(None),
+        Err(e) => Err(fail(path, e)),
+    }
 }
 
 #[cfg(test)]
@@ -1123,7 +1165,10 @@ mod tests {
         }
         f.assert_host_intact();
         // With the host's directory mirrored inside, the write lands on the sandbox's own file.
-        let inside = f.root_dir.path().join(f.host.path().strip_prefix("/").unwrap());
+        let inside = f
+            .root_dir
+            .path()
+            .join(f.host.path().strip_prefix("/").unwrap());
         std::fs::create_dir_all(&inside).unwrap();
         assert_eq!(write(f.root(), "/abs", b"mine", false).unwrap(), 4);
         assert_eq!(std::fs::read(inside.join("secret")).unwrap(), b"mine");
@@ -1220,15 +1265,20 @@ mod tests {
         assert_eq!(part, &data[70_000..170_000]);
         let tail = read_all(f.root(), "/big", ReadRange::parse(199_990, 100).unwrap()).unwrap();
         assert_eq!(tail, &data[199_990..]);
-        assert!(read_all(f.root(), "/big", ReadRange::parse(300_000, 0).unwrap())
-            .unwrap()
-            .is_empty());
+        assert!(
+            read_all(f.root(), "/big", ReadRange::parse(300_000, 0).unwrap())
+                .unwrap()
+                .is_empty()
+        );
         assert!(matches!(
             read_all(f.root(), "/etc", ReadRange::parse(0, 0).unwrap()),
             Err(Error::FailedPrecondition(_))
         ));
-        nix::unistd::mkfifo(&f.root_dir.path().join("fifo"), Mode::from_bits_truncate(0o600))
-            .unwrap();
+        nix::unistd::mkfifo(
+            &f.root_dir.path().join("fifo"),
+            Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
         assert!(matches!(
             read_all(f.root(), "/fifo", ReadRange::parse(0, 0).unwrap()),
             Err(Error::FailedPrecondition(_))
@@ -1263,7 +1313,10 @@ mod tests {
         assert_eq!(l.size, "/etc/passwd".len() as u64);
         let file = stat(&f.root(), &path("/t/a/f")).unwrap();
         assert_eq!((file.file_type, file.size), (FileType::Regular, 5));
-        assert_eq!(stat(&f.root(), &path("/")).unwrap().file_type, FileType::Directory);
+        assert_eq!(
+            stat(&f.root(), &path("/")).unwrap().file_type,
+            FileType::Directory
+        );
         assert!(matches!(
             list(&f.root(), &path("/t/a/f"), ListDepth(1)),
             Err(Error::FailedPrecondition(_))

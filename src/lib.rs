@@ -3,6 +3,7 @@
 pub mod api;
 pub mod config;
 pub mod error;
+pub mod files;
 pub mod image;
 pub mod metrics;
 pub mod net;

@@ -164,7 +164,9 @@ pub async fn serve(
         .add_service(pb::snapshot_service_server::SnapshotServiceServer::new(
             SnapshotApi::new(manager.clone()),
         ))
-        .add_service(pb::file_service_server::FileServiceServer::new(FileApi));
+        .add_service(pb::file_service_server::FileServiceServer::new(
+            FileApi::new(manager.clone()),
+        ));
 
     let (drain_tx, mut drain_rx) = watch::channel(false);
     let reporter_for_shutdown = reporter.clone();

@@ -183,7 +183,8 @@ impl FileService for FileApi {
             match inbound.message().await {
                 Ok(Some(msg)) => match msg.request {
                     Some(Msg::Data(data)) => {
-                        if tx.send(WriteInput::Data(data.into())).await.is_err() {
+                        let sent = tx.send(WriteInput::Data(data.into())).await;
+                        if sent.is_err() {
                             // The writer failed; its result says why.
                             break Ok(());
                         }
@@ -196,6 +197,11 @@ impl FileService for FileApi {
                     None => {}
                 },
                 Ok(None) => {
+                    // tonic reports a client's RST_STREAM(CANCEL) as a clean end of the request
+                    // stream. hyper checks for that reset whenever this call is pending, and then
+                    // drops it: yield once, so a cancelled call ends here, before Finish, and
+                    // leaves the file untouched.
+                    tokio::task::yield_now().await;
                     let _ = tx.send(WriteInput::Finish).await;
                     break Ok(());
                 }
@@ -254,10 +260,8 @@ impl FileService for FileApi {
         let path = path("path", &r.path)?;
         let mode = mode(r.mode, DEFAULT_DIR_MODE);
         let parents = r.parents;
-        self.with_root(&id, move |root| {
-            files::make_dir(root, &path, parents, mode)
-        })
-        .await?;
+        self.with_root(&id, move |root| files::make_dir(root, &path, parents, mode))
+            .await?;
         Ok(Response::new(pb::MakeDirectoryResponse {}))
     }
 

@@ -1,13 +1,13 @@
 //! The gRPC edge: the only place proto types meet the domain.
 
 pub mod convert;
+mod file;
 mod image;
-mod pending;
 mod sandbox;
 mod snapshot;
 pub mod status;
 
+pub use file::FileApi;
 pub use image::ImageApi;
-pub use pending::FileApi;
 pub use sandbox::SandboxApi;
 pub use snapshot::SnapshotApi;
