@@ -33,7 +33,10 @@ pub enum Direction {
 }
 
 impl EncodeLabelValue for Direction {
-    fn encode(&self, encoder: &mut prometheus_client::encoding::LabelValueEncoder) -> std::fmt::Result {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder,
+    ) -> std::fmt::Result {
         use std::fmt::Write;
         encoder.write_str(match self {
             Direction::In => "in",
@@ -96,20 +99,50 @@ impl Metrics {
             exec_bytes: Family::default(),
             registry: Registry::default(),
         };
-        registry.register("rpc_requests", "gRPC requests by method and status code", m.rpcs.clone());
-        registry.register("create_duration_seconds", "CreateSandbox latency", m.create_seconds.clone());
-        registry.register("exec_first_byte_seconds", "Exec start to first output byte", m.exec_first_byte_seconds.clone());
-        registry.register("commit_duration_seconds", "CommitSnapshot latency", m.commit_seconds.clone());
-        registry.register("restore_duration_seconds", "RestoreSandbox latency", m.restore_seconds.clone());
+        registry.register(
+            "rpc_requests",
+            "gRPC requests by method and status code",
+            m.rpcs.clone(),
+        );
+        registry.register(
+            "create_duration_seconds",
+            "CreateSandbox latency",
+            m.create_seconds.clone(),
+        );
+        registry.register(
+            "exec_first_byte_seconds",
+            "Exec start to first output byte",
+            m.exec_first_byte_seconds.clone(),
+        );
+        registry.register(
+            "commit_duration_seconds",
+            "CommitSnapshot latency",
+            m.commit_seconds.clone(),
+        );
+        registry.register(
+            "restore_duration_seconds",
+            "RestoreSandbox latency",
+            m.restore_seconds.clone(),
+        );
         registry.register("sandboxes", "Sandboxes by state", m.sandboxes.clone());
-        registry.register("containerd_up", "1 while containerd answers, else 0", m.containerd_up.clone());
-        registry.register("exec_bytes", "Exec stdio bytes by direction", m.exec_bytes.clone());
+        registry.register(
+            "containerd_up",
+            "1 while containerd answers, else 0",
+            m.containerd_up.clone(),
+        );
+        registry.register(
+            "exec_bytes",
+            "Exec stdio bytes by direction",
+            m.exec_bytes.clone(),
+        );
         Metrics { registry, ..m }
     }
 
     /// Counts exec bytes.
     pub fn exec_bytes(&self, direction: Direction, n: usize) {
-        self.exec_bytes.get_or_create(&DirectionLabels { direction }).inc_by(n as u64);
+        self.exec_bytes
+            .get_or_create(&DirectionLabels { direction })
+            .inc_by(n as u64);
     }
 }
 
@@ -124,19 +157,52 @@ pub fn observe_since(h: &Histogram, start: Instant) {
     h.observe(start.elapsed().as_secs_f64());
 }
 
-async fn render(manager: Arc<Manager>) -> (http::StatusCode, [(http::HeaderName, &'static str); 1], String) {
+async fn render(
+    manager: Arc<Manager>,
+) -> (
+    http::StatusCode,
+    [(http::HeaderName, &'static str); 1],
+    String,
+) {
     let m = metrics();
-    if let Ok((sandboxes, _)) = manager.list(&LabelSelector::default(), &Page { size: usize::MAX, after: None }).await {
+    if let Ok((sandboxes, _)) = manager
+        .list(
+            &LabelSelector::default(),
+            &Page {
+                size: usize::MAX,
+                after: None,
+            },
+        )
+        .await
+    {
         for state in ["created", "running", "paused", "stopped", "unknown"] {
-            let n = sandboxes.iter().filter(|s| state_name(s.state) == state).count();
-            m.sandboxes.get_or_create(&StateLabels { state: state.into() }).set(n as i64);
+            let n = sandboxes
+                .iter()
+                .filter(|s| state_name(s.state) == state)
+                .count();
+            m.sandboxes
+                .get_or_create(&StateLabels {
+                    state: state.into(),
+                })
+                .set(n as i64);
         }
     }
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &m.registry) {
-        return (http::StatusCode::INTERNAL_SERVER_ERROR, [(http::header::CONTENT_TYPE, "text/plain")], e.to_string());
+        return (
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            [(http::header::CONTENT_TYPE, "text/plain")],
+            e.to_string(),
+        );
     }
-    (http::StatusCode::OK, [(http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], out)
+    (
+        http::StatusCode::OK,
+        [(
+            http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        out,
+    )
 }
 
 fn state_name(s: State) -> &'static str {
@@ -155,8 +221,13 @@ pub async fn serve(
     manager: Arc<Manager>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = axum::Router::new().route("/metrics", axum::routing::get(move || render(manager.clone())));
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || render(manager.clone())),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 /// A tower layer counting RPCs by method and status code. The code is read from the response
@@ -185,7 +256,9 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -203,7 +276,13 @@ where
                 .and_then(|v| v.parse::<i32>().ok())
                 .map(tonic::Code::from_i32)
                 .unwrap_or(tonic::Code::Ok);
-            metrics().rpcs.get_or_create(&RpcLabels { method, code: format!("{code:?}") }).inc();
+            metrics()
+                .rpcs
+                .get_or_create(&RpcLabels {
+                    method,
+                    code: format!("{code:?}"),
+                })
+                .inc();
             Ok(resp)
         })
     }

@@ -145,7 +145,11 @@ pub async fn serve(
             let shutdown = async move {
                 let _ = stop.changed().await;
             };
-            Some(tokio::spawn(crate::metrics::serve(listener, manager.clone(), shutdown)))
+            Some(tokio::spawn(crate::metrics::serve(
+                listener,
+                manager.clone(),
+                shutdown,
+            )))
         }
     };
 

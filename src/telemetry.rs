@@ -84,7 +84,9 @@ impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
 /// The span of one RPC: named after its method, child of the caller's `traceparent` if any.
 pub fn rpc_span<B>(req: &http::Request<B>) -> tracing::Span {
     let span = tracing::info_span!("rpc", method = %req.uri().path(), otel.name = %req.uri().path(), otel.kind = "server");
-    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(req.headers())));
+    let parent = opentelemetry::global::get_text_map_propagator(|p| {
+        p.extract(&HeaderExtractor(req.headers()))
+    });
     let _ = span.set_parent(parent);
     span
 }

@@ -110,7 +110,11 @@ async fn sandbox_walks_created_running_stopped_and_deleted() {
             .collect::<Vec<_>>(),
         ["life"]
     );
-    assert_eq!(listed.sandboxes[0].state(), SandboxState::Running, "List reports what Get does");
+    assert_eq!(
+        listed.sandboxes[0].state(),
+        SandboxState::Running,
+        "List reports what Get does"
+    );
     assert_eq!(listed.sandboxes[0].pid, sb.pid);
 
     let err = delete(&mut c, "life", false).await.unwrap_err();

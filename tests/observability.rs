@@ -8,8 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::TestEnv;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_proto::tonic::trace::v1::Span;
 use sandboxd::pb;
 use sandboxd::pb::sandbox_service_client::SandboxServiceClient;
@@ -21,12 +25,18 @@ fn scrape(addr: &str) -> String {
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
     let (head, body) = resp.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
     body.to_string()
 }
 
 /// Parses exposition text with prometheus_client's OpenMetrics parser; returns "name{labels} value" lines.
-fn parse(text: &str) -> Vec<(String, Vec<(String, String)>, f64)> {
+/// One parsed sample: name, sorted labels, value.
+type Sample = (String, Vec<(String, String)>, f64);
+
+fn parse(text: &str) -> Vec<Sample> {
     let script = r#"
 import json, sys
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
@@ -43,16 +53,30 @@ print(json.dumps(out))
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("python3 (run scripts/install-deps.sh)");
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "the Prometheus parser rejected the exposition: {}\n{text}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "the Prometheus parser rejected the exposition: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn value(samples: &[(String, Vec<(String, String)>, f64)], name: &str, labels: &[(&str, &str)]) -> f64 {
+fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
     samples
         .iter()
-        .filter(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v)))
+        .filter(|(n, l, _)| {
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
         .map(|(_, _, v)| *v)
         .sum()
 }
@@ -68,13 +92,36 @@ async fn metrics_are_valid_prometheus_and_counters_move() {
     let before = parse(&scrape(&addr));
     assert_eq!(value(&before, "sandboxd_containerd_up", &[]), 1.0);
 
-    sb.create_sandbox(pb::CreateSandboxRequest { sandbox_id: "m".into(), image: env.image_ref(), ..Default::default() }).await.unwrap();
-    sb.exec_sync(pb::ExecSyncRequest { sandbox_id: "m".into(), args: vec!["echo".into(), "12345".into()], stdin: b"in".to_vec(), ..Default::default() })
+    sb.create_sandbox(pb::CreateSandboxRequest {
+        sandbox_id: "m".into(),
+        image: env.image_ref(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    sb.exec_sync(pb::ExecSyncRequest {
+        sandbox_id: "m".into(),
+        args: vec!["echo".into(), "12345".into()],
+        stdin: b"in".to_vec(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let s = snap
+        .commit_snapshot(pb::CommitSnapshotRequest {
+            sandbox_id: "m".into(),
+            ..Default::default()
+        })
         .await
+        .unwrap()
+        .into_inner()
+        .snapshot
         .unwrap();
-    let s = snap.commit_snapshot(pb::CommitSnapshotRequest { sandbox_id: "m".into(), ..Default::default() }).await.unwrap().into_inner().snapshot.unwrap();
     let restored = snap
-        .restore_sandbox(pb::RestoreSandboxRequest { sandbox_id: "m".into(), snapshot_id: s.snapshot_id.clone() })
+        .restore_sandbox(pb::RestoreSandboxRequest {
+            sandbox_id: "m".into(),
+            snapshot_id: s.snapshot_id.clone(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -82,28 +129,91 @@ async fn metrics_are_valid_prometheus_and_counters_move() {
         .unwrap();
     assert_eq!(restored.state(), pb::SandboxState::Running);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let now = sb.get_sandbox(pb::GetSandboxRequest { sandbox_id: "m".into() }).await.unwrap().into_inner().sandbox.unwrap();
-    assert_eq!(now.state(), pb::SandboxState::Running, "{now:?}\n{}", env.sandboxd.log_tail());
-    let _ = sb.get_sandbox(pb::GetSandboxRequest { sandbox_id: "nope".into() }).await.unwrap_err();
+    let now = sb
+        .get_sandbox(pb::GetSandboxRequest {
+            sandbox_id: "m".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!(
+        now.state(),
+        pb::SandboxState::Running,
+        "{now:?}\n{}",
+        env.sandboxd.log_tail()
+    );
+    let _ = sb
+        .get_sandbox(pb::GetSandboxRequest {
+            sandbox_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
 
     let after = parse(&scrape(&addr));
     let create = "/sandboxd.v1.SandboxService/CreateSandbox";
-    assert_eq!(value(&after, "sandboxd_rpc_requests_total", &[("method", create), ("code", "Ok")]), 1.0);
-    assert_eq!(value(&after, "sandboxd_rpc_requests_total", &[("method", "/sandboxd.v1.SandboxService/GetSandbox"), ("code", "NotFound")]), 1.0);
-    assert_eq!(value(&after, "sandboxd_create_duration_seconds_count", &[]), 1.0);
+    assert_eq!(
+        value(
+            &after,
+            "sandboxd_rpc_requests_total",
+            &[("method", create), ("code", "Ok")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            "sandboxd_rpc_requests_total",
+            &[
+                ("method", "/sandboxd.v1.SandboxService/GetSandbox"),
+                ("code", "NotFound")
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&after, "sandboxd_create_duration_seconds_count", &[]),
+        1.0
+    );
     assert!(value(&after, "sandboxd_create_duration_seconds_sum", &[]) > 0.0);
-    assert_eq!(value(&after, "sandboxd_commit_duration_seconds_count", &[]), 1.0);
-    assert_eq!(value(&after, "sandboxd_restore_duration_seconds_count", &[]), 1.0);
+    assert_eq!(
+        value(&after, "sandboxd_commit_duration_seconds_count", &[]),
+        1.0
+    );
+    assert_eq!(
+        value(&after, "sandboxd_restore_duration_seconds_count", &[]),
+        1.0
+    );
     assert!(value(&after, "sandboxd_exec_first_byte_seconds_count", &[]) >= 1.0);
     assert!(value(&after, "sandboxd_exec_bytes_total", &[("direction", "out")]) >= 6.0);
     assert!(value(&after, "sandboxd_exec_bytes_total", &[("direction", "in")]) >= 2.0);
-    assert_eq!(value(&after, "sandboxd_sandboxes", &[("state", "running")]), 1.0, "{after:?}");
-    assert_eq!(value(&after, "sandboxd_sandboxes", &[("state", "stopped")]), 0.0);
+    assert_eq!(
+        value(&after, "sandboxd_sandboxes", &[("state", "running")]),
+        1.0,
+        "{after:?}"
+    );
+    assert_eq!(
+        value(&after, "sandboxd_sandboxes", &[("state", "stopped")]),
+        0.0
+    );
 
-    sb.delete_sandbox(pb::DeleteSandboxRequest { sandbox_id: "m".into(), force: true }).await.unwrap();
-    snap.delete_snapshot(pb::DeleteSnapshotRequest { snapshot_id: s.snapshot_id }).await.unwrap();
+    sb.delete_sandbox(pb::DeleteSandboxRequest {
+        sandbox_id: "m".into(),
+        force: true,
+    })
+    .await
+    .unwrap();
+    snap.delete_snapshot(pb::DeleteSnapshotRequest {
+        snapshot_id: s.snapshot_id,
+    })
+    .await
+    .unwrap();
     let last = parse(&scrape(&addr));
-    assert_eq!(value(&last, "sandboxd_sandboxes", &[("state", "running")]), 0.0);
+    assert_eq!(
+        value(&last, "sandboxd_sandboxes", &[("state", "running")]),
+        0.0
+    );
     env.leak_check().await;
 }
 
@@ -113,14 +223,19 @@ struct Collector(Arc<Mutex<Vec<Span>>>);
 
 #[tonic::async_trait]
 impl TraceService for Collector {
-    async fn export(&self, req: tonic::Request<ExportTraceServiceRequest>) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let mut spans = self.0.lock().unwrap();
         for rs in req.into_inner().resource_spans {
             for ss in rs.scope_spans {
                 spans.extend(ss.spans);
             }
         }
-        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
     }
 }
 
@@ -134,43 +249,87 @@ async fn traces_continue_the_callers_trace_with_containerd_children() {
             .add_service(TraceServiceServer::new(collector.clone()))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    let env = TestEnv::with_args_env(&[], &[("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp), ("OTEL_BSP_SCHEDULE_DELAY", "100")]).await;
+    let env = TestEnv::with_args_env(
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    )
+    .await;
     let mut sb = SandboxServiceClient::new(env.channel().await);
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller_span = "00f067aa0ba902b7";
-    let mut req = tonic::Request::new(pb::CreateSandboxRequest { sandbox_id: "traced".into(), image: env.image_ref(), ..Default::default() });
-    req.metadata_mut().insert("traceparent", format!("00-{trace_id}-{caller_span}-01").parse().unwrap());
+    let mut req = tonic::Request::new(pb::CreateSandboxRequest {
+        sandbox_id: "traced".into(),
+        image: env.image_ref(),
+        ..Default::default()
+    });
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-{caller_span}-01").parse().unwrap(),
+    );
     sb.create_sandbox(req).await.unwrap();
 
     let deadline = Instant::now() + Duration::from_secs(20);
     let (rpc, children) = loop {
         {
             let spans = collector.0.lock().unwrap();
-            let ours: Vec<&Span> = spans.iter().filter(|s| hex::encode(&s.trace_id) == trace_id).collect();
+            let ours: Vec<&Span> = spans
+                .iter()
+                .filter(|s| hex::encode(&s.trace_id) == trace_id)
+                .collect();
             if let Some(rpc) = ours.iter().find(|s| s.name.ends_with("CreateSandbox")) {
-                let children: Vec<String> = ours.iter().filter(|s| s.name == "containerd").map(|s| hex::encode(&s.span_id)).collect();
+                let children: Vec<String> = ours
+                    .iter()
+                    .filter(|s| s.name == "containerd")
+                    .map(|s| hex::encode(&s.span_id))
+                    .collect();
                 if !children.is_empty() {
-                    break ((*rpc).clone(), ours.iter().map(|s| (*s).clone()).collect::<Vec<_>>());
+                    break (
+                        (*rpc).clone(),
+                        ours.iter().map(|s| (*s).clone()).collect::<Vec<_>>(),
+                    );
                 }
             }
         }
-        assert!(Instant::now() < deadline, "no CreateSandbox span with containerd children arrived in the caller's trace");
+        assert!(
+            Instant::now() < deadline,
+            "no CreateSandbox span with containerd children arrived in the caller's trace"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(hex::encode(&rpc.parent_span_id), caller_span, "the RPC span's parent is the caller's span");
+    assert_eq!(
+        hex::encode(&rpc.parent_span_id),
+        caller_span,
+        "the RPC span's parent is the caller's span"
+    );
     // Every span of the trace descends from the RPC span.
-    let ids: std::collections::HashMap<String, String> = children.iter().map(|s| (hex::encode(&s.span_id), hex::encode(&s.parent_span_id))).collect();
+    let ids: std::collections::HashMap<String, String> = children
+        .iter()
+        .map(|s| (hex::encode(&s.span_id), hex::encode(&s.parent_span_id)))
+        .collect();
     let rpc_id = hex::encode(&rpc.span_id);
     for s in children.iter().filter(|s| s.name == "containerd") {
         let mut cur = hex::encode(&s.parent_span_id);
         let mut hops = 0;
         while cur != rpc_id {
-            cur = ids.get(&cur).cloned().unwrap_or_else(|| panic!("containerd span {} is not under the RPC span", hex::encode(&s.span_id)));
+            cur = ids.get(&cur).cloned().unwrap_or_else(|| {
+                panic!(
+                    "containerd span {} is not under the RPC span",
+                    hex::encode(&s.span_id)
+                )
+            });
             hops += 1;
             assert!(hops < 16);
         }
     }
-    sb.delete_sandbox(pb::DeleteSandboxRequest { sandbox_id: "traced".into(), force: true }).await.unwrap();
+    sb.delete_sandbox(pb::DeleteSandboxRequest {
+        sandbox_id: "traced".into(),
+        force: true,
+    })
+    .await
+    .unwrap();
     env.leak_check().await;
     server.abort();
 }

@@ -125,15 +125,21 @@ pub struct Traced(Channel);
 impl tower::Service<http::Request<tonic::body::Body>> for Traced {
     type Response = <Channel as tower::Service<http::Request<tonic::body::Body>>>::Response;
     type Error = <Channel as tower::Service<http::Request<tonic::body::Body>>>::Error;
-    type Future = tracing::instrument::Instrumented<<Channel as tower::Service<http::Request<tonic::body::Body>>>::Future>;
+    type Future = tracing::instrument::Instrumented<
+        <Channel as tower::Service<http::Request<tonic::body::Body>>>::Future,
+    >;
 
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
         self.0.poll_ready(cx)
     }
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
         use tracing::Instrument;
-        let span = tracing::info_span!("containerd", method = %req.uri().path(), otel.kind = "client");
+        let span =
+            tracing::info_span!("containerd", method = %req.uri().path(), otel.kind = "client");
         self.0.call(req).instrument(span)
     }
 }

@@ -510,7 +510,9 @@ async fn pump(
         match rx.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => {
-                first_byte.call_once(|| crate::metrics::observe_since(&m.exec_first_byte_seconds, requested_at));
+                first_byte.call_once(|| {
+                    crate::metrics::observe_since(&m.exec_first_byte_seconds, requested_at)
+                });
                 m.exec_bytes(crate::metrics::Direction::Out, n);
                 if output
                     .send(wrap(Bytes::copy_from_slice(&buf[..n])))

@@ -227,7 +227,11 @@ impl Manager {
             .into_iter()
             .map(|t| {
                 // containerd's ListTasks fills in the task id, not container_id (they are equal).
-                let id = if t.container_id.is_empty() { t.id.clone() } else { t.container_id.clone() };
+                let id = if t.container_id.is_empty() {
+                    t.id.clone()
+                } else {
+                    t.container_id.clone()
+                };
                 (id, t)
             })
             .collect();
