@@ -165,16 +165,7 @@ async fn render(
     String,
 ) {
     let m = metrics();
-    if let Ok((sandboxes, _)) = manager
-        .list(
-            &LabelSelector::default(),
-            &Page {
-                size: usize::MAX,
-                after: None,
-            },
-        )
-        .await
-    {
+    if let Ok((sandboxes, _)) = manager.list(&LabelSelector::default(), &Page::all()).await {
         for state in ["created", "running", "paused", "stopped", "unknown"] {
             let n = sandboxes
                 .iter()

@@ -244,6 +244,25 @@ async fn exec_errors_are_prompt_and_clear() {
         .expect_err("not start first");
     assert_eq!(err.code(), Code::InvalidArgument);
 
+    // Bad messages after start end the stream with INVALID_ARGUMENT and kill the process.
+    for (what, bad) in [
+        (
+            "stdin without start.stdin",
+            exec_request::Request::Stdin(b"x".to_vec()),
+        ),
+        (
+            "a second start",
+            exec_request::Request::Start(start("errs", &["true"])),
+        ),
+        ("an invalid signal", exec_request::Request::Signal(99)),
+    ] {
+        let err = run(&mut c, start("errs", &["sleep", "30"]), vec![bad])
+            .await
+            .expect_err(what);
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err}");
+    }
+    assert_no_exec_leftovers(&env, "errs").await;
+
     c.stop_sandbox(pb::StopSandboxRequest {
         sandbox_id: "errs".into(),
         force: true,

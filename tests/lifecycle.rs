@@ -360,6 +360,26 @@ async fn label_selector_and_pagination_cover_every_sandbox_once() {
         .await
         .unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);
+    // A token only continues the query it came from.
+    let first = c
+        .list_sandboxes(pb::ListSandboxesRequest {
+            page_size: 1,
+            label_selector: "team=even".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let err = c
+        .list_sandboxes(pb::ListSandboxesRequest {
+            page_size: 1,
+            label_selector: "team=odd".into(),
+            page_token: first.next_page_token,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
     let bad = c
         .list_sandboxes(pb::ListSandboxesRequest {
             page_token: "not-a-token".into(),

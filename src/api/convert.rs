@@ -277,20 +277,45 @@ pub fn exec_sync_spec(r: pb::ExecSyncRequest) -> Result<(sandbox::ExecSpec, byte
     Ok((spec, bytes::Bytes::from(r.stdin), max as usize))
 }
 
-/// A later Exec client message → domain input (`None` for messages to ignore).
-pub fn exec_input(r: pb::ExecRequest) -> Option<sandbox::ExecInput> {
+/// A later Exec client message → domain input (`None` for messages to ignore). `stdin_allowed`
+/// is the start message's `stdin`.
+pub fn exec_input(r: pb::ExecRequest, stdin_allowed: bool) -> Result<Option<sandbox::ExecInput>> {
     use pb::exec_request::Request;
-    match r.request? {
-        Request::Start(_) => None,
+    let Some(request) = r.request else {
+        return Ok(None);
+    };
+    Ok(match request {
+        Request::Start(_) => {
+            return Err(Error::invalid(
+                "start",
+                "only the first message may be start",
+            ))
+        }
+        Request::Stdin(_) if !stdin_allowed => {
+            return Err(Error::invalid(
+                "stdin",
+                "start.stdin was false: this exec takes no input",
+            ))
+        }
         Request::Stdin(data) => Some(sandbox::ExecInput::Stdin(bytes::Bytes::from(data))),
         Request::CloseStdin(_) => Some(sandbox::ExecInput::CloseStdin),
         Request::Resize(t) if t.rows > 0 && t.cols > 0 => {
             Some(sandbox::ExecInput::Resize(t.rows, t.cols))
         }
-        Request::Resize(_) => None,
+        Request::Resize(t) => {
+            return Err(Error::invalid(
+                "resize",
+                format!("{}x{} is not a terminal size", t.rows, t.cols),
+            ))
+        }
         Request::Signal(s) if (1..=64).contains(&s) => Some(sandbox::ExecInput::Signal(s)),
-        Request::Signal(_) => None,
-    }
+        Request::Signal(s) => {
+            return Err(Error::invalid(
+                "signal",
+                format!("{s} is not a signal number (1-64)"),
+            ))
+        }
+    })
 }
 
 /// Domain exec event → proto.

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::metrics::{metrics, observe_since};
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -73,7 +73,7 @@ impl SandboxService for SandboxApi {
         let r = req.into_inner();
         let selector =
             LabelSelector::parse("label_selector", &r.label_selector).map_err(to_status)?;
-        let page = Page::parse(r.page_size, &r.page_token).map_err(to_status)?;
+        let page = Page::parse(r.page_size, &r.page_token, &r.label_selector).map_err(to_status)?;
         let (sandboxes, next_page_token) = self
             .manager
             .list(&selector, &page)
@@ -160,6 +160,7 @@ impl SandboxService for SandboxApi {
             ));
         };
         let spec = convert::exec_spec(start).map_err(to_status)?;
+        let spec_stdin = spec.stdin;
         let session = self.manager.exec_start(spec).await.map_err(to_status)?;
         let started = pb::ExecResponse {
             response: Some(pb::exec_response::Response::Started(pb::ExecStarted {
@@ -167,19 +168,27 @@ impl SandboxService for SandboxApi {
                 pid: session.pid,
             })),
         };
+        let stdin_allowed = spec_stdin;
         let (in_tx, in_rx) = mpsc::channel(EXEC_INPUT_QUEUE);
-        let (ev_tx, ev_rx) = mpsc::channel(EXEC_OUTPUT_QUEUE);
+        let (ev_tx, mut ev_rx) = mpsc::channel(EXEC_OUTPUT_QUEUE);
+        // A bad message from the client ends the stream with this status (and kills the process).
+        let (abort_tx, mut abort_rx) = mpsc::channel::<Status>(1);
         tokio::spawn(session.run(in_rx, ev_tx));
         tokio::spawn(async move {
             loop {
                 match inbound.message().await {
-                    Ok(Some(msg)) => {
-                        if let Some(input) = convert::exec_input(msg) {
+                    Ok(Some(msg)) => match convert::exec_input(msg, stdin_allowed) {
+                        Ok(Some(input)) => {
                             if in_tx.send(input).await.is_err() {
                                 return;
                             }
                         }
-                    }
+                        Ok(None) => {}
+                        Err(e) => {
+                            let _ = abort_tx.send(to_status(e)).await;
+                            return;
+                        }
+                    },
                     // Half-close: dropping the sender tells the session input has ended.
                     Ok(None) => return,
                     Err(_) => {
@@ -189,18 +198,18 @@ impl SandboxService for SandboxApi {
                 }
             }
         });
-        let Some(deadline) = deadline else {
-            let events = ReceiverStream::new(ev_rx).map(|ev| Ok(convert::exec_event(ev)));
-            let stream = futures::stream::once(async move { Ok(started) }).chain(events);
-            return Ok(Response::new(Box::pin(stream)));
-        };
-        // tonic does not enforce a streaming call's deadline: end the stream ourselves, which
-        // (by dropping the events' receiver) kills the process.
+        // Forward events to the client; end the stream early on a bad client message or on the
+        // call's deadline (tonic does not enforce it for streams). Either way dropping the
+        // events' receiver kills the process.
         let (out_tx, out_rx) = mpsc::channel(EXEC_OUTPUT_QUEUE);
         let _ = out_tx.send(Ok(started)).await;
-        let mut ev_rx = ev_rx;
         tokio::spawn(async move {
-            let expiry = tokio::time::sleep(deadline);
+            let expiry = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::pin!(expiry);
             loop {
                 tokio::select! {
@@ -212,6 +221,11 @@ impl SandboxService for SandboxApi {
                         }
                         None => return,
                     },
+                    Some(status) = abort_rx.recv() => {
+                        drop(ev_rx);
+                        let _ = out_tx.send(Err(status)).await;
+                        return;
+                    }
                     _ = &mut expiry => {
                         drop(ev_rx);
                         let _ = out_tx.send(Err(Status::deadline_exceeded("the call's deadline expired; the process was killed"))).await;

@@ -90,7 +90,8 @@ impl SnapshotService for SnapshotApi {
         };
         let selector =
             LabelSelector::parse("label_selector", &r.label_selector).map_err(to_status)?;
-        let page = Page::parse(r.page_size, &r.page_token).map_err(to_status)?;
+        let scope = format!("{}\n{}", r.sandbox_id, r.label_selector);
+        let page = Page::parse(r.page_size, &r.page_token, &scope).map_err(to_status)?;
         let (snaps, next_page_token) = self
             .manager
             .list_snapshots(sandbox.as_ref().map(SandboxId::as_str), &selector, &page)

@@ -410,31 +410,59 @@ pub struct Page {
     pub size: usize,
     /// Return ids strictly greater than this.
     pub after: Option<String>,
+    /// The query the token belongs to (selector and filters): a token is only valid for it.
+    pub scope: String,
 }
 
 impl Page {
-    /// Parses page_size and page_token.
-    pub fn parse(size: i32, token: &str) -> Result<Page> {
+    /// Parses page_size and page_token for a query described by `scope`; a token issued for
+    /// another query is INVALID_ARGUMENT.
+    pub fn parse(size: i32, token: &str, scope: &str) -> Result<Page> {
         let size = match size {
             s if s < 0 => return Err(Error::invalid("page_size", format!("{s} is negative"))),
             0 => DEFAULT_PAGE_SIZE,
             s => (s as usize).min(MAX_PAGE_SIZE),
         };
+        let foreign = || {
+            Error::invalid(
+                "page_token",
+                "not a token this service issued for this query",
+            )
+        };
         let after = if token.is_empty() {
             None
         } else {
-            let bytes = hex::decode(token)
-                .map_err(|_| Error::invalid("page_token", "not a token this service issued"))?;
-            let id = String::from_utf8(bytes)
-                .map_err(|_| Error::invalid("page_token", "not a token this service issued"))?;
-            Some(id)
+            let bytes = hex::decode(token).map_err(|_| foreign())?;
+            let text = String::from_utf8(bytes).map_err(|_| foreign())?;
+            // Ids never hold a newline; the scope may.
+            let (token_scope, id) = text.rsplit_once('\n').ok_or_else(foreign)?;
+            if token_scope != scope {
+                return Err(Error::invalid(
+                    "page_token",
+                    "the token belongs to a different query (label_selector or filter changed)",
+                ));
+            }
+            Some(id.to_string())
         };
-        Ok(Page { size, after })
+        Ok(Page {
+            size,
+            after,
+            scope: scope.to_string(),
+        })
+    }
+
+    /// Every item at once (internal callers).
+    pub fn all() -> Page {
+        Page {
+            size: usize::MAX,
+            after: None,
+            scope: String::new(),
+        }
     }
 
     /// The opaque token that continues after `id`.
-    pub fn token_after(id: &str) -> String {
-        hex::encode(id)
+    fn token_after(&self, id: &str) -> String {
+        hex::encode(format!("{}\n{id}", self.scope))
     }
 
     /// Applies the page to items sorted by key; returns the page and the next token.
@@ -447,7 +475,7 @@ impl Page {
             items.truncate(self.size);
             items
                 .last()
-                .map(|t| Page::token_after(key(t)))
+                .map(|t| self.token_after(key(t)))
                 .unwrap_or_default()
         } else {
             String::new()
@@ -544,7 +572,7 @@ mod tests {
         let mut seen = Vec::new();
         let mut token = String::new();
         loop {
-            let page = Page::parse(10, &token).unwrap();
+            let page = Page::parse(10, &token, "team=a").unwrap();
             let (items, next) = page.apply(ids.clone(), |s| s.as_str());
             seen.extend(items);
             if next.is_empty() {
@@ -553,8 +581,13 @@ mod tests {
             token = next;
         }
         assert_eq!(seen, ids);
-        assert!(Page::parse(-1, "").is_err());
-        assert!(Page::parse(1, "zz").is_err());
-        assert_eq!(Page::parse(5000, "").unwrap().size, MAX_PAGE_SIZE);
+        assert!(Page::parse(-1, "", "").is_err());
+        assert!(Page::parse(1, "zz", "").is_err());
+        assert_eq!(Page::parse(5000, "", "").unwrap().size, MAX_PAGE_SIZE);
+        // A token only continues the query it came from.
+        let first = Page::parse(1, "", "team=a").unwrap();
+        let (_, token) = first.apply(ids.clone(), |s| s.as_str());
+        assert!(Page::parse(1, &token, "team=b").is_err());
+        assert!(Page::parse(1, &token, "team=a").is_ok());
     }
 }
