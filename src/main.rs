@@ -1,14 +1,18 @@
-//! The `sandboxd` binary: parse flags, set up telemetry, serve.
+//! The `sandboxd` binary: the server (`serve`: parse flags, set up telemetry, serve) and its
+//! command-line client (every other command, in `sandboxd::cli`).
 
 use clap::{Parser, Subcommand};
 
 use sandboxd::config::{Config, ServeArgs};
 
 /// sandboxd manages isolated sandboxes on this node over containerd, through a gRPC API
-/// (sandboxd.v1) with health and reflection.
+/// (sandboxd.v1) with health and reflection. The same binary is the server (`serve`) and its
+/// client (every other command).
 #[derive(Debug, Parser)]
 #[command(name = "sandboxd", version, about, long_about = None)]
 struct Cli {
+    #[command(flatten)]
+    client: sandboxd::cli::ClientArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -18,11 +22,14 @@ enum Command {
     /// Run the gRPC server. Settings: flag, else environment variable, else --config TOML key,
     /// else default. Starts a private containerd under --data-dir when none answers.
     Serve(ServeArgs),
+    #[command(flatten)]
+    Client(sandboxd::cli::Command),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Client(command) => sandboxd::cli::main(cli.client, command),
         Command::Serve(args) => {
             let config = match Config::resolve(&args, &|k| std::env::var(k).ok()) {
                 Ok(c) => c,
