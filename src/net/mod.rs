@@ -1,6 +1,9 @@
 //! Networking of sandboxes. Until CNI support lands every sandbox has its own network namespace
 //! with loopback only; this module provides the DNS configuration it sees.
 
+pub mod cni;
+pub mod netns;
+
 /// The host's resolv.conf with loopback nameservers removed: inside a sandbox's network
 /// namespace 127.0.0.0/8 and ::1 are the sandbox's own, where no resolver listens.
 pub fn filter_resolv_conf(host: &str) -> String {
