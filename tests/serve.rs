@@ -476,6 +476,33 @@ async fn embedded_containerd_starts_when_none_answers() {
     assert!(active.is_empty(), "active snapshots left: {active:?}");
     let cgroups = daemon.cgroup.leftovers();
     assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
+
+    // The private containerd dies: sandboxd restarts it and serves again.
+    host::send_signal(containerds[0] as u32, nix::sys::signal::Signal::SIGKILL);
+    host::wait_gone(&containerds);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let restarted = host::processes().into_iter().any(|p| {
+            p.cmdline
+                .first()
+                .is_some_and(|a| a.ends_with("/containerd") || a == "containerd")
+                && p.cmdline.iter().any(|a| a.contains(&private_dir_text))
+                && !containerds.contains(&p.pid)
+        });
+        if restarted && health(channel.clone(), "").await == Ok(ServingStatus::Serving) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the private containerd was not restarted after it died:\n{}",
+            daemon.run_log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    create_and_delete(channel.clone(), "after-restart", &image, || {
+        host::log_tail(&log_path, 64 * 1024)
+    })
+    .await;
     drop(channel);
 
     // SIGTERM stops sandboxd and its private containerd.
