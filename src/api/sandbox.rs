@@ -221,6 +221,8 @@ impl SandboxService for SandboxApi {
                         }
                         None => return,
                     },
+                    // The client went away: dropping the events' receiver kills the process.
+                    _ = out_tx.closed() => return,
                     Some(status) = abort_rx.recv() => {
                         drop(ev_rx);
                         let _ = out_tx.send(Err(status)).await;
