@@ -18,3 +18,5 @@ test: deps
 
 bench: deps
 	cargo bench --bench lifecycle
+	cargo bench --bench exec
+	cargo bench --bench snapshots

@@ -1,0 +1,1176 @@
+//! Exec latency, exec stdout throughput and time-to-first-command: sandboxd against raw
+//! containerd driven by `ctr`.
+//!
+//! One run starts the integration-test fixtures (a private containerd, a local registry holding
+//! busybox, and the sandboxd binary), pulls the image into sandboxd's namespace and into a
+//! separate `ctr` namespace of the same containerd (not timed), then times the same work on both:
+//!
+//! * exec `true` round trip, `BENCH_N` (default 200) times: an `Exec` stream from sending
+//!   `start` until `exited` arrives, in a sandbox whose PID 1 is the idle init, against
+//!   `ctr task exec --exec-id UNIQUE CONTAINER true` in a container started with
+//!   `ctr run -d IMAGE ID /bin/sleep 1000000`;
+//! * time to first command, `BENCH_TTFC_N` (default 30) times: `CreateSandbox` (idle PID 1, image
+//!   already pulled) then `Exec echo hi` until the first stdout byte arrives, against
+//!   `ctr run --rm IMAGE ID echo hi` spawned with piped stdout until its first byte; the
+//!   sandboxes are deleted after each sample (not timed), `--rm` removes ctr's;
+//! * stdout throughput, `BENCH_THROUGHPUT_RUNS` (default 3) times: 1 GiB of
+//!   `head -c 1073741824 /dev/zero` through `Exec`, the client counting and discarding the bytes
+//!   (the total is checked), against `ctr task exec ... head -c 1073741824 /dev/zero` with ctr's
+//!   stdout on /dev/null (ctr's own process copies the bytes there).
+//!
+//! The two sides alternate sample by sample so that a slow spell of the machine does not fall on
+//! one side only; the load average is recorded before and after. sandboxd is called through one
+//! gRPC channel; `ctr` is one process per call. ctr's FIFOs go to a temp dir of the bench, not to
+//! the host's /run/containerd.
+//!
+//! It prints two tables (latencies: p50, p99, mean in ms with sandboxd/ctr ratios; throughput in
+//! MiB/s) with the targets (exec round trip p50 ≤ 0.5× ctr, TTFC p50 ≤ 60 ms, throughput
+//! ≥ 1 GiB/s), writes the same figures to `target/bench-exec.json`, and checks that neither side
+//! left a container, task, active snapshot or lease behind.
+//!
+//! Run it as root with `cargo bench --bench exec`; it needs the packages of
+//! `scripts/install-deps.sh`. Run without `--bench` (as `cargo test --benches` does) it only
+//! prints how to run it, so it never takes part in CI's pass/fail.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use containerd_client::services::v1::version_client::VersionClient;
+use sandboxd::pb::image_service_client::ImageServiceClient;
+use sandboxd::pb::sandbox_service_client::SandboxServiceClient;
+use sandboxd::pb::{self, exec_request, exec_response, SandboxState};
+use serde::Serialize;
+use tempfile::TempDir;
+use tokio::io::AsyncReadExt;
+use tonic::transport::Channel;
+
+use common::{host, CgroupParent, Containerd, TestEnv};
+
+/// Environment variable: how many exec `true` round trips each side makes.
+const ENV_N: &str = "BENCH_N";
+/// Default of [`ENV_N`].
+const DEFAULT_N: usize = 200;
+/// Environment variable: how many time-to-first-command samples each side takes.
+const ENV_TTFC_N: &str = "BENCH_TTFC_N";
+/// Default of [`ENV_TTFC_N`].
+const DEFAULT_TTFC_N: usize = 30;
+/// Environment variable: how many 1 GiB transfers each side makes.
+const ENV_THROUGHPUT_RUNS: &str = "BENCH_THROUGHPUT_RUNS";
+/// Default of [`ENV_THROUGHPUT_RUNS`].
+const DEFAULT_THROUGHPUT_RUNS: usize = 3;
+/// Untimed round trips and TTFC samples per side before measuring (first-use costs: cgroup
+/// parents, connection set-up, page cache).
+const WARMUP: usize = 3;
+/// Bytes the throughput phase moves per transfer: 1 GiB.
+const THROUGHPUT_BYTES: u64 = 1 << 30;
+/// Goal for the exec round trip: sandboxd's p50 at most this fraction of ctr's.
+const ROUND_TRIP_TARGET_RATIO: f64 = 0.5;
+/// Goal for time to first command: sandboxd's p50 at most this many milliseconds.
+const TTFC_TARGET_MS: f64 = 60.0;
+/// Goal for exec stdout throughput: sandboxd's median at least this many MiB/s (1 GiB/s).
+const THROUGHPUT_TARGET_MIB_S: f64 = 1024.0;
+/// The command `ctr run -d` gives the exec container: busybox's sleep, outliving the run.
+const CTR_IDLE_COMMAND: &[&str] = &["/bin/sleep", "1000000"];
+/// Id of the long-lived sandbox (and ctr container) the round trips and transfers exec in.
+const EXEC_TARGET_ID: &str = "bench-exec";
+/// What time to first command runs, and what it must print.
+const TTFC_COMMAND: &[&str] = &["echo", "hi"];
+/// The output of [`TTFC_COMMAND`].
+const TTFC_OUTPUT: &[u8] = b"hi\n";
+/// How much of an exec's stdout and stderr is kept for checks and error messages.
+const KEPT_OUTPUT_BYTES: usize = 4096;
+/// Where the JSON results go, below cargo's target directory.
+const JSON_FILE_NAME: &str = "bench-exec.json";
+/// The argument cargo passes to a `harness = false` bench target under `cargo bench`.
+const CARGO_BENCH_FLAG: &str = "--bench";
+/// Bytes in a MiB, for throughput figures.
+const MIB: f64 = 1024.0 * 1024.0;
+
+fn main() -> Result<()> {
+    if !std::env::args().any(|arg| arg == CARGO_BENCH_FLAG) {
+        println!("exec bench: skipped (run it as root with `cargo bench --bench exec`)");
+        return Ok(());
+    }
+    let settings = Settings::from_env()?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("build the tokio runtime")?
+        .block_on(run(settings))
+}
+
+/// Starts the fixtures, measures both sides, reports, and checks for leftovers.
+async fn run(settings: Settings) -> Result<()> {
+    let env = TestEnv::new().await;
+    let image = env.image_ref();
+    let machine = MachineFacts::collect(&env.containerd).await?;
+    let load_before = load_average()?;
+    println!("{}", machine.render());
+    println!("load average (1 min) before: {load_before:.2}");
+    println!("{}\n", settings.render(&image));
+
+    let sandboxd = SandboxdSide::connect(&env, &image).await?;
+    let ctr = CtrSide::new(&env.containerd, &image)?;
+    ctr.pull().await?;
+
+    let samples = measure_both(&sandboxd, &ctr, &settings).await?;
+    let load = LoadAverages {
+        before: load_before,
+        after: load_average()?,
+    };
+
+    let report = Report::new(machine, load, &settings, &image, &samples);
+    println!("\n{}", report.render_tables());
+    let json_path = report.write_json()?;
+    println!("results written to {}", json_path.display());
+
+    check_no_leftovers(&env, &ctr).await
+}
+
+// ---- settings and machine facts ----
+
+/// What the run does, from the environment.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Settings {
+    /// Exec `true` round trips per side.
+    round_trips: usize,
+    /// Time-to-first-command samples per side.
+    ttfc: usize,
+    /// 1 GiB transfers per side.
+    throughput_runs: usize,
+    /// Untimed warm-up round trips and TTFC samples per side.
+    warmup: usize,
+}
+
+impl Settings {
+    /// Reads [`ENV_N`], [`ENV_TTFC_N`] and [`ENV_THROUGHPUT_RUNS`], falling back to the defaults.
+    fn from_env() -> Result<Settings> {
+        let settings = Settings {
+            round_trips: env_count(ENV_N, DEFAULT_N)?,
+            ttfc: env_count(ENV_TTFC_N, DEFAULT_TTFC_N)?,
+            throughput_runs: env_count(ENV_THROUGHPUT_RUNS, DEFAULT_THROUGHPUT_RUNS)?,
+            warmup: WARMUP,
+        };
+        ensure!(
+            settings.round_trips + settings.ttfc + settings.throughput_runs > 0,
+            "{ENV_N}, {ENV_TTFC_N} and {ENV_THROUGHPUT_RUNS} are all 0: nothing to measure"
+        );
+        Ok(settings)
+    }
+
+    fn render(&self, image: &str) -> String {
+        format!(
+            "workload: image {image}; {} exec round trips, {} time-to-first-command samples, \
+             {} transfers of 1 GiB, {} warm-up per side",
+            self.round_trips, self.ttfc, self.throughput_runs, self.warmup
+        )
+    }
+}
+
+/// A non-negative count from environment variable `name`, or `default` when it is unset.
+fn env_count(name: &str, default: usize) -> Result<usize> {
+    match std::env::var(name) {
+        Ok(value) => value
+            .trim()
+            .parse()
+            .with_context(|| format!("{name}={value:?} is not a non-negative integer")),
+        Err(std::env::VarError::NotPresent) => Ok(default),
+        Err(e) => Err(e).with_context(|| format!("reading {name}")),
+    }
+}
+
+/// The machine the figures were taken on.
+#[derive(Debug, Clone, Serialize)]
+struct MachineFacts {
+    /// CPUs available to this process (what `nproc` prints).
+    nproc: usize,
+    /// Kernel release.
+    kernel: String,
+    /// cgroup hierarchy in use ("v1" or "v2").
+    cgroup: String,
+    /// containerd's version and revision as its Version RPC reports them.
+    containerd: String,
+    /// First line of `runc --version`.
+    runc: String,
+}
+
+impl MachineFacts {
+    async fn collect(containerd: &Containerd) -> Result<MachineFacts> {
+        let nproc = std::thread::available_parallelism()
+            .context("query the number of CPUs")?
+            .get();
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .context("read /proc/sys/kernel/osrelease")?
+            .trim()
+            .to_owned();
+        let cgroup = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            "v2"
+        } else {
+            "v1"
+        };
+        let version = VersionClient::new(containerd.channel().await)
+            .version(())
+            .await
+            .context("containerd Version RPC")?
+            .into_inner();
+        let runc = first_line_of(&host::binary("runc"), &["--version"]).await?;
+        Ok(MachineFacts {
+            nproc,
+            kernel,
+            cgroup: cgroup.to_owned(),
+            containerd: format!("{} ({})", version.version, version.revision),
+            runc,
+        })
+    }
+
+    fn render(&self) -> String {
+        format!(
+            "machine: nproc {}, kernel {}, cgroup {}, containerd {}, {}",
+            self.nproc, self.kernel, self.cgroup, self.containerd, self.runc
+        )
+    }
+}
+
+/// The first line of what `program args` prints on stdout.
+async fn first_line_of(program: &Path, args: &[&str]) -> Result<String> {
+    let out = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("run {}", program.display()))?;
+    ensure!(
+        out.status.success(),
+        "{} {args:?} failed ({})",
+        program.display(),
+        out.status
+    );
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned())
+}
+
+/// The 1-minute load average: other work on a 2-core machine skews every figure.
+fn load_average() -> Result<f64> {
+    let text = std::fs::read_to_string("/proc/loadavg").context("read /proc/loadavg")?;
+    let first = text.split_whitespace().next().unwrap_or_default();
+    first
+        .parse()
+        .with_context(|| format!("/proc/loadavg starts with {first:?}, not a number"))
+}
+
+/// The machine's 1-minute load average when the run started and when it ended (the latter
+/// includes the bench's own containerd, shims and `ctr` processes).
+#[derive(Debug, Clone, Copy, Serialize)]
+struct LoadAverages {
+    before: f64,
+    after: f64,
+}
+
+// ---- sandboxd ----
+
+/// What one `Exec` stream delivered, with times measured from a caller-chosen instant.
+#[derive(Debug)]
+struct ExecRecord {
+    /// When the first non-empty stdout chunk arrived; `None` when there was no stdout.
+    first_stdout: Option<Duration>,
+    /// When `exited` arrived.
+    exited: Duration,
+    /// Total stdout bytes (all counted, only the first [`KEPT_OUTPUT_BYTES`] kept).
+    stdout_bytes: u64,
+    /// The start of stdout.
+    stdout_head: Vec<u8>,
+    /// The start of stderr, for error messages.
+    stderr_head: Vec<u8>,
+    /// How the process ended.
+    exit: pb::ExecExited,
+}
+
+impl ExecRecord {
+    /// Fails, naming the command and showing its stderr, unless it exited 0.
+    fn ensure_success(&self, what: &str) -> Result<()> {
+        ensure!(
+            self.exit.exit_code == 0 && self.exit.signal == 0,
+            "{what}: exit code {}, signal {}, stderr: {}",
+            self.exit.exit_code,
+            self.exit.signal,
+            String::from_utf8_lossy(&self.stderr_head).trim()
+        );
+        Ok(())
+    }
+}
+
+/// sandboxd through its generated tonic client, all calls over one channel.
+struct SandboxdSide {
+    client: SandboxServiceClient<Channel>,
+    image: String,
+}
+
+impl SandboxdSide {
+    /// Connects one channel and pulls `image` through ImageService (not timed).
+    async fn connect(env: &TestEnv, image: &str) -> Result<SandboxdSide> {
+        let channel = env.channel().await;
+        let mut pull = ImageServiceClient::new(channel.clone())
+            .pull_image(pb::PullImageRequest {
+                image: image.to_owned(),
+            })
+            .await
+            .map_err(|s| status_error("PullImage", image, &s))?
+            .into_inner();
+        while pull
+            .message()
+            .await
+            .map_err(|s| status_error("PullImage stream", image, &s))?
+            .is_some()
+        {}
+        Ok(SandboxdSide {
+            client: SandboxServiceClient::new(channel),
+            image: image.to_owned(),
+        })
+    }
+
+    /// Creates sandbox `id` with the idle PID 1 and returns once the response says RUNNING.
+    async fn create(&self, id: &str) -> Result<()> {
+        let request = pb::CreateSandboxRequest {
+            sandbox_id: id.to_owned(),
+            image: self.image.clone(),
+            ..Default::default()
+        };
+        let sandbox = self
+            .client
+            .clone()
+            .create_sandbox(request)
+            .await
+            .map_err(|s| status_error("CreateSandbox", id, &s))?
+            .into_inner()
+            .sandbox
+            .with_context(|| format!("CreateSandbox {id}: the response holds no sandbox"))?;
+        ensure!(
+            sandbox.state() == SandboxState::Running,
+            "CreateSandbox {id} answered state {:?}, not RUNNING",
+            sandbox.state()
+        );
+        Ok(())
+    }
+
+    /// Deletes sandbox `id` with `force`.
+    async fn delete(&self, id: &str) -> Result<()> {
+        let request = pb::DeleteSandboxRequest {
+            sandbox_id: id.to_owned(),
+            force: true,
+        };
+        self.client
+            .clone()
+            .delete_sandbox(request)
+            .await
+            .map_err(|s| status_error("DeleteSandbox", id, &s))?;
+        Ok(())
+    }
+
+    /// Runs `args` in sandbox `id` over an `Exec` stream (no stdin, no tty) and reads it to the
+    /// end; times are measured from `since`.
+    async fn exec(&self, id: &str, args: &[&str], since: Instant) -> Result<ExecRecord> {
+        let start = pb::ExecRequest {
+            request: Some(exec_request::Request::Start(pb::ExecStart {
+                sandbox_id: id.to_owned(),
+                args: args.iter().map(|arg| arg.to_string()).collect(),
+                ..Default::default()
+            })),
+        };
+        let call = format!("Exec {args:?} in");
+        let mut stream = self
+            .client
+            .clone()
+            .exec(futures::stream::iter([start]))
+            .await
+            .map_err(|s| status_error(&call, id, &s))?
+            .into_inner();
+        let mut first_stdout = None;
+        let mut stdout_bytes = 0u64;
+        let (mut stdout_head, mut stderr_head) = (Vec::new(), Vec::new());
+        let mut exited = None;
+        while let Some(message) = stream
+            .message()
+            .await
+            .map_err(|s| status_error(&call, id, &s))?
+        {
+            match message.response {
+                Some(exec_response::Response::Stdout(data)) => {
+                    if first_stdout.is_none() && !data.is_empty() {
+                        first_stdout = Some(since.elapsed());
+                    }
+                    stdout_bytes += data.len() as u64;
+                    keep_head(&mut stdout_head, &data);
+                }
+                Some(exec_response::Response::Stderr(data)) => keep_head(&mut stderr_head, &data),
+                Some(exec_response::Response::Exited(exit)) => {
+                    exited = Some((since.elapsed(), exit));
+                }
+                Some(exec_response::Response::Started(_)) | None => {}
+            }
+        }
+        let Some((exited, exit)) = exited else {
+            bail!("{call} {id}: the stream ended without `exited`");
+        };
+        Ok(ExecRecord {
+            first_stdout,
+            exited,
+            stdout_bytes,
+            stdout_head,
+            stderr_head,
+            exit,
+        })
+    }
+}
+
+/// Appends to `head` what fits of `data` below [`KEPT_OUTPUT_BYTES`].
+fn keep_head(head: &mut Vec<u8>, data: &[u8]) {
+    let room = KEPT_OUTPUT_BYTES.saturating_sub(head.len());
+    head.extend_from_slice(&data[..room.min(data.len())]);
+}
+
+/// A gRPC failure as an error naming the call, the object and the exact status.
+fn status_error(call: &str, id: &str, status: &tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{call} {id} failed: {:?}: {}",
+        status.code(),
+        status.message()
+    )
+}
+
+// ---- ctr ----
+
+/// Raw containerd through the `ctr` CLI (one process per call) in a namespace of its own on the
+/// same containerd, with its FIFOs in a temp dir of its own. Containers it still tracks are
+/// force-deleted on drop.
+struct CtrSide<'a> {
+    containerd: &'a Containerd,
+    namespace: String,
+    image: String,
+    /// Parent of the containers' cgroups, as sandboxd has one; removed on drop.
+    cgroup: CgroupParent,
+    /// `--fifo-dir` of every attached `ctr run`/`ctr task exec`; removed on drop.
+    fifo_dir: TempDir,
+    /// Containers created and not deleted yet.
+    live: Mutex<BTreeSet<String>>,
+}
+
+impl<'a> CtrSide<'a> {
+    fn new(containerd: &'a Containerd, image: &str) -> Result<CtrSide<'a>> {
+        let fifo_dir = tempfile::Builder::new()
+            .prefix("bench-ctr-fifo-")
+            .tempdir()
+            .context("create the ctr FIFO dir")?;
+        Ok(CtrSide {
+            containerd,
+            namespace: host::unique_name("bench-ctr"),
+            image: image.to_owned(),
+            cgroup: CgroupParent::new(),
+            fifo_dir,
+            live: Mutex::new(BTreeSet::new()),
+        })
+    }
+
+    /// Pulls (and unpacks) the image into the ctr namespace over plain HTTP (not timed).
+    async fn pull(&self) -> Result<()> {
+        self.ctr(&["images", "pull", "--plain-http", &self.image])
+            .await
+    }
+
+    /// `ctr --address SOCK --namespace NS args...` with stdin on /dev/null, not started yet.
+    fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(host::binary("ctr"));
+        command
+            .arg("--address")
+            .arg(self.containerd.address())
+            .args(["--namespace", &self.namespace])
+            .args(args)
+            .env("PATH", host::DAEMON_PATH)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        command
+    }
+
+    /// Runs `ctr args...` to completion; an error carries ctr's stderr.
+    async fn ctr(&self, args: &[&str]) -> Result<()> {
+        let out = self
+            .command(args)
+            .output()
+            .await
+            .with_context(|| format!("spawn ctr {args:?}"))?;
+        ensure!(
+            out.status.success(),
+            "ctr {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    }
+
+    /// The FIFO dir as an argument.
+    fn fifo_dir(&self) -> &str {
+        self.fifo_dir.path().to_str().unwrap_or("/tmp")
+    }
+
+    /// `ctr run -d --null-io` of the idle command: a running container to exec in.
+    async fn run_detached(&self, id: &str) -> Result<()> {
+        let cgroup = format!("{}/{id}", self.cgroup.path());
+        let mut args = vec![
+            "run",
+            "-d",
+            "--null-io",
+            "--cgroup",
+            &cgroup,
+            &self.image,
+            id,
+        ];
+        args.extend_from_slice(CTR_IDLE_COMMAND);
+        self.live().insert(id.to_owned());
+        self.ctr(&args).await
+    }
+
+    /// `ctr task exec --exec-id EXEC_ID ID args...` to completion, its stdout on a pipe (read
+    /// and dropped by `output`) or, with `stdout_to_null`, on /dev/null.
+    async fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        args: &[&str],
+        stdout_to_null: bool,
+    ) -> Result<()> {
+        let mut full = vec![
+            "task",
+            "exec",
+            "--fifo-dir",
+            self.fifo_dir(),
+            "--exec-id",
+            exec_id,
+            id,
+        ];
+        full.extend_from_slice(args);
+        let mut command = self.command(&full);
+        if stdout_to_null {
+            command.stdout(File::create("/dev/null").context("open /dev/null")?);
+        }
+        let out = command
+            .output()
+            .await
+            .with_context(|| format!("spawn ctr {full:?}"))?;
+        ensure!(
+            out.status.success(),
+            "ctr {full:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    }
+
+    /// `ctr run --rm IMAGE ID args...` with piped stdout: the time from spawning ctr until the
+    /// first stdout byte. Reads on to the end, waits for ctr (which removes the container) and
+    /// checks the whole output is `expected`.
+    async fn run_rm_first_byte(
+        &self,
+        id: &str,
+        args: &[&str],
+        expected: &[u8],
+    ) -> Result<Duration> {
+        let cgroup = format!("{}/{id}", self.cgroup.path());
+        let mut full = vec![
+            "run",
+            "--rm",
+            "--fifo-dir",
+            self.fifo_dir(),
+            "--cgroup",
+            &cgroup,
+            &self.image,
+            id,
+        ];
+        full.extend_from_slice(args);
+        let mut command = self.command(&full);
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        self.live().insert(id.to_owned());
+        let start = Instant::now();
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("spawn ctr {full:?}"))?;
+        let mut stdout = child.stdout.take().context("ctr's stdout is not piped")?;
+        let mut output = vec![0u8; KEPT_OUTPUT_BYTES];
+        let first = stdout
+            .read(&mut output)
+            .await
+            .with_context(|| format!("read ctr {full:?}'s stdout"))?;
+        let latency = start.elapsed();
+        output.truncate(first);
+        stdout
+            .read_to_end(&mut output)
+            .await
+            .with_context(|| format!("read ctr {full:?}'s stdout"))?;
+        let mut stderr = Vec::new();
+        if let Some(mut pipe) = child.stderr.take() {
+            pipe.read_to_end(&mut stderr).await.ok();
+        }
+        let status = child
+            .wait()
+            .await
+            .with_context(|| format!("wait for ctr {full:?}"))?;
+        ensure!(
+            status.success() && first > 0,
+            "ctr {full:?} failed ({status}): {}",
+            String::from_utf8_lossy(&stderr).trim()
+        );
+        ensure!(
+            output == expected,
+            "ctr {full:?} printed {:?}, expected {:?}",
+            String::from_utf8_lossy(&output),
+            String::from_utf8_lossy(expected)
+        );
+        self.live().remove(id);
+        Ok(latency)
+    }
+
+    /// Deletes container `id` with its task (force) and writable snapshot.
+    async fn delete(&self, id: &str) -> Result<()> {
+        self.ctr(&["tasks", "delete", "--force", id]).await?;
+        self.ctr(&["containers", "delete", id]).await?;
+        self.live().remove(id);
+        Ok(())
+    }
+
+    /// Containers still tracked as live.
+    fn live(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.live
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Drop for CtrSide<'_> {
+    fn drop(&mut self) {
+        let leftovers: Vec<String> = self.live().iter().cloned().collect();
+        for id in leftovers {
+            for args in [
+                ["tasks", "delete", "--force", id.as_str()].as_slice(),
+                ["containers", "delete", id.as_str()].as_slice(),
+            ] {
+                let out = self.containerd.ctr(&self.namespace, args);
+                if !out.status.success() {
+                    eprintln!(
+                        "bench cleanup: ctr {args:?} failed ({}): {}",
+                        out.status,
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
+                }
+            }
+        }
+    }
+}
+
+// ---- measuring ----
+
+/// One 1 GiB transfer.
+#[derive(Debug, Clone, Copy)]
+struct Transfer {
+    bytes: u64,
+    elapsed: Duration,
+}
+
+impl Transfer {
+    fn mib_per_s(&self) -> f64 {
+        self.bytes as f64 / MIB / self.elapsed.as_secs_f64()
+    }
+}
+
+/// Everything measured on one side.
+#[derive(Debug, Default)]
+struct Samples {
+    round_trip: Vec<Duration>,
+    ttfc: Vec<Duration>,
+    transfers: Vec<Transfer>,
+}
+
+/// Both sides' samples.
+#[derive(Debug, Default)]
+struct BothSamples {
+    sandboxd: Samples,
+    ctr: Samples,
+}
+
+/// Runs the three phases, alternating between the sides sample by sample (and which side goes
+/// first), then deletes the exec targets.
+async fn measure_both(
+    sandboxd: &SandboxdSide,
+    ctr: &CtrSide<'_>,
+    settings: &Settings,
+) -> Result<BothSamples> {
+    let mut samples = BothSamples::default();
+    sandboxd
+        .create(EXEC_TARGET_ID)
+        .await
+        .context("sandboxd: create the exec target")?;
+    ctr.run_detached(EXEC_TARGET_ID)
+        .await
+        .context("ctr: run the exec target")?;
+
+    println!(
+        "exec `true` round trips: {} per side ...",
+        settings.round_trips
+    );
+    let total = settings.warmup + settings.round_trips;
+    for i in 0..total {
+        let exec_id = format!("bench-true-{i:04}");
+        let (s, c) = alternate(
+            i,
+            async {
+                let start = Instant::now();
+                let record = sandboxd.exec(EXEC_TARGET_ID, &["true"], start).await?;
+                record.ensure_success("sandboxd exec `true`")?;
+                Ok(record.exited)
+            },
+            async {
+                let start = Instant::now();
+                ctr.exec(EXEC_TARGET_ID, &exec_id, &["true"], false).await?;
+                Ok(start.elapsed())
+            },
+        )
+        .await?;
+        if i >= settings.warmup {
+            samples.sandboxd.round_trip.push(s);
+            samples.ctr.round_trip.push(c);
+        }
+    }
+
+    println!("time to first command: {} per side ...", settings.ttfc);
+    let total = settings.warmup + settings.ttfc;
+    for i in 0..total {
+        let id = format!("bench-ttfc-{i:03}");
+        let (s, c) = alternate(
+            i,
+            sandboxd_ttfc(sandboxd, &id),
+            ctr.run_rm_first_byte(&id, TTFC_COMMAND, TTFC_OUTPUT),
+        )
+        .await?;
+        if i >= settings.warmup {
+            samples.sandboxd.ttfc.push(s);
+            samples.ctr.ttfc.push(c);
+        }
+    }
+
+    println!(
+        "stdout throughput: {} transfers of 1 GiB per side ...",
+        settings.throughput_runs
+    );
+    let count = THROUGHPUT_BYTES.to_string();
+    let head: [&str; 4] = ["head", "-c", &count, "/dev/zero"];
+    for i in 0..settings.throughput_runs {
+        let exec_id = format!("bench-head-{i:02}");
+        let (s, c) = alternate(
+            i,
+            async {
+                let start = Instant::now();
+                let record = sandboxd.exec(EXEC_TARGET_ID, &head, start).await?;
+                record.ensure_success("sandboxd exec head")?;
+                ensure!(
+                    record.stdout_bytes == THROUGHPUT_BYTES,
+                    "sandboxd exec head: received {} stdout bytes, expected {THROUGHPUT_BYTES}",
+                    record.stdout_bytes
+                );
+                Ok(Transfer {
+                    bytes: record.stdout_bytes,
+                    elapsed: record.exited,
+                })
+            },
+            async {
+                let start = Instant::now();
+                ctr.exec(EXEC_TARGET_ID, &exec_id, &head, true).await?;
+                Ok(Transfer {
+                    bytes: THROUGHPUT_BYTES,
+                    elapsed: start.elapsed(),
+                })
+            },
+        )
+        .await?;
+        println!(
+            "  transfer {}: sandboxd {:.0} MiB/s, ctr {:.0} MiB/s",
+            i + 1,
+            s.mib_per_s(),
+            c.mib_per_s()
+        );
+        samples.sandboxd.transfers.push(s);
+        samples.ctr.transfers.push(c);
+    }
+
+    sandboxd
+        .delete(EXEC_TARGET_ID)
+        .await
+        .context("sandboxd: delete the exec target")?;
+    ctr.delete(EXEC_TARGET_ID)
+        .await
+        .context("ctr: delete the exec target")?;
+    Ok(samples)
+}
+
+/// Runs sample `i` of both sides one after the other, sandboxd first on even `i`, ctr first on
+/// odd; returns (sandboxd, ctr).
+async fn alternate<T>(
+    i: usize,
+    sandboxd: impl std::future::Future<Output = Result<T>>,
+    ctr: impl std::future::Future<Output = Result<T>>,
+) -> Result<(T, T)> {
+    if i % 2 == 0 {
+        let s = sandboxd.await.context("sandboxd")?;
+        let c = ctr.await.context("ctr")?;
+        Ok((s, c))
+    } else {
+        let c = ctr.await.context("ctr")?;
+        let s = sandboxd.await.context("sandboxd")?;
+        Ok((s, c))
+    }
+}
+
+/// CreateSandbox, then `Exec echo hi`: the time from the create call until the first stdout byte.
+/// The sandbox is deleted afterwards (not timed).
+async fn sandboxd_ttfc(sandboxd: &SandboxdSide, id: &str) -> Result<Duration> {
+    let start = Instant::now();
+    sandboxd.create(id).await?;
+    let record = sandboxd.exec(id, TTFC_COMMAND, start).await?;
+    sandboxd.delete(id).await?;
+    record.ensure_success("sandboxd exec echo")?;
+    ensure!(
+        record.stdout_head == TTFC_OUTPUT,
+        "sandboxd exec echo printed {:?}",
+        String::from_utf8_lossy(&record.stdout_head)
+    );
+    record
+        .first_stdout
+        .context("sandboxd exec echo: no stdout byte arrived")
+}
+
+/// Fails, listing them, if sandboxd's or ctr's namespace still holds containers, tasks, active
+/// snapshots or leases (and, for sandboxd, cgroups).
+async fn check_no_leftovers(env: &TestEnv, ctr: &CtrSide<'_>) -> Result<()> {
+    let sandboxd_leaks = env.leaks().await;
+    let ctr_leaks = env.containerd.leaks(&ctr.namespace).await;
+    ensure!(
+        sandboxd_leaks.is_empty() && ctr_leaks.is_empty(),
+        "leftovers after the run:\nsandboxd: {sandboxd_leaks}\nctr: {ctr_leaks}"
+    );
+    println!("leftover check: both namespaces hold no container, task, active snapshot or lease");
+    Ok(())
+}
+
+// ---- statistics and report ----
+
+/// p50, p99 and mean of a set of latencies, in milliseconds.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Summary {
+    samples: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    mean_ms: f64,
+}
+
+impl Summary {
+    /// Percentiles by nearest rank; `None` when there are no samples.
+    fn of(latencies: &[Duration]) -> Option<Summary> {
+        if latencies.is_empty() {
+            return None;
+        }
+        let mut ms: Vec<f64> = latencies.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        ms.sort_by(f64::total_cmp);
+        let mean_ms = ms.iter().sum::<f64>() / ms.len() as f64;
+        Some(Summary {
+            samples: ms.len(),
+            p50_ms: nearest_rank(&ms, 0.50),
+            p99_ms: nearest_rank(&ms, 0.99),
+            mean_ms,
+        })
+    }
+}
+
+/// The `q` quantile of sorted, non-empty `values` by the nearest-rank method.
+fn nearest_rank(sorted: &[f64], q: f64) -> f64 {
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// One latency row: an operation on both sides.
+#[derive(Debug, Clone, Serialize)]
+struct Row {
+    operation: String,
+    sandboxd: Summary,
+    ctr: Summary,
+    /// sandboxd p50 / ctr p50.
+    ratio_p50: f64,
+    /// sandboxd mean / ctr mean.
+    ratio_mean: f64,
+    /// The goal, in words.
+    target: String,
+    meets_target: bool,
+}
+
+impl Row {
+    /// A row whose target is sandboxd p50 ≤ `ratio` × ctr p50.
+    fn relative(
+        operation: &str,
+        sandboxd: &[Duration],
+        ctr: &[Duration],
+        ratio: f64,
+    ) -> Option<Row> {
+        let (s, c) = (Summary::of(sandboxd)?, Summary::of(ctr)?);
+        Some(Row::build(
+            operation,
+            s,
+            c,
+            format!("sandboxd p50 ≤ {ratio}× ctr p50"),
+            s.p50_ms <= ratio * c.p50_ms,
+        ))
+    }
+
+    /// A row whose target is sandboxd p50 ≤ `limit_ms`.
+    fn absolute(
+        operation: &str,
+        sandboxd: &[Duration],
+        ctr: &[Duration],
+        limit_ms: f64,
+    ) -> Option<Row> {
+        let (s, c) = (Summary::of(sandboxd)?, Summary::of(ctr)?);
+        Some(Row::build(
+            operation,
+            s,
+            c,
+            format!("sandboxd p50 ≤ {limit_ms} ms"),
+            s.p50_ms <= limit_ms,
+        ))
+    }
+
+    fn build(operation: &str, sandboxd: Summary, ctr: Summary, target: String, met: bool) -> Row {
+        Row {
+            operation: operation.to_owned(),
+            sandboxd,
+            ctr,
+            ratio_p50: sandboxd.p50_ms / ctr.p50_ms,
+            ratio_mean: sandboxd.mean_ms / ctr.mean_ms,
+            target,
+            meets_target: met,
+        }
+    }
+}
+
+/// Median, minimum and maximum throughput of a set of transfers, in MiB/s.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Rate {
+    transfers: usize,
+    median_mib_s: f64,
+    min_mib_s: f64,
+    max_mib_s: f64,
+    /// Median wall time of one transfer.
+    median_seconds: f64,
+}
+
+impl Rate {
+    fn of(transfers: &[Transfer]) -> Option<Rate> {
+        if transfers.is_empty() {
+            return None;
+        }
+        let mut rates: Vec<f64> = transfers.iter().map(Transfer::mib_per_s).collect();
+        rates.sort_by(f64::total_cmp);
+        let mut seconds: Vec<f64> = transfers.iter().map(|t| t.elapsed.as_secs_f64()).collect();
+        seconds.sort_by(f64::total_cmp);
+        Some(Rate {
+            transfers: rates.len(),
+            median_mib_s: nearest_rank(&rates, 0.5),
+            min_mib_s: rates[0],
+            max_mib_s: rates[rates.len() - 1],
+            median_seconds: nearest_rank(&seconds, 0.5),
+        })
+    }
+}
+
+/// The throughput row: both sides moving 1 GiB of exec stdout.
+#[derive(Debug, Clone, Serialize)]
+struct ThroughputRow {
+    operation: String,
+    bytes_per_transfer: u64,
+    sandboxd: Rate,
+    ctr: Rate,
+    /// sandboxd median / ctr median.
+    ratio_median: f64,
+    target: String,
+    meets_target: bool,
+}
+
+/// Everything the run found, as printed and as written to JSON.
+#[derive(Debug, Clone, Serialize)]
+struct Report {
+    machine: MachineFacts,
+    load_average_1min: LoadAverages,
+    settings: Settings,
+    image: String,
+    rows: Vec<Row>,
+    throughput: Option<ThroughputRow>,
+}
+
+impl Report {
+    fn new(
+        machine: MachineFacts,
+        load: LoadAverages,
+        settings: &Settings,
+        image: &str,
+        samples: &BothSamples,
+    ) -> Report {
+        let (s, c) = (&samples.sandboxd, &samples.ctr);
+        let rows = [
+            Row::relative(
+                "exec `true` round trip",
+                &s.round_trip,
+                &c.round_trip,
+                ROUND_TRIP_TARGET_RATIO,
+            ),
+            Row::absolute("create+exec → 1st stdout", &s.ttfc, &c.ttfc, TTFC_TARGET_MS),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let throughput = match (Rate::of(&s.transfers), Rate::of(&c.transfers)) {
+            (Some(sandboxd), Some(ctr)) => Some(ThroughputRow {
+                operation: "1 GiB exec stdout".to_owned(),
+                bytes_per_transfer: THROUGHPUT_BYTES,
+                sandboxd,
+                ctr,
+                ratio_median: sandboxd.median_mib_s / ctr.median_mib_s,
+                target: format!("sandboxd ≥ {THROUGHPUT_TARGET_MIB_S} MiB/s"),
+                meets_target: sandboxd.median_mib_s >= THROUGHPUT_TARGET_MIB_S,
+            }),
+            _ => None,
+        };
+        Report {
+            machine,
+            load_average_1min: load,
+            settings: *settings,
+            image: image.to_owned(),
+            rows,
+            throughput,
+        }
+    }
+
+    /// The plain-text tables with the target verdicts.
+    fn render_tables(&self) -> String {
+        let mut out = format!(
+            "{:<28} {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9} | {:>9} {:>10} {:>6}\n",
+            "operation (ms)",
+            "sbx p50",
+            "sbx p99",
+            "sbx mean",
+            "ctr p50",
+            "ctr p99",
+            "ctr mean",
+            "ratio p50",
+            "ratio mean",
+            "target"
+        );
+        out.push_str(&"-".repeat(out.chars().count() - 1));
+        out.push('\n');
+        for row in &self.rows {
+            out.push_str(&format!(
+                "{:<28} {:>9.1} {:>9.1} {:>9.1} | {:>9.1} {:>9.1} {:>9.1} | {:>8.2}x {:>9.2}x {:>6}\n",
+                row.operation,
+                row.sandboxd.p50_ms,
+                row.sandboxd.p99_ms,
+                row.sandboxd.mean_ms,
+                row.ctr.p50_ms,
+                row.ctr.p99_ms,
+                row.ctr.mean_ms,
+                row.ratio_p50,
+                row.ratio_mean,
+                verdict(row.meets_target)
+            ));
+        }
+        for row in &self.rows {
+            out.push_str(&format!("target, {}: {}\n", row.operation, row.target));
+        }
+        out.push_str(
+            "sbx = sandboxd over one gRPC channel; ctr = one ctr process per call; p99 by nearest \
+             rank.\nround trip: Exec `true` start → exited vs `ctr task exec true`; \
+             create+exec: CreateSandbox (idle PID 1) + Exec `echo hi` vs `ctr run --rm IMAGE ID \
+             echo hi`, both to the first stdout byte\n",
+        );
+        if let Some(t) = &self.throughput {
+            out.push('\n');
+            let header = format!(
+                "{:<28} {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9} | {:>9} {:>6}\n",
+                "throughput (MiB/s)",
+                "sbx med",
+                "sbx min",
+                "sbx max",
+                "ctr med",
+                "ctr min",
+                "ctr max",
+                "ratio med",
+                "target"
+            );
+            out.push_str(&header);
+            out.push_str(&"-".repeat(header.chars().count() - 1));
+            out.push('\n');
+            out.push_str(&format!(
+                "{:<28} {:>9.0} {:>9.0} {:>9.0} | {:>9.0} {:>9.0} {:>9.0} | {:>8.2}x {:>6}\n",
+                t.operation,
+                t.sandboxd.median_mib_s,
+                t.sandboxd.min_mib_s,
+                t.sandboxd.max_mib_s,
+                t.ctr.median_mib_s,
+                t.ctr.min_mib_s,
+                t.ctr.max_mib_s,
+                t.ratio_median,
+                verdict(t.meets_target)
+            ));
+            out.push_str(&format!(
+                "median seconds per GiB: sandboxd {:.2} s, ctr {:.2} s ({} transfers per side)\n",
+                t.sandboxd.median_seconds, t.ctr.median_seconds, t.sandboxd.transfers
+            ));
+            out.push_str(&format!(
+                "target: {} (sandboxd: client counts and discards the bytes, total checked; \
+                 ctr: its process copies to /dev/null); the shim's FIFO copy bounds both sides\n",
+                t.target
+            ));
+        }
+        out.push_str(&format!(
+            "load average (1 min): {:.2} before, {:.2} after (after includes the bench's own processes)\n",
+            self.load_average_1min.before, self.load_average_1min.after
+        ));
+        out
+    }
+
+    /// Writes the report as JSON to cargo's target directory; returns the path.
+    fn write_json(&self) -> Result<PathBuf> {
+        let path = target_dir().join(JSON_FILE_NAME);
+        let json = serde_json::to_string_pretty(self).context("serialize the report")?;
+        std::fs::write(&path, json + "\n").with_context(|| format!("write {}", path.display()))?;
+        Ok(path)
+    }
+}
+
+/// "met" or "MISSED".
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+/// cargo's target directory: `CARGO_TARGET_DIR` when set, else `target/` of this package.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+}
