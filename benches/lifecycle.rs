@@ -26,16 +26,17 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/mod.rs"]
+mod support;
 
 use std::collections::BTreeSet;
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use containerd_client::services::v1::version_client::VersionClient;
 use futures::future::join_all;
 use sandboxd::pb::image_service_client::ImageServiceClient;
 use sandboxd::pb::sandbox_service_client::SandboxServiceClient;
@@ -44,6 +45,9 @@ use serde::Serialize;
 use tonic::transport::Channel;
 
 use common::{host, CgroupParent, Containerd, TestEnv};
+use support::{
+    env_count, load_average, status_error, target_dir, LoadAverages, MachineFacts, Summary,
+};
 
 /// Environment variable: how many sandboxes the sequential phase creates and deletes.
 const ENV_N: &str = "BENCH_N";
@@ -155,108 +159,6 @@ impl Settings {
     }
 }
 
-/// A non-negative count from environment variable `name`, or `default` when it is unset.
-fn env_count(name: &str, default: usize) -> Result<usize> {
-    match std::env::var(name) {
-        Ok(value) => value
-            .trim()
-            .parse()
-            .with_context(|| format!("{name}={value:?} is not a non-negative integer")),
-        Err(std::env::VarError::NotPresent) => Ok(default),
-        Err(e) => Err(e).with_context(|| format!("reading {name}")),
-    }
-}
-
-/// The machine the figures were taken on.
-#[derive(Debug, Clone, Serialize)]
-struct MachineFacts {
-    /// CPUs available to this process (what `nproc` prints).
-    nproc: usize,
-    /// Kernel release.
-    kernel: String,
-    /// cgroup hierarchy in use ("v1" or "v2").
-    cgroup: String,
-    /// containerd's version and revision as its Version RPC reports them.
-    containerd: String,
-    /// First line of `runc --version`.
-    runc: String,
-}
-
-impl MachineFacts {
-    async fn collect(containerd: &Containerd) -> Result<MachineFacts> {
-        let nproc = std::thread::available_parallelism()
-            .context("query the number of CPUs")?
-            .get();
-        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .context("read /proc/sys/kernel/osrelease")?
-            .trim()
-            .to_owned();
-        let cgroup = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-            "v2"
-        } else {
-            "v1"
-        };
-        let version = VersionClient::new(containerd.channel().await)
-            .version(())
-            .await
-            .context("containerd Version RPC")?
-            .into_inner();
-        let runc = first_line_of(&host::binary("runc"), &["--version"]).await?;
-        Ok(MachineFacts {
-            nproc,
-            kernel,
-            cgroup: cgroup.to_owned(),
-            containerd: format!("{} ({})", version.version, version.revision),
-            runc,
-        })
-    }
-
-    fn render(&self) -> String {
-        format!(
-            "machine: nproc {}, kernel {}, cgroup {}, containerd {}, {}",
-            self.nproc, self.kernel, self.cgroup, self.containerd, self.runc
-        )
-    }
-}
-
-/// The first line of what `program args` prints on stdout.
-async fn first_line_of(program: &Path, args: &[&str]) -> Result<String> {
-    let out = tokio::process::Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .with_context(|| format!("run {}", program.display()))?;
-    ensure!(
-        out.status.success(),
-        "{} {args:?} failed ({})",
-        program.display(),
-        out.status
-    );
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_owned())
-}
-
-/// The 1-minute load average: other work on a 2-core machine skews every figure.
-fn load_average() -> Result<f64> {
-    let text = std::fs::read_to_string("/proc/loadavg").context("read /proc/loadavg")?;
-    let first = text.split_whitespace().next().unwrap_or_default();
-    first
-        .parse()
-        .with_context(|| format!("/proc/loadavg starts with {first:?}, not a number"))
-}
-
-/// The machine's 1-minute load average when the run started and when it ended (the latter
-/// includes the bench's own containerd, shims and `ctr` processes).
-#[derive(Debug, Clone, Copy, Serialize)]
-struct LoadAverages {
-    before: f64,
-    after: f64,
-}
-
 // ---- the two sides ----
 
 /// Something that creates running sandboxes and deletes them, the thing being timed.
@@ -339,15 +241,6 @@ impl Side for SandboxdSide {
             .map_err(|s| status_error("DeleteSandbox", id, &s))?;
         Ok(())
     }
-}
-
-/// A gRPC failure as an error naming the call, the object and the exact status.
-fn status_error(call: &str, id: &str, status: &tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!(
-        "{call} {id} failed: {:?}: {}",
-        status.code(),
-        status.message()
-    )
 }
 
 /// Raw containerd through the `ctr` CLI (one process per call) in a namespace of its own on the
@@ -599,39 +492,6 @@ async fn check_no_leftovers(env: &TestEnv, ctr: &CtrSide<'_>) -> Result<()> {
 
 // ---- statistics and report ----
 
-/// p50, p99 and mean of a set of latencies, in milliseconds.
-#[derive(Debug, Clone, Copy, Serialize)]
-struct Summary {
-    samples: usize,
-    p50_ms: f64,
-    p99_ms: f64,
-    mean_ms: f64,
-}
-
-impl Summary {
-    /// Percentiles by nearest rank; `None` when there are no samples.
-    fn of(latencies: &[Duration]) -> Option<Summary> {
-        if latencies.is_empty() {
-            return None;
-        }
-        let mut ms: Vec<f64> = latencies.iter().map(|d| d.as_secs_f64() * 1e3).collect();
-        ms.sort_by(f64::total_cmp);
-        let mean_ms = ms.iter().sum::<f64>() / ms.len() as f64;
-        Some(Summary {
-            samples: ms.len(),
-            p50_ms: nearest_rank(&ms, 0.50),
-            p99_ms: nearest_rank(&ms, 0.99),
-            mean_ms,
-        })
-    }
-}
-
-/// The `q` quantile of sorted, non-empty `values` by the nearest-rank method.
-fn nearest_rank(sorted: &[f64], q: f64) -> f64 {
-    let rank = (q * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 /// One row of the table: an operation on both sides.
 #[derive(Debug, Clone, Serialize)]
 struct Row {
@@ -809,11 +669,4 @@ fn join_ms(values: &[f64]) -> String {
         .map(|v| format!("{v:.0}"))
         .collect::<Vec<_>>()
         .join(" / ")
-}
-
-/// cargo's target directory: `CARGO_TARGET_DIR` when set, else `target/` of this package.
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
 }
