@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use sandboxd::pb::image_service_client::ImageServiceClient;
 use sandboxd::pb::sandbox_service_client::SandboxServiceClient;
-use sandboxd::pb::{self, exec_request, exec_response, SandboxState};
+use sandboxd::pb::{self, exec_request, exec_response};
 use serde::Serialize;
 use tempfile::TempDir;
 use tokio::io::AsyncReadExt;
@@ -249,35 +249,12 @@ impl SandboxdSide {
             image: self.image.clone(),
             ..Default::default()
         };
-        let sandbox = self
-            .client
-            .clone()
-            .create_sandbox(request)
-            .await
-            .map_err(|s| status_error("CreateSandbox", id, &s))?
-            .into_inner()
-            .sandbox
-            .with_context(|| format!("CreateSandbox {id}: the response holds no sandbox"))?;
-        ensure!(
-            sandbox.state() == SandboxState::Running,
-            "CreateSandbox {id} answered state {:?}, not RUNNING",
-            sandbox.state()
-        );
-        Ok(())
+        support::create_running(&self.client, request).await
     }
 
     /// Deletes sandbox `id` with `force`.
     async fn delete(&self, id: &str) -> Result<()> {
-        let request = pb::DeleteSandboxRequest {
-            sandbox_id: id.to_owned(),
-            force: true,
-        };
-        self.client
-            .clone()
-            .delete_sandbox(request)
-            .await
-            .map_err(|s| status_error("DeleteSandbox", id, &s))?;
-        Ok(())
+        support::delete_forced(&self.client, id).await
     }
 
     /// Runs `args` in sandbox `id` over an `Exec` stream (no stdin, no tty) and reads it to the

@@ -38,9 +38,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use futures::future::join_all;
+use sandboxd::pb;
 use sandboxd::pb::image_service_client::ImageServiceClient;
 use sandboxd::pb::sandbox_service_client::SandboxServiceClient;
-use sandboxd::pb::{self, SandboxState};
 use serde::Serialize;
 use tonic::transport::Channel;
 
@@ -212,34 +212,11 @@ impl Side for SandboxdSide {
             image: self.image.clone(),
             ..Default::default()
         };
-        let sandbox = self
-            .client
-            .clone()
-            .create_sandbox(request)
-            .await
-            .map_err(|s| status_error("CreateSandbox", id, &s))?
-            .into_inner()
-            .sandbox
-            .with_context(|| format!("CreateSandbox {id}: the response holds no sandbox"))?;
-        ensure!(
-            sandbox.state() == SandboxState::Running,
-            "CreateSandbox {id} answered state {:?}, not RUNNING",
-            sandbox.state()
-        );
-        Ok(())
+        support::create_running(&self.client, request).await
     }
 
     async fn delete(&self, id: &str) -> Result<()> {
-        let request = pb::DeleteSandboxRequest {
-            sandbox_id: id.to_owned(),
-            force: true,
-        };
-        self.client
-            .clone()
-            .delete_sandbox(request)
-            .await
-            .map_err(|s| status_error("DeleteSandbox", id, &s))?;
-        Ok(())
+        support::delete_forced(&self.client, id).await
     }
 }
 

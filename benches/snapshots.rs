@@ -288,34 +288,12 @@ impl SandboxdSide {
                 ..Default::default()
             },
         };
-        let sandbox = self
-            .sandboxes
-            .clone()
-            .create_sandbox(request)
-            .await
-            .map_err(|s| status_error("CreateSandbox", id, &s))?
-            .into_inner()
-            .sandbox
-            .with_context(|| format!("CreateSandbox {id}: the response holds no sandbox"))?;
-        ensure!(
-            sandbox.state() == SandboxState::Running,
-            "CreateSandbox {id} answered state {:?}, not RUNNING",
-            sandbox.state()
-        );
-        Ok(())
+        support::create_running(&self.sandboxes, request).await
     }
 
     /// Deletes sandbox `id` with `force`.
     async fn delete(&self, id: &str) -> Result<()> {
-        self.sandboxes
-            .clone()
-            .delete_sandbox(pb::DeleteSandboxRequest {
-                sandbox_id: id.to_owned(),
-                force: true,
-            })
-            .await
-            .map_err(|s| status_error("DeleteSandbox", id, &s))?;
-        Ok(())
+        support::delete_forced(&self.sandboxes, id).await
     }
 
     /// Runs `sh -c script` in sandbox `id` through ExecSync; fails unless it exits 0.

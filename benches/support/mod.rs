@@ -161,3 +161,42 @@ pub fn target_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
 }
+
+/// Sends `request` and fails unless the response says the sandbox is RUNNING.
+pub async fn create_running(
+    client: &sandboxd::pb::sandbox_service_client::SandboxServiceClient<tonic::transport::Channel>,
+    request: sandboxd::pb::CreateSandboxRequest,
+) -> Result<()> {
+    let id = request.sandbox_id.clone();
+    let sandbox = client
+        .clone()
+        .create_sandbox(request)
+        .await
+        .map_err(|s| status_error("CreateSandbox", &id, &s))?
+        .into_inner()
+        .sandbox
+        .with_context(|| format!("CreateSandbox {id}: the response holds no sandbox"))?;
+    ensure!(
+        sandbox.state() == sandboxd::pb::SandboxState::Running,
+        "CreateSandbox {id} answered state {:?}, not RUNNING",
+        sandbox.state()
+    );
+    Ok(())
+}
+
+/// Deletes sandbox `id` with `force`.
+pub async fn delete_forced(
+    client: &sandboxd::pb::sandbox_service_client::SandboxServiceClient<tonic::transport::Channel>,
+    id: &str,
+) -> Result<()> {
+    let request = sandboxd::pb::DeleteSandboxRequest {
+        sandbox_id: id.to_owned(),
+        force: true,
+    };
+    client
+        .clone()
+        .delete_sandbox(request)
+        .await
+        .map_err(|s| status_error("DeleteSandbox", id, &s))?;
+    Ok(())
+}
