@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::net::cni::BridgeNetwork;
+use crate::net::{DnsConfig, NetConfig};
+
 /// Default gRPC listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7878";
 /// Default containerd socket.
@@ -138,6 +141,37 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (off unless set) [env: SANDBOXD_METRICS_LISTEN]
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_listen: Option<String>,
+    /// Directory for the network namespaces of BRIDGE sandboxes (and host-local's IP
+    /// allocations) [env: SANDBOXD_NETNS_DIR] [default: /run/sandboxd/netns]
+    #[arg(long, value_name = "DIR")]
+    pub netns_dir: Option<PathBuf>,
+    /// CNI conflist used for BRIDGE sandboxes instead of the built-in bridge + host-local +
+    /// portmap + loopback network [env: SANDBOXD_CNI_CONFLIST]
+    #[arg(long, value_name = "FILE")]
+    pub cni_conflist: Option<PathBuf>,
+    /// Colon-separated directories holding the CNI plugins [env: SANDBOXD_CNI_PLUGIN_DIRS]
+    /// [default: /usr/lib/cni:/opt/cni/bin]
+    #[arg(long, value_name = "DIRS")]
+    pub cni_plugin_dirs: Option<String>,
+    /// Host bridge of the built-in BRIDGE network [env: SANDBOXD_BRIDGE_NAME] [default: sandboxd0]
+    #[arg(long, value_name = "NAME")]
+    pub bridge_name: Option<String>,
+    /// IPv4 subnet of the built-in BRIDGE network; the bridge takes its first address
+    /// [env: SANDBOXD_BRIDGE_SUBNET] [default: 10.213.0.0/16]
+    #[arg(long, value_name = "CIDR")]
+    pub bridge_subnet: Option<String>,
+    /// Comma-separated resolvers for sandboxes when the host has none they can reach
+    /// [env: SANDBOXD_DNS_FALLBACK] [default: 1.1.1.1,8.8.8.8]
+    #[arg(long, value_name = "ADDRS")]
+    pub dns_fallback: Option<String>,
+    /// systemd-resolved's upstream resolv.conf, preferred when present
+    /// [env: SANDBOXD_RESOLVED_RESOLV_CONF] [default: /run/systemd/resolve/resolv.conf]
+    #[arg(long, value_name = "FILE")]
+    pub resolved_resolv_conf: Option<PathBuf>,
+    /// The host's resolv.conf, used with loopback resolvers removed
+    /// [env: SANDBOXD_HOST_RESOLV_CONF] [default: /etc/resolv.conf]
+    #[arg(long, value_name = "FILE")]
+    pub host_resolv_conf: Option<PathBuf>,
     /// Test-only fault injection: comma-separated steps that fail on purpose (see
     /// `sandbox::failpoint`). Hidden from --help; never set it in production.
     #[arg(long, hide = true, value_name = "STEPS")]
@@ -157,6 +191,14 @@ struct FileConfig {
     idle_init: Option<PathBuf>,
     log_format: Option<String>,
     metrics_listen: Option<String>,
+    netns_dir: Option<PathBuf>,
+    cni_conflist: Option<PathBuf>,
+    cni_plugin_dirs: Option<String>,
+    bridge_name: Option<String>,
+    bridge_subnet: Option<String>,
+    dns_fallback: Option<String>,
+    resolved_resolv_conf: Option<PathBuf>,
+    host_resolv_conf: Option<PathBuf>,
 }
 
 /// The resolved configuration of `sandboxd serve`.
@@ -186,6 +228,8 @@ pub struct Config {
     pub failpoints: Vec<String>,
     /// Address of the Prometheus endpoint, if enabled.
     pub metrics_listen: Option<SocketAddr>,
+    /// BRIDGE networking and DNS.
+    pub network: NetConfig,
 }
 
 /// A configuration problem, naming the setting.
@@ -309,7 +353,9 @@ impl Config {
                 reason: format!("{} must be an absolute path", data_dir.display()),
             });
         }
+        let network = resolve_network(args, env, &file, &namespace, &pick, &pick_path)?;
         Ok(Config {
+            network,
             listen,
             containerd_address: pick_path(
                 &args.containerd_address,
@@ -341,6 +387,127 @@ impl Config {
                 .collect(),
         })
     }
+}
+
+/// Picks a setting: flag, then environment variable, then file, then default.
+type PickFn<'a, T> = &'a dyn Fn(&Option<T>, &str, &Option<T>, &str) -> T;
+
+/// The network settings (see [`NetConfig`]).
+fn resolve_network(
+    args: &ServeArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+    file: &FileConfig,
+    namespace: &str,
+    pick: PickFn<'_, String>,
+    pick_path: PickFn<'_, PathBuf>,
+) -> Result<NetConfig, ConfigError> {
+    let netns_dir = pick_path(
+        &args.netns_dir,
+        "SANDBOXD_NETNS_DIR",
+        &file.netns_dir,
+        crate::net::DEFAULT_NETNS_DIR,
+    );
+    if !netns_dir.is_absolute() {
+        return Err(ConfigError {
+            setting: "netns_dir",
+            reason: format!("{} must be an absolute path", netns_dir.display()),
+        });
+    }
+    let conflist = args
+        .cni_conflist
+        .clone()
+        .or_else(|| env("SANDBOXD_CNI_CONFLIST").map(PathBuf::from))
+        .or_else(|| file.cni_conflist.clone())
+        .filter(|p| !p.as_os_str().is_empty());
+    let plugin_dirs = pick(
+        &args.cni_plugin_dirs,
+        "SANDBOXD_CNI_PLUGIN_DIRS",
+        &file.cni_plugin_dirs,
+        &crate::net::cni::DEFAULT_PLUGIN_DIRS.join(":"),
+    )
+    .split(':')
+    .filter(|d| !d.is_empty())
+    .map(PathBuf::from)
+    .collect();
+    let bridge = pick(
+        &args.bridge_name,
+        "SANDBOXD_BRIDGE_NAME",
+        &file.bridge_name,
+        crate::net::cni::DEFAULT_BRIDGE,
+    );
+    if bridge.is_empty()
+        || bridge.len() > 15
+        || !bridge
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(ConfigError {
+            setting: "bridge_name",
+            reason: format!(
+                "{bridge:?} must be 1-15 letters, digits, '-', '_' or '.' (a Linux interface name)"
+            ),
+        });
+    }
+    let subnet = pick(
+        &args.bridge_subnet,
+        "SANDBOXD_BRIDGE_SUBNET",
+        &file.bridge_subnet,
+        crate::net::cni::DEFAULT_SUBNET,
+    );
+    let parsed: crate::net::policy::Ipv4Net = subnet.parse().map_err(|reason| ConfigError {
+        setting: "bridge_subnet",
+        reason,
+    })?;
+    if parsed.prefix() > 30 || !subnet.contains('/') {
+        return Err(ConfigError {
+            setting: "bridge_subnet",
+            reason: format!(
+                "{subnet:?} must be an IPv4 CIDR with room for sandboxes (/30 or wider)"
+            ),
+        });
+    }
+    let fallback = pick(
+        &args.dns_fallback,
+        "SANDBOXD_DNS_FALLBACK",
+        &file.dns_fallback,
+        &crate::net::DEFAULT_DNS_FALLBACK.join(","),
+    )
+    .split(',')
+    .map(str::trim)
+    .filter(|a| !a.is_empty())
+    .map(|a| {
+        a.parse::<std::net::IpAddr>().map_err(|_| ConfigError {
+            setting: "dns_fallback",
+            reason: format!("{a:?} is not an IP address"),
+        })
+    })
+    .collect::<Result<Vec<_>, _>>()?;
+    Ok(NetConfig {
+        instance: namespace.to_string(),
+        netns_dir,
+        conflist,
+        bridge: BridgeNetwork {
+            bridge,
+            subnet,
+            ..BridgeNetwork::default()
+        },
+        plugin_dirs,
+        dns: DnsConfig {
+            resolved_conf: pick_path(
+                &args.resolved_resolv_conf,
+                "SANDBOXD_RESOLVED_RESOLV_CONF",
+                &file.resolved_resolv_conf,
+                crate::net::DEFAULT_RESOLVED_CONF,
+            ),
+            host_conf: pick_path(
+                &args.host_resolv_conf,
+                "SANDBOXD_HOST_RESOLV_CONF",
+                &file.host_resolv_conf,
+                crate::net::DEFAULT_HOST_RESOLV_CONF,
+            ),
+            fallback,
+        },
+    })
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {

@@ -21,7 +21,7 @@ struct Cli {
 enum Command {
     /// Run the gRPC server. Settings: flag, else environment variable, else --config TOML key,
     /// else default. Starts a private containerd under --data-dir when none answers.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     #[command(flatten)]
     Client(sandboxd::cli::Command),
 }

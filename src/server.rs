@@ -13,6 +13,7 @@ use tonic_health::ServingStatus;
 
 use crate::api::{FileApi, ImageApi, SandboxApi, SnapshotApi};
 use crate::config::{Config, ListenAddr};
+use crate::net::Network;
 use crate::pb;
 use crate::runtime::{supervisor, Containerd};
 use crate::sandbox::{Manager, ManagerConfig};
@@ -92,6 +93,9 @@ async fn ttl_loop(manager: Arc<Manager>, interval: Duration, mut stop: watch::Re
         if let Err(e) = manager.reap_expired().await {
             tracing::debug!(error = %e, "ttl sweep failed");
         }
+        if let Err(e) = manager.reconcile_networks().await {
+            tracing::warn!(error = %e, "network sweep failed");
+        }
     }
 }
 
@@ -105,7 +109,11 @@ pub async fn serve(
     })?;
     let (address, supervisor) = supervisor::ensure(&config).await?;
     let cd = Containerd::new(&address, &config.namespace)?;
-    let manager = Manager::new(cd.clone(), ManagerConfig::from(&config));
+    let manager = Manager::new(
+        cd.clone(),
+        ManagerConfig::from(&config),
+        Network::new(config.network.clone()),
+    );
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     set_health(&reporter, ServingStatus::NotServing).await;
@@ -128,6 +136,7 @@ pub async fn serve(
         config.health_interval,
         stop_rx.clone(),
     ));
+    let exits_task = tokio::spawn(manager.clone().watch_exits(stop_rx.clone()));
     let ttl_task = tokio::spawn(ttl_loop(
         manager.clone(),
         config.ttl_sweep_interval,
@@ -224,6 +233,7 @@ pub async fn serve(
     let _ = stop_tx.send(true);
     let _ = health_task.await;
     let _ = ttl_task.await;
+    let _ = exits_task.await;
     if let Some(task) = metrics_task {
         let _ = task.await;
     }

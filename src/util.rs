@@ -10,6 +10,12 @@ pub fn random_hex(n: usize) -> String {
     hex::encode(buf)
 }
 
+/// The SHA-256 of `data` as lowercase hex.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
 /// A protobuf timestamp from a system time.
 pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
     prost_types::Timestamp::from(t)

@@ -4,6 +4,8 @@ use std::time::SystemTime;
 
 use crate::error::{Error, Result};
 use crate::image::{ImageInfo, ImageRef};
+use crate::net::cni::{PortMapping, Protocol};
+use crate::net::policy::{Egress, EgressRule, NetPolicy};
 use crate::pb;
 use crate::sandbox::{self, CreateSpec, NetworkMode, Resources, SandboxId, Source, State};
 
@@ -38,18 +40,7 @@ pub fn create_spec(r: pb::CreateSandboxRequest) -> Result<CreateSpec> {
         Some(res) => Resources::parse(res.cpu_millis, res.memory_bytes, res.pids_limit)?,
         None => Resources::default(),
     };
-    let network = match r.network.map(|n| n.mode) {
-        None => NetworkMode::None,
-        Some(m) => match pb::NetworkMode::try_from(m) {
-            Ok(pb::NetworkMode::Unspecified | pb::NetworkMode::None) => NetworkMode::None,
-            Ok(pb::NetworkMode::Bridge) => {
-                return Err(Error::FailedPrecondition(
-                    "network.mode BRIDGE is not available on this node yet: CNI networking is not configured".into(),
-                ))
-            }
-            Err(_) => return Err(Error::invalid("network.mode", format!("{m} is not a NetworkMode"))),
-        },
-    };
+    let (network, net_policy) = network_spec(r.network.unwrap_or_default())?;
     let ttl = match r.ttl {
         None => None,
         Some(d) => {
@@ -94,10 +85,174 @@ pub fn create_spec(r: pb::CreateSandboxRequest) -> Result<CreateSpec> {
         labels: sandbox::parse_labels("labels", r.labels)?,
         resources,
         network,
+        net_policy,
         start: r.start.unwrap_or(true),
         ttl,
         id,
     })
+}
+
+/// NetworkSpec → mode and policy. Egress and ports are BRIDGE-only.
+fn network_spec(n: pb::NetworkSpec) -> Result<(NetworkMode, NetPolicy)> {
+    let mode = match pb::NetworkMode::try_from(n.mode) {
+        Ok(pb::NetworkMode::Unspecified | pb::NetworkMode::None) => NetworkMode::None,
+        Ok(pb::NetworkMode::Bridge) => NetworkMode::Bridge,
+        Err(_) => {
+            return Err(Error::invalid(
+                "network.mode",
+                format!("{} is not a NetworkMode", n.mode),
+            ))
+        }
+    };
+    let egress = match n.egress {
+        None => Egress::AllowAll,
+        Some(e) => {
+            let rules = e
+                .allow
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| egress_rule(i, r))
+                .collect::<Result<Vec<_>>>()?;
+            match pb::EgressMode::try_from(e.mode) {
+                Ok(pb::EgressMode::Unspecified | pb::EgressMode::AllowAll) if rules.is_empty() => {
+                    Egress::AllowAll
+                }
+                Ok(pb::EgressMode::DenyAll) if rules.is_empty() => Egress::DenyAll,
+                Ok(pb::EgressMode::AllowList) => Egress::AllowList { allow: rules },
+                Ok(_) => {
+                    return Err(Error::invalid(
+                        "network.egress.allow",
+                        "rules are only meaningful with mode ALLOW_LIST",
+                    ))
+                }
+                Err(_) => {
+                    return Err(Error::invalid(
+                        "network.egress.mode",
+                        format!("{} is not an EgressMode", e.mode),
+                    ))
+                }
+            }
+        }
+    };
+    let ports = n
+        .ports
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| port_mapping_spec(i, p))
+        .collect::<Result<Vec<_>>>()?;
+    let policy = NetPolicy { egress, ports };
+    if mode == NetworkMode::None && policy != NetPolicy::default() {
+        return Err(Error::invalid(
+            "network",
+            "egress and ports apply to mode BRIDGE only; a NONE sandbox has no network",
+        ));
+    }
+    policy.validate()?;
+    Ok((mode, policy))
+}
+
+fn protocol(field: &str, p: i32, default: Option<Protocol>) -> Result<Option<Protocol>> {
+    match pb::Protocol::try_from(p) {
+        Ok(pb::Protocol::Unspecified) => Ok(default),
+        Ok(pb::Protocol::Tcp) => Ok(Some(Protocol::Tcp)),
+        Ok(pb::Protocol::Udp) => Ok(Some(Protocol::Udp)),
+        Err(_) => Err(Error::invalid(field, format!("{p} is not a Protocol"))),
+    }
+}
+
+fn port(field: &str, p: u32) -> Result<u16> {
+    match u16::try_from(p) {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(Error::invalid(
+            field,
+            format!("{p} is not a port (1-65535)"),
+        )),
+    }
+}
+
+fn egress_rule(i: usize, r: pb::EgressRule) -> Result<EgressRule> {
+    let field = |f: &str| format!("network.egress.allow[{i}].{f}");
+    if r.cidr.is_empty() {
+        return Err(Error::invalid(field("cidr"), "a CIDR is required"));
+    }
+    let net = r
+        .cidr
+        .parse()
+        .map_err(|reason: String| Error::invalid(field("cidr"), reason))?;
+    let ports = r
+        .ports
+        .iter()
+        .map(|p| port(&field("ports"), *p))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(EgressRule {
+        net,
+        ports,
+        protocol: protocol(&field("protocol"), r.protocol, None)?,
+    })
+}
+
+fn port_mapping_spec(i: usize, p: pb::PortMapping) -> Result<PortMapping> {
+    let field = |f: &str| format!("network.ports[{i}].{f}");
+    let host_ip = if p.host_ip.is_empty() {
+        None
+    } else {
+        match p.host_ip.parse::<std::net::IpAddr>() {
+            Ok(ip @ std::net::IpAddr::V4(_)) => Some(ip),
+            _ => {
+                return Err(Error::invalid(
+                    field("host_ip"),
+                    format!("{:?} is not an IPv4 address", p.host_ip),
+                ))
+            }
+        }
+    };
+    Ok(PortMapping {
+        host_port: port(&field("host_port"), p.host_port)?,
+        container_port: port(&field("container_port"), p.container_port)?,
+        protocol: protocol(&field("protocol"), p.protocol, Some(Protocol::Tcp))?
+            .unwrap_or(Protocol::Tcp),
+        host_ip,
+    })
+}
+
+fn pb_protocol(p: Protocol) -> pb::Protocol {
+    match p {
+        Protocol::Tcp => pb::Protocol::Tcp,
+        Protocol::Udp => pb::Protocol::Udp,
+    }
+}
+
+fn egress_policy(e: &Egress) -> pb::EgressPolicy {
+    match e {
+        Egress::AllowAll => pb::EgressPolicy {
+            mode: pb::EgressMode::AllowAll as i32,
+            allow: vec![],
+        },
+        Egress::DenyAll => pb::EgressPolicy {
+            mode: pb::EgressMode::DenyAll as i32,
+            allow: vec![],
+        },
+        Egress::AllowList { allow } => pb::EgressPolicy {
+            mode: pb::EgressMode::AllowList as i32,
+            allow: allow
+                .iter()
+                .map(|r| pb::EgressRule {
+                    cidr: r.net.to_string(),
+                    ports: r.ports.iter().map(|p| u32::from(*p)).collect(),
+                    protocol: r.protocol.map_or(pb::Protocol::Unspecified, pb_protocol) as i32,
+                })
+                .collect(),
+        },
+    }
+}
+
+fn port_mapping(p: &PortMapping) -> pb::PortMapping {
+    pb::PortMapping {
+        host_port: u32::from(p.host_port),
+        container_port: u32::from(p.container_port),
+        protocol: pb_protocol(p.protocol) as i32,
+        host_ip: p.host_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+    }
 }
 
 /// Domain sandbox → proto.
@@ -130,6 +285,11 @@ pub fn sandbox(s: sandbox::Sandbox) -> pb::Sandbox {
             mode: mode as i32,
             ip_address: s.ip_address,
             gateway: s.gateway,
+            egress: s.net_policy.as_ref().map(|p| egress_policy(&p.egress)),
+            ports: s
+                .net_policy
+                .map(|p| p.ports.iter().map(port_mapping).collect())
+                .unwrap_or_default(),
         }),
         command: s.command,
         hostname: s.hostname,
@@ -465,12 +625,105 @@ mod tests {
             ),
             (
                 pb::CreateSandboxRequest {
-                    network: Some(pb::NetworkSpec { mode: 42 }),
+                    network: Some(pb::NetworkSpec {
+                        mode: 42,
+                        ..Default::default()
+                    }),
                     ..req()
                 },
                 "network.mode",
             ),
+            (
+                pb::CreateSandboxRequest {
+                    network: Some(pb::NetworkSpec {
+                        mode: pb::NetworkMode::None as i32,
+                        egress: Some(pb::EgressPolicy {
+                            mode: pb::EgressMode::DenyAll as i32,
+                            allow: vec![],
+                        }),
+                        ..Default::default()
+                    }),
+                    ..req()
+                },
+                "network",
+            ),
+            (
+                bridge(
+                    pb::EgressMode::AllowList,
+                    vec![pb::EgressRule {
+                        cidr: "10.0.0.0/40".into(),
+                        ..Default::default()
+                    }],
+                    vec![],
+                ),
+                "network.egress.allow[0].cidr",
+            ),
+            (
+                bridge(
+                    pb::EgressMode::AllowList,
+                    vec![pb::EgressRule {
+                        cidr: "10.0.0.1".into(),
+                        ports: vec![70000],
+                        ..Default::default()
+                    }],
+                    vec![],
+                ),
+                "network.egress.allow[0].ports",
+            ),
+            (
+                bridge(
+                    pb::EgressMode::DenyAll,
+                    vec![pb::EgressRule {
+                        cidr: "10.0.0.1".into(),
+                        ..Default::default()
+                    }],
+                    vec![],
+                ),
+                "network.egress.allow",
+            ),
+            (
+                bridge(
+                    pb::EgressMode::AllowAll,
+                    vec![],
+                    vec![pb::PortMapping {
+                        host_port: 8080,
+                        container_port: 0,
+                        ..Default::default()
+                    }],
+                ),
+                "network.ports[0].container_port",
+            ),
+            (
+                bridge(
+                    pb::EgressMode::AllowAll,
+                    vec![],
+                    vec![pb::PortMapping {
+                        host_port: 8080,
+                        container_port: 80,
+                        host_ip: "::1".into(),
+                        ..Default::default()
+                    }],
+                ),
+                "network.ports[0].host_ip",
+            ),
         ];
+        fn bridge(
+            mode: pb::EgressMode,
+            allow: Vec<pb::EgressRule>,
+            ports: Vec<pb::PortMapping>,
+        ) -> pb::CreateSandboxRequest {
+            pb::CreateSandboxRequest {
+                network: Some(pb::NetworkSpec {
+                    mode: pb::NetworkMode::Bridge as i32,
+                    egress: Some(pb::EgressPolicy {
+                        mode: mode as i32,
+                        allow,
+                    }),
+                    ports,
+                }),
+                ..req()
+            }
+        }
         for (r, field) in cases {
             let err = create_spec(r).unwrap_err();
             assert!(

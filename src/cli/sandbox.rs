@@ -105,6 +105,17 @@ pub struct CreateArgs {
     /// Network: none (loopback only) or bridge.
     #[arg(long, value_enum, value_name = "MODE")]
     network: Option<Network>,
+    /// Bridge only: refuse every outbound connection.
+    #[arg(long, conflicts_with = "allow_egress")]
+    deny_egress: bool,
+    /// Bridge only: admit outbound connections to CIDR only (repeatable; anything not listed
+    /// is refused), optionally to some ports: 10.0.0.0/8, 192.0.2.1:443,8443/tcp.
+    #[arg(long, value_parser = parse::egress_rule, value_name = "CIDR[:PORTS][/PROTO]")]
+    allow_egress: Vec<pb::EgressRule>,
+    /// Bridge only: forward a host port to a port of the sandbox (repeatable):
+    /// 8080:80, 127.0.0.1:5353:53/udp.
+    #[arg(short, long, value_parser = parse::port_mapping, value_name = "[IP:]HOST:PORT[/PROTO]")]
+    publish: Vec<pb::PortMapping>,
     /// Delete the sandbox this long after creation, e.g. 30s, 10m, 2h.
     #[arg(long, value_parser = parse::duration, value_name = "DURATION")]
     ttl: Option<Duration>,
@@ -250,15 +261,40 @@ fn create_request(a: CreateArgs) -> pb::CreateSandboxRequest {
         hostname: a.hostname.unwrap_or_default(),
         labels: parse::to_map(a.labels),
         resources,
-        network: a.network.map(|n| pb::NetworkSpec {
-            mode: match n {
-                Network::None => pb::NetworkMode::None,
-                Network::Bridge => pb::NetworkMode::Bridge,
-            } as i32,
-        }),
+        network: network_spec(a.network, a.deny_egress, a.allow_egress, a.publish),
         start: a.no_start.then_some(false),
         ttl: a.ttl.map(parse::proto_duration),
     }
+}
+
+/// The request's network; the server refuses egress or ports without `--network bridge`.
+fn network_spec(
+    mode: Option<Network>,
+    deny_egress: bool,
+    allow: Vec<pb::EgressRule>,
+    ports: Vec<pb::PortMapping>,
+) -> Option<pb::NetworkSpec> {
+    let egress = if deny_egress {
+        Some(pb::EgressMode::DenyAll)
+    } else if !allow.is_empty() {
+        Some(pb::EgressMode::AllowList)
+    } else {
+        None
+    };
+    if mode.is_none() && egress.is_none() && ports.is_empty() {
+        return None;
+    }
+    Some(pb::NetworkSpec {
+        mode: match mode {
+            None | Some(Network::None) => pb::NetworkMode::Unspecified,
+            Some(Network::Bridge) => pb::NetworkMode::Bridge,
+        } as i32,
+        egress: egress.map(|m| pb::EgressPolicy {
+            mode: m as i32,
+            allow,
+        }),
+        ports,
+    })
 }
 
 /// Prints a returned sandbox: its id for people, the whole sandbox as JSON.
@@ -286,6 +322,22 @@ fn network_mode_name(mode: i32) -> &'static str {
     match pb::NetworkMode::try_from(mode) {
         Ok(pb::NetworkMode::Bridge) => "BRIDGE",
         Ok(pb::NetworkMode::None) | Ok(pb::NetworkMode::Unspecified) | Err(_) => "NONE",
+    }
+}
+
+fn egress_mode_name(mode: i32) -> &'static str {
+    match pb::EgressMode::try_from(mode) {
+        Ok(pb::EgressMode::DenyAll) => "DENY_ALL",
+        Ok(pb::EgressMode::AllowList) => "ALLOW_LIST",
+        Ok(pb::EgressMode::AllowAll) | Ok(pb::EgressMode::Unspecified) | Err(_) => "ALLOW_ALL",
+    }
+}
+
+fn protocol_name(p: i32) -> &'static str {
+    match pb::Protocol::try_from(p) {
+        Ok(pb::Protocol::Tcp) => "TCP",
+        Ok(pb::Protocol::Udp) => "UDP",
+        Ok(pb::Protocol::Unspecified) | Err(_) => "",
     }
 }
 
@@ -320,6 +372,20 @@ pub fn json(s: &pb::Sandbox) -> Value {
             "mode": network_mode_name(network.mode),
             "ip_address": network.ip_address,
             "gateway": network.gateway,
+            "egress": network.egress.as_ref().map(|e| json!({
+                "mode": egress_mode_name(e.mode),
+                "allow": e.allow.iter().map(|r| json!({
+                    "cidr": r.cidr,
+                    "ports": r.ports,
+                    "protocol": protocol_name(r.protocol),
+                })).collect::<Vec<_>>(),
+            })),
+            "ports": network.ports.iter().map(|p| json!({
+                "host_port": p.host_port,
+                "container_port": p.container_port,
+                "protocol": protocol_name(p.protocol),
+                "host_ip": p.host_ip,
+            })).collect::<Vec<_>>(),
         },
         "command": s.command,
         "hostname": s.hostname,
@@ -344,6 +410,37 @@ fn details(s: &pb::Sandbox) -> String {
     let mut network = network_mode_name(n.mode).to_string();
     if !n.ip_address.is_empty() {
         network.push_str(&format!(" {} via {}", n.ip_address, n.gateway));
+    }
+    if let Some(e) = &n.egress {
+        network.push_str(&format!(", egress {}", egress_mode_name(e.mode)));
+        let rules: Vec<String> = e
+            .allow
+            .iter()
+            .map(|r| {
+                let ports: Vec<String> = r.ports.iter().map(u32::to_string).collect();
+                match (ports.is_empty(), protocol_name(r.protocol)) {
+                    (true, _) => r.cidr.clone(),
+                    (false, "") => format!("{}:{}", r.cidr, ports.join(",")),
+                    (false, p) => format!("{}:{}/{}", r.cidr, ports.join(","), p.to_lowercase()),
+                }
+            })
+            .collect();
+        if !rules.is_empty() {
+            network.push_str(&format!(" {}", rules.join(" ")));
+        }
+    }
+    for p in &n.ports {
+        let ip = if p.host_ip.is_empty() {
+            String::new()
+        } else {
+            format!("{}:", p.host_ip)
+        };
+        network.push_str(&format!(
+            ", publishes {ip}{}->{}/{}",
+            p.host_port,
+            p.container_port,
+            protocol_name(p.protocol).to_lowercase()
+        ));
     }
     output::fields(&[
         ("Sandbox ID", s.sandbox_id.clone()),

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use tokio::io::AsyncWriteExt;
 
@@ -189,6 +189,15 @@ impl NetworkConfigList {
         &self.cni_version
     }
 
+    /// The host bridge of the list's `bridge` plugin (the plugin's default, `cni0`, when it
+    /// names none); `None` without a bridge plugin.
+    pub fn bridge_name(&self) -> Option<&str> {
+        self.plugins
+            .iter()
+            .find(|p| plugin_type(p) == "bridge")
+            .map(|p| p.get("bridge").and_then(Value::as_str).unwrap_or("cni0"))
+    }
+
     /// The plugin types in invocation order.
     pub fn plugin_types(&self) -> impl Iterator<Item = &str> {
         self.plugins.iter().map(plugin_type)
@@ -342,19 +351,19 @@ impl RuntimeConfig {
 }
 
 /// A host port forwarded to a port of the sandbox.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PortMapping {
     pub host_port: u16,
     pub container_port: u16,
     pub protocol: Protocol,
     /// Bind only this host address; all when `None`.
-    #[serde(rename = "hostIP", skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "hostIP", default, skip_serializing_if = "Option::is_none")]
     pub host_ip: Option<IpAddr>,
 }
 
 /// Transport protocol of a port mapping.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,

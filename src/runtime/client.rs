@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use containerd_client::services::v1::{
     containers_client::ContainersClient, content_client::ContentClient, diff_client::DiffClient,
-    images_client::ImagesClient, leases_client::LeasesClient,
+    events_client::EventsClient, images_client::ImagesClient, leases_client::LeasesClient,
     snapshots::snapshots_client::SnapshotsClient, tasks_client::TasksClient,
     version_client::VersionClient,
 };
@@ -114,6 +114,10 @@ impl Containerd {
     /// Leases service.
     pub fn leases(&self) -> LeasesClient<Traced> {
         LeasesClient::new(Traced(self.channel.clone()))
+    }
+    /// Events service (untraced: a subscription is one call that lasts for hours).
+    pub fn events(&self) -> EventsClient<Channel> {
+        EventsClient::new(self.channel.clone())
     }
 }
 

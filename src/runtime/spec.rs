@@ -135,8 +135,17 @@ pub fn build(s: &SandboxSpec) -> Result<Vec<u8>> {
         resources["cpu"] = json!({"quota": quota, "period": CPU_PERIOD_US});
     }
     let mut netns = json!({"type": "network"});
+    let mut sysctl = serde_json::Map::new();
     if let Some(path) = &s.netns_path {
         netns["path"] = json!(path);
+        // The bridge network is IPv4 only and its egress rules are iptables (IPv4) rules:
+        // without IPv6, link-local IPv6 cannot carry traffic around them.
+        for key in [
+            "net.ipv6.conf.all.disable_ipv6",
+            "net.ipv6.conf.default.disable_ipv6",
+        ] {
+            sysctl.insert(key.into(), json!("1"));
+        }
     }
 
     let spec = json!({
@@ -161,6 +170,7 @@ pub fn build(s: &SandboxSpec) -> Result<Vec<u8>> {
             "cgroupsPath": s.cgroups_path,
             "resources": resources,
             "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, netns],
+            "sysctl": sysctl,
             "maskedPaths": MASKED_PATHS,
             "readonlyPaths": READONLY_PATHS,
         },

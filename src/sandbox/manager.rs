@@ -24,6 +24,8 @@ use super::model::*;
 use crate::config::{Config, DEFAULT_PIDS_LIMIT};
 use crate::error::{Error, Kind, Result};
 use crate::image;
+use crate::net::policy::NetPolicy;
+use crate::net::Network;
 use crate::runtime::lease::Lease;
 use crate::runtime::spec::{self, SandboxSpec, IDLE_INIT_PATH, SPEC_TYPE_URL};
 use crate::runtime::{Containerd, SNAPSHOTTER};
@@ -41,6 +43,17 @@ const L_CPU: &str = "sandboxd.io/cpu-millis";
 const L_MEMORY: &str = "sandboxd.io/memory-bytes";
 const L_PIDS: &str = "sandboxd.io/pids-limit";
 const L_NETWORK: &str = "sandboxd.io/network";
+/// The BRIDGE sandbox's address while its network is attached.
+const L_NET_IP: &str = "sandboxd.io/net-ip";
+const L_NET_GATEWAY: &str = "sandboxd.io/net-gateway";
+/// The CNI ADD result (compact JSON), given back to the plugins on DEL.
+const L_NET_RESULT: &str = "sandboxd.io/net-result";
+/// containerd limits a label to 4096 bytes; a larger CNI result is not cached (DEL works
+/// without it).
+const MAX_RESULT_LABEL: usize = 3500;
+/// Container extension holding a BRIDGE sandbox's [`NetPolicy`] (too large for a label).
+const EXT_NET_POLICY: &str = "sandboxd.io/net-policy";
+const NET_POLICY_TYPE_URL: &str = "sandboxd.io/NetPolicy";
 const L_COMMAND: &str = "sandboxd.io/command";
 const L_HOSTNAME: &str = "sandboxd.io/hostname";
 /// Label on a writable snapshot naming its sandbox.
@@ -84,6 +97,7 @@ impl From<&Config> for ManagerConfig {
 pub struct Manager {
     cd: Containerd,
     cfg: ManagerConfig,
+    net: Network,
     locks: Arc<KeyedLocks>,
 }
 
@@ -118,10 +132,11 @@ struct Undo {
 
 impl Manager {
     /// A manager on `cd`.
-    pub fn new(cd: Containerd, cfg: ManagerConfig) -> Arc<Manager> {
+    pub fn new(cd: Containerd, cfg: ManagerConfig, net: Network) -> Arc<Manager> {
         Arc::new(Manager {
             cd,
             cfg,
+            net,
             locks: Arc::new(KeyedLocks::default()),
         })
     }
@@ -338,7 +353,8 @@ impl Manager {
             .prepare(self.cd.req_leased(prepare, lease.id()))
             .await
             .map_err(|s| Error::containerd("snapshots.prepare", s))?;
-        self.kill_and_delete_task(id.as_str()).await?;
+        self.kill_and_delete_task(id.as_str(), Some(container))
+            .await?;
         self.failpoint("restore.swap")?;
         let labels = HashMap::from([(L_SNAPSHOT.to_string(), snapshot_id.to_string())]);
         let req = UpdateContainerRequest {
@@ -430,7 +446,12 @@ impl Manager {
         let id = &spec.id;
         let files = self.files_dir(id);
         undo.files = Some(files.clone());
-        write_etc_files(&files, &spec.hostname).await?;
+        let bridge = spec.network == NetworkMode::Bridge;
+        if !bridge {
+            // A BRIDGE sandbox's files are written when its network is attached.
+            let resolv = self.net.resolv_conf();
+            write_etc_files(&files, &spec.hostname, None, &resolv.text).await?;
+        }
 
         let key = format!("sandboxd-rw-{id}-{}", crate::util::random_hex(4));
         let prepare = PrepareSnapshotRequest {
@@ -498,7 +519,7 @@ impl Manager {
             pids_limit: spec.resources.pids_limit.unwrap_or(DEFAULT_PIDS_LIMIT),
             etc_dir: files.clone(),
             idle_init: idle.then(|| self.cfg.idle_init.clone()),
-            netns_path: None,
+            netns_path: bridge.then(|| self.net.netns_path(id.as_str())),
         })?;
         if idle && !self.cfg.idle_init.is_file() {
             return Err(Error::FailedPrecondition(format!(
@@ -545,9 +566,22 @@ impl Manager {
         if spec.start {
             labels.insert(L_STARTED.into(), crate::util::rfc3339(now));
         }
+        let mut extensions = HashMap::new();
+        if bridge {
+            extensions.insert(
+                EXT_NET_POLICY.to_string(),
+                prost_types::Any {
+                    type_url: NET_POLICY_TYPE_URL.into(),
+                    value: serde_json::to_vec(&spec.net_policy).map_err(|e| {
+                        Error::Internal(format!("encoding the network policy: {e}"))
+                    })?,
+                },
+            );
+        }
         let container = Container {
             id: id.to_string(),
             labels,
+            extensions,
             image: image.name.clone(),
             runtime: Some(Runtime {
                 name: RUNTIME.into(),
@@ -584,7 +618,11 @@ impl Manager {
             self.failpoint("create.start")?;
             // The prepared mounts and a started-at label written with the container save two
             // round trips on the hot path; a failed start undoes the container anyway.
-            self.run_task(id, mounts).await?;
+            let net = bridge.then(|| NetCtx {
+                policy: &spec.net_policy,
+                hostname: &spec.hostname,
+            });
+            self.run_task(id, mounts, net).await?;
         }
         Ok(())
     }
@@ -600,7 +638,7 @@ impl Manager {
             }
         };
         if let Some(id) = &undo.task {
-            note(self.kill_and_delete_task(id).await);
+            note(self.kill_and_delete_task(id, None).await);
         }
         if let Some(key) = &undo.snapshot {
             note(self.remove_snapshot(key).await);
@@ -637,19 +675,16 @@ impl Manager {
                     {
                         return Err(Error::FailedPrecondition(format!("sandbox {id} is paused")));
                     }
-                    Some(_) => this.finish_task(&id).await?,
-                    None => {}
+                    Some(_) => this.finish_task(&id, &container).await?,
+                    None => this.detach_network(&id, Some(&container)).await?,
                 }
-                write_etc_files(
-                    &this.files_dir(&id),
-                    container
-                        .labels
-                        .get(L_HOSTNAME)
-                        .map_or(id.as_str(), |h| h.as_str()),
-                )
-                .await?;
-                if let Err(e) = this.start_task(&id, &container.snapshot_key).await {
-                    let cleanup = this.kill_and_delete_task(id.as_str()).await;
+                if let Err(e) = this
+                    .start_task_of(&id, &container, &container.snapshot_key)
+                    .await
+                {
+                    let cleanup = this
+                        .kill_and_delete_task(id.as_str(), Some(&container))
+                        .await;
                     return Err(e.with_cleanup(cleanup));
                 }
                 this.get(&id).await
@@ -659,7 +694,30 @@ impl Manager {
         .await
     }
 
+    /// Starts sandbox `id`'s task on the writable snapshot `snapshot_key`.
     pub(super) async fn start_task(&self, id: &SandboxId, snapshot_key: &str) -> Result<u32> {
+        let container = self
+            .container(id)
+            .await?
+            .ok_or_else(|| Error::not_found(Kind::Sandbox, id.as_str()))?;
+        self.start_task_of(id, &container, snapshot_key).await
+    }
+
+    async fn start_task_of(
+        &self,
+        id: &SandboxId,
+        container: &Container,
+        snapshot_key: &str,
+    ) -> Result<u32> {
+        let hostname = container
+            .labels
+            .get(L_HOSTNAME)
+            .map_or(id.as_str(), |h| h.as_str());
+        let policy = net_policy(container);
+        if policy.is_none() {
+            let resolv = self.net.resolv_conf();
+            write_etc_files(&self.files_dir(id), hostname, None, &resolv.text).await?;
+        }
         let mounts = self
             .cd
             .snapshots()
@@ -671,7 +729,8 @@ impl Manager {
             .map_err(|s| Error::containerd("snapshots.mounts", s))?
             .into_inner()
             .mounts;
-        let pid = self.run_task(id, mounts).await?;
+        let net = policy.as_ref().map(|policy| NetCtx { policy, hostname });
+        let pid = self.run_task(id, mounts, net).await?;
         let now = crate::util::rfc3339(SystemTime::now());
         self.update_labels(
             id.as_str(),
@@ -686,7 +745,141 @@ impl Manager {
     }
 
     /// Creates and starts the task on `mounts` (the writable snapshot's); returns PID 1's pid.
+    /// A BRIDGE sandbox (`net`) has its network attached first, so PID 1 never sees it
+    /// half-made; if the task then fails to start, the network is detached again.
     async fn run_task(
+        &self,
+        id: &SandboxId,
+        mounts: Vec<containerd_client::types::Mount>,
+        net: Option<NetCtx<'_>>,
+    ) -> Result<u32> {
+        let Some(net) = net else {
+            return self.create_and_start_task(id, mounts).await;
+        };
+        self.attach_network(id, &net).await?;
+        match self.create_and_start_task(id, mounts).await {
+            Ok(pid) => Ok(pid),
+            Err(e) => {
+                let cleanup = self.kill_and_delete_task(id.as_str(), None).await;
+                Err(e.with_cleanup(cleanup))
+            }
+        }
+    }
+
+    /// Attaches a BRIDGE sandbox's network and records its address; undone on failure.
+    async fn attach_network(&self, id: &SandboxId, net: &NetCtx<'_>) -> Result<()> {
+        let _ports = if net.policy.ports.is_empty() {
+            None
+        } else {
+            let guard = self.net.port_lock().await;
+            self.check_ports_free(id, &net.policy.ports).await?;
+            Some(guard)
+        };
+        let resolv = self.net.resolv_conf();
+        let attached = self
+            .net
+            .attach(id.as_str(), net.policy, &resolv.nameservers)
+            .await?;
+        let recorded = async {
+            write_etc_files(
+                &self.files_dir(id),
+                net.hostname,
+                Some(attached.ip),
+                &resolv.text,
+            )
+            .await?;
+            let result = serde_json::to_string(&attached.result).unwrap_or_default();
+            self.update_labels(
+                id.as_str(),
+                &[
+                    (L_NET_IP, Some(attached.ip.to_string())),
+                    (L_NET_GATEWAY, attached.gateway.map(|g| g.to_string())),
+                    (
+                        L_NET_RESULT,
+                        (result.len() <= MAX_RESULT_LABEL).then_some(result),
+                    ),
+                ],
+            )
+            .await
+        }
+        .await;
+        if let Err(e) = recorded {
+            let cleanup = self
+                .net
+                .detach(id.as_str(), Some(&attached.result), &net.policy.ports)
+                .await;
+            return Err(e.with_cleanup(cleanup));
+        }
+        Ok(())
+    }
+
+    /// FAILED_PRECONDITION when another attached sandbox forwards one of `ports` already.
+    async fn check_ports_free(
+        &self,
+        id: &SandboxId,
+        ports: &[crate::net::cni::PortMapping],
+    ) -> Result<()> {
+        for c in self.managed_containers().await? {
+            if c.id == id.as_str() || !c.labels.contains_key(L_NET_IP) {
+                continue;
+            }
+            let Some(other) = net_policy(&c) else {
+                continue;
+            };
+            for p in ports {
+                let clash = other.ports.iter().find(|q| {
+                    q.host_port == p.host_port
+                        && q.protocol == p.protocol
+                        && (q.host_ip.is_none() || p.host_ip.is_none() || q.host_ip == p.host_ip)
+                });
+                if clash.is_some() {
+                    return Err(Error::FailedPrecondition(format!(
+                        "host port {}/{} is already forwarded to sandbox {}",
+                        p.host_port,
+                        crate::net::policy::protocol_name(p.protocol),
+                        c.id
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Tears down sandbox `id`'s network if it has one (see [`Network::detach`]) and forgets
+    /// its address.
+    async fn detach_network(&self, id: &SandboxId, container: Option<&Container>) -> Result<()> {
+        if !self.net.is_attached(id.as_str()) {
+            return Ok(());
+        }
+        let cached: Option<serde_json::Value> = container
+            .and_then(|c| c.labels.get(L_NET_RESULT))
+            .and_then(|r| serde_json::from_str(r).ok());
+        let ports = container
+            .and_then(net_policy)
+            .map(|p| p.ports)
+            .unwrap_or_default();
+        self.net
+            .detach(id.as_str(), cached.as_ref(), &ports)
+            .await?;
+        match self
+            .update_labels(
+                id.as_str(),
+                &[
+                    (L_NET_IP, None),
+                    (L_NET_GATEWAY, None),
+                    (L_NET_RESULT, None),
+                ],
+            )
+            .await
+        {
+            Err(Error::Containerd { status, .. }) if status.code() == tonic::Code::NotFound => {
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    async fn create_and_start_task(
         &self,
         id: &SandboxId,
         mounts: Vec<containerd_client::types::Mount>,
@@ -728,8 +921,10 @@ impl Manager {
         let span = tracing::info_span!("stop_sandbox", sandbox_id = %id);
         detach(async move {
             let _guard = this.locks.lock(id.as_str()).await;
-            this.container(&id).await?.ok_or_else(|| Error::not_found(Kind::Sandbox, id.as_str()))?;
+            let container = this.container(&id).await?.ok_or_else(|| Error::not_found(Kind::Sandbox, id.as_str()))?;
             let Some(task) = this.task(id.as_str()).await? else {
+                // A teardown that failed before is finished now.
+                this.detach_network(&id, Some(&container)).await?;
                 return this.get(&id).await;
             };
             if task.status == TaskStatus::Paused as i32 || task.status == TaskStatus::Pausing as i32 {
@@ -749,7 +944,7 @@ impl Manager {
                     }
                 }
             }
-            this.finish_task(&id).await?;
+            this.finish_task(&id, &container).await?;
             this.get(&id).await
         }.instrument(span))
         .await
@@ -814,8 +1009,9 @@ impl Manager {
         }
     }
 
-    /// Deletes an exited task and records its exit status in the container's labels.
-    async fn finish_task(&self, id: &SandboxId) -> Result<()> {
+    /// Deletes an exited task, tears its network down and records its exit status in the
+    /// container's labels.
+    async fn finish_task(&self, id: &SandboxId, container: &Container) -> Result<()> {
         let resp = match self
             .cd
             .tasks()
@@ -825,9 +1021,12 @@ impl Manager {
             .await
         {
             Ok(resp) => resp.into_inner(),
-            Err(s) if s.code() == tonic::Code::NotFound => return Ok(()),
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                return self.detach_network(id, Some(container)).await
+            }
             Err(s) => return Err(Error::containerd("tasks.delete", s)),
         };
+        self.detach_network(id, Some(container)).await?;
         let exited = resp
             .exited_at
             .map(|t| crate::util::system_time(&t))
@@ -842,7 +1041,21 @@ impl Manager {
         .await
     }
 
-    async fn kill_and_delete_task(&self, id: &str) -> Result<()> {
+    /// Kills and deletes sandbox `id`'s task, whatever its state, then tears its network down
+    /// (given the container when at hand, for the cached CNI result).
+    pub(super) async fn kill_and_delete_task(
+        &self,
+        id: &str,
+        container: Option<&Container>,
+    ) -> Result<()> {
+        self.kill_and_delete_task_only(id).await?;
+        match SandboxId::parse("sandbox_id", id) {
+            Ok(sid) => self.detach_network(&sid, container).await,
+            Err(_) => Ok(()),
+        }
+    }
+
+    async fn kill_and_delete_task_only(&self, id: &str) -> Result<()> {
         let Some(task) = self.task(id).await? else {
             return Ok(());
         };
@@ -917,8 +1130,11 @@ impl Manager {
                     "sandbox {id} is running; stop it first or delete with force"
                 )));
             }
-            self.kill_and_delete_task(id.as_str()).await?;
+            self.kill_and_delete_task(id.as_str(), Some(&container))
+                .await?;
         }
+        // A network whose earlier teardown failed goes now, before what identifies it.
+        self.detach_network(id, Some(&container)).await?;
         // Snapshot before container: an interrupted delete leaves a container to delete again,
         // never an orphaned snapshot.
         self.remove_snapshot(&container.snapshot_key).await?;
@@ -985,6 +1201,124 @@ impl Manager {
         Ok(reaped)
     }
 
+    /// Tears down the networks of BRIDGE sandboxes whose task is gone or has exited. Exit
+    /// events ([`Manager::watch_exits`]) do this at once; this sweep catches what they miss
+    /// (sandboxd down at the time, a dropped subscription, an interrupted create).
+    pub async fn reconcile_networks(&self) -> Result<()> {
+        let attached = self.net.attached_ids();
+        if attached.is_empty() {
+            return Ok(());
+        }
+        let live = self.live_task_ids().await?;
+        for id in attached.iter().filter(|id| !live.contains(*id)) {
+            match SandboxId::parse("sandbox_id", id) {
+                Ok(id) => self.settle_network(&id).await?,
+                Err(_) => {
+                    tracing::warn!(netns = %id, "a network namespace with a malformed sandbox id; left alone")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn live_task_ids(&self) -> Result<std::collections::HashSet<String>> {
+        Ok(self
+            .cd
+            .tasks()
+            .list(self.cd.req(ListTasksRequest {
+                filter: String::new(),
+            }))
+            .await
+            .map_err(|s| Error::containerd("tasks.list", s))?
+            .into_inner()
+            .tasks
+            .into_iter()
+            .filter(|t| {
+                t.status == TaskStatus::Running as i32
+                    || t.status == TaskStatus::Paused as i32
+                    || t.status == TaskStatus::Pausing as i32
+            })
+            .map(|t| {
+                if t.container_id.is_empty() {
+                    t.id
+                } else {
+                    t.container_id
+                }
+            })
+            .collect())
+    }
+
+    /// Detaches sandbox `id`'s network unless its task runs (checked under its lock, so a
+    /// start in progress is never disturbed).
+    async fn settle_network(&self, id: &SandboxId) -> Result<()> {
+        let _guard = self.locks.lock(id.as_str()).await;
+        if !self.net.is_attached(id.as_str()) {
+            return Ok(());
+        }
+        if let Some(t) = self.task(id.as_str()).await? {
+            if t.status != TaskStatus::Stopped as i32 && t.status != TaskStatus::Unknown as i32 {
+                return Ok(());
+            }
+        }
+        let container = self.container(id).await?;
+        tracing::info!(sandbox_id = %id, "tearing down the network of an exited sandbox");
+        self.detach_network(id, container.as_ref()).await
+    }
+
+    /// Follows containerd's task-exit events and tears down the network of each BRIDGE
+    /// sandbox whose PID 1 exited by itself, until `stop` changes. Resubscribes after errors.
+    pub async fn watch_exits(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        use containerd_client::services::v1::SubscribeRequest;
+        use prost::Message;
+        let filter = format!(
+            "namespace==\"{}\",topic==\"/tasks/exit\"",
+            self.cd.namespace()
+        );
+        loop {
+            let mut events = self.cd.events();
+            // containerd sends the response headers with the first event, so even subscribing
+            // waits until something exits: never past a shutdown.
+            let subscribed = tokio::select! {
+                s = events.subscribe(self.cd.req(SubscribeRequest {
+                    filters: vec![filter.clone()],
+                })) => s,
+                _ = stop.changed() => return,
+            };
+            if let Ok(stream) = subscribed {
+                let mut stream = stream.into_inner();
+                loop {
+                    let envelope = tokio::select! {
+                        m = stream.message() => m,
+                        _ = stop.changed() => return,
+                    };
+                    let Ok(Some(envelope)) = envelope else { break };
+                    let Some(exit) = envelope.event.and_then(|any| {
+                        containerd_client::events::TaskExit::decode(any.value.as_slice()).ok()
+                    }) else {
+                        continue;
+                    };
+                    // Only PID 1's exit (its exec id is the container id) ends the sandbox.
+                    if exit.id != exit.container_id || !self.net.is_attached(&exit.container_id) {
+                        continue;
+                    }
+                    let Ok(id) = SandboxId::parse("sandbox_id", &exit.container_id) else {
+                        continue;
+                    };
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = this.settle_network(&id).await {
+                            tracing::warn!(sandbox_id = %id, error = %e, "tearing down the network after exit failed; the sweep will retry");
+                        }
+                    });
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
     /// After a restart: removes what an interrupted operation left behind (writable snapshots
     /// without a container, unpack snapshots, files of sandboxes that are gone).
     pub async fn recover(&self) -> Result<()> {
@@ -1019,6 +1353,11 @@ impl Manager {
                 tracing::warn!(snapshot = %key, error = %e, "could not remove a leftover snapshot");
             }
         }
+        self.reconcile_networks().await?;
+        let attached = self.net.attached_ids();
+        if let Err(e) = self.net.sweep_firewall(&attached).await {
+            tracing::debug!(error = %e, "no egress chains swept");
+        }
         let ids: std::collections::HashSet<&str> =
             containers.iter().map(|c| c.id.as_str()).collect();
         if let Ok(entries) = std::fs::read_dir(self.cfg.data_dir.join("sandboxes")) {
@@ -1031,6 +1370,25 @@ impl Manager {
         }
         Ok(())
     }
+}
+
+/// What [`Manager::run_task`] needs to attach a BRIDGE sandbox's network.
+struct NetCtx<'a> {
+    policy: &'a NetPolicy,
+    hostname: &'a str,
+}
+
+/// A BRIDGE sandbox's policy, from its container; `None` for NONE sandboxes.
+fn net_policy(c: &Container) -> Option<NetPolicy> {
+    if c.labels.get(L_NETWORK).map(String::as_str) != Some(NetworkMode::Bridge.as_str()) {
+        return None;
+    }
+    Some(
+        c.extensions
+            .get(EXT_NET_POLICY)
+            .and_then(|any| serde_json::from_slice(&any.value).ok())
+            .unwrap_or_default(),
+    )
 }
 
 /// Runs `fut` on its own task so that a cancelled caller cannot stop it half-way.
@@ -1107,8 +1465,9 @@ fn view(c: &Container, task: Option<&Process>) -> Sandbox {
         } else {
             NetworkMode::None
         },
-        ip_address: String::new(),
-        gateway: String::new(),
+        ip_address: label(L_NET_IP),
+        gateway: label(L_NET_GATEWAY),
+        net_policy: net_policy(c),
         command: serde_json::from_str(&label(L_COMMAND)).unwrap_or_default(),
         hostname: label(L_HOSTNAME),
         created_at: c.created_at.as_ref().map(crate::util::system_time),
@@ -1118,24 +1477,33 @@ fn view(c: &Container, task: Option<&Process>) -> Sandbox {
     }
 }
 
-/// Writes the sandbox's /etc/hosts, /etc/hostname and /etc/resolv.conf sources.
-async fn write_etc_files(dir: &std::path::Path, hostname: &str) -> Result<()> {
+/// Writes the sandbox's /etc/hosts (naming its hostname and, on a bridge, its `ip`),
+/// /etc/hostname and /etc/resolv.conf sources.
+async fn write_etc_files(
+    dir: &std::path::Path,
+    hostname: &str,
+    ip: Option<std::net::Ipv4Addr>,
+    resolv: &str,
+) -> Result<()> {
     let dir = dir.to_path_buf();
     let hostname = hostname.to_string();
+    let resolv = resolv.to_string();
     sys::blocking(move || {
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let own = ip.map_or_else(|| "127.0.1.1".to_string(), |ip| ip.to_string());
         let hosts = format!(
-            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{own}\t{hostname}\n"
         );
-        let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         let files = [
             ("hosts", hosts),
             ("hostname", format!("{hostname}\n")),
-            ("resolv.conf", crate::net::filter_resolv_conf(&host_resolv)),
+            ("resolv.conf", resolv),
         ];
         for (name, content) in files {
             let path = dir.join(name);
-            std::fs::write(&path, content).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+            std::fs::write(&path, content)
+                .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
         }
         Ok(())
     })

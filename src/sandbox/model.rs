@@ -188,6 +188,8 @@ pub struct CreateSpec {
     pub resources: Resources,
     /// Network mode.
     pub network: NetworkMode,
+    /// Egress policy and port forwards (BRIDGE only; the default for NONE).
+    pub net_policy: crate::net::policy::NetPolicy,
     /// Start right away.
     pub start: bool,
     /// Delete after this long.
@@ -357,6 +359,8 @@ pub struct Sandbox {
     pub ip_address: String,
     /// Gateway on the bridge.
     pub gateway: String,
+    /// Egress policy and port forwards (BRIDGE only).
+    pub net_policy: Option<crate::net::policy::NetPolicy>,
     /// PID 1 argv.
     pub command: Vec<String>,
     /// Hostname.
