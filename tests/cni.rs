@@ -1,14 +1,17 @@
 //! CNI bridge networking against Debian's real plugins.
 //!
-//! The test re-executes itself under `ip netns exec` in a network namespace of its own, so every
-//! bridge, veth, iptables rule, sysctl and route the plugins make lives and dies with that
-//! namespace; `ip netns exec` also gives the child a private mount namespace, so the sandbox
-//! namespaces' bind mounts cannot outlive it either.
+//! The test runs in a network namespace of its own (`common::netns`), so every bridge, veth,
+//! iptables rule, sysctl and route the plugins make lives and dies with that namespace, and the
+//! sandbox namespaces' bind mounts with its private mount namespace.
+
+mod common;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use common::netns::{run, run_in_netns};
 
 use sandboxd::net::cni::{
     Attachment, BridgeNetwork, CniError, CniResult, CniRunner, NetworkConfigList, PortMapping,
@@ -16,8 +19,6 @@ use sandboxd::net::cni::{
 };
 use sandboxd::net::netns::NetNs;
 
-/// Set in the re-executed child: the name of the test namespace it runs in.
-const INNER_ENV: &str = "SANDBOXD_CNITEST_NETNS";
 const PLUGIN_DIR: &str = "/usr/lib/cni";
 const PLUGINS: &[&str] = &["bridge", "host-local", "portmap", "loopback"];
 const TOOLS: &[&str] = &["ip", "nsenter", "iptables", "busybox"];
@@ -26,45 +27,8 @@ const HOST_PORT: u16 = 18080;
 
 #[test]
 fn bridge_network_connects_two_sandboxes_and_del_leaves_nothing() {
-    if let Ok(name) = std::env::var(INNER_ENV) {
-        return inner(&name);
-    }
     require_prerequisites();
-    let name = format!("sandboxd-cnitest-{}", random_hex(4));
-    let test_ns = TestNamespace::add(&name);
-    let status = Command::new("ip")
-        .args(["netns", "exec", &name])
-        .arg(std::env::current_exe().unwrap())
-        .args(["--exact", TEST_NAME, "--nocapture", "--test-threads=1"])
-        .env(INNER_ENV, &name)
-        .status()
-        .expect("running the test inside its namespace");
-    drop(test_ns);
-    assert!(
-        !Path::new("/run/netns").join(&name).exists(),
-        "test namespace {name} was not deleted"
-    );
-    assert!(
-        status.success(),
-        "the test body failed inside {name}: {status}"
-    );
-}
-
-/// The test body, run inside the test namespace.
-fn inner(test_ns: &str) {
-    // Refuse to touch anything unless we really are inside the namespace made for us.
-    let ours = std::fs::metadata(Path::new("/run/netns").join(test_ns)).unwrap();
-    let current = std::fs::metadata("/proc/self/ns/net").unwrap();
-    assert_eq!(
-        (ours.dev(), ours.ino()),
-        (current.dev(), current.ino()),
-        "not inside the test network namespace {test_ns}"
-    );
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(body());
+    run_in_netns(TEST_NAME, body);
 }
 
 async fn body() {
@@ -73,11 +37,12 @@ async fn body() {
     let ipam_dir = tmp.path().join("ipam");
     let mut cleanup = MountCleanup(Vec::new());
 
-    let octet = u8::from_str_radix(&random_hex(1), 16).unwrap() % 200 + 1;
+    // The namespace is the test's alone: fixed names cannot collide.
+    let octet = 42;
     let subnet = Ipv4Addr::new(10, 213, octet, 0);
     let network = BridgeNetwork {
         name: "sandboxd-test".into(),
-        bridge: format!("sbxt{}", random_hex(4)),
+        bridge: "sbxt0".into(),
         subnet: format!("{subnet}/24"),
         ipam_data_dir: Some(ipam_dir.clone()),
     };
@@ -285,16 +250,6 @@ fn iptables_nat() -> String {
     run("iptables", &["-t", "nat", "-S"])
 }
 
-fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 fn is_mounted(path: &Path) -> bool {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let path = path.to_str().unwrap();
@@ -324,31 +279,6 @@ fn require_prerequisites() {
          containernetworking-plugins iproute2 util-linux iptables busybox-static`",
         missing.join(", ")
     );
-}
-
-fn random_hex(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
-    getrandom::fill(&mut buf).unwrap();
-    hex::encode(buf)
-}
-
-/// The test's own network namespace, deleted on drop (so also when the test fails).
-struct TestNamespace(String);
-
-impl TestNamespace {
-    fn add(name: &str) -> Self {
-        run("ip", &["netns", "add", name]);
-        TestNamespace(name.to_owned())
-    }
-}
-
-impl Drop for TestNamespace {
-    fn drop(&mut self) {
-        let status = Command::new("ip").args(["netns", "del", &self.0]).status();
-        if !matches!(status, Ok(s) if s.success()) {
-            eprintln!("deleting test namespace {} failed: {status:?}", self.0);
-        }
-    }
 }
 
 /// Unmounts namespace files left behind by a failing test, so the temp dir can be removed.

@@ -11,6 +11,7 @@
 pub mod containerd;
 pub mod host;
 pub mod image;
+pub mod netns;
 pub mod registry;
 pub mod sandboxd;
 
