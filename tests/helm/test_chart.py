@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "sandboxd"
 ALL_ON = Path(__file__).resolve().parent / "values-all-on.yaml"
 CONFIG_RS = ROOT / "src" / "config.rs"
+NET_RS = (ROOT / "src" / "net" / "mod.rs", ROOT / "src" / "net" / "cni.rs")
 RELEASE = "sandboxd"
 NAMESPACE = "sandboxd-system"
 GRPC_PORT = 7878
@@ -34,7 +35,7 @@ GRPC_PORT = 7878
 MIN_KUBE = (1, 30)
 
 # Branches neither the defaults nor values-all-on.yaml take: a socket outside containerd's state
-# dir and an idle init the node provides outside the data dir.
+# dir, an idle init the node provides outside the data dir and network settings left to sandboxd.
 ALTERNATIVE = {
     "containerd": {
         "address": "/run/k3s/containerd/containerd.sock",
@@ -45,7 +46,9 @@ ALTERNATIVE = {
     "metrics": {"enabled": False, "port": 9090},
     "networkPolicy": {"enabled": False},
     "serviceAccount": {"create": False},
+    "network": {"bridgeName": "", "bridgeSubnet": "", "dnsFallback": []},
 }
+HOST_NETWORK = {"network": {"hostNetwork": True}}
 
 
 def kube_version() -> str:
@@ -107,6 +110,15 @@ def accepted_config_keys() -> set[str]:
     keys = set(re.findall(r"^\s*(?:pub(?:\([^)]*\))?\s+)?(\w+)\s*:", m.group(1), re.M))
     assert "listen" in keys and "containerd_address" in keys, keys
     return keys
+
+
+def sandboxd_default(name: str) -> str:
+    """The value of `pub const <name>` in src/net/ (a string, or a string slice joined by ",")."""
+    for path in NET_RS:
+        m = re.search(rf"pub const {name}: [^=]+=\s*(&?\[[^\]]*\]|\"[^\"]*\");", path.read_text())
+        if m:
+            return ",".join(re.findall(r'"([^"]*)"', m.group(1)))
+    raise AssertionError(f"no `pub const {name}` in {[str(p) for p in NET_RS]}")
 
 
 def schema_refuses(values: dict[str, Any], needle: str) -> None:
@@ -225,7 +237,7 @@ def test_node_paths_are_mounted_with_the_propagation_sandboxd_needs():
     expected = {
         # path: (mountPropagation, readOnly, hostPath type)
         toml["data_dir"]: ("Bidirectional", None, "DirectoryOrCreate"),
-        "/run/netns": ("Bidirectional", None, "DirectoryOrCreate"),
+        toml["netns_dir"]: ("Bidirectional", None, "DirectoryOrCreate"),
         "/run/containerd": ("HostToContainer", None, "Directory"),
         "/var/lib/containerd": ("HostToContainer", None, "Directory"),
         "/sys/fs/cgroup": (None, None, "Directory"),
@@ -237,6 +249,22 @@ def test_node_paths_are_mounted_with_the_propagation_sandboxd_needs():
         assert volume["hostPath"] == {"path": path, "type": kind}, (path, volume)
         assert mount.get("mountPropagation") == propagation, (path, mount)
         assert mount.get("readOnly") == read_only, (path, mount)
+    assert toml["netns_dir"] == "/run/sandboxd/netns", toml
+    assert not [m for m in container["volumeMounts"] if m["mountPath"] == "/run/xtables.lock"]
+    # A custom netns dir moves both the mount and the key (runc opens the files by that path).
+    on = manifests(all_on_values())
+    on_pod = one(on, "DaemonSet")["spec"]["template"]["spec"]
+    on_toml = config_toml(on)
+    assert on_toml["netns_dir"] == "/run/sandboxd-prod/netns", on_toml
+    mount, volume = mount_and_volume(on_pod, sandboxd_container(on), on_toml["netns_dir"])
+    assert volume["hostPath"] == {"path": on_toml["netns_dir"], "type": "DirectoryOrCreate"}
+    assert mount["mountPropagation"] == "Bidirectional", mount
+    try:
+        render({"network": {"netnsDir": "/var/lib/sandboxd/"}})
+    except helm.HelmError as e:
+        assert "network.netnsDir (/var/lib/sandboxd) must differ from dataDir" in str(e), e
+    else:
+        raise AssertionError("a netns dir on the data dir (a duplicate mount path) was accepted")
 
 
 def test_privileges_are_set_and_each_one_says_why():
@@ -245,7 +273,6 @@ def test_privileges_are_set_and_each_one_says_why():
         pod = one(docs, "DaemonSet")["spec"]["template"]["spec"]
         container = sandboxd_container(docs)
         assert pod["hostPID"] is True
-        assert "hostNetwork" not in pod
         assert pod["automountServiceAccountToken"] is False
         assert container["securityContext"]["privileged"] is True
         assert container["securityContext"]["runAsUser"] == 0
@@ -257,6 +284,7 @@ def test_privileges_are_set_and_each_one_says_why():
         "privileged: true": ("mount", "cgroup", "setns"),
         "hostPID: true": ("/proc/", "PID namespace"),
         "runAsUser: 0": ("root",),
+        "hostNetwork: true": ("node's network namespace", "NetworkPolicy"),
         "mountPropagation: Bidirectional": ("Bidirectional",),
         "mountPropagation: HostToContainer": ("HostToContainer",),
     }
@@ -276,15 +304,59 @@ def test_privileges_are_set_and_each_one_says_why():
             assert not missing, f"line {i + 1} ({setting}): comment lacks {missing}: {comment!r}"
 
 
+def test_pod_network_is_the_pods_own_unless_host_network_is_asked_for():
+    pod = one(manifests(), "DaemonSet")["spec"]["template"]["spec"]
+    assert "hostNetwork" not in pod and "dnsPolicy" not in pod, pod
+    for values in (HOST_NETWORK, all_on_values()):
+        docs = manifests(values)
+        pod = one(docs, "DaemonSet")["spec"]["template"]["spec"]
+        assert pod["hostNetwork"] is True, pod
+        # Without it a host-network pod resolves with the node's resolv.conf, not the cluster DNS.
+        assert pod["dnsPolicy"] == "ClusterFirstWithHostNet", pod
+        # iptables-legacy in the node's namespace must share the node's lock with kube-proxy.
+        mount, volume = mount_and_volume(pod, sandboxd_container(docs), "/run/xtables.lock")
+        assert volume["hostPath"] == {"path": "/run/xtables.lock", "type": "FileOrCreate"}
+        assert mount.get("readOnly") is not True, mount
+    notes = render(HOST_NETWORK)["sandboxd/templates/NOTES.txt"]
+    assert "network.hostNetwork is true" in notes and "NetworkPolicy" in notes, notes
+    assert "gRPC port 7878, metrics port 9090" in notes, notes
+    assert "network.hostNetwork is true" not in render()["sandboxd/templates/NOTES.txt"]
+
+
+def test_network_values_reach_config_toml_with_sandboxds_defaults():
+    default = config_toml(manifests())
+    assert default["netns_dir"] == sandboxd_default("DEFAULT_NETNS_DIR")
+    assert default["bridge_name"] == sandboxd_default("DEFAULT_BRIDGE")
+    assert default["bridge_subnet"] == sandboxd_default("DEFAULT_SUBNET")
+    assert default["dns_fallback"] == sandboxd_default("DEFAULT_DNS_FALLBACK")
+    # The node's plugins (the mounted cni.binDir) first, then the image's.
+    assert default["cni_plugin_dirs"] == "/opt/cni/bin:/usr/lib/cni", default
+    assert "cni_conflist" not in default, default
+    on = config_toml(manifests(all_on_values()))
+    assert on["cni_conflist"] == "/etc/cni/net.d/sandboxd/sandboxd-prod.conflist", on
+    assert on["cni_plugin_dirs"] == "/usr/libexec/cni:/usr/lib/cni", on
+    assert on["bridge_name"] == "sbx-prod0" and on["bridge_subnet"] == "10.214.0.0/20", on
+    assert on["dns_fallback"] == "9.9.9.9,2620:fe::fe", on
+    # The conflist must be readable in the pod: here it lies under the mounted cni.confDir.
+    docs = manifests(all_on_values())
+    container = sandboxd_container(docs)
+    (conf,) = [m for m in container["volumeMounts"] if m["name"] == "cni-conf"]
+    assert on["cni_conflist"].startswith(conf["mountPath"] + "/") and conf["readOnly"] is True
+    # Empty values leave the key out, so sandboxd's own default applies.
+    alt = config_toml(manifests(ALTERNATIVE))
+    assert not {"bridge_name", "bridge_subnet", "dns_fallback", "cni_conflist"} & set(alt), alt
+
+
 def test_configmap_toml_parses_and_holds_only_keys_sandboxd_accepts():
     accepted = accepted_config_keys()
     chart_keys = {
         "listen", "containerd_address", "namespace", "data_dir", "cgroup_parent",
-        "embedded_containerd", "idle_init", "log_format",
+        "embedded_containerd", "idle_init", "log_format", "netns_dir", "cni_plugin_dirs",
     }
+    network_keys = {"bridge_name", "bridge_subnet", "dns_fallback"}
     cases = (
-        (None, chart_keys | {"metrics_listen"}),
-        (all_on_values(), chart_keys | {"metrics_listen"}),
+        (None, chart_keys | network_keys | {"metrics_listen"}),
+        (all_on_values(), chart_keys | network_keys | {"metrics_listen", "cni_conflist"}),
         (ALTERNATIVE, chart_keys),
     )
     for values, expected in cases:
@@ -463,6 +535,16 @@ def test_schema_refuses_bad_values():
     label = "/networkPolicy/clientLabel"
     schema_refuses({"networkPolicy": {"clientLabel": {"key": ""}}}, label + "/key")
     schema_refuses({"networkPolicy": {"clientLabel": {"value": "has space"}}}, label + "/value")
+    schema_refuses({"network": {"hostNetwork": "yes"}}, "/network/hostNetwork")
+    schema_refuses({"network": {"netnsDir": "run/netns"}}, "/network/netnsDir")
+    schema_refuses({"network": {"conflist": "sandboxd.conflist"}}, "/network/conflist")
+    schema_refuses({"network": {"bridgeName": "sandboxd-bridge0"}}, "/network/bridgeName")
+    schema_refuses({"network": {"bridgeName": "br 0"}}, "/network/bridgeName")
+    for subnet in ("10.213.0.0", "10.213.0.0/31", "300.0.0.0/8", "fd00::/64"):
+        schema_refuses({"network": {"bridgeSubnet": subnet}}, "/network/bridgeSubnet")
+    for resolver in ("dns.google", "1.1.1", "1.1.1.1/32", "fe80::1%eth0"):
+        schema_refuses({"network": {"dnsFallback": [resolver]}}, "/network/dnsFallback/0")
+    schema_refuses({"network": {"dnsFallback": "1.1.1.1"}}, "/network/dnsFallback")
     schema_refuses({"replicas": 3}, "replicas")  # a DaemonSet has none: typos are refused too
     report = helm.lint(str(CHART), {"config": {"logFormat": "yaml"}})
     assert any("/config/logFormat" in e for e in report["errors"]), report

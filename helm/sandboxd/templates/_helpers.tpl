@@ -65,6 +65,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and .Values.idleInit.installFromImage (not (hasPrefix (printf "%s/" $dataDir) (clean .Values.idleInit.path))) }}
 {{- fail (printf "idleInit.path (%s) must be under dataDir (%s) when idleInit.installFromImage is true" .Values.idleInit.path $dataDir) }}
 {{- end }}
+{{- $netnsDir := clean .Values.network.netnsDir }}
+{{- range $name, $path := dict "dataDir" $dataDir "containerd.root" .Values.containerd.root "containerd.state" .Values.containerd.state "cni.binDir" .Values.cni.binDir "cni.confDir" .Values.cni.confDir }}
+{{- if eq $netnsDir (clean $path) }}
+{{- fail (printf "network.netnsDir (%s) must differ from %s: each is a mount of its own" $netnsDir $name) }}
+{{- end }}
+{{- end }}
 {{- if and .Values.serviceMonitor.enabled (not .Values.metrics.enabled) }}
 {{- fail "serviceMonitor.enabled needs metrics.enabled" }}
 {{- end }}
