@@ -84,8 +84,12 @@ async fn health_loop(
     }
 }
 
+/// How many TTL sweeps pass between two network sweeps: exit events tear networks down at
+/// once, this sweep only catches what they missed, and it lists every task.
+const NETWORK_SWEEP_EVERY: u32 = 10;
+
 async fn ttl_loop(manager: Arc<Manager>, interval: Duration, mut stop: watch::Receiver<bool>) {
-    loop {
+    for tick in 1u32.. {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = stop.changed() => return,
@@ -93,8 +97,10 @@ async fn ttl_loop(manager: Arc<Manager>, interval: Duration, mut stop: watch::Re
         if let Err(e) = manager.reap_expired().await {
             tracing::debug!(error = %e, "ttl sweep failed");
         }
-        if let Err(e) = manager.reconcile_networks().await {
-            tracing::warn!(error = %e, "network sweep failed");
+        if tick % NETWORK_SWEEP_EVERY == 0 {
+            if let Err(e) = manager.reconcile_networks().await {
+                tracing::warn!(error = %e, "network sweep failed");
+            }
         }
     }
 }

@@ -524,6 +524,51 @@ fn bridge_sandboxes_connect_and_the_egress_policy_holds() {
                 "{err:?}"
             );
 
+            // The CLI's network flags reach the API and come back in the sandbox's JSON.
+            let endpoint = n.env.endpoint();
+            let cli = |args: &[&str]| {
+                let out = std::process::Command::new(env!("CARGO_BIN_EXE_sandboxd"))
+                    .args(["--server", &endpoint])
+                    .args(args)
+                    .env_remove("SANDBOXD_SERVER")
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "sandboxd {args:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                String::from_utf8(out.stdout).unwrap()
+            };
+            let image = n.env.image_ref();
+            cli(&[
+                "sandbox",
+                "create",
+                &image,
+                "--id",
+                "cli",
+                "--network",
+                "bridge",
+                "--allow-egress",
+                "10.213.7.1/32:18080,18081/tcp",
+                "--publish",
+                "18400:8080",
+            ]);
+            let json: serde_json::Value =
+                serde_json::from_str(&cli(&["-o", "json", "sandbox", "get", "cli"])).unwrap();
+            let network = &json["network"];
+            assert_eq!(network["mode"], "BRIDGE");
+            assert_eq!(network["egress"]["mode"], "ALLOW_LIST");
+            assert_eq!(network["egress"]["allow"][0]["cidr"], "10.213.7.1/32");
+            assert_eq!(
+                network["egress"]["allow"][0]["ports"],
+                serde_json::json!([18080, 18081])
+            );
+            assert_eq!(network["ports"][0]["host_port"], 18400);
+            assert!(n.connect("cli", "10.213.7.1", 18081).await.is_ok());
+            assert!(n.connect("cli", "192.168.77.2", 18200).await.is_err());
+            cli(&["sandbox", "rm", "-f", "cli"]);
+
             // NONE has loopback only.
             n.create("none", pb::NetworkSpec::default(), &[]).await;
             let (_, links) = n.sh("none", "ip -o link").await;
