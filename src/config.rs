@@ -172,6 +172,11 @@ pub struct ServeArgs {
     /// [env: SANDBOXD_HOST_RESOLV_CONF] [default: /etc/resolv.conf]
     #[arg(long, value_name = "FILE")]
     pub host_resolv_conf: Option<PathBuf>,
+    /// Keep COUNT started sandboxes of IMAGE ready, comma-separated IMAGE=COUNT entries, e.g.
+    /// busybox:1.36=4: a create that sets no id, command, env, working dir, user, hostname,
+    /// resources or network gets one at once [env: SANDBOXD_WARM_POOL] [default: none]
+    #[arg(long, value_name = "IMAGE=COUNT,...")]
+    pub warm_pool: Option<String>,
     /// Test-only fault injection: comma-separated steps that fail on purpose (see
     /// `sandbox::failpoint`). Hidden from --help; never set it in production.
     #[arg(long, hide = true, value_name = "STEPS")]
@@ -199,6 +204,7 @@ struct FileConfig {
     dns_fallback: Option<String>,
     resolved_resolv_conf: Option<PathBuf>,
     host_resolv_conf: Option<PathBuf>,
+    warm_pool: Option<String>,
 }
 
 /// The resolved configuration of `sandboxd serve`.
@@ -230,6 +236,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// BRIDGE networking and DNS.
     pub network: NetConfig,
+    /// Warm pool sizes per image.
+    pub warm_pool: Vec<(crate::image::ImageRef, usize)>,
 }
 
 /// A configuration problem, naming the setting.
@@ -354,7 +362,18 @@ impl Config {
             });
         }
         let network = resolve_network(args, env, &file, &namespace, &pick, &pick_path)?;
+        let pool: Vec<String> = pick(&args.warm_pool, "SANDBOXD_WARM_POOL", &file.warm_pool, "")
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(str::to_string)
+            .collect();
+        let warm_pool = crate::sandbox::parse_pool(&pool).map_err(|e| ConfigError {
+            setting: "warm_pool",
+            reason: e.to_string(),
+        })?;
         Ok(Config {
+            warm_pool,
             network,
             listen,
             containerd_address: pick_path(

@@ -15,6 +15,7 @@ fn ts(t: Option<SystemTime>) -> Option<prost_types::Timestamp> {
 
 /// CreateSandboxRequest → CreateSpec.
 pub fn create_spec(r: pb::CreateSandboxRequest) -> Result<CreateSpec> {
+    let id_generated = r.sandbox_id.is_empty();
     let id = if r.sandbox_id.is_empty() {
         SandboxId::generate()
     } else {
@@ -88,6 +89,8 @@ pub fn create_spec(r: pb::CreateSandboxRequest) -> Result<CreateSpec> {
         net_policy,
         start: r.start.unwrap_or(true),
         ttl,
+        pool: None,
+        id_generated,
         id,
     })
 }

@@ -35,7 +35,11 @@ use crate::sys;
 pub const L_MANAGED: &str = "sandboxd.io/managed";
 pub(super) const L_IMAGE: &str = "sandboxd.io/image";
 pub(super) const L_SNAPSHOT: &str = "sandboxd.io/snapshot";
-const L_EXPIRES: &str = "sandboxd.io/expires-at";
+pub(super) const L_EXPIRES: &str = "sandboxd.io/expires-at";
+/// On a warm-pool sandbox not yet handed out: the image it was made for. Hides it from RPCs.
+pub(super) const L_POOL: &str = "sandboxd.io/pool";
+/// When a warm-pool sandbox was handed out (its creation time as its owner sees it).
+pub(super) const L_CLAIMED: &str = "sandboxd.io/claimed-at";
 const L_STARTED: &str = "sandboxd.io/started-at";
 const L_EXITED: &str = "sandboxd.io/exited-at";
 const L_EXIT_STATUS: &str = "sandboxd.io/exit-status";
@@ -79,6 +83,8 @@ pub struct ManagerConfig {
     pub idle_init: PathBuf,
     /// Steps that fail on purpose, to test that failures undo cleanly (tests only).
     pub failpoints: Vec<String>,
+    /// Warm pool sizes per image.
+    pub warm_pool: Vec<(image::ImageRef, usize)>,
 }
 
 impl From<&Config> for ManagerConfig {
@@ -88,6 +94,7 @@ impl From<&Config> for ManagerConfig {
             cgroup_parent: c.cgroup_parent.clone(),
             idle_init: c.idle_init.clone(),
             failpoints: c.failpoints.clone(),
+            warm_pool: c.warm_pool.clone(),
         }
     }
 }
@@ -98,6 +105,7 @@ pub struct Manager {
     cd: Containerd,
     cfg: ManagerConfig,
     net: Network,
+    pub(super) pool: super::pool::WarmPool,
     locks: Arc<KeyedLocks>,
 }
 
@@ -134,6 +142,7 @@ impl Manager {
     /// A manager on `cd`.
     pub fn new(cd: Containerd, cfg: ManagerConfig, net: Network) -> Arc<Manager> {
         Arc::new(Manager {
+            pool: super::pool::WarmPool::new(cfg.warm_pool.clone()),
             cd,
             cfg,
             net,
@@ -164,7 +173,16 @@ impl Manager {
 
     // ---- reading ----
 
+    /// Sandbox `id`'s container; `None` for a missing one and for an unclaimed warm-pool one.
     pub(super) async fn container(&self, id: &SandboxId) -> Result<Option<Container>> {
+        Ok(self
+            .any_container(id)
+            .await?
+            .filter(|c| !c.labels.contains_key(L_POOL)))
+    }
+
+    /// Sandbox `id`'s container, warm-pool ones included.
+    pub(super) async fn any_container(&self, id: &SandboxId) -> Result<Option<Container>> {
         let req = GetContainerRequest {
             id: id.as_str().to_string(),
         };
@@ -200,7 +218,15 @@ impl Manager {
         Ok(view(&container, task.as_ref()))
     }
 
+    /// Every sandbox's container but unclaimed warm-pool ones, ordered by id.
     async fn managed_containers(&self) -> Result<Vec<Container>> {
+        let mut all = self.all_containers().await?;
+        all.retain(|c| !c.labels.contains_key(L_POOL));
+        Ok(all)
+    }
+
+    /// Every sandbox's container, warm-pool ones included, ordered by id.
+    async fn all_containers(&self) -> Result<Vec<Container>> {
         let req = ListContainersRequest {
             filters: vec![format!("labels.\"{L_MANAGED}\"==true")],
         };
@@ -385,7 +411,16 @@ impl Manager {
     pub async fn create(self: &Arc<Self>, spec: CreateSpec) -> Result<Sandbox> {
         let this = self.clone();
         let span = tracing::info_span!("create_sandbox", sandbox_id = %spec.id);
-        detach(async move { this.create_inner(spec).await }.instrument(span)).await
+        detach(
+            async move {
+                if let Some(sandbox) = this.claim_pooled(&spec).await? {
+                    return Ok(sandbox);
+                }
+                this.create_inner(spec).await
+            }
+            .instrument(span),
+        )
+        .await
     }
 
     async fn create_inner(&self, spec: CreateSpec) -> Result<Sandbox> {
@@ -424,6 +459,15 @@ impl Manager {
             Ok(()) => {
                 if let Err(e) = released {
                     tracing::warn!(error = %e, "releasing the create lease failed; it will expire");
+                }
+                if spec.pool.is_some() {
+                    // Hidden from get() until claimed.
+                    let container = self
+                        .any_container(&spec.id)
+                        .await?
+                        .ok_or_else(|| Error::not_found(Kind::Sandbox, spec.id.as_str()))?;
+                    let task = self.task(spec.id.as_str()).await?;
+                    return Ok(view(&container, task.as_ref()));
                 }
                 self.get(&spec.id).await
             }
@@ -532,6 +576,9 @@ impl Manager {
         let mut labels = spec.labels.clone();
         labels.insert(L_MANAGED.into(), "true".into());
         labels.insert(L_IMAGE.into(), base_image.to_string());
+        if let Some(pool) = &spec.pool {
+            labels.insert(L_POOL.into(), pool.clone());
+        }
         if let Source::Snapshot(snapshot) = &spec.source {
             labels.insert(L_SNAPSHOT.into(), snapshot.clone());
         }
@@ -1079,7 +1126,11 @@ impl Manager {
         }
     }
 
-    async fn update_labels(&self, id: &str, changes: &[(&str, Option<String>)]) -> Result<()> {
+    pub(super) async fn update_labels(
+        &self,
+        id: &str,
+        changes: &[(&str, Option<String>)],
+    ) -> Result<()> {
         let labels = changes
             .iter()
             .filter_map(|(k, v)| v.clone().map(|v| (k.to_string(), v)))
@@ -1111,18 +1162,33 @@ impl Manager {
         detach(
             async move {
                 let _guard = this.locks.lock(id.as_str()).await;
-                this.delete_locked(&id, force).await
+                let container = this
+                    .container(&id)
+                    .await?
+                    .ok_or_else(|| Error::not_found(Kind::Sandbox, id.as_str()))?;
+                this.delete_locked(&id, &container, force).await
             }
             .instrument(span),
         )
         .await
     }
 
-    async fn delete_locked(&self, id: &SandboxId, force: bool) -> Result<()> {
-        let container = self
-            .container(id)
-            .await?
-            .ok_or_else(|| Error::not_found(Kind::Sandbox, id.as_str()))?;
+    /// Force-deletes sandbox `id` whatever it is, a warm-pool one included; a missing one is
+    /// fine.
+    pub(super) async fn delete_any(&self, id: SandboxId) -> Result<()> {
+        let _guard = self.locks.lock(id.as_str()).await;
+        match self.any_container(&id).await? {
+            Some(container) => self.delete_locked(&id, &container, true).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn delete_locked(
+        &self,
+        id: &SandboxId,
+        container: &Container,
+        force: bool,
+    ) -> Result<()> {
         if let Some(task) = self.task(id.as_str()).await? {
             let live = task.status != TaskStatus::Stopped as i32;
             if live && !force {
@@ -1130,11 +1196,11 @@ impl Manager {
                     "sandbox {id} is running; stop it first or delete with force"
                 )));
             }
-            self.kill_and_delete_task(id.as_str(), Some(&container))
+            self.kill_and_delete_task(id.as_str(), Some(container))
                 .await?;
         }
         // A network whose earlier teardown failed goes now, before what identifies it.
-        self.detach_network(id, Some(&container)).await?;
+        self.detach_network(id, Some(container)).await?;
         // Snapshot before container: an interrupted delete leaves a container to delete again,
         // never an orphaned snapshot.
         self.remove_snapshot(&container.snapshot_key).await?;
@@ -1321,8 +1387,8 @@ impl Manager {
 
     /// After a restart: removes what an interrupted operation left behind (writable snapshots
     /// without a container, unpack snapshots, files of sandboxes that are gone).
-    pub async fn recover(&self) -> Result<()> {
-        let containers = self.managed_containers().await?;
+    pub async fn recover(self: &Arc<Self>) -> Result<()> {
+        let containers = self.all_containers().await?;
         let keys: std::collections::HashSet<&str> =
             containers.iter().map(|c| c.snapshot_key.as_str()).collect();
         let req = ListSnapshotsRequest {
@@ -1368,6 +1434,7 @@ impl Manager {
                 }
             }
         }
+        self.adopt_pool(&containers).await?;
         Ok(())
     }
 }
@@ -1470,7 +1537,7 @@ fn view(c: &Container, task: Option<&Process>) -> Sandbox {
         net_policy: net_policy(c),
         command: serde_json::from_str(&label(L_COMMAND)).unwrap_or_default(),
         hostname: label(L_HOSTNAME),
-        created_at: c.created_at.as_ref().map(crate::util::system_time),
+        created_at: time(L_CLAIMED).or_else(|| c.created_at.as_ref().map(crate::util::system_time)),
         started_at: time(L_STARTED),
         expires_at: time(L_EXPIRES),
         exited_at,

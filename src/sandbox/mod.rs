@@ -4,6 +4,7 @@ mod exec;
 mod locks;
 mod manager;
 mod model;
+mod pool;
 mod snapshot;
 
 pub use exec::{
@@ -12,4 +13,5 @@ pub use exec::{
 };
 pub use manager::{Manager, ManagerConfig, SandboxRoot, L_MANAGED, L_SNAPSHOT_OWNER};
 pub use model::*;
+pub use pool::parse_pool;
 pub use snapshot::{parse_snapshot_id, Snapshot, SNAPSHOT_IMAGE_PREFIX};

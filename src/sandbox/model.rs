@@ -170,6 +170,8 @@ pub enum Source {
 pub struct CreateSpec {
     /// Requested or generated id.
     pub id: SandboxId,
+    /// Whether `id` was generated (the caller named none).
+    pub id_generated: bool,
     /// Image or snapshot.
     pub source: Source,
     /// PID 1 argv; empty = idle init.
@@ -194,6 +196,8 @@ pub struct CreateSpec {
     pub start: bool,
     /// Delete after this long.
     pub ttl: Option<Duration>,
+    /// Set on warm-pool sandboxes: the image name whose pool it fills.
+    pub pool: Option<String>,
 }
 
 /// Validates user labels.

@@ -356,7 +356,10 @@ def test_configmap_toml_parses_and_holds_only_keys_sandboxd_accepts():
     network_keys = {"bridge_name", "bridge_subnet", "dns_fallback"}
     cases = (
         (None, chart_keys | network_keys | {"metrics_listen"}),
-        (all_on_values(), chart_keys | network_keys | {"metrics_listen", "cni_conflist"}),
+        (
+            all_on_values(),
+            chart_keys | network_keys | {"metrics_listen", "cni_conflist", "warm_pool"},
+        ),
         (ALTERNATIVE, chart_keys),
     )
     for values, expected in cases:
@@ -373,6 +376,7 @@ def test_configmap_toml_parses_and_holds_only_keys_sandboxd_accepts():
     on = config_toml(manifests(all_on_values()))
     assert on["metrics_listen"] == "0.0.0.0:9464" and on["namespace"] == "sandboxd-prod"
     assert on["log_format"] == "human" and on["cgroup_parent"] == "/kubepods.slice/sandboxd"
+    assert on["warm_pool"] == "docker.io/library/python:3.12-slim=4,busybox:1.36=2"
 
 
 def test_idle_init_exists_on_the_node_where_runc_and_sandboxd_look():
