@@ -255,27 +255,7 @@ impl Manager {
             .filter(|c| selector.matches(&user_labels(&c.labels)))
             .collect();
         let (containers, next) = page.apply(containers, |c| c.id.as_str());
-        let tasks: HashMap<String, Process> = self
-            .cd
-            .tasks()
-            .list(self.cd.req(ListTasksRequest {
-                filter: String::new(),
-            }))
-            .await
-            .map_err(|s| Error::containerd("tasks.list", s))?
-            .into_inner()
-            .tasks
-            .into_iter()
-            .map(|t| {
-                // containerd's ListTasks fills in the task id, not container_id (they are equal).
-                let id = if t.container_id.is_empty() {
-                    t.id.clone()
-                } else {
-                    t.container_id.clone()
-                };
-                (id, t)
-            })
-            .collect();
+        let tasks = self.tasks_by_container().await?;
         let sandboxes = containers
             .iter()
             .map(|c| view(c, tasks.get(&c.id)))
@@ -1287,7 +1267,8 @@ impl Manager {
         Ok(())
     }
 
-    async fn live_task_ids(&self) -> Result<std::collections::HashSet<String>> {
+    /// Every task of the namespace, by container id.
+    async fn tasks_by_container(&self) -> Result<HashMap<String, Process>> {
         Ok(self
             .cd
             .tasks()
@@ -1299,18 +1280,29 @@ impl Manager {
             .into_inner()
             .tasks
             .into_iter()
-            .filter(|t| {
+            .map(|t| {
+                // containerd's ListTasks fills in the task id, not container_id (they are equal).
+                let id = if t.container_id.is_empty() {
+                    t.id.clone()
+                } else {
+                    t.container_id.clone()
+                };
+                (id, t)
+            })
+            .collect())
+    }
+
+    async fn live_task_ids(&self) -> Result<std::collections::HashSet<String>> {
+        Ok(self
+            .tasks_by_container()
+            .await?
+            .into_iter()
+            .filter(|(_, t)| {
                 t.status == TaskStatus::Running as i32
                     || t.status == TaskStatus::Paused as i32
                     || t.status == TaskStatus::Pausing as i32
             })
-            .map(|t| {
-                if t.container_id.is_empty() {
-                    t.id
-                } else {
-                    t.container_id
-                }
-            })
+            .map(|(id, _)| id)
             .collect())
     }
 
