@@ -13,6 +13,11 @@
 //!   already pulled) then `Exec echo hi` until the first stdout byte arrives, against
 //!   `ctr run --rm IMAGE ID echo hi` spawned with piped stdout until its first byte; the
 //!   sandboxes are deleted after each sample (not timed), `--rm` removes ctr's;
+//! * time to first command from the warm pool, as many times: sandboxd restarted with
+//!   `--warm-pool IMAGE=2`, then a plain `CreateSandbox` (no id, served from the pool) and
+//!   `Exec echo hi` until the first stdout byte, against `ctr run --rm` again; before each sample
+//!   (not timed) the pool is given time to refill, as it would between requests that do not
+//!   outpace it;
 //! * stdout throughput, `BENCH_THROUGHPUT_RUNS` (default 3) times: 1 GiB of
 //!   `head -c 1073741824 /dev/zero` through `Exec`, the client counting and discarding the bytes
 //!   (the total is checked), against `ctr task exec ... head -c 1073741824 /dev/zero` with ctr's
@@ -78,6 +83,10 @@ const WARMUP: usize = 3;
 const THROUGHPUT_BYTES: u64 = 1 << 30;
 /// Goal for the exec round trip: sandboxd's p50 at most this fraction of ctr's.
 const ROUND_TRIP_TARGET_RATIO: f64 = 0.5;
+/// Warm-pool size for the pooled time-to-first-command phase.
+const WARM_POOL_SIZE: usize = 2;
+/// How long the pool may take to refill before a pooled sample.
+const POOL_REFILL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Goal for time to first command: sandboxd's p50 at most this many milliseconds.
 const TTFC_TARGET_MS: f64 = 60.0;
 /// Goal for exec stdout throughput: sandboxd's median at least this many MiB/s (1 GiB/s).
@@ -126,7 +135,20 @@ async fn run(settings: Settings) -> Result<()> {
     let ctr = CtrSide::new(&env.containerd, &image)?;
     ctr.pull().await?;
 
-    let samples = measure_both(&sandboxd, &ctr, &settings).await?;
+    let mut samples = measure_both(&sandboxd, &ctr, &settings).await?;
+    drop(sandboxd);
+    env.sandboxd
+        .restart_with_args(&[
+            "--warm-pool".to_owned(),
+            format!("{image}={WARM_POOL_SIZE}"),
+        ])
+        .await;
+    let pooled_side = SandboxdSide::connect(&env, &image).await?;
+    measure_pooled_ttfc(&env, &pooled_side, &ctr, &settings, &mut samples).await?;
+    drop(pooled_side);
+    // Without the setting, sandboxd deletes the pool: nothing is left for the leak check.
+    env.sandboxd.restart_with_args(&[]).await;
+    wait_pool_size(&env, 0).await?;
     let load = LoadAverages {
         before: load_before,
         after: load_average()?,
@@ -566,6 +588,7 @@ impl Transfer {
 struct Samples {
     round_trip: Vec<Duration>,
     ttfc: Vec<Duration>,
+    ttfc_pool: Vec<Duration>,
     transfers: Vec<Transfer>,
 }
 
@@ -688,6 +711,74 @@ async fn measure_both(
         .await
         .context("ctr: delete the exec target")?;
     Ok(samples)
+}
+
+/// Time to first command with the warm pool: a plain create (no id) then `Exec echo hi`,
+/// beside `ctr run --rm` again. The pool is full before each sample (not timed).
+async fn measure_pooled_ttfc(
+    env: &TestEnv,
+    sandboxd: &SandboxdSide,
+    ctr: &CtrSide<'_>,
+    settings: &Settings,
+    samples: &mut BothSamples,
+) -> Result<()> {
+    println!(
+        "time to first command from a warm pool of {WARM_POOL_SIZE}: {} per side ...",
+        settings.ttfc
+    );
+    for i in 0..settings.warmup + settings.ttfc {
+        wait_pool_size(env, WARM_POOL_SIZE).await?;
+        let id = format!("bench-ttfc-pool-{i:03}");
+        let (s, c) = alternate(
+            i,
+            sandboxd_ttfc_pooled(sandboxd, env),
+            ctr.run_rm_first_byte(&id, TTFC_COMMAND, TTFC_OUTPUT),
+        )
+        .await?;
+        if i >= settings.warmup {
+            samples.sandboxd.ttfc_pool.push(s);
+            samples.ctr.ttfc_pool.push(c);
+        }
+    }
+    Ok(())
+}
+
+/// Waits until sandboxd's warm pool holds exactly `n` sandboxes.
+async fn wait_pool_size(env: &TestEnv, n: usize) -> Result<()> {
+    let deadline = Instant::now() + POOL_REFILL_TIMEOUT;
+    loop {
+        let have = env.pooled().await.len();
+        if have == n {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the warm pool holds {have} sandboxes after {POOL_REFILL_TIMEOUT:?}, not {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A plain CreateSandbox (served from the pool), then `Exec echo hi`: until the first stdout
+/// byte. Checks the sandbox came from the pool; deletes it afterwards (not timed).
+async fn sandboxd_ttfc_pooled(sandboxd: &SandboxdSide, env: &TestEnv) -> Result<Duration> {
+    let pool = env.pooled().await;
+    let request = pb::CreateSandboxRequest {
+        image: sandboxd.image.clone(),
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let id = support::create_running_id(&sandboxd.client, request).await?;
+    let record = sandboxd.exec(&id, TTFC_COMMAND, start).await?;
+    sandboxd.delete(&id).await?;
+    ensure!(
+        pool.contains(&id),
+        "sandbox {id} was not served from the warm pool {pool:?}"
+    );
+    record.ensure_success("sandboxd exec echo")?;
+    record
+        .first_stdout
+        .context("sandboxd exec echo: no stdout byte arrived")
 }
 
 /// Runs sample `i` of both sides one after the other, sandboxd first on even `i`, ctr first on
@@ -875,6 +966,12 @@ impl Report {
                 ROUND_TRIP_TARGET_RATIO,
             ),
             Row::absolute("create+exec → 1st stdout", &s.ttfc, &c.ttfc, TTFC_TARGET_MS),
+            Row::absolute(
+                "same, from the warm pool",
+                &s.ttfc_pool,
+                &c.ttfc_pool,
+                TTFC_TARGET_MS,
+            ),
         ]
         .into_iter()
         .flatten()

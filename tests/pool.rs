@@ -6,39 +6,19 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{namespaced, Sandboxd, SandboxdOptions, TestEnv};
-use containerd_client::services::v1::containers_client::ContainersClient;
-use containerd_client::services::v1::ListContainersRequest;
+use common::TestEnv;
 use sandboxd::pb::sandbox_service_client::SandboxServiceClient;
 use sandboxd::pb::{self, SandboxState};
 use tonic::Code;
-
-/// Ids of the unclaimed warm-pool sandboxes in containerd.
-async fn pooled(env: &TestEnv) -> BTreeSet<String> {
-    ContainersClient::new(env.containerd.channel().await)
-        .list(namespaced(
-            &env.namespace,
-            ListContainersRequest {
-                filters: vec!["labels.\"sandboxd.io/pool\"".into()],
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .containers
-        .into_iter()
-        .map(|c| c.id)
-        .collect()
-}
 
 /// Waits until exactly `n` pooled sandboxes exist and stay so for a moment; returns them.
 async fn wait_pooled(env: &TestEnv, n: usize) -> BTreeSet<String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let ids = pooled(env).await;
+        let ids = env.pooled().await;
         if ids.len() == n {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            if pooled(env).await == ids {
+            if env.pooled().await == ids {
                 return ids;
             }
         }
@@ -51,22 +31,12 @@ async fn wait_pooled(env: &TestEnv, n: usize) -> BTreeSet<String> {
     }
 }
 
-/// Replaces the env's sandboxd with one started with `extra_args`.
-async fn restart_with(env: &mut TestEnv, extra_args: &[String]) {
-    env.sandboxd.shutdown().await;
-    let options = SandboxdOptions {
-        extra_args: extra_args.to_vec(),
-        ..env.sandboxd.options().clone()
-    };
-    env.sandboxd = Sandboxd::start(options).await;
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn warm_pool_serves_plain_creates_refills_and_follows_its_configuration() {
-    let mut env = TestEnv::new().await;
+    let env = TestEnv::new().await;
     let image = env.image_ref();
     let pool_of = |n: usize| vec!["--warm-pool".to_string(), format!("{image}={n}")];
-    restart_with(&mut env, &pool_of(2)).await;
+    env.sandboxd.restart_with_args(&pool_of(2)).await;
     let before = wait_pooled(&env, 2).await;
     let mut c = SandboxServiceClient::new(env.channel().await);
 
@@ -167,7 +137,7 @@ async fn warm_pool_serves_plain_creates_refills_and_follows_its_configuration() 
         .sandbox
         .unwrap();
     assert_eq!(named.sandbox_id, "named");
-    assert_eq!(pooled(&env).await, refilled);
+    assert_eq!(env.pooled().await, refilled);
 
     // A pooled sandbox that died is never handed out.
     let dead = refilled.iter().next().unwrap().clone();
@@ -203,10 +173,10 @@ async fn warm_pool_serves_plain_creates_refills_and_follows_its_configuration() 
     // A restart adopts the pool as it is; a smaller pool deletes the surplus; none, all.
     env.sandboxd.restart().await;
     assert_eq!(wait_pooled(&env, 2).await, now);
-    restart_with(&mut env, &pool_of(1)).await;
+    env.sandboxd.restart_with_args(&pool_of(1)).await;
     let one = wait_pooled(&env, 1).await;
     assert!(one.is_subset(&now));
-    restart_with(&mut env, &[]).await;
+    env.sandboxd.restart_with_args(&[]).await;
     wait_pooled(&env, 0).await;
 
     let mut c = SandboxServiceClient::new(env.channel().await);

@@ -167,6 +167,14 @@ pub async fn create_running(
     client: &sandboxd::pb::sandbox_service_client::SandboxServiceClient<tonic::transport::Channel>,
     request: sandboxd::pb::CreateSandboxRequest,
 ) -> Result<()> {
+    create_running_id(client, request).await.map(|_| ())
+}
+
+/// Like [`create_running`], returning the sandbox's id (generated when the request has none).
+pub async fn create_running_id(
+    client: &sandboxd::pb::sandbox_service_client::SandboxServiceClient<tonic::transport::Channel>,
+    request: sandboxd::pb::CreateSandboxRequest,
+) -> Result<String> {
     let id = request.sandbox_id.clone();
     let sandbox = client
         .clone()
@@ -181,7 +189,7 @@ pub async fn create_running(
         "CreateSandbox {id} answered state {:?}, not RUNNING",
         sandbox.state()
     );
-    Ok(())
+    Ok(sandbox.sandbox_id)
 }
 
 /// Deletes sandbox `id` with `force`.

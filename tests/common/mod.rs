@@ -114,6 +114,26 @@ impl TestEnv {
         leaks
     }
 
+    /// Ids of the unclaimed warm-pool sandboxes sandboxd keeps in containerd.
+    pub async fn pooled(&self) -> std::collections::BTreeSet<String> {
+        use containerd_client::services::v1::containers_client::ContainersClient;
+        use containerd_client::services::v1::ListContainersRequest;
+        ContainersClient::new(self.containerd.channel().await)
+            .list(namespaced(
+                &self.namespace,
+                ListContainersRequest {
+                    filters: vec!["labels.\"sandboxd.io/pool\"".into()],
+                },
+            ))
+            .await
+            .expect("containerd Containers.List")
+            .into_inner()
+            .containers
+            .into_iter()
+            .map(|c| c.id)
+            .collect()
+    }
+
     /// Panics, listing them, if any container, task, active snapshot, lease or cgroup remains.
     pub async fn leak_check(&self) {
         let leaks = self.leaks().await;

@@ -47,7 +47,7 @@ pub struct SandboxdOptions {
 /// unmounts whatever it left under its directory and removes that; the log is printed when the
 /// test is panicking.
 pub struct Sandboxd {
-    options: SandboxdOptions,
+    options: Mutex<SandboxdOptions>,
     dir: Option<TempDir>,
     root: PathBuf,
     addr: SocketAddr,
@@ -67,7 +67,7 @@ impl Sandboxd {
         let root = std::fs::canonicalize(dir.path()).expect("canonicalize sandboxd temp dir");
         std::fs::create_dir(root.join("data")).expect("create sandboxd data dir");
         let mut sandboxd = Sandboxd {
-            options,
+            options: Mutex::new(options),
             dir: Some(dir),
             root,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -127,9 +127,21 @@ impl Sandboxd {
         self.root.join("data")
     }
 
-    /// The options it was started with.
-    pub fn options(&self) -> &SandboxdOptions {
-        &self.options
+    /// The options it was (last) started with.
+    pub fn options(&self) -> SandboxdOptions {
+        self.options
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Like [`Sandboxd::restart`], with `extra_args` in place of the previous extra arguments.
+    pub async fn restart_with_args(&self, extra_args: &[String]) {
+        self.options
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extra_args = extra_args.to_vec();
+        self.restart().await;
     }
 
     /// sandboxd's combined stdout/stderr (appended across restarts).
@@ -227,7 +239,7 @@ impl Sandboxd {
 
     /// The command line after the binary, as the fixture passes it.
     pub fn args(&self) -> Vec<String> {
-        let o = &self.options;
+        let o = self.options();
         let mut args: Vec<String> = [
             "serve",
             "--listen",
@@ -272,7 +284,7 @@ impl Sandboxd {
                 command.env_remove(key);
             }
         }
-        for (key, value) in &self.options().extra_env {
+        for (key, value) in self.options().extra_env {
             command.env(key, value);
         }
         let child = command.spawn().expect("spawn sandboxd");
