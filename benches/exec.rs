@@ -1037,7 +1037,9 @@ impl Report {
             "sbx = sandboxd over one gRPC channel; ctr = one ctr process per call; p99 by nearest \
              rank.\nround trip: Exec `true` start → exited vs `ctr task exec true`; \
              create+exec: CreateSandbox (idle PID 1) + Exec `echo hi` vs `ctr run --rm IMAGE ID \
-             echo hi`, both to the first stdout byte\n",
+             echo hi`, both to the first stdout byte; from the warm pool: the same with \
+             sandboxd serving --warm-pool IMAGE=2 and a plain CreateSandbox (no id) taken from \
+             the refilled pool\n",
         );
         if let Some(t) = &self.throughput {
             out.push('\n');
