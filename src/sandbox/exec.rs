@@ -136,11 +136,10 @@ impl Manager {
     pub async fn exec_start(self: &Arc<Self>, spec: ExecSpec) -> Result<ExecSession> {
         let requested_at = std::time::Instant::now();
         let id = spec.sandbox_id.clone();
-        let container = self
-            .container(&id)
-            .await?
-            .ok_or_else(|| Error::not_found(Kind::Sandbox, id.as_str()))?;
-        let task = self.task(id.as_str()).await?;
+        // Independent reads: one round trip instead of two (the container's error still wins).
+        let (container, task) = tokio::join!(self.container(&id), self.task(id.as_str()));
+        let container = container?.ok_or_else(|| Error::not_found(Kind::Sandbox, id.as_str()))?;
+        let task = task?;
         let pid1 = match task {
             Some(t) if t.status == TaskStatus::Running as i32 => t.pid,
             Some(t)
