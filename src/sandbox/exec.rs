@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use containerd_client::services::v1::{
     CloseIoRequest, DeleteProcessRequest, ExecProcessRequest, KillRequest, ResizePtyRequest,
-    StartRequest, WaitRequest,
+    StartRequest, WaitRequest, WaitResponse,
 };
 use containerd_client::types::v1::Status as TaskStatus;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -114,6 +114,9 @@ pub struct ExecSession {
     stderr: Option<pipe::Receiver>,
     oom_before: u64,
     requested_at: std::time::Instant,
+    /// containerd's Wait on the process, issued before it was started.
+    wait:
+        tokio::task::JoinHandle<std::result::Result<tonic::Response<WaitResponse>, tonic::Status>>,
 }
 
 /// The FIFO directory of one exec, removed on drop.
@@ -287,6 +290,17 @@ impl Manager {
             .await
             .map_err(|s| exec_error(&spec, "tasks.exec", s))?;
         let oom_before = self.oom_kills(&id);
+        // Waiting before starting (as ctr does) overlaps the Wait round trip with the start, so a
+        // short process's exit is known as soon as the start returns; a created exec's wait
+        // simply blocks until it has run.
+        let wait = {
+            let cd = cd.clone();
+            let req = WaitRequest {
+                container_id: id.to_string(),
+                exec_id: exec_id.clone(),
+            };
+            tokio::spawn(async move { cd.tasks().wait(cd.req(req)).await })
+        };
         let started = cd
             .tasks()
             .start(cd.req(StartRequest {
@@ -299,6 +313,7 @@ impl Manager {
         let pid = match started {
             Ok(resp) => resp.into_inner().pid,
             Err(s) => {
+                wait.abort();
                 let _ = cd
                     .tasks()
                     .delete_process(cd.req(DeleteProcessRequest {
@@ -325,6 +340,7 @@ impl Manager {
             stderr,
             oom_before,
             requested_at,
+            wait,
         })
     }
 
@@ -390,12 +406,7 @@ impl ExecSession {
             let at = self.requested_at;
             let out_pump = tokio::spawn(pump(self.stdout, output.clone(), ExecEvent::Stdout, first.clone(), at));
             let err_pump = self.stderr.take().map(|rx| tokio::spawn(pump(rx, output.clone(), ExecEvent::Stderr, first.clone(), at)));
-            let wait = {
-                let cd = cd.clone();
-                let req = WaitRequest { container_id: sandbox.clone(), exec_id: exec_id.clone() };
-                tokio::spawn(async move { cd.tasks().wait(cd.req(req)).await })
-            };
-            tokio::pin!(wait);
+            let wait = &mut self.wait;
             let timeout = async {
                 match self.spec.timeout {
                     Some(t) => tokio::time::sleep(t).await,
@@ -409,7 +420,7 @@ impl ExecSession {
             let mut client_gone = false;
             let wait_result = loop {
                 tokio::select! {
-                    res = &mut wait => break res,
+                    res = &mut *wait => break res,
                     _ = &mut timeout, if !timed_out => {
                         timed_out = true;
                         tracing::info!("exec timed out; killing it");
