@@ -485,13 +485,25 @@ impl ExecSession {
                 }
             };
             let del = DeleteProcessRequest { container_id: sandbox.clone(), exec_id: exec_id.clone() };
-            if let Err(s) = cd.tasks().delete_process(cd.req(del)).await {
-                tracing::warn!(error = %s, "deleting the exec process failed");
-            }
-            // Every byte before the exit: drain the pumps, bounded for children holding the pipes.
+            let delete = async {
+                if let Err(s) = cd.tasks().delete_process(cd.req(del)).await {
+                    tracing::warn!(error = %s, "deleting the exec process failed");
+                }
+            };
+            tokio::pin!(delete);
+            // Every byte before the exit. The shim closes its ends of the FIFOs when the process's
+            // pipes reach EOF, usually by the time Wait returns: then `exited` goes out at once
+            // and the process is deleted after it. When a child still holds the pipes, deleting
+            // the process is what closes them; the drain is then bounded by the grace period.
             let pumps: Vec<_> = std::iter::once(out_pump).chain(err_pump).collect();
             let aborts: Vec<_> = pumps.iter().map(|p| p.abort_handle()).collect();
-            if tokio::time::timeout(EXEC_OUTPUT_GRACE, futures::future::join_all(pumps)).await.is_err() {
+            let drain = futures::future::join_all(pumps);
+            tokio::pin!(drain);
+            let deleted = tokio::select! {
+                _ = &mut drain => false,
+                () = &mut delete => true,
+            };
+            if deleted && tokio::time::timeout(EXEC_OUTPUT_GRACE, &mut drain).await.is_err() {
                 tracing::info!("output still open {EXEC_OUTPUT_GRACE:?} after exit (a child holds it); closing");
                 aborts.iter().for_each(|a| a.abort());
             }
@@ -499,6 +511,9 @@ impl ExecSession {
             let oom_killed = signal == libc::SIGKILL && !timed_out && self.manager.oom_kills(&self.spec.sandbox_id) > self.oom_before;
             let info = ExitInfo { exit_code: status as i32, signal, timed_out, oom_killed };
             let _ = output.send(ExecEvent::Exited(info)).await;
+            if !deleted {
+                delete.await;
+            }
             drop(self.dir);
         }
         .instrument(span)
