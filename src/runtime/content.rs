@@ -30,36 +30,33 @@ pub async fn info(cd: &Containerd, digest: &str) -> Result<Option<Info>> {
     }
 }
 
-/// Reads a small blob (manifest, index, config) whole.
+/// Reads a small blob (manifest, index, config) whole. One round trip: the read is capped just
+/// past the limit instead of asking for the size first.
 pub async fn read(cd: &Containerd, digest: &str) -> Result<Vec<u8>> {
-    let size = match info(cd, digest).await? {
-        Some(info) => info.size,
-        None => {
-            return Err(Error::Internal(format!(
-                "blob {digest} is missing from the content store"
-            )))
-        }
-    };
-    if size > MAX_METADATA_BLOB {
-        return Err(Error::Internal(format!(
-            "blob {digest} is {size} bytes, too large to read whole"
-        )));
-    }
+    let missing = || Error::Internal(format!("blob {digest} is missing from the content store"));
     let req = ReadContentRequest {
         digest: digest.to_string(),
         offset: 0,
-        size: 0,
+        size: MAX_METADATA_BLOB + 1,
     };
-    let mut stream = cd
-        .content()
-        .read(cd.req(req))
-        .await
-        .map_err(|s| Error::containerd("content.read", s))?
-        .into_inner();
-    let mut out = Vec::with_capacity(size as usize);
+    let mut stream = match cd.content().read(cd.req(req)).await {
+        Ok(resp) => resp.into_inner(),
+        Err(s) if s.code() == tonic::Code::NotFound => return Err(missing()),
+        Err(s) => return Err(Error::containerd("content.read", s)),
+    };
+    let mut out = Vec::new();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|s| Error::containerd("content.read", s))?;
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(s) if s.code() == tonic::Code::NotFound => return Err(missing()),
+            Err(s) => return Err(Error::containerd("content.read", s)),
+        };
         out.extend_from_slice(&chunk.data);
+        if out.len() as i64 > MAX_METADATA_BLOB {
+            return Err(Error::Internal(format!(
+                "blob {digest} is over {MAX_METADATA_BLOB} bytes, too large to read whole"
+            )));
+        }
     }
     Ok(out)
 }
