@@ -27,6 +27,7 @@ use crate::error::{Error, Kind, Result};
 use crate::image::{self, ImageRef, MEDIA_OCI_MANIFEST};
 use crate::runtime::lease::Lease;
 use crate::runtime::{content, SNAPSHOTTER};
+use crate::sys;
 
 /// Where snapshot images are named: `<prefix><snapshot id>:latest`.
 pub const SNAPSHOT_IMAGE_PREFIX: &str = "sandboxd.local/snapshots/";
@@ -286,6 +287,17 @@ impl Manager {
             .into_inner()
             .mounts;
         let running = matches!(self.task(id.as_str()).await?, Some(t) if t.status == TaskStatus::Running as i32);
+        // A handle on the directory that takes the sandbox's writes, opened before the pause.
+        let upper = match writable_dir(&right) {
+            Some(dir) => Some(
+                sys::blocking(move || {
+                    std::fs::File::open(&dir)
+                        .map_err(|e| Error::io(format!("opening {}", dir.display()), e))
+                })
+                .await?,
+            ),
+            None => None,
+        };
         let diff_ref = format!("sandboxd-commit-{}", crate::util::random_hex(6));
         let pause_started = Instant::now();
         if running {
@@ -296,9 +308,26 @@ impl Manager {
                 .await
                 .map_err(|s| Error::containerd("tasks.pause", s))?;
         }
-        // SAFETY: sync(2) takes no arguments and cannot fail.
-        unsafe { libc::sync() };
-        let diff = match self.failpoint("commit.diff") {
+        // The sandbox's writes are flushed with syncfs of its own filesystem, not a host-wide
+        // sync(2).
+        let synced = match upper {
+            Some(dir) => {
+                sys::blocking(move || {
+                    nix::unistd::syncfs(&dir)
+                        .map_err(|e| Error::io("syncfs of the sandbox's writable layer", e.into()))
+                })
+                .await
+            }
+            None => {
+                sys::blocking(|| {
+                    // SAFETY: sync(2) takes no arguments and cannot fail.
+                    unsafe { libc::sync() };
+                    Ok(())
+                })
+                .await
+            }
+        };
+        let diff = match synced.and_then(|()| self.failpoint("commit.diff")) {
             Err(e) => Err(e),
             Ok(()) => cd
                 .diff()
@@ -584,4 +613,18 @@ impl Manager {
         )
         .await
     }
+}
+
+/// The directory that takes a sandbox's writes, from its writable snapshot's mounts: overlay's
+/// upper dir, or a bind mount's source.
+fn writable_dir(mounts: &[containerd_client::types::Mount]) -> Option<std::path::PathBuf> {
+    mounts.iter().find_map(|m| match m.r#type.as_str() {
+        "overlay" => m
+            .options
+            .iter()
+            .find_map(|o| o.strip_prefix("upperdir="))
+            .map(std::path::PathBuf::from),
+        "bind" => Some(std::path::PathBuf::from(&m.source)),
+        _ => None,
+    })
 }
