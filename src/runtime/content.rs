@@ -96,9 +96,27 @@ pub async fn write<S>(
     digest: &str,
     total: i64,
     labels: HashMap<String, String>,
+    data: S,
+    on_progress: impl FnMut(i64),
+) -> Result<()>
+where
+    S: Stream<Item = std::io::Result<Bytes>> + Unpin,
+{
+    write_new(cd, lease, digest, total, labels, data, on_progress)
+        .await
+        .map(|_| ())
+}
+
+/// [`write`], telling whether this call committed the blob (false: it was there already).
+async fn write_new<S>(
+    cd: &Containerd,
+    lease: &str,
+    digest: &str,
+    total: i64,
+    labels: HashMap<String, String>,
     mut data: S,
     mut on_progress: impl FnMut(i64),
-) -> Result<()>
+) -> Result<bool>
 where
     S: Stream<Item = std::io::Result<Bytes>> + Unpin,
 {
@@ -123,7 +141,7 @@ where
         .await
     {
         Ok(resp) => resp.into_inner(),
-        Err(s) if s.code() == tonic::Code::AlreadyExists => return Ok(()),
+        Err(s) if s.code() == tonic::Code::AlreadyExists => return Ok(false),
         Err(s) => return Err(Error::containerd("content.write", s)),
     };
     // Each request gets one response; read them as we go so that neither side stalls.
@@ -136,7 +154,7 @@ where
         }
     };
     if expect_response(responses.next().await)? {
-        return Ok(());
+        return Ok(false);
     }
     let mut offset = 0i64;
     while let Some(chunk) = data.next().await {
@@ -160,7 +178,7 @@ where
             .await
             .map_err(|_| Error::Internal("content write stream closed".into()))?;
         if expect_response(responses.next().await)? {
-            return Ok(());
+            return Ok(false);
         }
         offset += len;
         on_progress(offset);
@@ -177,9 +195,9 @@ where
     tx.send(commit)
         .await
         .map_err(|_| Error::Internal("content write stream closed".into()))?;
-    expect_response(responses.next().await)?;
+    let existed = expect_response(responses.next().await)?;
     drop(tx);
-    Ok(())
+    Ok(!existed)
 }
 
 /// Writes an in-memory blob (see [`write`]).
@@ -193,4 +211,21 @@ pub async fn write_bytes(
     let total = data.len() as i64;
     let stream = futures::stream::iter([Ok(data)]);
     write(cd, lease, digest, total, labels, stream, |_| {}).await
+}
+
+/// Writes an in-memory blob carrying `labels`: they go with the commit, and are set separately
+/// only when the blob was already there (committed by another writer, perhaps without them).
+pub async fn write_labelled(
+    cd: &Containerd,
+    lease: &str,
+    digest: &str,
+    data: Bytes,
+    labels: HashMap<String, String>,
+) -> Result<()> {
+    let total = data.len() as i64;
+    let stream = futures::stream::iter([Ok(data)]);
+    if !write_new(cd, lease, digest, total, labels.clone(), stream, |_| {}).await? {
+        set_labels(cd, digest, &labels).await?;
+    }
+    Ok(())
 }
