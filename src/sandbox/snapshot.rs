@@ -13,8 +13,8 @@ use containerd_client::services::v1::snapshots::{
 };
 use containerd_client::services::v1::Container;
 use containerd_client::services::v1::{
-    ApplyRequest, CreateImageRequest, DeleteImageRequest, DiffRequest, Image as CdImage,
-    ListImagesRequest, PauseTaskRequest, ResumeTaskRequest,
+    ApplyRequest, CreateImageRequest, DeleteImageRequest, DiffRequest, GetImageRequest,
+    Image as CdImage, ListImagesRequest, PauseTaskRequest, ResumeTaskRequest,
 };
 use containerd_client::types::v1::Status as TaskStatus;
 use containerd_client::types::Descriptor as CdDescriptor;
@@ -73,14 +73,21 @@ pub fn snapshot_image_name(id: &str) -> String {
 }
 
 fn view_of(record: &CdImage) -> Option<Snapshot> {
-    let l = &record.labels;
+    snapshot_view(&record.labels, record.created_at.as_ref())
+}
+
+/// The snapshot an image record with `l` as labels stands for, if it is one.
+fn snapshot_view(
+    l: &HashMap<String, String>,
+    created_at: Option<&prost_types::Timestamp>,
+) -> Option<Snapshot> {
     Some(Snapshot {
         id: l.get(L_SNAPSHOT_ID)?.clone(),
         sandbox_id: l.get(L_FROM_SANDBOX).cloned().unwrap_or_default(),
         parent_snapshot_id: l.get(L_PARENT).cloned().unwrap_or_default(),
         image: l.get(L_BASE_IMAGE).cloned().unwrap_or_default(),
         size_bytes: l.get(L_SIZE).and_then(|v| v.parse().ok()).unwrap_or(0),
-        created_at: record.created_at.as_ref().map(crate::util::system_time),
+        created_at: created_at.map(crate::util::system_time),
         labels: l
             .iter()
             .filter(|(k, _)| {
@@ -108,14 +115,41 @@ impl Manager {
             .images)
     }
 
-    /// GetSnapshot.
+    /// GetSnapshot: one lookup of the image record the snapshot is stored as.
     pub async fn get_snapshot(&self, id: &str) -> Result<Snapshot> {
-        self.snapshot_records()
-            .await?
-            .iter()
-            .filter_map(view_of)
-            .find(|s| s.id == id)
+        let cd = self.containerd();
+        let req = GetImageRequest {
+            name: snapshot_image_name(id),
+        };
+        let record = match cd.images().get(cd.req(req)).await {
+            Ok(resp) => resp.into_inner().image,
+            Err(s) if s.code() == tonic::Code::NotFound => None,
+            Err(s) => return Err(Error::containerd("images.get", s)),
+        };
+        record
+            .as_ref()
+            .and_then(view_of)
+            .filter(|s| s.id == id)
             .ok_or_else(|| Error::not_found(Kind::Snapshot, id))
+    }
+
+    /// Snapshot `id` with its image resolved, from the image record alone (no listing): what a
+    /// fork or a restore needs.
+    pub(super) async fn resolve_snapshot(
+        &self,
+        id: &str,
+    ) -> Result<(Snapshot, image::ResolvedImage)> {
+        let name = ImageRef::parse("snapshot_id", &snapshot_image_name(id))?;
+        let image = image::resolve(self.containerd(), &name)
+            .await
+            .map_err(|e| match e {
+                Error::NotFound { .. } => Error::not_found(Kind::Snapshot, id),
+                e => e,
+            })?;
+        let snap = snapshot_view(&image.labels, image.info.created_at.as_ref())
+            .filter(|s| s.id == id)
+            .ok_or_else(|| Error::not_found(Kind::Snapshot, id))?;
+        Ok((snap, image))
     }
 
     /// ListSnapshots: optionally of one sandbox, matching `selector`, ordered by id, one page.
@@ -663,8 +697,7 @@ impl Manager {
             async move {
                 let _guard = this.lock(id.as_str()).await;
                 let container = this.container(&id).await?.ok_or_else(|| Error::not_found(Kind::Sandbox, id.as_str()))?;
-                let snap = this.get_snapshot(&snapshot_id).await?;
-                let image = image::resolve(this.containerd(), &ImageRef::parse("snapshot_id", &snapshot_image_name(&snap.id))?).await?;
+                let (snap, image) = this.resolve_snapshot(&snapshot_id).await?;
                 let was_running = matches!(this.task(id.as_str()).await?, Some(t) if t.status == TaskStatus::Running as i32 || t.status == TaskStatus::Paused as i32);
                 let lease = Lease::acquire(this.containerd(), "restore").await?;
                 let new_key = format!("sandboxd-rw-{id}-{}", crate::util::random_hex(4));
