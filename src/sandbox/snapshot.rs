@@ -246,9 +246,9 @@ impl Manager {
 
     /// The commit proper, in three phases. Before the pause, everything the capture needs is
     /// read and prepared concurrently (and undone if any of it fails). While paused: a syncfs
-    /// of the sandbox's writable layer and the diff, nothing else. After: the resume runs
-    /// alongside the unpack of the layer and the writes of the image's config and manifest;
-    /// the image record, which makes the snapshot visible, comes last.
+    /// of the sandbox's writable layer and the diff, nothing else. After the resume: the unpack
+    /// of the layer and the writes of the image's config and manifest run concurrently; the
+    /// image record, which makes the snapshot visible, comes last.
     async fn commit_locked(
         &self,
         id: &SandboxId,
@@ -441,15 +441,15 @@ impl Manager {
         }
         .await;
 
-        let resume = async {
-            let resumed = if running {
-                resume_task(cd, id).await
-            } else {
-                Ok(())
-            };
-            (resumed, pause_started.elapsed())
+        // Resumed before anything else runs: work beside it would compete with runc for the CPU
+        // and keep the task frozen longer.
+        let resumed = if running {
+            resume_task(cd, id).await
+        } else {
+            Ok(())
         };
-        let ((resumed, pause_window), (), stored) = match captured {
+        let pause_window = pause_started.elapsed();
+        let stored = match captured {
             Ok(layer) => {
                 let store = self.store_layer(
                     id,
@@ -459,15 +459,14 @@ impl Manager {
                     (&unpack_key, unpack_mounts),
                     lease,
                 );
-                tokio::join!(resume, remove_quietly(cd, &view_key), store)
+                tokio::join!(remove_quietly(cd, &view_key), store).1
             }
             Err(e) => {
-                let (resumed, (), ()) = tokio::join!(
-                    resume,
+                tokio::join!(
                     remove_quietly(cd, &view_key),
                     remove_quietly(cd, &unpack_key)
                 );
-                (resumed, (), Err(e))
+                Err(e)
             }
         };
         tracing::info!(?pause_window, running, "captured the sandbox's changes");
