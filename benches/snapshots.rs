@@ -16,7 +16,8 @@
 //!   /dev/null) + `ctr tasks resume`: the capture only, without sandboxd's unpack of the layer
 //!   into a committed snapshot and its image record. The host's dirty pages are flushed (not
 //!   timed) before each write, so each side's commit meets only its own unwritten data;
-//!   sandboxd's commit calls sync(2) inside its pause window, ctr's diff does not;
+//!   sandboxd's commit calls syncfs(2) on the sandbox's writable layer inside its pause window,
+//!   ctr's diff does not sync;
 //! * restore, `BENCH_N` samples per snapshot: `RestoreSandbox` of one sandbox onto a shallow
 //!   snapshot (one commit over the image), onto the last of a chain of `BENCH_DEPTH` (default 30)
 //!   generations (write, commit, restore onto it, repeated) and onto the generation of that chain
@@ -1285,7 +1286,7 @@ fn commit_table(measured: &Measured, fit: Option<CommitFit>) -> Table {
         ));
     }
     let mut notes = vec![
-        "commit: sbx = CommitSnapshot RPC (pause, sync, diff, resume, unpack into a committed \
+        "commit: sbx = CommitSnapshot RPC (pause, syncfs, diff, resume, unpack into a committed \
          snapshot, image record); ctr = `ctr tasks pause` + `ctr snapshots diff` (uncompressed \
          tar to /dev/null) + `ctr tasks resume`, capture only: ctr has no commit of a running \
          container"

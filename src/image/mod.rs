@@ -52,6 +52,8 @@ pub struct ResolvedImage {
     pub manifest: ImageManifest,
     /// Its digest.
     pub manifest_digest: String,
+    /// The labels of containerd's image record.
+    pub labels: std::collections::HashMap<String, String>,
 }
 
 /// Chain ids per the OCI image spec: `chain[0] = diff[0]`, `chain[n] = sha256(chain[n-1] + " " + diff[n])`.
@@ -173,6 +175,7 @@ pub async fn resolve(cd: &Containerd, image: &ImageRef) -> Result<ResolvedImage>
         info: info_of(&record, size),
         manifest,
         manifest_digest,
+        labels: record.labels,
     })
 }
 

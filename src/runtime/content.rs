@@ -30,36 +30,33 @@ pub async fn info(cd: &Containerd, digest: &str) -> Result<Option<Info>> {
     }
 }
 
-/// Reads a small blob (manifest, index, config) whole.
+/// Reads a small blob (manifest, index, config) whole. One round trip: the read is capped just
+/// past the limit instead of asking for the size first.
 pub async fn read(cd: &Containerd, digest: &str) -> Result<Vec<u8>> {
-    let size = match info(cd, digest).await? {
-        Some(info) => info.size,
-        None => {
-            return Err(Error::Internal(format!(
-                "blob {digest} is missing from the content store"
-            )))
-        }
-    };
-    if size > MAX_METADATA_BLOB {
-        return Err(Error::Internal(format!(
-            "blob {digest} is {size} bytes, too large to read whole"
-        )));
-    }
+    let missing = || Error::Internal(format!("blob {digest} is missing from the content store"));
     let req = ReadContentRequest {
         digest: digest.to_string(),
         offset: 0,
-        size: 0,
+        size: MAX_METADATA_BLOB + 1,
     };
-    let mut stream = cd
-        .content()
-        .read(cd.req(req))
-        .await
-        .map_err(|s| Error::containerd("content.read", s))?
-        .into_inner();
-    let mut out = Vec::with_capacity(size as usize);
+    let mut stream = match cd.content().read(cd.req(req)).await {
+        Ok(resp) => resp.into_inner(),
+        Err(s) if s.code() == tonic::Code::NotFound => return Err(missing()),
+        Err(s) => return Err(Error::containerd("content.read", s)),
+    };
+    let mut out = Vec::new();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|s| Error::containerd("content.read", s))?;
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(s) if s.code() == tonic::Code::NotFound => return Err(missing()),
+            Err(s) => return Err(Error::containerd("content.read", s)),
+        };
         out.extend_from_slice(&chunk.data);
+        if out.len() as i64 > MAX_METADATA_BLOB {
+            return Err(Error::Internal(format!(
+                "blob {digest} is over {MAX_METADATA_BLOB} bytes, too large to read whole"
+            )));
+        }
     }
     Ok(out)
 }
@@ -99,9 +96,27 @@ pub async fn write<S>(
     digest: &str,
     total: i64,
     labels: HashMap<String, String>,
+    data: S,
+    on_progress: impl FnMut(i64),
+) -> Result<()>
+where
+    S: Stream<Item = std::io::Result<Bytes>> + Unpin,
+{
+    write_new(cd, lease, digest, total, labels, data, on_progress)
+        .await
+        .map(|_| ())
+}
+
+/// [`write`], telling whether this call committed the blob (false: it was there already).
+async fn write_new<S>(
+    cd: &Containerd,
+    lease: &str,
+    digest: &str,
+    total: i64,
+    labels: HashMap<String, String>,
     mut data: S,
     mut on_progress: impl FnMut(i64),
-) -> Result<()>
+) -> Result<bool>
 where
     S: Stream<Item = std::io::Result<Bytes>> + Unpin,
 {
@@ -126,7 +141,7 @@ where
         .await
     {
         Ok(resp) => resp.into_inner(),
-        Err(s) if s.code() == tonic::Code::AlreadyExists => return Ok(()),
+        Err(s) if s.code() == tonic::Code::AlreadyExists => return Ok(false),
         Err(s) => return Err(Error::containerd("content.write", s)),
     };
     // Each request gets one response; read them as we go so that neither side stalls.
@@ -139,7 +154,7 @@ where
         }
     };
     if expect_response(responses.next().await)? {
-        return Ok(());
+        return Ok(false);
     }
     let mut offset = 0i64;
     while let Some(chunk) = data.next().await {
@@ -163,7 +178,7 @@ where
             .await
             .map_err(|_| Error::Internal("content write stream closed".into()))?;
         if expect_response(responses.next().await)? {
-            return Ok(());
+            return Ok(false);
         }
         offset += len;
         on_progress(offset);
@@ -180,9 +195,9 @@ where
     tx.send(commit)
         .await
         .map_err(|_| Error::Internal("content write stream closed".into()))?;
-    expect_response(responses.next().await)?;
+    let existed = expect_response(responses.next().await)?;
     drop(tx);
-    Ok(())
+    Ok(!existed)
 }
 
 /// Writes an in-memory blob (see [`write`]).
@@ -196,4 +211,21 @@ pub async fn write_bytes(
     let total = data.len() as i64;
     let stream = futures::stream::iter([Ok(data)]);
     write(cd, lease, digest, total, labels, stream, |_| {}).await
+}
+
+/// Writes an in-memory blob carrying `labels`: they go with the commit, and are set separately
+/// only when the blob was already there (committed by another writer, perhaps without them).
+pub async fn write_labelled(
+    cd: &Containerd,
+    lease: &str,
+    digest: &str,
+    data: Bytes,
+    labels: HashMap<String, String>,
+) -> Result<()> {
+    let total = data.len() as i64;
+    let stream = futures::stream::iter([Ok(data)]);
+    if !write_new(cd, lease, digest, total, labels.clone(), stream, |_| {}).await? {
+        set_labels(cd, digest, &labels).await?;
+    }
+    Ok(())
 }

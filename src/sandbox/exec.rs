@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use containerd_client::services::v1::{
     CloseIoRequest, DeleteProcessRequest, ExecProcessRequest, KillRequest, ResizePtyRequest,
-    StartRequest, WaitRequest,
+    StartRequest, WaitRequest, WaitResponse,
 };
 use containerd_client::types::v1::Status as TaskStatus;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -114,6 +114,9 @@ pub struct ExecSession {
     stderr: Option<pipe::Receiver>,
     oom_before: u64,
     requested_at: std::time::Instant,
+    /// containerd's Wait on the process, issued before it was started.
+    wait:
+        tokio::task::JoinHandle<std::result::Result<tonic::Response<WaitResponse>, tonic::Status>>,
 }
 
 /// The FIFO directory of one exec, removed on drop.
@@ -136,11 +139,10 @@ impl Manager {
     pub async fn exec_start(self: &Arc<Self>, spec: ExecSpec) -> Result<ExecSession> {
         let requested_at = std::time::Instant::now();
         let id = spec.sandbox_id.clone();
-        let container = self
-            .container(&id)
-            .await?
-            .ok_or_else(|| Error::not_found(Kind::Sandbox, id.as_str()))?;
-        let task = self.task(id.as_str()).await?;
+        // Independent reads: one round trip instead of two (the container's error still wins).
+        let (container, task) = tokio::join!(self.container(&id), self.task(id.as_str()));
+        let container = container?.ok_or_else(|| Error::not_found(Kind::Sandbox, id.as_str()))?;
+        let task = task?;
         let pid1 = match task {
             Some(t) if t.status == TaskStatus::Running as i32 => t.pid,
             Some(t)
@@ -288,6 +290,17 @@ impl Manager {
             .await
             .map_err(|s| exec_error(&spec, "tasks.exec", s))?;
         let oom_before = self.oom_kills(&id);
+        // Waiting before starting (as ctr does) overlaps the Wait round trip with the start, so a
+        // short process's exit is known as soon as the start returns; a created exec's wait
+        // simply blocks until it has run.
+        let wait = {
+            let cd = cd.clone();
+            let req = WaitRequest {
+                container_id: id.to_string(),
+                exec_id: exec_id.clone(),
+            };
+            tokio::spawn(async move { cd.tasks().wait(cd.req(req)).await })
+        };
         let started = cd
             .tasks()
             .start(cd.req(StartRequest {
@@ -300,6 +313,7 @@ impl Manager {
         let pid = match started {
             Ok(resp) => resp.into_inner().pid,
             Err(s) => {
+                wait.abort();
                 let _ = cd
                     .tasks()
                     .delete_process(cd.req(DeleteProcessRequest {
@@ -326,6 +340,7 @@ impl Manager {
             stderr,
             oom_before,
             requested_at,
+            wait,
         })
     }
 
@@ -391,12 +406,7 @@ impl ExecSession {
             let at = self.requested_at;
             let out_pump = tokio::spawn(pump(self.stdout, output.clone(), ExecEvent::Stdout, first.clone(), at));
             let err_pump = self.stderr.take().map(|rx| tokio::spawn(pump(rx, output.clone(), ExecEvent::Stderr, first.clone(), at)));
-            let wait = {
-                let cd = cd.clone();
-                let req = WaitRequest { container_id: sandbox.clone(), exec_id: exec_id.clone() };
-                tokio::spawn(async move { cd.tasks().wait(cd.req(req)).await })
-            };
-            tokio::pin!(wait);
+            let wait = &mut self.wait;
             let timeout = async {
                 match self.spec.timeout {
                     Some(t) => tokio::time::sleep(t).await,
@@ -410,7 +420,7 @@ impl ExecSession {
             let mut client_gone = false;
             let wait_result = loop {
                 tokio::select! {
-                    res = &mut wait => break res,
+                    res = &mut *wait => break res,
                     _ = &mut timeout, if !timed_out => {
                         timed_out = true;
                         tracing::info!("exec timed out; killing it");
@@ -475,13 +485,25 @@ impl ExecSession {
                 }
             };
             let del = DeleteProcessRequest { container_id: sandbox.clone(), exec_id: exec_id.clone() };
-            if let Err(s) = cd.tasks().delete_process(cd.req(del)).await {
-                tracing::warn!(error = %s, "deleting the exec process failed");
-            }
-            // Every byte before the exit: drain the pumps, bounded for children holding the pipes.
+            let delete = async {
+                if let Err(s) = cd.tasks().delete_process(cd.req(del)).await {
+                    tracing::warn!(error = %s, "deleting the exec process failed");
+                }
+            };
+            tokio::pin!(delete);
+            // Every byte before the exit. The shim closes its ends of the FIFOs when the process's
+            // pipes reach EOF, usually by the time Wait returns: then `exited` goes out at once
+            // and the process is deleted after it. When a child still holds the pipes, deleting
+            // the process is what closes them; the drain is then bounded by the grace period.
             let pumps: Vec<_> = std::iter::once(out_pump).chain(err_pump).collect();
             let aborts: Vec<_> = pumps.iter().map(|p| p.abort_handle()).collect();
-            if tokio::time::timeout(EXEC_OUTPUT_GRACE, futures::future::join_all(pumps)).await.is_err() {
+            let drain = futures::future::join_all(pumps);
+            tokio::pin!(drain);
+            let deleted = tokio::select! {
+                _ = &mut drain => false,
+                () = &mut delete => true,
+            };
+            if deleted && tokio::time::timeout(EXEC_OUTPUT_GRACE, &mut drain).await.is_err() {
                 tracing::info!("output still open {EXEC_OUTPUT_GRACE:?} after exit (a child holds it); closing");
                 aborts.iter().for_each(|a| a.abort());
             }
@@ -489,6 +511,9 @@ impl ExecSession {
             let oom_killed = signal == libc::SIGKILL && !timed_out && self.manager.oom_kills(&self.spec.sandbox_id) > self.oom_before;
             let info = ExitInfo { exit_code: status as i32, signal, timed_out, oom_killed };
             let _ = output.send(ExecEvent::Exited(info)).await;
+            if !deleted {
+                delete.await;
+            }
             drop(self.dir);
         }
         .instrument(span)

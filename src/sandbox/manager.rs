@@ -405,28 +405,33 @@ impl Manager {
 
     async fn create_inner(&self, spec: CreateSpec) -> Result<Sandbox> {
         let _guard = self.locks.lock(spec.id.as_str()).await;
-        if self.container(&spec.id).await?.is_some() {
+        // The id check and the source's resolution are independent: one round trip. A snapshot
+        // is resolved from its image record alone; a missing image is pulled only once the id
+        // is known to be free.
+        let resolve = async {
+            match &spec.source {
+                Source::Image(image) => (image::resolve(&self.cd, image).await, image.name()),
+                Source::Snapshot(snapshot) => match self.resolve_snapshot(snapshot).await {
+                    Ok((snap, image)) => (Ok(image), snap.image),
+                    Err(e) => (Err(e), String::new()),
+                },
+            }
+        };
+        let (existing, (resolved, base_image)) = tokio::join!(self.container(&spec.id), resolve);
+        if existing?.is_some() {
             return Err(Error::AlreadyExists {
                 kind: Kind::Sandbox,
                 id: spec.id.to_string(),
             });
         }
-        let (image_ref, base_image) = match &spec.source {
-            Source::Image(image) => (image.clone(), image.name()),
-            Source::Snapshot(snapshot) => {
-                let snap = self.get_snapshot(snapshot).await?;
-                let name = super::snapshot::snapshot_image_name(&snap.id);
-                (image::ImageRef::parse("snapshot_id", &name)?, snap.image)
-            }
-        };
-        let image = match image::resolve(&self.cd, &image_ref).await {
-            Ok(image) => image,
-            Err(Error::NotFound { .. }) => {
+        let image = match (resolved, &spec.source) {
+            (Ok(image), _) => image,
+            (Err(Error::NotFound { .. }), Source::Image(image_ref)) => {
                 tracing::info!(image = %image_ref, "pulling a missing image");
-                image::pull(&self.cd, &image_ref, None).await?;
-                image::resolve(&self.cd, &image_ref).await?
+                image::pull(&self.cd, image_ref, None).await?;
+                image::resolve(&self.cd, image_ref).await?
             }
-            Err(e) => return Err(e),
+            (Err(e), _) => return Err(e),
         };
 
         let lease = Lease::acquire(&self.cd, "create").await?;

@@ -11,9 +11,10 @@ use containerd_client::services::v1::snapshots::{
     CommitSnapshotRequest, MountsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest,
     StatSnapshotRequest, ViewSnapshotRequest,
 };
+use containerd_client::services::v1::Container;
 use containerd_client::services::v1::{
-    ApplyRequest, CreateImageRequest, DeleteImageRequest, DiffRequest, Image as CdImage,
-    ListImagesRequest, PauseTaskRequest, ResumeTaskRequest,
+    ApplyRequest, CreateImageRequest, DeleteImageRequest, DiffRequest, GetImageRequest,
+    Image as CdImage, ListImagesRequest, PauseTaskRequest, ResumeTaskRequest,
 };
 use containerd_client::types::v1::Status as TaskStatus;
 use containerd_client::types::Descriptor as CdDescriptor;
@@ -26,7 +27,8 @@ use super::model::{LabelSelector, Page, SandboxId};
 use crate::error::{Error, Kind, Result};
 use crate::image::{self, ImageRef, MEDIA_OCI_MANIFEST};
 use crate::runtime::lease::Lease;
-use crate::runtime::{content, SNAPSHOTTER};
+use crate::runtime::{content, Containerd, SNAPSHOTTER};
+use crate::sys;
 
 /// Where snapshot images are named: `<prefix><snapshot id>:latest`.
 pub const SNAPSHOT_IMAGE_PREFIX: &str = "sandboxd.local/snapshots/";
@@ -71,14 +73,21 @@ pub fn snapshot_image_name(id: &str) -> String {
 }
 
 fn view_of(record: &CdImage) -> Option<Snapshot> {
-    let l = &record.labels;
+    snapshot_view(&record.labels, record.created_at.as_ref())
+}
+
+/// The snapshot an image record with `l` as labels stands for, if it is one.
+fn snapshot_view(
+    l: &HashMap<String, String>,
+    created_at: Option<&prost_types::Timestamp>,
+) -> Option<Snapshot> {
     Some(Snapshot {
         id: l.get(L_SNAPSHOT_ID)?.clone(),
         sandbox_id: l.get(L_FROM_SANDBOX).cloned().unwrap_or_default(),
         parent_snapshot_id: l.get(L_PARENT).cloned().unwrap_or_default(),
         image: l.get(L_BASE_IMAGE).cloned().unwrap_or_default(),
         size_bytes: l.get(L_SIZE).and_then(|v| v.parse().ok()).unwrap_or(0),
-        created_at: record.created_at.as_ref().map(crate::util::system_time),
+        created_at: created_at.map(crate::util::system_time),
         labels: l
             .iter()
             .filter(|(k, _)| {
@@ -106,14 +115,41 @@ impl Manager {
             .images)
     }
 
-    /// GetSnapshot.
+    /// GetSnapshot: one lookup of the image record the snapshot is stored as.
     pub async fn get_snapshot(&self, id: &str) -> Result<Snapshot> {
-        self.snapshot_records()
-            .await?
-            .iter()
-            .filter_map(view_of)
-            .find(|s| s.id == id)
+        let cd = self.containerd();
+        let req = GetImageRequest {
+            name: snapshot_image_name(id),
+        };
+        let record = match cd.images().get(cd.req(req)).await {
+            Ok(resp) => resp.into_inner().image,
+            Err(s) if s.code() == tonic::Code::NotFound => None,
+            Err(s) => return Err(Error::containerd("images.get", s)),
+        };
+        record
+            .as_ref()
+            .and_then(view_of)
+            .filter(|s| s.id == id)
             .ok_or_else(|| Error::not_found(Kind::Snapshot, id))
+    }
+
+    /// Snapshot `id` with its image resolved, from the image record alone (no listing): what a
+    /// fork or a restore needs.
+    pub(super) async fn resolve_snapshot(
+        &self,
+        id: &str,
+    ) -> Result<(Snapshot, image::ResolvedImage)> {
+        let name = ImageRef::parse("snapshot_id", &snapshot_image_name(id))?;
+        let image = image::resolve(self.containerd(), &name)
+            .await
+            .map_err(|e| match e {
+                Error::NotFound { .. } => Error::not_found(Kind::Snapshot, id),
+                e => e,
+            })?;
+        let snap = snapshot_view(&image.labels, image.info.created_at.as_ref())
+            .filter(|s| s.id == id)
+            .ok_or_else(|| Error::not_found(Kind::Snapshot, id))?;
+        Ok((snap, image))
     }
 
     /// ListSnapshots: optionally of one sandbox, matching `selector`, ordered by id, one page.
@@ -181,8 +217,17 @@ impl Manager {
         super::manager::detach(
             async move {
                 let _guard = this.lock(id.as_str()).await;
-                let lease = Lease::acquire(this.containerd(), "commit").await?;
-                let result = this.commit_locked(&id, labels, &lease).await;
+                // Independent: the lease and the container record in one round trip.
+                let (lease, container) = tokio::join!(
+                    Lease::acquire(this.containerd(), "commit"),
+                    this.container(&id)
+                );
+                let lease = lease?;
+                let result = match container {
+                    Ok(Some(container)) => this.commit_locked(&id, &container, labels, &lease).await,
+                    Ok(None) => Err(Error::not_found(Kind::Sandbox, id.as_str())),
+                    Err(e) => Err(e),
+                };
                 let released = lease.release(this.containerd()).await;
                 match result {
                     Ok(s) => {
@@ -199,30 +244,20 @@ impl Manager {
         .await
     }
 
+    /// The commit proper, in three phases. Before the pause, everything the capture needs is
+    /// read and prepared concurrently (and undone if any of it fails). While paused: a syncfs
+    /// of the sandbox's writable layer and the diff, nothing else. After the resume: the unpack
+    /// of the layer and the writes of the image's config and manifest run concurrently; the
+    /// image record, which makes the snapshot visible, comes last.
     async fn commit_locked(
         &self,
         id: &SandboxId,
+        container: &Container,
         labels: HashMap<String, String>,
         lease: &Lease,
     ) -> Result<Snapshot> {
         let cd = self.containerd();
-        let container = self
-            .container(id)
-            .await?
-            .ok_or_else(|| Error::not_found(Kind::Sandbox, id.as_str()))?;
         let key = container.snapshot_key.clone();
-        let info = cd
-            .snapshots()
-            .stat(cd.req(StatSnapshotRequest {
-                snapshotter: SNAPSHOTTER.into(),
-                key: key.clone(),
-            }))
-            .await
-            .map_err(|s| Error::containerd("snapshots.stat", s))?
-            .into_inner()
-            .info
-            .ok_or_else(|| Error::Internal("snapshots.stat returned nothing".into()))?;
-        let parent_chain = info.parent;
         let base_name = container.labels.get(L_IMAGE).cloned().unwrap_or_default();
         let parent_snapshot = container
             .labels
@@ -235,19 +270,44 @@ impl Manager {
         } else {
             snapshot_image_name(&parent_snapshot)
         };
-        let source = image::resolve(cd, &ImageRef::parse("image", &source_ref)?)
-            .await
-            .map_err(|e| match e {
+        let source_name = ImageRef::parse("image", &source_ref)?;
+
+        // Independent reads, one round trip; their errors are reported in this order.
+        let stat = async {
+            cd.snapshots()
+                .stat(cd.req(StatSnapshotRequest {
+                    snapshotter: SNAPSHOTTER.into(),
+                    key: key.clone(),
+                }))
+                .await
+                .map_err(|s| Error::containerd("snapshots.stat", s))?
+                .into_inner()
+                .info
+                .ok_or_else(|| Error::Internal("snapshots.stat returned nothing".into()))
+        };
+        let resolve = async {
+            image::resolve(cd, &source_name).await.map_err(|e| match e {
                 Error::NotFound { .. } => Error::FailedPrecondition(format!(
                     "the image {source_ref} this sandbox was built from is gone"
                 )),
                 e => e,
-            })?;
+            })
+        };
+        let (info, source, right, task) = tokio::join!(
+            stat,
+            resolve,
+            snapshot_mounts(cd, &key),
+            self.task(id.as_str())
+        );
+        let parent_chain = info?.parent;
+        let source = source?;
         if source.top_chain_id != parent_chain {
             return Err(Error::Internal(format!(
                 "sandbox {id}'s snapshot parent {parent_chain} is not the top of {source_ref}"
             )));
         }
+        let right = right?;
+        let running = matches!(task?, Some(t) if t.status == TaskStatus::Running as i32);
 
         // Deep chains hit overlayfs' limit on lower layers (the mount options fit one page):
         // past MAX_LAYERS the snapshot becomes one layer holding the whole filesystem.
@@ -258,50 +318,110 @@ impl Manager {
             parent_chain.clone()
         };
 
-        // The diff: paused (if running) just long enough for a consistent view.
+        // The diff's left side, the snapshot the layer will be unpacked into and a handle on
+        // the sandbox's writable layer (for syncfs), made concurrently before the pause: the
+        // task is frozen for the capture alone.
         let view_key = format!("sandboxd-view-{}", crate::util::random_hex(6));
-        let left = cd
-            .snapshots()
-            .view(cd.req_leased(
-                ViewSnapshotRequest {
-                    snapshotter: SNAPSHOTTER.into(),
-                    key: view_key.clone(),
-                    parent: base_chain.clone(),
-                    labels: HashMap::new(),
-                },
-                lease.id(),
-            ))
-            .await
-            .map_err(|s| Error::containerd("snapshots.view", s))?
-            .into_inner()
-            .mounts;
-        let right = cd
-            .snapshots()
-            .mounts(cd.req(MountsRequest {
-                snapshotter: SNAPSHOTTER.into(),
-                key: key.clone(),
-            }))
-            .await
-            .map_err(|s| Error::containerd("snapshots.mounts", s))?
-            .into_inner()
-            .mounts;
-        let running = matches!(self.task(id.as_str()).await?, Some(t) if t.status == TaskStatus::Running as i32);
-        let diff_ref = format!("sandboxd-commit-{}", crate::util::random_hex(6));
+        let unpack_key = format!("sandboxd-unpack-{}", crate::util::random_hex(6));
+        let view = async {
+            cd.snapshots()
+                .view(cd.req_leased(
+                    ViewSnapshotRequest {
+                        snapshotter: SNAPSHOTTER.into(),
+                        key: view_key.clone(),
+                        parent: base_chain.clone(),
+                        labels: HashMap::new(),
+                    },
+                    lease.id(),
+                ))
+                .await
+                .map_err(|s| Error::containerd("snapshots.view", s))
+                .map(|r| r.into_inner().mounts)
+        };
+        let prepare = async {
+            cd.snapshots()
+                .prepare(cd.req_leased(
+                    PrepareSnapshotRequest {
+                        snapshotter: SNAPSHOTTER.into(),
+                        key: unpack_key.clone(),
+                        parent: base_chain.clone(),
+                        labels: HashMap::new(),
+                    },
+                    lease.id(),
+                ))
+                .await
+                .map_err(|s| Error::containerd("snapshots.prepare", s))
+                .map(|r| r.into_inner().mounts)
+        };
+        let upper = async {
+            match writable_dir(&right) {
+                Some(dir) => {
+                    sys::blocking(move || {
+                        std::fs::File::open(&dir)
+                            .map(Some)
+                            .map_err(|e| Error::io(format!("opening {}", dir.display()), e))
+                    })
+                    .await
+                }
+                None => Ok(None),
+            }
+        };
+        let (left, unpack_mounts, upper) = tokio::join!(view, prepare, upper);
+        let set_up = match (left, unpack_mounts, upper) {
+            (Ok(left), Ok(mounts), Ok(upper)) => Ok((left, mounts, upper)),
+            (left, mounts, upper) => Err(left
+                .err()
+                .or(mounts.err())
+                .or(upper.err())
+                .unwrap_or_else(|| Error::Internal("commit set-up failed".into()))),
+        };
         let pause_started = Instant::now();
-        if running {
-            cd.tasks()
+        let paused = match (&set_up, running) {
+            (Ok(_), true) => cd
+                .tasks()
                 .pause(cd.req(PauseTaskRequest {
                     container_id: id.to_string(),
                 }))
                 .await
-                .map_err(|s| Error::containerd("tasks.pause", s))?;
-        }
-        // SAFETY: sync(2) takes no arguments and cannot fail.
-        unsafe { libc::sync() };
-        let diff = match self.failpoint("commit.diff") {
-            Err(e) => Err(e),
-            Ok(()) => cd
-                .diff()
+                .map(|_| ())
+                .map_err(|s| Error::containerd("tasks.pause", s)),
+            _ => Ok(()),
+        };
+        let (left, unpack_mounts, upper) = match set_up.and_then(|s| paused.map(|()| s)) {
+            Ok(s) => s,
+            Err(e) => {
+                tokio::join!(
+                    remove_quietly(cd, &view_key),
+                    remove_quietly(cd, &unpack_key)
+                );
+                return Err(e);
+            }
+        };
+
+        // Paused (if running) just long enough for a consistent view. The sandbox's writes are
+        // flushed with syncfs of its own filesystem, not a host-wide sync(2).
+        let diff_ref = format!("sandboxd-commit-{}", crate::util::random_hex(6));
+        let captured = async {
+            match upper {
+                Some(dir) => {
+                    sys::blocking(move || {
+                        nix::unistd::syncfs(&dir).map_err(|e| {
+                            Error::io("syncfs of the sandbox's writable layer", e.into())
+                        })
+                    })
+                    .await?
+                }
+                None => {
+                    sys::blocking(|| {
+                        // SAFETY: sync(2) takes no arguments and cannot fail.
+                        unsafe { libc::sync() };
+                        Ok(())
+                    })
+                    .await?
+                }
+            }
+            self.failpoint("commit.diff")?;
+            cd.diff()
                 .diff(cd.req_leased(
                     DiffRequest {
                         left,
@@ -314,33 +434,95 @@ impl Manager {
                     lease.id(),
                 ))
                 .await
-                .map_err(|s| Error::containerd("diff.diff", s)),
-        };
+                .map_err(|s| Error::containerd("diff.diff", s))?
+                .into_inner()
+                .diff
+                .ok_or_else(|| Error::Internal("diff.diff returned nothing".into()))
+        }
+        .await;
+
+        // Resumed before anything else runs: work beside it would compete with runc for the CPU
+        // and keep the task frozen longer.
         let resumed = if running {
-            cd.tasks()
-                .resume(cd.req(ResumeTaskRequest {
-                    container_id: id.to_string(),
-                }))
-                .await
-                .map_err(|s| Error::containerd("tasks.resume", s))
-                .map(|_| ())
+            resume_task(cd, id).await
         } else {
             Ok(())
         };
         let pause_window = pause_started.elapsed();
-        let _ = cd
-            .snapshots()
-            .remove(cd.req(RemoveSnapshotRequest {
-                snapshotter: SNAPSHOTTER.into(),
-                key: view_key,
-            }))
-            .await;
+        let stored = match captured {
+            Ok(layer) => {
+                let store = self.store_layer(
+                    id,
+                    &source,
+                    layer,
+                    (&parent_chain, squash),
+                    (&unpack_key, unpack_mounts),
+                    lease,
+                );
+                tokio::join!(remove_quietly(cd, &view_key), store).1
+            }
+            Err(e) => {
+                tokio::join!(
+                    remove_quietly(cd, &view_key),
+                    remove_quietly(cd, &unpack_key)
+                );
+                Err(e)
+            }
+        };
         tracing::info!(?pause_window, running, "captured the sandbox's changes");
         resumed?;
-        let layer = diff?
+        let stored = stored?;
+
+        let mut image_labels = labels;
+        image_labels.insert(L_SNAPSHOT_ID.into(), stored.snap_id.clone());
+        image_labels.insert(L_FROM_SANDBOX.into(), id.to_string());
+        image_labels.insert(L_BASE_IMAGE.into(), base_name);
+        image_labels.insert(L_SIZE.into(), stored.layer_size.to_string());
+        if !parent_snapshot.is_empty() {
+            image_labels.insert(L_PARENT.into(), parent_snapshot);
+        }
+        let record = CdImage {
+            name: snapshot_image_name(&stored.snap_id),
+            labels: image_labels,
+            target: Some(CdDescriptor {
+                media_type: MEDIA_OCI_MANIFEST.into(),
+                digest: stored.manifest_digest,
+                size: stored.manifest_size,
+                annotations: HashMap::new(),
+            }),
+            ..Default::default()
+        };
+        let created = cd
+            .images()
+            .create(cd.req_leased(
+                CreateImageRequest {
+                    image: Some(record),
+                    ..Default::default()
+                },
+                lease.id(),
+            ))
+            .await
+            .map_err(|s| Error::containerd("images.create", s))?
             .into_inner()
-            .diff
-            .ok_or_else(|| Error::Internal("diff.diff returned nothing".into()))?;
+            .image
+            .ok_or_else(|| Error::Internal("images.create returned nothing".into()))?;
+        view_of(&created)
+            .ok_or_else(|| Error::Internal("the snapshot record lost its labels".into()))
+    }
+
+    /// After the capture: unpacks `layer` into `unpack_key` (prepared on the parent chain,
+    /// removed on failure) as a committed snapshot named by its chain id, and, concurrently,
+    /// writes the snapshot image's config and manifest (the source's layers plus this one).
+    async fn store_layer(
+        &self,
+        id: &SandboxId,
+        source: &image::ResolvedImage,
+        layer: CdDescriptor,
+        (parent_chain, squash): (&str, bool),
+        (unpack_key, unpack_mounts): (&str, Vec<containerd_client::types::Mount>),
+        lease: &Lease,
+    ) -> Result<StoredLayer> {
+        let cd = self.containerd();
         // Uncompressed: the layer digest is its diff id.
         let diff_id = layer.digest.clone();
         let chain = if squash {
@@ -352,75 +534,61 @@ impl Manager {
             )
         };
 
-        // Unpack the layer onto the parent as a committed snapshot named by its chain id.
-        let exists = cd
-            .snapshots()
-            .stat(cd.req(StatSnapshotRequest {
-                snapshotter: SNAPSHOTTER.into(),
-                key: chain.clone(),
-            }))
-            .await
-            .is_ok();
-        if !exists {
-            let tmp = format!("sandboxd-unpack-{}", crate::util::random_hex(6));
-            let mounts = cd
-                .snapshots()
-                .prepare(cd.req_leased(
-                    PrepareSnapshotRequest {
+        let unpack = async {
+            // The same layer may be unpacked already (an identical diff): then the prepared
+            // snapshot is not needed. The check runs beside the apply, which it rarely saves.
+            let exists = async {
+                cd.snapshots()
+                    .stat(cd.req(StatSnapshotRequest {
                         snapshotter: SNAPSHOTTER.into(),
-                        key: tmp.clone(),
-                        parent: base_chain.clone(),
-                        labels: HashMap::new(),
-                    },
-                    lease.id(),
-                ))
-                .await
-                .map_err(|s| Error::containerd("snapshots.prepare", s))?
-                .into_inner()
-                .mounts;
-            let applied = async {
+                        key: chain.clone(),
+                    }))
+                    .await
+                    .is_ok()
+            };
+            let apply = async {
                 self.failpoint("commit.apply")?;
                 cd.diff()
                     .apply(cd.req_leased(
                         ApplyRequest {
                             diff: Some(layer.clone()),
-                            mounts,
+                            mounts: unpack_mounts,
                             ..Default::default()
                         },
                         lease.id(),
                     ))
                     .await
-                    .map_err(|s| Error::containerd("diff.apply", s))?;
-                match cd
+                    .map_err(|s| Error::containerd("diff.apply", s))
+                    .map(|_| ())
+            };
+            let (exists, applied) = tokio::join!(exists, apply);
+            let committed = match applied {
+                Err(e) => Err(e),
+                Ok(()) if exists => Ok(false),
+                Ok(()) => match cd
                     .snapshots()
                     .commit(cd.req_leased(
                         CommitSnapshotRequest {
                             snapshotter: SNAPSHOTTER.into(),
                             name: chain.clone(),
-                            key: tmp.clone(),
+                            key: unpack_key.to_string(),
                             labels: HashMap::new(),
                         },
                         lease.id(),
                     ))
                     .await
                 {
-                    Ok(_) => Ok(()),
-                    Err(s) if s.code() == tonic::Code::AlreadyExists => Ok(()),
+                    Ok(_) => Ok(true),
+                    Err(s) if s.code() == tonic::Code::AlreadyExists => Ok(false),
                     Err(s) => Err(Error::containerd("snapshots.commit", s)),
-                }
+                },
+            };
+            // Whatever did not become the chain's snapshot goes.
+            if !matches!(committed, Ok(true)) {
+                remove_quietly(cd, unpack_key).await;
             }
-            .await;
-            if let Err(e) = applied {
-                let _ = cd
-                    .snapshots()
-                    .remove(cd.req(RemoveSnapshotRequest {
-                        snapshotter: SNAPSHOTTER.into(),
-                        key: tmp,
-                    }))
-                    .await;
-                return Err(e);
-            }
-        }
+            committed.map(|_| ())
+        };
 
         // The snapshot as an image: the source's layers plus ours.
         let snap_id = format!("snap-{}", crate::util::random_hex(8));
@@ -449,15 +617,6 @@ impl Manager {
             format!("containerd.io/gc.ref.snapshot.{SNAPSHOTTER}"),
             chain.clone(),
         )]);
-        content::write_bytes(
-            cd,
-            lease.id(),
-            &config_digest,
-            config_bytes.clone(),
-            config_labels.clone(),
-        )
-        .await?;
-        content::set_labels(cd, &config_digest, &config_labels).await?;
 
         let mut layers: Vec<serde_json::Value> = source
             .manifest
@@ -489,51 +648,28 @@ impl Manager {
                 l["digest"].as_str().unwrap_or_default().to_string(),
             );
         }
-        content::write_bytes(
-            cd,
-            lease.id(),
-            &manifest_digest,
-            manifest_bytes.clone(),
-            manifest_labels.clone(),
-        )
-        .await?;
-        content::set_labels(cd, &manifest_digest, &manifest_labels).await?;
+        let manifest_size = manifest_bytes.len() as i64;
 
-        let mut image_labels = labels;
-        image_labels.insert(L_SNAPSHOT_ID.into(), snap_id.clone());
-        image_labels.insert(L_FROM_SANDBOX.into(), id.to_string());
-        image_labels.insert(L_BASE_IMAGE.into(), base_name);
-        image_labels.insert(L_SIZE.into(), layer.size.to_string());
-        if !parent_snapshot.is_empty() {
-            image_labels.insert(L_PARENT.into(), parent_snapshot);
-        }
-        let record = CdImage {
-            name: snapshot_image_name(&snap_id),
-            labels: image_labels,
-            target: Some(CdDescriptor {
-                media_type: MEDIA_OCI_MANIFEST.into(),
-                digest: manifest_digest,
-                size: manifest_bytes.len() as i64,
-                annotations: HashMap::new(),
-            }),
-            ..Default::default()
-        };
-        let created = cd
-            .images()
-            .create(cd.req_leased(
-                CreateImageRequest {
-                    image: Some(record),
-                    ..Default::default()
-                },
+        let (unpacked, config_written, manifest_written) = tokio::join!(
+            unpack,
+            content::write_labelled(cd, lease.id(), &config_digest, config_bytes, config_labels),
+            content::write_labelled(
+                cd,
                 lease.id(),
-            ))
-            .await
-            .map_err(|s| Error::containerd("images.create", s))?
-            .into_inner()
-            .image
-            .ok_or_else(|| Error::Internal("images.create returned nothing".into()))?;
-        view_of(&created)
-            .ok_or_else(|| Error::Internal("the snapshot record lost its labels".into()))
+                &manifest_digest,
+                manifest_bytes,
+                manifest_labels
+            ),
+        );
+        unpacked?;
+        config_written?;
+        manifest_written?;
+        Ok(StoredLayer {
+            snap_id,
+            layer_size: layer.size,
+            manifest_digest,
+            manifest_size,
+        })
     }
 
     /// ExportSnapshot: pushes the snapshot's image to `target`; returns the pushed digest.
@@ -560,8 +696,7 @@ impl Manager {
             async move {
                 let _guard = this.lock(id.as_str()).await;
                 let container = this.container(&id).await?.ok_or_else(|| Error::not_found(Kind::Sandbox, id.as_str()))?;
-                let snap = this.get_snapshot(&snapshot_id).await?;
-                let image = image::resolve(this.containerd(), &ImageRef::parse("snapshot_id", &snapshot_image_name(&snap.id))?).await?;
+                let (snap, image) = this.resolve_snapshot(&snapshot_id).await?;
                 let was_running = matches!(this.task(id.as_str()).await?, Some(t) if t.status == TaskStatus::Running as i32 || t.status == TaskStatus::Paused as i32);
                 let lease = Lease::acquire(this.containerd(), "restore").await?;
                 let new_key = format!("sandboxd-rw-{id}-{}", crate::util::random_hex(4));
@@ -584,4 +719,67 @@ impl Manager {
         )
         .await
     }
+}
+
+/// What [`Manager::store_layer`] made, for the image record.
+struct StoredLayer {
+    snap_id: String,
+    layer_size: i64,
+    manifest_digest: String,
+    manifest_size: i64,
+}
+
+/// The mounts of snapshot `key`.
+async fn snapshot_mounts(
+    cd: &Containerd,
+    key: &str,
+) -> Result<Vec<containerd_client::types::Mount>> {
+    Ok(cd
+        .snapshots()
+        .mounts(cd.req(MountsRequest {
+            snapshotter: SNAPSHOTTER.into(),
+            key: key.to_string(),
+        }))
+        .await
+        .map_err(|s| Error::containerd("snapshots.mounts", s))?
+        .into_inner()
+        .mounts)
+}
+
+/// The directory that takes a sandbox's writes, from its writable snapshot's mounts: overlay's
+/// upper dir, or a bind mount's source.
+fn writable_dir(mounts: &[containerd_client::types::Mount]) -> Option<std::path::PathBuf> {
+    mounts.iter().find_map(|m| match m.r#type.as_str() {
+        "overlay" => m
+            .options
+            .iter()
+            .find_map(|o| o.strip_prefix("upperdir="))
+            .map(std::path::PathBuf::from),
+        "bind" => Some(std::path::PathBuf::from(&m.source)),
+        _ => None,
+    })
+}
+
+/// Removes snapshot `key`, if it exists; a failure only leaves it to the lease's expiry.
+async fn remove_quietly(cd: &Containerd, key: &str) {
+    let req = RemoveSnapshotRequest {
+        snapshotter: SNAPSHOTTER.into(),
+        key: key.to_string(),
+    };
+    match cd.snapshots().remove(cd.req(req)).await {
+        Ok(_) => {}
+        Err(s) if s.code() == tonic::Code::NotFound => {}
+        Err(s) => tracing::warn!(error = %s, %key, "removing a temporary snapshot failed"),
+    }
+}
+
+/// Resumes the paused task of sandbox `id`.
+async fn resume_task(cd: &Containerd, id: &SandboxId) -> Result<()> {
+    cd.tasks()
+        .resume(cd.req(ResumeTaskRequest {
+            container_id: id.to_string(),
+        }))
+        .await
+        .map(|_| ())
+        .map_err(|s| Error::containerd("tasks.resume", s))
 }
