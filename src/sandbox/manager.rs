@@ -60,6 +60,8 @@ const EXT_NET_POLICY: &str = "sandboxd.io/net-policy";
 const NET_POLICY_TYPE_URL: &str = "sandboxd.io/NetPolicy";
 const L_COMMAND: &str = "sandboxd.io/command";
 const L_HOSTNAME: &str = "sandboxd.io/hostname";
+/// containerd's GC reference from a sandbox to its image's manifest (the manifest digest).
+pub(super) const L_MANIFEST_REF: &str = "containerd.io/gc.ref.content.m";
 /// Label on a writable snapshot naming its sandbox.
 pub const L_SNAPSHOT_OWNER: &str = "sandboxd.io/sandbox";
 
@@ -569,10 +571,7 @@ impl Manager {
         }
         // Pins the image's manifest (and through its labels config and layers) against GC for
         // as long as the sandbox exists, so that a snapshot of it can still be made an image.
-        labels.insert(
-            "containerd.io/gc.ref.content.m".into(),
-            image.manifest_digest.clone(),
-        );
+        labels.insert(L_MANIFEST_REF.into(), image.manifest_digest.clone());
         labels.insert(L_HOSTNAME.into(), spec.hostname.clone());
         labels.insert(L_NETWORK.into(), spec.network.as_str().into());
         labels.insert(
@@ -708,7 +707,7 @@ impl Manager {
                         return Err(Error::FailedPrecondition(format!("sandbox {id} is paused")));
                     }
                     Some(_) => this.finish_task(&id, &container).await?,
-                    None => this.detach_network(&id, Some(&container)).await?,
+                    None => this.detach_network(id.as_str(), Some(&container)).await?,
                 }
                 if let Err(e) = this
                     .start_task_of(&id, &container, &container.snapshot_key)
@@ -879,8 +878,8 @@ impl Manager {
 
     /// Tears down sandbox `id`'s network if it has one (see [`Network::detach`]) and forgets
     /// its address.
-    async fn detach_network(&self, id: &SandboxId, container: Option<&Container>) -> Result<()> {
-        if !self.net.is_attached(id.as_str()) {
+    async fn detach_network(&self, id: &str, container: Option<&Container>) -> Result<()> {
+        if !self.net.is_attached(id) {
             return Ok(());
         }
         let cached: Option<serde_json::Value> = container
@@ -890,12 +889,10 @@ impl Manager {
             .and_then(net_policy)
             .map(|p| p.ports)
             .unwrap_or_default();
-        self.net
-            .detach(id.as_str(), cached.as_ref(), &ports)
-            .await?;
+        self.net.detach(id, cached.as_ref(), &ports).await?;
         match self
             .update_labels(
-                id.as_str(),
+                id,
                 &[
                     (L_NET_IP, None),
                     (L_NET_GATEWAY, None),
@@ -956,7 +953,7 @@ impl Manager {
             let container = this.container(&id).await?.ok_or_else(|| Error::not_found(Kind::Sandbox, id.as_str()))?;
             let Some(task) = this.task(id.as_str()).await? else {
                 // A teardown that failed before is finished now.
-                this.detach_network(&id, Some(&container)).await?;
+                this.detach_network(id.as_str(), Some(&container)).await?;
                 return this.get(&id).await;
             };
             if task.status == TaskStatus::Paused as i32 || task.status == TaskStatus::Pausing as i32 {
@@ -1054,11 +1051,11 @@ impl Manager {
         {
             Ok(resp) => resp.into_inner(),
             Err(s) if s.code() == tonic::Code::NotFound => {
-                return self.detach_network(id, Some(container)).await
+                return self.detach_network(id.as_str(), Some(container)).await
             }
             Err(s) => return Err(Error::containerd("tasks.delete", s)),
         };
-        self.detach_network(id, Some(container)).await?;
+        self.detach_network(id.as_str(), Some(container)).await?;
         let exited = resp
             .exited_at
             .map(|t| crate::util::system_time(&t))
@@ -1080,17 +1077,13 @@ impl Manager {
         id: &str,
         container: Option<&Container>,
     ) -> Result<()> {
-        self.kill_and_delete_task_only(id).await?;
-        match SandboxId::parse("sandbox_id", id) {
-            Ok(sid) => self.detach_network(&sid, container).await,
-            Err(_) => Ok(()),
+        if let Some(task) = self.task(id).await? {
+            self.kill_and_delete(id, &task).await?;
         }
+        self.detach_network(id, container).await
     }
 
-    async fn kill_and_delete_task_only(&self, id: &str) -> Result<()> {
-        let Some(task) = self.task(id).await? else {
-            return Ok(());
-        };
+    async fn kill_and_delete(&self, id: &str, task: &Process) -> Result<()> {
         // A frozen task cannot die: thaw it first.
         if task.status == TaskStatus::Paused as i32 || task.status == TaskStatus::Pausing as i32 {
             self.resume(id).await?;
@@ -1185,7 +1178,7 @@ impl Manager {
                 .await?;
         }
         // A network whose earlier teardown failed goes now, before what identifies it.
-        self.detach_network(id, Some(container)).await?;
+        self.detach_network(id.as_str(), Some(container)).await?;
         // Snapshot before container: an interrupted delete leaves a container to delete again,
         // never an orphaned snapshot.
         self.remove_snapshot(&container.snapshot_key).await?;
@@ -1325,7 +1318,7 @@ impl Manager {
         }
         let container = self.container(id).await?;
         tracing::info!(sandbox_id = %id, "tearing down the network of an exited sandbox");
-        self.detach_network(id, container.as_ref()).await
+        self.detach_network(id.as_str(), container.as_ref()).await
     }
 
     /// Follows containerd's task-exit events and tears down the network of each BRIDGE

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 use containerd_client::services::v1::Container;
 use containerd_client::types::v1::Status as TaskStatus;
 
-use super::manager::{L_EXPIRES, L_POOL};
+use super::manager::{L_EXPIRES, L_MANIFEST_REF, L_POOL};
 use super::model::*;
 use crate::error::{Error, Result};
 use crate::image::ImageRef;
@@ -153,8 +153,7 @@ impl super::Manager {
             return Ok(None);
         };
         let running = task.is_some_and(|t| t.status == TaskStatus::Running as i32);
-        let same_image = container.labels.get("containerd.io/gc.ref.content.m")
-            == Some(&current.manifest_digest);
+        let same_image = container.labels.get(L_MANIFEST_REF) == Some(&current.manifest_digest);
         if !running || !same_image {
             return Ok(None);
         }
