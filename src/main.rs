@@ -27,6 +27,14 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // containerd's shim runs this binary as an exec's output relay (see sandbox::relay); that
+    // mode takes no flags and must start fast, so it is recognised before anything else.
+    let mut raw = std::env::args_os().skip(1);
+    if let (Some(mode), Some(socket), None) = (raw.next(), raw.next(), raw.next()) {
+        if mode == sandboxd::sandbox::RELAY_ARG {
+            return sandboxd::sandbox::relay_helper_main(&socket);
+        }
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Client(command) => sandboxd::cli::main(cli.client, command),

@@ -97,19 +97,35 @@ fn exec_dirs(env: &TestEnv) -> Vec<std::path::PathBuf> {
         .unwrap_or_default()
 }
 
-/// No exec process remains in the task and no FIFO directory on disk.
+/// Pids of the exec output relay helpers serving this env's sandboxd.
+fn relay_helpers(env: &TestEnv) -> Vec<u32> {
+    let socket = env.sandboxd.data_dir().join("exec-relay.sock");
+    let wanted = format!("exec-io-relay\0{}\0", socket.display());
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&wanted))
+        })
+        .collect()
+}
+
+/// No exec process remains in the task, no FIFO directory on disk, no relay helper running.
 async fn assert_no_exec_leftovers(env: &TestEnv, id: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let ps = env.containerd.ctr_ok(&env.namespace, &["task", "ps", id]);
         let procs = ps.lines().skip(1).filter(|l| !l.trim().is_empty()).count();
         let dirs = exec_dirs(env);
-        if procs <= 1 && dirs.is_empty() {
+        let helpers = relay_helpers(env);
+        if procs <= 1 && dirs.is_empty() && helpers.is_empty() {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "exec leftovers: processes\n{ps}\nfifo dirs {dirs:?}"
+            "exec leftovers: processes\n{ps}\nfifo dirs {dirs:?}\nrelay helpers {helpers:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -707,6 +723,96 @@ async fn children_holding_the_pipes_do_not_hold_the_exit_forever() {
     );
     c.delete_sandbox(pb::DeleteSandboxRequest {
         sandbox_id: "bg".into(),
+        force: true,
+    })
+    .await
+    .unwrap();
+    env.leak_check().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn output_comes_straight_from_the_process_pipes_through_the_relay() {
+    let env = TestEnv::new().await;
+    let mut c = sandbox(&env, "rl").await;
+    // While an exec without stdin runs, its output goes through a relay helper, not FIFOs.
+    let (probe_tx, probe_rx) = tokio::sync::oneshot::channel();
+    let runner = {
+        let mut c = c.clone();
+        tokio::spawn(async move {
+            let out = run(
+                &mut c,
+                start("rl", &["sh", "-c", "echo up; sleep 2; echo done"]),
+                vec![],
+            )
+            .await;
+            let _ = probe_tx.send(());
+            out
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        relay_helpers(&env).len(),
+        1,
+        "one relay helper while the exec runs"
+    );
+    assert!(exec_dirs(&env).is_empty(), "no FIFOs for a relayed exec");
+    let out = runner.await.unwrap().unwrap();
+    probe_rx.await.unwrap();
+    assert_eq!(out.stdout, b"up\ndone\n");
+    assert_eq!(out.exited.unwrap().exit_code, 0);
+    assert_eq!(out.after_exit, 0);
+
+    // stdin still works: that exec uses FIFOs beside relayed ones.
+    let mut with_stdin = start("rl", &["cat"]);
+    with_stdin.stdin = true;
+    let input = vec![
+        exec_request::Request::Stdin(b"typed".to_vec()),
+        exec_request::Request::CloseStdin(pb::CloseStdin {}),
+    ];
+    let out = run(&mut c, with_stdin, input).await.unwrap();
+    assert_eq!(out.stdout, b"typed");
+    assert_no_exec_leftovers(&env, "rl").await;
+    c.delete_sandbox(pb::DeleteSandboxRequest {
+        sandbox_id: "rl".into(),
+        force: true,
+    })
+    .await
+    .unwrap();
+    env.leak_check().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_binary_the_shim_cannot_run_falls_back_to_fifos() {
+    let env = TestEnv::with_args(&["--exec-io-relay", "/nonexistent/sandboxd"]).await;
+    let mut c = sandbox(&env, "fb").await;
+    for i in 0..3 {
+        let out = run(&mut c, start("fb", &["echo", &i.to_string()]), vec![])
+            .await
+            .unwrap();
+        assert_eq!(out.stdout, format!("{i}\n").as_bytes());
+        assert_eq!(out.exited.unwrap().exit_code, 0);
+    }
+    let sync = c
+        .exec_sync(pb::ExecSyncRequest {
+            sandbox_id: "fb".into(),
+            args: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo o; echo e >&2; exit 3".into(),
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (sync.stdout.as_slice(), sync.stderr.as_slice()),
+        (&b"o\n"[..], &b"e\n"[..])
+    );
+    assert_eq!(sync.exit_code, 3);
+    assert_no_exec_leftovers(&env, "fb").await;
+    c.delete_sandbox(pb::DeleteSandboxRequest {
+        sandbox_id: "fb".into(),
         force: true,
     })
     .await

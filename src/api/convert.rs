@@ -485,8 +485,8 @@ pub fn exec_input(r: pb::ExecRequest, stdin_allowed: bool) -> Result<Option<sand
 pub fn exec_event(ev: sandbox::ExecEvent) -> pb::ExecResponse {
     use pb::exec_response::Response;
     let response = match ev {
-        sandbox::ExecEvent::Stdout(d) => Response::Stdout(d.to_vec()),
-        sandbox::ExecEvent::Stderr(d) => Response::Stderr(d.to_vec()),
+        sandbox::ExecEvent::Stdout(d) => Response::Stdout(d),
+        sandbox::ExecEvent::Stderr(d) => Response::Stderr(d),
         sandbox::ExecEvent::Exited(e) => Response::Exited(pb::ExecExited {
             exit_code: e.exit_code,
             signal: e.signal,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes};
 use containerd_client::services::v1::{
     CloseIoRequest, DeleteProcessRequest, ExecProcessRequest, KillRequest, ResizePtyRequest,
     StartRequest, WaitRequest, WaitResponse,
@@ -20,14 +20,17 @@ use tracing::Instrument;
 
 use super::manager::Manager;
 use super::model::SandboxId;
+use super::relay::{enlarge_pipe, ExecRelay, RelayedIo, RELAY_HANDOFF_TIMEOUT};
 use crate::error::{Error, Kind, Result};
 use crate::runtime::spec::{self, User};
 use crate::sys;
 
-/// Bytes read from an output FIFO at a time (and the largest output message).
-pub const EXEC_CHUNK: usize = 64 * 1024;
+/// The largest output message: what is read from an output pipe at a time.
+pub const EXEC_CHUNK: usize = 128 * 1024;
 /// Output events queued towards one client before the process is slowed down.
-pub const EXEC_OUTPUT_QUEUE: usize = 16;
+pub const EXEC_OUTPUT_QUEUE: usize = 8;
+/// How long output of a busy process is gathered into one message (see `pump`).
+pub const EXEC_COALESCE: Duration = Duration::from_millis(1);
 /// Input events queued from one client.
 pub const EXEC_INPUT_QUEUE: usize = 16;
 /// How long output may keep flowing after the process exited (its children may hold the pipes).
@@ -108,19 +111,113 @@ pub struct ExecSession {
     /// Host pid of the process.
     pub pid: u32,
     spec: ExecSpec,
+    io: ExecIo,
+    oom_before: u64,
+    requested_at: std::time::Instant,
+    /// containerd's Wait on the process, issued before it was started.
+    wait: WaitHandle,
+}
+
+type WaitHandle =
+    tokio::task::JoinHandle<std::result::Result<tonic::Response<WaitResponse>, tonic::Status>>;
+
+/// An exec's stdio on our side, and what keeps it alive.
+struct ExecIo {
+    stdin: Option<pipe::Sender>,
+    stdout: pipe::Receiver,
+    stderr: Option<pipe::Receiver>,
+    /// The FIFO files, removed when the session ends.
+    _dir: Option<FifoDir>,
+    /// The relay helper's connection: it stays until this closes.
+    _relay: Option<std::os::unix::net::UnixStream>,
+    /// Output reaches EOF only once the exec is deleted (the shim holds the pipes' write ends).
+    eof_after_delete: bool,
+}
+
+/// A created and started exec process.
+struct Launched {
+    exec_id: String,
+    pid: u32,
+    io: ExecIo,
+    oom_before: u64,
+    wait: WaitHandle,
+}
+
+/// Why a launch failed: the relay's I/O could not be set up (nothing ran; FIFOs will do), or
+/// anything else.
+enum LaunchError {
+    RelayIo(String),
+    Failed(Error),
+}
+
+impl From<Error> for LaunchError {
+    fn from(e: Error) -> Self {
+        LaunchError::Failed(e)
+    }
+}
+
+/// An exec's opened FIFOs, with writers held open until the shim has opened its own.
+struct Fifos {
     dir: FifoDir,
     stdin: Option<pipe::Sender>,
     stdout: pipe::Receiver,
     stderr: Option<pipe::Receiver>,
-    oom_before: u64,
-    requested_at: std::time::Instant,
-    /// containerd's Wait on the process, issued before it was started.
-    wait:
-        tokio::task::JoinHandle<std::result::Result<tonic::Response<WaitResponse>, tonic::Status>>,
+    holds: Vec<pipe::Sender>,
+}
+
+impl Fifos {
+    /// The stdin, stdout and stderr paths for containerd ("" for a stream not used).
+    fn uris(&self, spec: &ExecSpec) -> (String, String, String) {
+        let (stdin, stdout, stderr) = self.dir.paths();
+        let shown = |p: PathBuf, on: bool| match on {
+            true => p.display().to_string(),
+            false => String::new(),
+        };
+        (
+            shown(stdin, spec.stdin),
+            shown(stdout, true),
+            shown(stderr, !spec.tty),
+        )
+    }
+
+    fn into_io(self) -> ExecIo {
+        ExecIo {
+            stdin: self.stdin,
+            stdout: self.stdout,
+            stderr: self.stderr,
+            _dir: Some(self.dir),
+            _relay: None,
+            eof_after_delete: false,
+        }
+    }
+}
+
+/// The process's own pipes from the relay, as async readers.
+fn relayed_io(r: RelayedIo) -> std::io::Result<ExecIo> {
+    enlarge_pipe(&r.stdout);
+    enlarge_pipe(&r.stderr);
+    Ok(ExecIo {
+        stdin: None,
+        stdout: pipe::Receiver::from_owned_fd(r.stdout)?,
+        stderr: Some(pipe::Receiver::from_owned_fd(r.stderr)?),
+        _dir: None,
+        _relay: Some(r.conn),
+        eof_after_delete: true,
+    })
 }
 
 /// The FIFO directory of one exec, removed on drop.
 struct FifoDir(PathBuf);
+
+impl FifoDir {
+    fn paths(&self) -> (PathBuf, PathBuf, PathBuf) {
+        (
+            self.0.join("stdin"),
+            self.0.join("stdout"),
+            self.0.join("stderr"),
+        )
+    }
+}
 
 impl Drop for FifoDir {
     fn drop(&mut self) {
@@ -213,74 +310,72 @@ impl Manager {
             spec.tty.then_some(size),
         )?;
 
-        let exec_id = format!("exec-{}", crate::util::random_hex(8));
-        let dir = FifoDir(self.exec_dir().join(format!("{id}-{exec_id}")));
-        std::fs::create_dir_all(&dir.0)
-            .map_err(|e| Error::io(format!("creating {}", dir.0.display()), e))?;
-        let (stdin_path, stdout_path, stderr_path) = (
-            dir.0.join("stdin"),
-            dir.0.join("stdout"),
-            dir.0.join("stderr"),
-        );
-        mkfifo(&stdout_path)?;
-        if !spec.tty {
-            mkfifo(&stderr_path)?;
-        }
-        if spec.stdin {
-            mkfifo(&stdin_path)?;
-        }
-        let open_err =
-            |what: &str, e: std::io::Error| Error::io(format!("opening the {what} fifo"), e);
-        let stdout = pipe::OpenOptions::new()
-            .open_receiver(&stdout_path)
-            .map_err(|e| open_err("stdout", e))?;
-        let stderr = if spec.tty {
-            None
-        } else {
-            Some(
-                pipe::OpenOptions::new()
-                    .open_receiver(&stderr_path)
-                    .map_err(|e| open_err("stderr", e))?,
-            )
-        };
-        // Until the shim has opened its write ends, a reader alone would see EOF: hold writers.
-        let hold_out = pipe::OpenOptions::new()
-            .open_sender(&stdout_path)
-            .map_err(|e| open_err("stdout", e))?;
-        let hold_err = match spec.tty {
-            true => None,
-            false => Some(
-                pipe::OpenOptions::new()
-                    .open_sender(&stderr_path)
-                    .map_err(|e| open_err("stderr", e))?,
-            ),
-        };
-        // Read-write, so that opening does not wait for (or fail without) the shim's reader.
-        let stdin = match spec.stdin {
-            true => Some(
-                pipe::OpenOptions::new()
-                    .read_write(true)
-                    .open_sender(&stdin_path)
-                    .map_err(|e| open_err("stdin", e))?,
-            ),
-            false => None,
-        };
-        let path_str = |p: &Path, on: bool| {
-            if on {
-                p.display().to_string()
-            } else {
-                String::new()
+        // The relay reads the process's own pipes (no copy in the shim); the shim offers it no
+        // stdin and no terminal, so those execs keep the FIFOs.
+        let relay = self
+            .relay
+            .clone()
+            .filter(|r| !spec.tty && !spec.stdin && r.usable());
+        let launched = match self.launch(&spec, &id, &process, relay.as_ref()).await {
+            Err(LaunchError::RelayIo(why)) => {
+                // Nothing ran: the shim could not start the helper. FIFOs work everywhere.
+                if let Some(r) = &relay {
+                    r.disable(&why);
+                }
+                self.launch(&spec, &id, &process, None).await
             }
+            other => other,
+        }
+        .map_err(|e| match e {
+            LaunchError::Failed(e) => e,
+            LaunchError::RelayIo(why) => Error::Internal(why),
+        })?;
+        if spec.tty {
+            let (rows, cols) = size;
+            let _ = self
+                .resize(id.as_str(), &launched.exec_id, rows, cols)
+                .await;
+        }
+        Ok(ExecSession {
+            manager: self.clone(),
+            sandbox: id.to_string(),
+            exec_id: launched.exec_id,
+            pid: launched.pid,
+            spec,
+            io: launched.io,
+            oom_before: launched.oom_before,
+            requested_at,
+            wait: launched.wait,
+        })
+    }
+
+    /// Creates and starts the exec process with its stdio on FIFOs, or on the relay if given.
+    async fn launch(
+        &self,
+        spec: &ExecSpec,
+        id: &SandboxId,
+        process: &[u8],
+        relay: Option<&Arc<ExecRelay>>,
+    ) -> std::result::Result<Launched, LaunchError> {
+        let exec_id = format!("exec-{}", crate::util::random_hex(8));
+        let (mut fifos, pending) = match relay {
+            Some(r) => (None, Some(r.expect(&exec_id))),
+            None => (Some(self.fifos(spec, id, &exec_id)?), None),
+        };
+        let (stdin, stdout, stderr) = match (&fifos, relay) {
+            (Some(f), _) => f.uris(spec),
+            (None, Some(r)) => (String::new(), r.uri().to_string(), r.uri().to_string()),
+            (None, None) => unreachable!("fifos are made when there is no relay"),
         };
         let req = ExecProcessRequest {
             container_id: id.to_string(),
-            stdin: path_str(&stdin_path, spec.stdin),
-            stdout: path_str(&stdout_path, true),
-            stderr: path_str(&stderr_path, !spec.tty),
+            stdin,
+            stdout,
+            stderr,
             terminal: spec.tty,
             spec: Some(prost_types::Any {
                 type_url: PROCESS_TYPE_URL.into(),
-                value: process,
+                value: process.to_vec(),
             }),
             exec_id: exec_id.clone(),
         };
@@ -288,8 +383,8 @@ impl Manager {
         cd.tasks()
             .exec(cd.req(req))
             .await
-            .map_err(|s| exec_error(&spec, "tasks.exec", s))?;
-        let oom_before = self.oom_kills(&id);
+            .map_err(|s| exec_error(spec, "tasks.exec", s))?;
+        let oom_before = self.oom_kills(id);
         // Waiting before starting (as ctr does) overlaps the Wait round trip with the start, so a
         // short process's exit is known as soon as the start returns; a created exec's wait
         // simply blocks until it has run.
@@ -308,39 +403,113 @@ impl Manager {
                 exec_id: exec_id.clone(),
             }))
             .await;
-        drop(hold_out);
-        drop(hold_err);
+        if let Some(f) = fifos.as_mut() {
+            f.holds.clear();
+        }
+        let delete = || async {
+            let _ = cd
+                .tasks()
+                .delete_process(cd.req(DeleteProcessRequest {
+                    container_id: id.to_string(),
+                    exec_id: exec_id.clone(),
+                }))
+                .await;
+        };
         let pid = match started {
             Ok(resp) => resp.into_inner().pid,
             Err(s) => {
                 wait.abort();
-                let _ = cd
-                    .tasks()
-                    .delete_process(cd.req(DeleteProcessRequest {
-                        container_id: id.to_string(),
-                        exec_id: exec_id.clone(),
-                    }))
-                    .await;
-                return Err(exec_error(&spec, "tasks.start", s));
+                delete().await;
+                // The shim names its I/O setup in the error when it could not run the helper.
+                if relay.is_some() && s.message().contains("process I/O") {
+                    return Err(LaunchError::RelayIo(s.message().to_string()));
+                }
+                return Err(exec_error(spec, "tasks.start", s).into());
             }
         };
-        if spec.tty {
-            let (rows, cols) = size;
-            let _ = self.resize(id.as_str(), &exec_id, rows, cols).await;
-        }
-        Ok(ExecSession {
-            manager: self.clone(),
-            sandbox: id.to_string(),
+        let io = match (fifos, pending) {
+            (Some(f), _) => f.into_io(),
+            (None, Some(pending)) => match pending.take().await.map(relayed_io) {
+                Some(Ok(io)) => io,
+                failed => {
+                    // The process runs with nobody reading its output: it must not stay.
+                    kill_tree(pid, libc::SIGKILL);
+                    let _ = wait.await;
+                    delete().await;
+                    let why = match failed {
+                        Some(Err(e)) => format!("the exec output relay's pipes are unusable: {e}"),
+                        _ => format!(
+                            "the exec output relay did not hand over the pipes within {RELAY_HANDOFF_TIMEOUT:?}"
+                        ),
+                    };
+                    if let Some(r) = relay {
+                        r.disable(&why);
+                    }
+                    return Err(Error::Internal(why).into());
+                }
+            },
+            (None, None) => unreachable!("fifos are made when there is no relay"),
+        };
+        Ok(Launched {
             exec_id,
             pid,
-            spec,
+            io,
+            oom_before,
+            wait,
+        })
+    }
+
+    /// Makes and opens an exec's FIFOs.
+    fn fifos(&self, spec: &ExecSpec, id: &SandboxId, exec_id: &str) -> Result<Fifos> {
+        let dir = FifoDir(self.exec_dir().join(format!("{id}-{exec_id}")));
+        std::fs::create_dir_all(&dir.0)
+            .map_err(|e| Error::io(format!("creating {}", dir.0.display()), e))?;
+        let (stdin_path, stdout_path, stderr_path) = dir.paths();
+        mkfifo(&stdout_path)?;
+        if !spec.tty {
+            mkfifo(&stderr_path)?;
+        }
+        if spec.stdin {
+            mkfifo(&stdin_path)?;
+        }
+        let open_err =
+            |what: &str, e: std::io::Error| Error::io(format!("opening the {what} fifo"), e);
+        let receiver = |path: &Path, what: &str| {
+            pipe::OpenOptions::new()
+                .open_receiver(path)
+                .map_err(|e| open_err(what, e))
+        };
+        let sender = |path: &Path, what: &str| {
+            pipe::OpenOptions::new()
+                .open_sender(path)
+                .map_err(|e| open_err(what, e))
+        };
+        let stdout = receiver(&stdout_path, "stdout")?;
+        let stderr = match spec.tty {
+            true => None,
+            false => Some(receiver(&stderr_path, "stderr")?),
+        };
+        // Until the shim has opened its write ends, a reader alone would see EOF: hold writers.
+        let mut holds = vec![sender(&stdout_path, "stdout")?];
+        if !spec.tty {
+            holds.push(sender(&stderr_path, "stderr")?);
+        }
+        // Read-write, so that opening does not wait for (or fail without) the shim's reader.
+        let stdin = match spec.stdin {
+            true => Some(
+                pipe::OpenOptions::new()
+                    .read_write(true)
+                    .open_sender(&stdin_path)
+                    .map_err(|e| open_err("stdin", e))?,
+            ),
+            false => None,
+        };
+        Ok(Fifos {
             dir,
             stdin,
             stdout,
             stderr,
-            oom_before,
-            requested_at,
-            wait,
+            holds,
         })
     }
 
@@ -404,8 +573,8 @@ impl ExecSession {
             let (sandbox, exec_id) = (self.sandbox.clone(), self.exec_id.clone());
             let first = Arc::new(std::sync::Once::new());
             let at = self.requested_at;
-            let out_pump = tokio::spawn(pump(self.stdout, output.clone(), ExecEvent::Stdout, first.clone(), at));
-            let err_pump = self.stderr.take().map(|rx| tokio::spawn(pump(rx, output.clone(), ExecEvent::Stderr, first.clone(), at)));
+            let out_pump = tokio::spawn(pump(self.io.stdout, output.clone(), ExecEvent::Stdout, first.clone(), at));
+            let err_pump = self.io.stderr.take().map(|rx| tokio::spawn(pump(rx, output.clone(), ExecEvent::Stderr, first.clone(), at)));
             let wait = &mut self.wait;
             let timeout = async {
                 match self.spec.timeout {
@@ -414,7 +583,7 @@ impl ExecSession {
                 }
             };
             tokio::pin!(timeout);
-            let mut stdin = self.stdin.take();
+            let mut stdin = self.io.stdin.take();
             let mut timed_out = false;
             let mut input_open = true;
             let mut client_gone = false;
@@ -495,13 +664,19 @@ impl ExecSession {
             // pipes reach EOF, usually by the time Wait returns: then `exited` goes out at once
             // and the process is deleted after it. When a child still holds the pipes, deleting
             // the process is what closes them; the drain is then bounded by the grace period.
+            // Relayed pipes always wait for the delete: the shim holds their write ends till then.
             let pumps: Vec<_> = std::iter::once(out_pump).chain(err_pump).collect();
             let aborts: Vec<_> = pumps.iter().map(|p| p.abort_handle()).collect();
             let drain = futures::future::join_all(pumps);
             tokio::pin!(drain);
-            let deleted = tokio::select! {
-                _ = &mut drain => false,
-                () = &mut delete => true,
+            let deleted = if self.io.eof_after_delete {
+                (&mut delete).await;
+                true
+            } else {
+                tokio::select! {
+                    _ = &mut drain => false,
+                    () = &mut delete => true,
+                }
             };
             if deleted && tokio::time::timeout(EXEC_OUTPUT_GRACE, &mut drain).await.is_err() {
                 tracing::info!("output still open {EXEC_OUTPUT_GRACE:?} after exit (a child holds it); closing");
@@ -514,14 +689,18 @@ impl ExecSession {
             if !deleted {
                 delete.await;
             }
-            drop(self.dir);
+            drop((self.io._dir, self.io._relay));
         }
         .instrument(span)
         .await
     }
 }
 
-/// Copies one FIFO into the output channel until EOF; stops reading while the channel is full.
+/// Copies one pipe into the output channel until EOF; stops reading while the channel is full.
+///
+/// Output after a quiet spell goes out at once. During a burst (the previous chunk left less
+/// than [`EXEC_COALESCE`] ago) reads gather into one chunk until it is full or its first byte is
+/// that old: a program writing 4 KiB at a time would otherwise cost one message per write.
 async fn pump(
     mut rx: pipe::Receiver,
     output: mpsc::Sender<ExecEvent>,
@@ -529,24 +708,43 @@ async fn pump(
     first_byte: Arc<std::sync::Once>,
     requested_at: std::time::Instant,
 ) {
-    let mut buf = vec![0u8; EXEC_CHUNK];
+    let mut buf = bytes::BytesMut::new();
     let m = crate::metrics::metrics();
+    let mut last_sent: Option<tokio::time::Instant> = None;
     loop {
-        match rx.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                first_byte.call_once(|| {
-                    crate::metrics::observe_since(&m.exec_first_byte_seconds, requested_at)
-                });
-                m.exec_bytes(crate::metrics::Direction::Out, n);
-                if output
-                    .send(wrap(Bytes::copy_from_slice(&buf[..n])))
-                    .await
-                    .is_err()
+        // Read straight into the buffer the message will carry: no copy on our side.
+        buf.reserve(EXEC_CHUNK);
+        let mut eof = matches!(
+            rx.read_buf(&mut (&mut buf).limit(EXEC_CHUNK)).await,
+            Ok(0) | Err(_)
+        );
+        if !eof && last_sent.is_some_and(|t| t.elapsed() < EXEC_COALESCE) {
+            let until = tokio::time::Instant::now() + EXEC_COALESCE;
+            while buf.len() < EXEC_CHUNK {
+                let room = EXEC_CHUNK - buf.len();
+                match tokio::time::timeout_at(until, rx.read_buf(&mut (&mut buf).limit(room))).await
                 {
-                    return;
+                    Err(_) => break,
+                    Ok(Ok(0) | Err(_)) => {
+                        eof = true;
+                        break;
+                    }
+                    Ok(Ok(_)) => {}
                 }
             }
+        }
+        if !buf.is_empty() {
+            first_byte.call_once(|| {
+                crate::metrics::observe_since(&m.exec_first_byte_seconds, requested_at)
+            });
+            m.exec_bytes(crate::metrics::Direction::Out, buf.len());
+            if output.send(wrap(buf.split().freeze())).await.is_err() {
+                return;
+            }
+            last_sent = Some(tokio::time::Instant::now());
+        }
+        if eof {
+            return;
         }
     }
 }

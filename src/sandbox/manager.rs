@@ -87,6 +87,8 @@ pub struct ManagerConfig {
     pub failpoints: Vec<String>,
     /// Warm pool sizes per image.
     pub warm_pool: Vec<(image::ImageRef, usize)>,
+    /// The binary the shim runs as exec output relay (`None`: FIFOs only).
+    pub exec_io_relay: Option<PathBuf>,
 }
 
 impl From<&Config> for ManagerConfig {
@@ -97,6 +99,7 @@ impl From<&Config> for ManagerConfig {
             idle_init: c.idle_init.clone(),
             failpoints: c.failpoints.clone(),
             warm_pool: c.warm_pool.clone(),
+            exec_io_relay: c.exec_io_relay.clone(),
         }
     }
 }
@@ -109,6 +112,8 @@ pub struct Manager {
     net: Network,
     pub(super) pool: super::pool::WarmPool,
     locks: Arc<KeyedLocks>,
+    /// Exec output straight from the process's pipes, when the shim can run the relay.
+    pub(super) relay: Option<Arc<super::relay::ExecRelay>>,
 }
 
 /// A sandbox's root filesystem as seen from the host, for file access. A running sandbox is
@@ -141,9 +146,18 @@ struct Undo {
 }
 
 impl Manager {
-    /// A manager on `cd`.
+    /// A manager on `cd`; call inside the tokio runtime (the exec relay listens on it).
     pub fn new(cd: Containerd, cfg: ManagerConfig, net: Network) -> Arc<Manager> {
+        let relay = cfg.exec_io_relay.as_ref().and_then(|binary| {
+            let socket = cfg.data_dir.join("exec-relay.sock");
+            super::relay::ExecRelay::start(binary, &socket)
+                .inspect_err(|e| {
+                    tracing::warn!(socket = %socket.display(), error = %e, "exec output relay unavailable; execs use FIFOs")
+                })
+                .ok()
+        });
         Arc::new(Manager {
+            relay,
             pool: super::pool::WarmPool::new(cfg.warm_pool.clone()),
             cd,
             cfg,
@@ -412,7 +426,10 @@ impl Manager {
         // is known to be free.
         let resolve = async {
             match &spec.source {
-                Source::Image(image) => (image::resolve(&self.cd, image).await, image.name()),
+                Source::Image(image) => (
+                    image::resolve(&self.cd, image).await.map(Into::into),
+                    image.name(),
+                ),
                 Source::Snapshot(snapshot) => match self.resolve_snapshot(snapshot).await {
                     Ok((snap, image)) => (Ok(image), snap.image),
                     Err(e) => (Err(e), String::new()),
@@ -431,7 +448,7 @@ impl Manager {
             (Err(Error::NotFound { .. }), Source::Image(image_ref)) => {
                 tracing::info!(image = %image_ref, "pulling a missing image");
                 image::pull(&self.cd, image_ref, None).await?;
-                image::resolve(&self.cd, image_ref).await?
+                image::resolve(&self.cd, image_ref).await?.into()
             }
             (Err(e), _) => return Err(e),
         };
@@ -469,7 +486,7 @@ impl Manager {
     async fn create_steps(
         &self,
         spec: &CreateSpec,
-        image: &image::ResolvedImage,
+        image: &image::RunImage,
         base_image: &str,
         lease: &Lease,
         undo: &mut Undo,
@@ -501,7 +518,7 @@ impl Manager {
             .mounts;
         undo.snapshot = Some(key.clone());
 
-        let config = image.config.config().clone().unwrap_or_default();
+        let config = &image.run_config;
         let user_spec = spec
             .user
             .clone()

@@ -5,6 +5,7 @@ mod locks;
 mod manager;
 mod model;
 mod pool;
+mod relay;
 mod snapshot;
 
 pub use exec::{
@@ -14,4 +15,5 @@ pub use exec::{
 pub use manager::{Manager, ManagerConfig, SandboxRoot, L_MANAGED, L_SNAPSHOT_OWNER};
 pub use model::*;
 pub use pool::parse_pool;
+pub use relay::{helper_main as relay_helper_main, RELAY_ARG};
 pub use snapshot::{parse_snapshot_id, Snapshot, SNAPSHOT_IMAGE_PREFIX};
