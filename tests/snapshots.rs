@@ -253,7 +253,35 @@ async fn twenty_forks_see_the_snapshot_and_diverge() {
         sh(&mut c, "grandchild", "cat /seed /mine").await.1,
         "shared\n0\n"
     );
-    for id in std::iter::once("grandchild".to_string())
+    // A snapshot whose record lacks the fork labels (committed by an older sandboxd) still
+    // forks, through its manifest and config.
+    let record = format!("sandboxd.local/snapshots/{}:latest", child.snapshot_id);
+    env.containerd.ctr_ok(
+        &env.namespace,
+        &[
+            "images",
+            "label",
+            &record,
+            "sandboxd.io/run-config=",
+            "sandboxd.io/chain-id=",
+        ],
+    );
+    let images = env.containerd.ctr_ok(&env.namespace, &["images", "ls"]);
+    let line = images.lines().find(|l| l.starts_with(&record)).unwrap();
+    assert!(!line.contains("sandboxd.io/chain-id"), "{line}");
+    c.sb.create_sandbox(pb::CreateSandboxRequest {
+        sandbox_id: "legacy".into(),
+        snapshot_id: child.snapshot_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        sh(&mut c, "legacy", "cat /seed /mine").await.1,
+        "shared\n0\n"
+    );
+    for id in ["grandchild".to_string(), "legacy".to_string()]
+        .into_iter()
         .chain((0..20).map(|i| format!("fork-{i}")))
         .chain(["origin".to_string()])
     {

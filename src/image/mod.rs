@@ -56,6 +56,31 @@ pub struct ResolvedImage {
     pub labels: std::collections::HashMap<String, String>,
 }
 
+/// What creating a sandbox needs from an image: a subset of [`ResolvedImage`] small enough for
+/// a snapshot's own record to carry, so a fork needs no manifest or config reads.
+#[derive(Debug, Clone)]
+pub struct RunImage {
+    /// Normalised reference.
+    pub name: String,
+    /// The `config` section of the image configuration (env, user, working dir...).
+    pub run_config: oci_spec::image::Config,
+    /// Chain id of the top layer: the parent of a sandbox's writable snapshot.
+    pub top_chain_id: String,
+    /// Digest of the platform manifest.
+    pub manifest_digest: String,
+}
+
+impl From<ResolvedImage> for RunImage {
+    fn from(r: ResolvedImage) -> Self {
+        RunImage {
+            run_config: r.config.config().clone().unwrap_or_default(),
+            name: r.name,
+            top_chain_id: r.top_chain_id,
+            manifest_digest: r.manifest_digest,
+        }
+    }
+}
+
 /// Chain ids per the OCI image spec: `chain[0] = diff[0]`, `chain[n] = sha256(chain[n-1] + " " + diff[n])`.
 pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
     let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
@@ -73,7 +98,7 @@ pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
 }
 
 /// The image record named `name`, or `None`.
-async fn get_record(
+pub(crate) async fn get_record(
     cd: &Containerd,
     name: &str,
 ) -> Result<Option<containerd_client::services::v1::Image>> {

@@ -42,6 +42,12 @@ const L_FROM_SANDBOX: &str = "sandboxd.io/sandbox-id";
 const L_PARENT: &str = "sandboxd.io/parent-snapshot";
 const L_BASE_IMAGE: &str = "sandboxd.io/base-image";
 const L_SIZE: &str = "sandboxd.io/size-bytes";
+/// The committed chain a fork prepares on.
+const L_CHAIN: &str = "sandboxd.io/chain-id";
+/// The image config's `config` section as JSON, when it fits in a label.
+const L_RUN_CONFIG: &str = "sandboxd.io/run-config";
+/// containerd refuses a label whose key and value together are longer.
+const MAX_LABEL_LEN: usize = 4096;
 
 /// A committed snapshot.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,6 +76,16 @@ pub fn parse_snapshot_id(field: &str, s: &str) -> Result<String> {
 /// The image name a snapshot is stored under.
 pub fn snapshot_image_name(id: &str) -> String {
     format!("{SNAPSHOT_IMAGE_PREFIX}{id}:latest")
+}
+
+/// What a fork needs, from the labels a commit wrote on the snapshot's record.
+fn run_image_of(record: &CdImage) -> Option<image::RunImage> {
+    Some(image::RunImage {
+        name: record.name.clone(),
+        run_config: serde_json::from_str(record.labels.get(L_RUN_CONFIG)?).ok()?,
+        top_chain_id: record.labels.get(L_CHAIN)?.clone(),
+        manifest_digest: record.target.as_ref()?.digest.clone(),
+    })
 }
 
 fn view_of(record: &CdImage) -> Option<Snapshot> {
@@ -133,23 +149,27 @@ impl Manager {
             .ok_or_else(|| Error::not_found(Kind::Snapshot, id))
     }
 
-    /// Snapshot `id` with its image resolved, from the image record alone (no listing): what a
-    /// fork or a restore needs.
-    pub(super) async fn resolve_snapshot(
-        &self,
-        id: &str,
-    ) -> Result<(Snapshot, image::ResolvedImage)> {
+    /// Snapshot `id` and what a fork or a restore needs of its image. A snapshot's record
+    /// carries that in its labels (one read); one committed before they existed, or whose
+    /// config is too large for a label, is resolved through its manifest and config.
+    pub(super) async fn resolve_snapshot(&self, id: &str) -> Result<(Snapshot, image::RunImage)> {
         let name = ImageRef::parse("snapshot_id", &snapshot_image_name(id))?;
+        let record = image::get_record(self.containerd(), &name.name())
+            .await?
+            .ok_or_else(|| Error::not_found(Kind::Snapshot, id))?;
+        let snap = view_of(&record)
+            .filter(|s| s.id == id)
+            .ok_or_else(|| Error::not_found(Kind::Snapshot, id))?;
+        if let Some(run) = run_image_of(&record) {
+            return Ok((snap, run));
+        }
         let image = image::resolve(self.containerd(), &name)
             .await
             .map_err(|e| match e {
                 Error::NotFound { .. } => Error::not_found(Kind::Snapshot, id),
                 e => e,
             })?;
-        let snap = snapshot_view(&image.labels, image.info.created_at.as_ref())
-            .filter(|s| s.id == id)
-            .ok_or_else(|| Error::not_found(Kind::Snapshot, id))?;
-        Ok((snap, image))
+        Ok((snap, image.into()))
     }
 
     /// ListSnapshots: optionally of one sandbox, matching `selector`, ordered by id, one page.
@@ -478,6 +498,12 @@ impl Manager {
         image_labels.insert(L_FROM_SANDBOX.into(), id.to_string());
         image_labels.insert(L_BASE_IMAGE.into(), base_name);
         image_labels.insert(L_SIZE.into(), stored.layer_size.to_string());
+        image_labels.insert(L_CHAIN.into(), stored.chain.clone());
+        let run_config = serde_json::to_string(&source.config.config().clone().unwrap_or_default())
+            .map_err(|e| Error::Internal(format!("image config: {e}")))?;
+        if L_RUN_CONFIG.len() + run_config.len() <= MAX_LABEL_LEN {
+            image_labels.insert(L_RUN_CONFIG.into(), run_config);
+        }
         if !parent_snapshot.is_empty() {
             image_labels.insert(L_PARENT.into(), parent_snapshot);
         }
@@ -666,6 +692,7 @@ impl Manager {
         manifest_written?;
         Ok(StoredLayer {
             snap_id,
+            chain,
             layer_size: layer.size,
             manifest_digest,
             manifest_size,
@@ -724,6 +751,8 @@ impl Manager {
 /// What [`Manager::store_layer`] made, for the image record.
 struct StoredLayer {
     snap_id: String,
+    /// The committed snapshot's chain id.
+    chain: String,
     layer_size: i64,
     manifest_digest: String,
     manifest_size: i64,
