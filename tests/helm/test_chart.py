@@ -35,7 +35,8 @@ GRPC_PORT = 7878
 MIN_KUBE = (1, 30)
 
 # Branches neither the defaults nor values-all-on.yaml take: a socket outside containerd's state
-# dir, an idle init the node provides outside the data dir and network settings left to sandboxd.
+# dir, an idle init and an exec output relay binary the node provides outside the data dir and
+# network settings left to sandboxd.
 ALTERNATIVE = {
     "containerd": {
         "address": "/run/k3s/containerd/containerd.sock",
@@ -43,6 +44,7 @@ ALTERNATIVE = {
         "state": "/run/containerd",
     },
     "idleInit": {"path": "/usr/local/bin/catatonit", "installFromImage": False},
+    "execIoRelay": {"enabled": True, "path": "/usr/local/bin/sandboxd", "installFromImage": False},
     "metrics": {"enabled": False, "port": 9090},
     "networkPolicy": {"enabled": False},
     "serviceAccount": {"create": False},
@@ -352,6 +354,7 @@ def test_configmap_toml_parses_and_holds_only_keys_sandboxd_accepts():
     chart_keys = {
         "listen", "containerd_address", "namespace", "data_dir", "cgroup_parent",
         "embedded_containerd", "idle_init", "log_format", "netns_dir", "cni_plugin_dirs",
+        "exec_io_relay",
     }
     network_keys = {"bridge_name", "bridge_subnet", "dns_fallback"}
     cases = (
@@ -384,6 +387,7 @@ def test_idle_init_exists_on_the_node_where_runc_and_sandboxd_look():
     pod = one(docs, "DaemonSet")["spec"]["template"]["spec"]
     toml = config_toml(docs)
     (init,) = pod["initContainers"]
+    assert init["name"] == "install-idle-init", init
     assert init["command"][-2:] == ["/usr/bin/catatonit", toml["idle_init"]], init["command"]
     assert toml["idle_init"].startswith(toml["data_dir"] + "/")
     assert init["volumeMounts"] == [{"name": "data", "mountPath": toml["data_dir"]}]
@@ -400,6 +404,59 @@ def test_idle_init_exists_on_the_node_where_runc_and_sandboxd_look():
         assert "must be under dataDir" in str(e), e
     else:
         raise AssertionError("an idle init copied outside the data dir was accepted")
+
+
+def test_exec_io_relay_is_off_by_default_and_on_the_node_when_on():
+    # Off by default: a binary the node cannot run fails an exec (INTERNAL after 5 s), and
+    # sandboxd's own default ("auto", its path in the pod) means nothing to the node's shim.
+    docs = manifests()
+    pod = one(docs, "DaemonSet")["spec"]["template"]["spec"]
+    assert config_toml(docs)["exec_io_relay"] == "off"
+    assert [c["name"] for c in pod["initContainers"]] == ["install-idle-init"], pod
+    # On: the shim runs the copied binary by the configured path, under the hostPath data dir
+    # (mounted at the same path), copied from the image beside and renamed over.
+    on = manifests(all_on_values())
+    pod = one(on, "DaemonSet")["spec"]["template"]["spec"]
+    toml = config_toml(on)
+    relay = all_on_values()["execIoRelay"]
+    assert toml["exec_io_relay"] == relay["path"], toml
+    assert toml["exec_io_relay"].startswith(toml["data_dir"] + "/")
+    inits = {c["name"]: c for c in pod["initContainers"]}
+    assert set(inits) == {"install-idle-init", "install-exec-io-relay"}, inits
+    init = inits["install-exec-io-relay"]
+    assert init["command"][-2:] == [relay["imagePath"], toml["exec_io_relay"]], init["command"]
+    assert 'cp "$1" "$2.new"' in init["command"][2] and 'mv -f "$2.new" "$2"' in init["command"][2]
+    assert init["volumeMounts"] == [{"name": "data", "mountPath": toml["data_dir"]}]
+    assert init["image"] == sandboxd_container(on)["image"], init
+    mount, volume = mount_and_volume(pod, sandboxd_container(on), toml["data_dir"])
+    assert volume["hostPath"]["path"] == toml["data_dir"], volume
+    # The node provides it: no copy, and nothing to mount (sandboxd only names it to the shim).
+    alt = manifests(ALTERNATIVE)
+    pod = one(alt, "DaemonSet")["spec"]["template"]["spec"]
+    assert config_toml(alt)["exec_io_relay"] == "/usr/local/bin/sandboxd"
+    assert "initContainers" not in pod
+    mounts = [m["mountPath"] for m in sandboxd_container(alt)["volumeMounts"]]
+    assert "/usr/local/bin/sandboxd" not in mounts, mounts
+    # Schema-valid, but copied outside the data dir (not on the node) or over other files.
+    outside = {"execIoRelay": {"enabled": True, "path": "/opt/sandboxd", "installFromImage": True}}
+    try:
+        render(outside)
+    except helm.HelmError as e:
+        assert "execIoRelay.path (/opt/sandboxd) must be under dataDir" in str(e), e
+    else:
+        raise AssertionError("an exec relay binary copied outside the data dir was accepted")
+    disabled = {"execIoRelay": dict(outside["execIoRelay"], enabled=False)}
+    assert config_toml(manifests(disabled))["exec_io_relay"] == "off"
+    for path, other in (
+        ("/var/lib/sandboxd/bin/catatonit", "idleInit.path"),
+        ("/var/lib/sandboxd/exec-relay.sock", "the relay socket"),
+    ):
+        try:
+            render({"execIoRelay": {"enabled": True, "path": path, "installFromImage": True}})
+        except helm.HelmError as e:
+            assert f"execIoRelay.path ({path}) must differ from {other}" in str(e), e
+        else:
+            raise AssertionError(f"an exec relay binary at {path} ({other}) was accepted")
 
 
 def test_services_reach_the_local_node_or_one_pod():
@@ -539,6 +596,10 @@ def test_schema_refuses_bad_values():
     label = "/networkPolicy/clientLabel"
     schema_refuses({"networkPolicy": {"clientLabel": {"key": ""}}}, label + "/key")
     schema_refuses({"networkPolicy": {"clientLabel": {"value": "has space"}}}, label + "/value")
+    schema_refuses({"execIoRelay": {"enabled": "yes"}}, "/execIoRelay/enabled")
+    schema_refuses({"execIoRelay": {"path": "bin/sandboxd"}}, "/execIoRelay/path")
+    schema_refuses({"execIoRelay": {"imagePath": "sandboxd"}}, "/execIoRelay/imagePath")
+    schema_refuses({"execIoRelay": {"binary": "/usr/bin/sandboxd"}}, "binary")
     schema_refuses({"network": {"hostNetwork": "yes"}}, "/network/hostNetwork")
     schema_refuses({"network": {"netnsDir": "run/netns"}}, "/network/netnsDir")
     schema_refuses({"network": {"conflist": "sandboxd.conflist"}}, "/network/conflist")

@@ -65,6 +65,17 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and .Values.idleInit.installFromImage (not (hasPrefix (printf "%s/" $dataDir) (clean .Values.idleInit.path))) }}
 {{- fail (printf "idleInit.path (%s) must be under dataDir (%s) when idleInit.installFromImage is true" .Values.idleInit.path $dataDir) }}
 {{- end }}
+{{- if .Values.execIoRelay.enabled }}
+{{- $relay := clean .Values.execIoRelay.path }}
+{{- if and .Values.execIoRelay.installFromImage (not (hasPrefix (printf "%s/" $dataDir) $relay)) }}
+{{- fail (printf "execIoRelay.path (%s) must be under dataDir (%s) when execIoRelay.installFromImage is true" .Values.execIoRelay.path $dataDir) }}
+{{- end }}
+{{- range $name, $path := dict "idleInit.path" (clean .Values.idleInit.path) "the relay socket" (printf "%s/exec-relay.sock" $dataDir) }}
+{{- if eq $relay $path }}
+{{- fail (printf "execIoRelay.path (%s) must differ from %s" $relay $name) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- $netnsDir := clean .Values.network.netnsDir }}
 {{- range $name, $path := dict "dataDir" $dataDir "containerd.root" .Values.containerd.root "containerd.state" .Values.containerd.state "cni.binDir" .Values.cni.binDir "cni.confDir" .Values.cni.confDir }}
 {{- if eq $netnsDir (clean $path) }}
