@@ -27,6 +27,9 @@
 //!   output on /dev/null (`sh -c 'head -c ... > /dev/null'`): the most that workload can show
 //!   through any exec path. `dd` with 1 MiB writes shows what the exec path itself carries.
 //!
+//! `BENCH_SANDBOXD_ARGS` adds flags to the sandboxd under test, for A/B runs (e.g.
+//! `BENCH_SANDBOXD_ARGS='--exec-io-relay off'` for exec output through FIFOs).
+//!
 //! The two sides alternate sample by sample so that a slow spell of the machine does not fall on
 //! one side only; the load average is recorded before and after. sandboxd is called through one
 //! gRPC channel; `ctr` is one process per call. ctr's FIFOs go to a temp dir of the bench, not to
@@ -78,6 +81,8 @@ const ENV_TTFC_N: &str = "BENCH_TTFC_N";
 const DEFAULT_TTFC_N: usize = 30;
 /// Environment variable: how many 1 GiB transfers each side makes.
 const ENV_THROUGHPUT_RUNS: &str = "BENCH_THROUGHPUT_RUNS";
+/// Environment variable: extra flags for the sandboxd under test, whitespace-separated.
+const ENV_SANDBOXD_ARGS: &str = "BENCH_SANDBOXD_ARGS";
 /// Default of [`ENV_THROUGHPUT_RUNS`].
 const DEFAULT_THROUGHPUT_RUNS: usize = 3;
 /// Untimed round trips and TTFC samples per side before measuring (first-use costs: cgroup
@@ -148,6 +153,16 @@ async fn run(settings: Settings) -> Result<()> {
     println!("load average (1 min) before: {load_before:.2}");
     println!("{}\n", settings.render(&image));
 
+    // Extra flags for the sandboxd under test, for A/B runs (e.g. `--exec-io-relay off`).
+    let extra: Vec<String> = std::env::var(ENV_SANDBOXD_ARGS)
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    if !extra.is_empty() {
+        println!("sandboxd flags: {}", extra.join(" "));
+        env.sandboxd.restart_with_args(&extra).await;
+    }
     let sandboxd = SandboxdSide::connect(&env, &image).await?;
     let ctr = CtrSide::new(&env.containerd, &image)?;
     ctr.pull().await?;
@@ -155,10 +170,16 @@ async fn run(settings: Settings) -> Result<()> {
     let mut samples = measure_both(&sandboxd, &ctr, &settings).await?;
     drop(sandboxd);
     env.sandboxd
-        .restart_with_args(&[
-            "--warm-pool".to_owned(),
-            format!("{image}={WARM_POOL_SIZE}"),
-        ])
+        .restart_with_args(
+            &[
+                vec![
+                    "--warm-pool".to_owned(),
+                    format!("{image}={WARM_POOL_SIZE}"),
+                ],
+                extra,
+            ]
+            .concat(),
+        )
         .await;
     let pooled_side = SandboxdSide::connect(&env, &image).await?;
     measure_pooled_ttfc(&env, &pooled_side, &ctr, &settings, &mut samples).await?;

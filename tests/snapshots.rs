@@ -58,7 +58,8 @@ async fn commit(c: &mut Clients, id: &str) -> pb::Snapshot {
 async fn commit_keeps_a_running_sandbox_running_and_restore_rolls_back() {
     let env = TestEnv::new().await;
     let mut c = clients(&env).await;
-    let counter = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done";
+    // Written beside and renamed over: a reader never sees the file truncated mid-update.
+    let counter = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.05; done";
     let sb =
         c.sb.create_sandbox(pb::CreateSandboxRequest {
             sandbox_id: "live".into(),
@@ -594,7 +595,8 @@ async fn two_hundred_generations_keep_working() {
 async fn failures_mid_commit_and_restore_leave_the_sandbox_as_it_was() {
     let env = TestEnv::with_args(&["--failpoints", "commit.diff"]).await;
     let mut c = clients(&env).await;
-    let counter = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done";
+    // Written beside and renamed over: a reader never sees the file truncated mid-update.
+    let counter = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.05; done";
     let sb =
         c.sb.create_sandbox(pb::CreateSandboxRequest {
             sandbox_id: "fragile".into(),

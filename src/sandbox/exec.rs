@@ -132,6 +132,8 @@ struct ExecIo {
     _relay: Option<std::os::unix::net::UnixStream>,
     /// Output reaches EOF only once the exec is deleted (the shim holds the pipes' write ends).
     eof_after_delete: bool,
+    /// Inodes of the relayed pipes, to tell whether anything in the sandbox still holds them.
+    pipe_inodes: Vec<u64>,
 }
 
 /// A created and started exec process.
@@ -188,15 +190,22 @@ impl Fifos {
             _dir: Some(self.dir),
             _relay: None,
             eof_after_delete: false,
+            pipe_inodes: Vec::new(),
         }
     }
 }
 
 /// The process's own pipes from the relay, as async readers.
 fn relayed_io(r: RelayedIo) -> std::io::Result<ExecIo> {
+    use std::os::unix::fs::MetadataExt;
     enlarge_pipe(&r.stdout);
     enlarge_pipe(&r.stderr);
+    let inode = |fd: &std::os::fd::OwnedFd| -> std::io::Result<u64> {
+        Ok(std::fs::File::from(fd.try_clone()?).metadata()?.ino())
+    };
+    let pipe_inodes = vec![inode(&r.stdout)?, inode(&r.stderr)?];
     Ok(ExecIo {
+        pipe_inodes,
         stdin: None,
         stdout: pipe::Receiver::from_owned_fd(r.stdout)?,
         stderr: Some(pipe::Receiver::from_owned_fd(r.stderr)?),
@@ -528,6 +537,25 @@ impl Manager {
         Ok(())
     }
 
+    /// Whether a process of sandbox `id` holds one of the pipes `inodes` (true when unknown).
+    fn sandbox_holds_pipes(&self, id: &str, inodes: &[u64]) -> bool {
+        let cgroup = format!("{}/{}", self.cgroup_parent().trim_end_matches('/'), id);
+        let v1 = format!("/sys/fs/cgroup/pids{cgroup}/cgroup.procs");
+        let v2 = format!("/sys/fs/cgroup{cgroup}/cgroup.procs");
+        let Ok(procs) = std::fs::read_to_string(v1).or_else(|_| std::fs::read_to_string(v2)) else {
+            return true;
+        };
+        let wanted: Vec<String> = inodes.iter().map(|i| format!("pipe:[{i}]")).collect();
+        procs.lines().any(|pid| {
+            std::fs::read_dir(format!("/proc/{}/fd", pid.trim()))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                .any(|target| wanted.iter().any(|w| target.as_os_str() == w.as_str()))
+        })
+    }
+
     /// The sandbox's count of OOM kills so far (0 when the cgroup does not say).
     fn oom_kills(&self, id: &SandboxId) -> u64 {
         let cgroup = format!("{}/{}", self.cgroup_parent().trim_end_matches('/'), id);
@@ -573,8 +601,10 @@ impl ExecSession {
             let (sandbox, exec_id) = (self.sandbox.clone(), self.exec_id.clone());
             let first = Arc::new(std::sync::Once::new());
             let at = self.requested_at;
-            let out_pump = tokio::spawn(pump(self.io.stdout, output.clone(), ExecEvent::Stdout, first.clone(), at));
-            let err_pump = self.io.stderr.take().map(|rx| tokio::spawn(pump(rx, output.clone(), ExecEvent::Stderr, first.clone(), at)));
+            // Set once every byte is known to be in the pipes: the pumps then stop at empty.
+            let (finish_tx, finish) = tokio::sync::watch::channel(false);
+            let out_pump = tokio::spawn(pump(self.io.stdout, output.clone(), ExecEvent::Stdout, first.clone(), at, finish.clone()));
+            let err_pump = self.io.stderr.take().map(|rx| tokio::spawn(pump(rx, output.clone(), ExecEvent::Stderr, first.clone(), at, finish)));
             let wait = &mut self.wait;
             let timeout = async {
                 match self.spec.timeout {
@@ -664,14 +694,25 @@ impl ExecSession {
             // pipes reach EOF, usually by the time Wait returns: then `exited` goes out at once
             // and the process is deleted after it. When a child still holds the pipes, deleting
             // the process is what closes them; the drain is then bounded by the grace period.
-            // Relayed pipes always wait for the delete: the shim holds their write ends till then.
+            // Relayed pipes reach EOF only at the delete (the shim holds their write ends), but
+            // a dead process has written all it will: unless something left in the sandbox holds
+            // them, what is in the pipes now is everything, and `exited` need not wait.
             let pumps: Vec<_> = std::iter::once(out_pump).chain(err_pump).collect();
             let aborts: Vec<_> = pumps.iter().map(|p| p.abort_handle()).collect();
             let drain = futures::future::join_all(pumps);
             tokio::pin!(drain);
             let deleted = if self.io.eof_after_delete {
-                (&mut delete).await;
-                true
+                let (manager, inodes) = (self.manager.clone(), std::mem::take(&mut self.io.pipe_inodes));
+                let id = sandbox.clone();
+                let held = sys::blocking(move || Ok(manager.sandbox_holds_pipes(&id, &inodes))).await.unwrap_or(true);
+                if held {
+                    (&mut delete).await;
+                    true
+                } else {
+                    let _ = finish_tx.send(true);
+                    (&mut drain).await;
+                    false
+                }
             } else {
                 tokio::select! {
                     _ = &mut drain => false,
@@ -696,7 +737,8 @@ impl ExecSession {
     }
 }
 
-/// Copies one pipe into the output channel until EOF; stops reading while the channel is full.
+/// Copies one pipe into the output channel until EOF, or until it is empty once `finish` is
+/// set; stops reading while the channel is full.
 ///
 /// Output after a quiet spell goes out at once. During a burst (the previous chunk left less
 /// than [`EXEC_COALESCE`] ago) reads gather into one chunk until it is full or its first byte is
@@ -707,29 +749,26 @@ async fn pump(
     wrap: fn(Bytes) -> ExecEvent,
     first_byte: Arc<std::sync::Once>,
     requested_at: std::time::Instant,
+    mut finish: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut buf = bytes::BytesMut::new();
     let m = crate::metrics::metrics();
     let mut last_sent: Option<tokio::time::Instant> = None;
     loop {
-        // Read straight into the buffer the message will carry: no copy on our side.
         buf.reserve(EXEC_CHUNK);
-        let mut eof = matches!(
-            rx.read_buf(&mut (&mut buf).limit(EXEC_CHUNK)).await,
-            Ok(0) | Err(_)
-        );
+        let mut eof = !read_more(&mut rx, &mut buf, &mut finish).await;
         if !eof && last_sent.is_some_and(|t| t.elapsed() < EXEC_COALESCE) {
             let until = tokio::time::Instant::now() + EXEC_COALESCE;
             while buf.len() < EXEC_CHUNK {
-                let room = EXEC_CHUNK - buf.len();
-                match tokio::time::timeout_at(until, rx.read_buf(&mut (&mut buf).limit(room))).await
+                match tokio::time::timeout_at(until, read_more(&mut rx, &mut buf, &mut finish))
+                    .await
                 {
                     Err(_) => break,
-                    Ok(Ok(0) | Err(_)) => {
+                    Ok(false) => {
                         eof = true;
                         break;
                     }
-                    Ok(Ok(_)) => {}
+                    Ok(true) => {}
                 }
             }
         }
@@ -747,6 +786,47 @@ async fn pump(
             return;
         }
     }
+}
+
+/// Reads into `buf` (straight into the buffer the message will carry: no copy on our side), up
+/// to [`EXEC_CHUNK`] in all. False at the end: EOF, an error, or an empty pipe once `finish` is
+/// set. A full buffer returns at once.
+async fn read_more(
+    rx: &mut pipe::Receiver,
+    buf: &mut bytes::BytesMut,
+    finish: &mut tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    let room = EXEC_CHUNK.saturating_sub(buf.len());
+    if room == 0 {
+        return true;
+    }
+    if *finish.borrow() {
+        return matches!(read_now(rx, buf, room), Ok(n) if n > 0);
+    }
+    let mut limited = (&mut *buf).limit(room);
+    tokio::select! {
+        read = rx.read_buf(&mut limited) => matches!(read, Ok(n) if n > 0),
+        // Re-checked above on the next call: the pipe is then drained without waiting.
+        _ = finish.wait_for(|f| *f) => true,
+    }
+}
+
+/// One read(2) of what the pipe holds now, into `buf`'s spare room. Not tokio's `try_read`:
+/// that trusts the reactor's last readiness event and can answer "would block" for a pipe whose
+/// data arrived after it, which here would drop a dead process's last output.
+fn read_now(rx: &pipe::Receiver, buf: &mut bytes::BytesMut, room: usize) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let spare = buf.spare_capacity_mut();
+    let len = room.min(spare.len());
+    // SAFETY: read(2) writes at most `len` bytes into `spare`, memory `buf` owns and nothing
+    // else borrows; the pipe's fd stays open for the call (`rx` is borrowed).
+    let got = unsafe { libc::read(rx.as_raw_fd(), spare.as_mut_ptr().cast(), len) };
+    if got < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: read(2) initialised exactly `got` bytes after the current length.
+    unsafe { buf.set_len(buf.len() + got as usize) };
+    Ok(got as usize)
 }
 
 /// Sends `signal` to `pid` and every descendant (host pids), children first seen first killed.
