@@ -339,8 +339,8 @@ impl Manager {
         };
 
         // The diff's left side, the snapshot the layer will be unpacked into and a handle on
-        // the sandbox's writable layer (for syncfs), made concurrently before the pause: the
-        // task is frozen for the capture alone.
+        // the sandbox's writable layer (for syncfs, flushed once already), made concurrently
+        // before the pause: the task is frozen for the capture alone.
         let view_key = format!("sandboxd-view-{}", crate::util::random_hex(6));
         let unpack_key = format!("sandboxd-unpack-{}", crate::util::random_hex(6));
         let view = async {
@@ -377,9 +377,13 @@ impl Manager {
             match writable_dir(&right) {
                 Some(dir) => {
                     sys::blocking(move || {
-                        std::fs::File::open(&dir)
-                            .map(Some)
-                            .map_err(|e| Error::io(format!("opening {}", dir.display()), e))
+                        let upper = std::fs::File::open(&dir)
+                            .map_err(|e| Error::io(format!("opening {}", dir.display()), e))?;
+                        // Flushed once while the task still runs, beside the rest of the
+                        // set-up: the syncfs inside the pause then has only the last moment's
+                        // writes to flush. Its own failure is reported there.
+                        let _ = nix::unistd::syncfs(&upper);
+                        Ok(Some(upper))
                     })
                     .await
                 }
