@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use super::manager::Manager;
 use super::model::SandboxId;
-use super::relay::{enlarge_pipe, ExecRelay, RelayedIo, RELAY_HANDOFF_TIMEOUT};
+use super::relay::{enlarge_pipe, ExecRelay, Pending, RelayedIo, RELAY_HANDOFF_TIMEOUT};
 use crate::error::{Error, Kind, Result};
 use crate::runtime::spec::{self, User};
 use crate::sys;
@@ -158,6 +158,12 @@ impl From<Error> for LaunchError {
     }
 }
 
+/// How a launch's output leaves the shim: FIFOs, or the relay with the exec's registration.
+enum Plumbing<'a> {
+    Fifos(Fifos),
+    Relay(&'a Arc<ExecRelay>, Pending),
+}
+
 /// An exec's opened FIFOs, with writers held open until the shim has opened its own.
 struct Fifos {
     dir: FifoDir,
@@ -197,12 +203,9 @@ impl Fifos {
 
 /// The process's own pipes from the relay, as async readers.
 fn relayed_io(r: RelayedIo) -> std::io::Result<ExecIo> {
-    use std::os::unix::fs::MetadataExt;
     enlarge_pipe(&r.stdout);
     enlarge_pipe(&r.stderr);
-    let inode = |fd: &std::os::fd::OwnedFd| -> std::io::Result<u64> {
-        Ok(std::fs::File::from(fd.try_clone()?).metadata()?.ino())
-    };
+    let inode = |fd: &std::os::fd::OwnedFd| nix::sys::stat::fstat(fd).map(|st| st.st_ino);
     let pipe_inodes = vec![inode(&r.stdout)?, inode(&r.stderr)?];
     Ok(ExecIo {
         pipe_inodes,
@@ -367,14 +370,13 @@ impl Manager {
         relay: Option<&Arc<ExecRelay>>,
     ) -> std::result::Result<Launched, LaunchError> {
         let exec_id = format!("exec-{}", crate::util::random_hex(8));
-        let (mut fifos, pending) = match relay {
-            Some(r) => (None, Some(r.expect(&exec_id))),
-            None => (Some(self.fifos(spec, id, &exec_id)?), None),
+        let mut plumbing = match relay {
+            Some(r) => Plumbing::Relay(r, r.expect(&exec_id)),
+            None => Plumbing::Fifos(self.fifos(spec, id, &exec_id)?),
         };
-        let (stdin, stdout, stderr) = match (&fifos, relay) {
-            (Some(f), _) => f.uris(spec),
-            (None, Some(r)) => (String::new(), r.uri().to_string(), r.uri().to_string()),
-            (None, None) => unreachable!("fifos are made when there is no relay"),
+        let (stdin, stdout, stderr) = match &plumbing {
+            Plumbing::Fifos(f) => f.uris(spec),
+            Plumbing::Relay(r, _) => (String::new(), r.uri().to_string(), r.uri().to_string()),
         };
         let req = ExecProcessRequest {
             container_id: id.to_string(),
@@ -412,7 +414,7 @@ impl Manager {
                 exec_id: exec_id.clone(),
             }))
             .await;
-        if let Some(f) = fifos.as_mut() {
+        if let Plumbing::Fifos(f) = &mut plumbing {
             f.holds.clear();
         }
         let delete = || async {
@@ -436,9 +438,9 @@ impl Manager {
                 return Err(exec_error(spec, "tasks.start", s).into());
             }
         };
-        let io = match (fifos, pending) {
-            (Some(f), _) => f.into_io(),
-            (None, Some(pending)) => match pending.take().await.map(relayed_io) {
+        let io = match plumbing {
+            Plumbing::Fifos(f) => f.into_io(),
+            Plumbing::Relay(r, pending) => match pending.take().await.map(relayed_io) {
                 Some(Ok(io)) => io,
                 failed => {
                     // The process runs with nobody reading its output: it must not stay.
@@ -451,13 +453,10 @@ impl Manager {
                             "the exec output relay did not hand over the pipes within {RELAY_HANDOFF_TIMEOUT:?}"
                         ),
                     };
-                    if let Some(r) = relay {
-                        r.disable(&why);
-                    }
+                    r.disable(&why);
                     return Err(Error::Internal(why).into());
                 }
             },
-            (None, None) => unreachable!("fifos are made when there is no relay"),
         };
         Ok(Launched {
             exec_id,
@@ -539,7 +538,7 @@ impl Manager {
 
     /// Whether a process of sandbox `id` holds one of the pipes `inodes` (true when unknown).
     fn sandbox_holds_pipes(&self, id: &str, inodes: &[u64]) -> bool {
-        let cgroup = format!("{}/{}", self.cgroup_parent().trim_end_matches('/'), id);
+        let cgroup = self.sandbox_cgroup(id);
         let v1 = format!("/sys/fs/cgroup/pids{cgroup}/cgroup.procs");
         let v2 = format!("/sys/fs/cgroup{cgroup}/cgroup.procs");
         let Ok(procs) = std::fs::read_to_string(v1).or_else(|_| std::fs::read_to_string(v2)) else {
@@ -558,7 +557,7 @@ impl Manager {
 
     /// The sandbox's count of OOM kills so far (0 when the cgroup does not say).
     fn oom_kills(&self, id: &SandboxId) -> u64 {
-        let cgroup = format!("{}/{}", self.cgroup_parent().trim_end_matches('/'), id);
+        let cgroup = self.sandbox_cgroup(id.as_str());
         let v1 = format!("/sys/fs/cgroup/memory{cgroup}/memory.oom_control");
         let v2 = format!("/sys/fs/cgroup{cgroup}/memory.events");
         let text = std::fs::read_to_string(v1)

@@ -179,8 +179,9 @@ impl Manager {
         self.cfg.data_dir.join("exec")
     }
 
-    pub(super) fn cgroup_parent(&self) -> &str {
-        &self.cfg.cgroup_parent
+    /// Sandbox `id`'s cgroup path (below each controller's mount on v1).
+    pub(super) fn sandbox_cgroup(&self, id: &str) -> String {
+        format!("{}/{}", self.cfg.cgroup_parent.trim_end_matches('/'), id)
     }
 
     fn mount_base(&self) -> PathBuf {
@@ -561,7 +562,7 @@ impl Manager {
             cwd,
             user,
             hostname: spec.hostname.clone(),
-            cgroups_path: format!("{}/{}", self.cfg.cgroup_parent.trim_end_matches('/'), id),
+            cgroups_path: self.sandbox_cgroup(id.as_str()),
             cpu_millis: spec.resources.cpu_millis,
             memory_bytes: spec.resources.memory_bytes,
             pids_limit: spec.resources.pids_limit.unwrap_or(DEFAULT_PIDS_LIMIT),
