@@ -664,8 +664,13 @@ fn network_is_torn_down_on_stop_delete_exit_and_adopted_after_restart() {
             loop {
                 let sb = n.get("brief").await;
                 let attached = n.netns_files().iter().any(|f| f.ends_with("-brief"));
-                if sb.state == SandboxState::Stopped as i32 && !attached {
-                    assert!(sb.network.unwrap().ip_address.is_empty());
+                // The namespace goes before the labels holding the address (they keep the
+                // cached CNI result until the teardown is done): wait for both.
+                let addressed = sb
+                    .network
+                    .as_ref()
+                    .is_some_and(|net| !net.ip_address.is_empty());
+                if sb.state == SandboxState::Stopped as i32 && !attached && !addressed {
                     break;
                 }
                 assert!(
