@@ -30,7 +30,7 @@ use nix::unistd::{Gid, Uid, UnlinkatFlags};
 use tokio::sync::mpsc;
 
 use crate::error::{Error, Kind, Result};
-use crate::sandbox::{Manager, SandboxId, SandboxRoot, State};
+use crate::sandbox::{KeyGuard, Manager, SandboxId, SandboxRoot, State};
 use crate::sys;
 
 /// Size of the chunks ReadFile streams.
@@ -203,6 +203,8 @@ fn fail(path: &str, e: Errno) -> Error {
 /// that keeps it reachable (for a stopped sandbox, its temporary mount and lock).
 pub struct Root {
     fd: OwnedFd,
+    /// The running PID 1 whose root this is; `None` for a mounted (stopped) sandbox.
+    pid: Option<u32>,
     // Declared after `fd`: the descriptor closes before a temporary mount is detached.
     _guard: SandboxRoot,
 }
@@ -263,7 +265,34 @@ pub async fn open_root(manager: &Manager, id: &SandboxId) -> Result<Root> {
     })
     .await
     .map_err(|_| gone())?;
-    Ok(Root { fd, _guard: guard })
+    Ok(Root {
+        fd,
+        pid: Some(pid),
+        _guard: guard,
+    })
+}
+
+/// Holds sandbox `id` still while `root` is changed: no commit, restore, stop or delete runs on
+/// it until the guard drops, so a snapshot holds each change of FileService whole or not at
+/// all. A stopped sandbox's root holds that lock already; for a running one it is taken here,
+/// and the sandbox must still run the PID 1 whose root `root` is (a restore in between would
+/// otherwise let the change land in the filesystem it replaced).
+pub async fn hold_still(
+    manager: &Manager,
+    id: &SandboxId,
+    root: &Root,
+) -> Result<Option<KeyGuard>> {
+    let Some(pid) = root.pid else {
+        return Ok(None);
+    };
+    let guard = manager.lock(id.as_str()).await;
+    let now = manager.get(id).await?;
+    if !matches!(now.state, State::Running | State::Paused) || now.pid != pid {
+        return Err(Error::FailedPrecondition(format!(
+            "sandbox {id} was restarted or stopped during the call; nothing was changed, retry"
+        )));
+    }
+    Ok(Some(guard))
 }
 
 impl Root {
@@ -275,7 +304,11 @@ impl Root {
             Mode::empty(),
         )
         .map_err(|e| Error::io(format!("opening {}", guard.path().display()), e.into()))?;
-        Ok(Root { fd, _guard: guard })
+        Ok(Root {
+            fd,
+            pid: None,
+            _guard: guard,
+        })
     }
 
     /// Opens `path`, resolved inside the root. `O_CREAT` is never used here: files are created
@@ -667,21 +700,26 @@ pub enum WriteInput {
 
 /// Writes a file atomically: the content goes to a temporary file in the target's directory,
 /// which is fsynced and renamed over the target only when the stream ended well. Until then the
-/// target is untouched; a writer dropped before [`AtomicWriter::commit`] removes its temporary
-/// file. Append copies the current content into the temporary file first, so it is atomic too
-/// (but two concurrent appends to one file can lose one of them, as two writes can).
-/// Replacing the file gives it a new inode: hard links to the old one keep the old content, and
-/// extended attributes are not carried over; mode and owner are.
+/// target is untouched; a writer dropped before [`AtomicWriter::publish`] leaves nothing behind.
+/// The temporary file is anonymous (`O_TMPFILE`) where the filesystem allows it (overlayfs from
+/// Linux 6.6): nothing inside the sandbox, and no snapshot taken meanwhile, sees it until it is
+/// linked and renamed into place in one step. Elsewhere it is a hidden file named
+/// [`TEMP_PREFIX`]`….tmp`, removed on failure. Append copies the current content into the
+/// temporary file first, so it is atomic too (but two concurrent appends to one file can lose
+/// one of them, as two writes can). Replacing the file gives it a new inode: hard links to the
+/// old one keep the old content, and extended attributes are not carried over; mode and owner
+/// are.
 #[derive(Debug)]
 pub struct AtomicWriter {
     dir: OwnedFd,
     name: CString,
-    temp: CString,
+    /// The temporary file's name in `dir`; `None` while it is anonymous.
+    temp: Option<CString>,
     file: Option<File>,
     path: String,
     written: u64,
     committed: bool,
-    _root: Root,
+    root: Root,
 }
 
 impl AtomicWriter {
@@ -715,15 +753,8 @@ impl AtomicWriter {
                 }
             }
         }
-        let temp = cstring(&format!("{TEMP_PREFIX}{}.tmp", crate::util::random_hex(8)))?;
-        let fd = nix::fcntl::openat(
-            &dir,
-            temp.as_c_str(),
-            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::from_bits_truncate(0o600),
-        )
-        .map_err(|e| fail(&path, e))?;
-        // From here on, dropping `writer` removes the temporary file.
+        let (fd, temp) = create_temp(&dir).map_err(|e| fail(&path, e))?;
+        // From here on, dropping `writer` removes a named temporary file.
         let mut writer = AtomicWriter {
             dir,
             name,
@@ -732,13 +763,16 @@ impl AtomicWriter {
             path,
             written: 0,
             committed: false,
-            _root: root,
+            root,
         };
         let (mode, uid, gid) = match &existing {
             Some(st) => (st.st_mode & 0o7777, st.st_uid, st.st_gid),
             None => (spec.mode, spec.uid, spec.gid),
         };
-        let file = writer.file.as_ref().expect("the file is open until commit");
+        let file = writer
+            .file
+            .as_ref()
+            .expect("the file is open until published");
         // chown first: it clears setuid and setgid bits that chmod then sets.
         nix::unistd::fchown(file, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
             .map_err(|e| fail(&writer.path, e))?;
@@ -759,16 +793,27 @@ impl AtomicWriter {
         )
         .map_err(|e| fail(&self.path, e))?;
         let mut src = reopen_regular(&opath, OFlag::O_RDONLY, &self.path)?;
-        let dst = self.file.as_mut().expect("the file is open until commit");
+        let dst = self
+            .file
+            .as_mut()
+            .expect("the file is open until published");
         // std copies file to file in the kernel (copy_file_range) where it can.
         std::io::copy(&mut src, dst)
             .map(drop)
             .map_err(|e| Error::io(format!("copying {:?} to append to it", self.path), e))
     }
 
+    /// The root the file is written in.
+    pub fn root(&self) -> &Root {
+        &self.root
+    }
+
     /// Adds `data` to the file (blocking).
     pub fn write(&mut self, data: &[u8]) -> Result<()> {
-        let file = self.file.as_mut().expect("the file is open until commit");
+        let file = self
+            .file
+            .as_mut()
+            .expect("the file is open until published");
         file.write_all(data).map_err(|e| match e.raw_os_error() {
             Some(n) => fail(&self.path, Errno::from_raw(n)),
             None => Error::io(format!("writing {:?}", self.path), e),
@@ -777,37 +822,59 @@ impl AtomicWriter {
         Ok(())
     }
 
-    /// Makes the written content the file's (blocking) and returns the bytes written by this
-    /// call (not counting appended-to content).
-    pub fn commit(mut self) -> Result<u64> {
-        let file = self.file.take().expect("the file is open until commit");
+    /// Flushes the written content to disk (blocking): what stays to do is [`Self::publish`].
+    pub fn sync(&mut self) -> Result<()> {
+        let file = self
+            .file
+            .as_ref()
+            .expect("the file is open until published");
         file.sync_all()
-            .map_err(|e| Error::io(format!("syncing {:?}", self.path), e))?;
+            .map_err(|e| Error::io(format!("syncing {:?}", self.path), e))
+    }
+
+    /// Makes the synced content the file's in one rename (blocking) and returns the bytes
+    /// written by this call (not counting appended-to content).
+    pub fn publish(mut self) -> Result<u64> {
+        let file = self.file.take().expect("the file is open until published");
+        let temp = match self.temp.take() {
+            Some(temp) => temp,
+            None => {
+                // An anonymous file gets a name only now, for the rename that follows at once.
+                let temp = temp_name()?;
+                let link = format!("/proc/self/fd/{}", file.as_raw_fd());
+                nix::unistd::linkat(
+                    &self.dir,
+                    link.as_str(),
+                    &self.dir,
+                    temp.as_c_str(),
+                    AtFlags::AT_SYMLINK_FOLLOW,
+                )
+                .map_err(|e| fail(&self.path, e))?;
+                temp
+            }
+        };
         drop(file);
-        nix::fcntl::renameat(
-            &self.dir,
-            self.temp.as_c_str(),
-            &self.dir,
-            self.name.as_c_str(),
-        )
-        .map_err(|e| fail(&self.path, e))?;
+        let temp = self.temp.insert(temp);
+        nix::fcntl::renameat(&self.dir, temp.as_c_str(), &self.dir, self.name.as_c_str())
+            .map_err(|e| fail(&self.path, e))?;
         self.committed = true;
         // The rename itself is durable once the directory is.
         nix::unistd::fsync(&self.dir).map_err(|e| fail(&self.path, e))?;
         Ok(self.written)
     }
 
-    /// Writes what `input` brings until [`WriteInput::Finish`], then commits (blocking). When the
-    /// channel closes first (the stream failed or the caller went away), nothing changes and the
-    /// temporary file is removed.
-    pub fn run(mut self, mut input: mpsc::Receiver<WriteInput>) -> Result<u64> {
+    /// Writes and syncs what `input` brings until [`WriteInput::Finish`] (blocking), then returns
+    /// the writer for [`Self::publish`]. When the channel closes first (the stream failed or the
+    /// caller went away), nothing changes and the temporary file is removed.
+    pub fn run(mut self, mut input: mpsc::Receiver<WriteInput>) -> Result<AtomicWriter> {
         loop {
             match input.blocking_recv() {
                 Some(WriteInput::Data(data)) => self.write(&data)?,
                 Some(WriteInput::Finish) => {
                     // Free the sender before the slow part.
                     drop(input);
-                    return self.commit();
+                    self.sync()?;
+                    return Ok(self);
                 }
                 None => {
                     return Err(Error::FailedPrecondition(format!(
@@ -820,14 +887,49 @@ impl AtomicWriter {
     }
 }
 
+/// A fresh name for a temporary file: hidden, and recognisable as ours.
+fn temp_name() -> Result<CString> {
+    cstring(&format!("{TEMP_PREFIX}{}.tmp", crate::util::random_hex(8)))
+}
+
+/// Creates the temporary file of a write in `dir`: anonymous where the filesystem can, else
+/// named (the name returned).
+fn create_temp(dir: &OwnedFd) -> nix::Result<(OwnedFd, Option<CString>)> {
+    let mode = Mode::from_bits_truncate(0o600);
+    match nix::fcntl::openat(
+        dir,
+        ".",
+        OFlag::O_TMPFILE | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+        mode,
+    ) {
+        Ok(fd) => return Ok((fd, None)),
+        // No O_TMPFILE on this filesystem (EOPNOTSUPP), or a kernel that predates it and
+        // treats the flag as O_DIRECTORY (EISDIR) or rejects it (EINVAL).
+        Err(Errno::EOPNOTSUPP | Errno::EISDIR | Errno::EINVAL) => {}
+        Err(e) => return Err(e),
+    }
+    let temp = temp_name().map_err(|_| Errno::EINVAL)?;
+    let fd = nix::fcntl::openat(
+        dir,
+        temp.as_c_str(),
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        mode,
+    )?;
+    Ok((fd, Some(temp)))
+}
+
 impl Drop for AtomicWriter {
     fn drop(&mut self) {
         if self.committed {
             return;
         }
         self.file.take();
+        let Some(temp) = &self.temp else {
+            // Anonymous: closing it was all it took.
+            return;
+        };
         if let Err(e) =
-            nix::unistd::unlinkat(&self.dir, self.temp.as_c_str(), UnlinkatFlags::NoRemoveDir)
+            nix::unistd::unlinkat(&self.dir, temp.as_c_str(), UnlinkatFlags::NoRemoveDir)
         {
             tracing::warn!(path = %self.path, error = %e, "removing a WriteFile temporary file failed");
         }
@@ -1120,7 +1222,8 @@ mod tests {
         };
         let mut w = AtomicWriter::create(root, &spec)?;
         w.write(data)?;
-        w.commit()
+        w.sync()?;
+        w.publish()
     }
 
     #[test]
@@ -1235,15 +1338,19 @@ mod tests {
             uid: 0,
             gid: 0,
         };
+        let names = || -> Vec<_> {
+            std::fs::read_dir(r.join("etc"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect()
+        };
         let mut w = AtomicWriter::create(f.root(), &spec).unwrap();
         w.write(b"partial").unwrap();
+        // The temporary file is anonymous (ext4 has O_TMPFILE): the directory does not show it.
+        assert_eq!(names().len(), 2, "{:?}", names());
         drop(w);
         assert_eq!(std::fs::read(r.join("etc/new")).unwrap(), b"abcdef");
-        let names: Vec<_> = std::fs::read_dir(r.join("etc"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(names.len(), 2, "{names:?}");
+        assert_eq!(names().len(), 2, "{:?}", names());
         assert!(matches!(
             write(f.root(), "/etc", b"x", false),
             Err(Error::FailedPrecondition(_))

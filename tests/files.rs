@@ -11,6 +11,7 @@ use common::TestEnv;
 use futures::StreamExt;
 use sandboxd::pb::file_service_client::FileServiceClient;
 use sandboxd::pb::sandbox_service_client::SandboxServiceClient;
+use sandboxd::pb::snapshot_service_client::SnapshotServiceClient;
 use sandboxd::pb::{self, write_file_request, FileType};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -27,13 +28,15 @@ const LARGE: usize = 100 << 20;
 struct Clients {
     sb: SandboxServiceClient<Channel>,
     fs: FileServiceClient<Channel>,
+    snap: SnapshotServiceClient<Channel>,
 }
 
 async fn clients(env: &TestEnv) -> Clients {
     let ch = env.channel().await;
     Clients {
         sb: SandboxServiceClient::new(ch.clone()),
-        fs: FileServiceClient::new(ch),
+        fs: FileServiceClient::new(ch.clone()),
+        snap: SnapshotServiceClient::new(ch),
     }
 }
 
@@ -281,6 +284,24 @@ fn assert_code<T: std::fmt::Debug>(r: Result<T, Status>, codes: &[Code], what: &
     e
 }
 
+/// Waits until sandboxd holds the anonymous temporary file of a write in progress in `dir` (a
+/// path inside the sandbox ending in `/`): the data is arriving.
+async fn wait_writing(env: &TestEnv, dir: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let open = common::host::anonymous_files(env.sandboxd.pid());
+        if open.iter().any(|f| f.contains(&format!("{dir}#"))) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no anonymous temporary file under {dir} appeared (open: {open:?}); writes need \
+             O_TMPFILE on overlayfs (Linux 6.6 or later)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn temp_files(entries: &[pb::FileEntry]) -> Vec<String> {
     entries
         .iter()
@@ -483,40 +504,37 @@ async fn reads_writes_ranges_append_and_ownership() {
         FileType::Symlink as i32
     );
 
-    // A client that goes away mid-stream changes nothing and leaves no temporary file.
+    // A client that goes away mid-stream changes nothing and leaves no temporary file. The
+    // temporary file is anonymous: nothing in the directory shows it even while it is written.
     write(&mut c, header("rw", "/tmp/cancelled"), b"before")
         .await
         .unwrap();
+    let listed_before = sh(&mut c, "rw", "ls -a /tmp").await;
     let (tx, rx) = mpsc::channel(4);
     tx.send(header_msg(header("rw", "/tmp/cancelled")))
         .await
         .unwrap();
     let mut fs = c.fs.clone();
     let call = tokio::spawn(async move { fs.write_file(ReceiverStream::new(rx)).await });
-    let deadline = Instant::now() + Duration::from_secs(10);
     for i in 0..4 {
         tx.send(data_msg(chunk(9, i, SEND_CHUNK))).await.unwrap();
     }
-    loop {
-        let temps = temp_files(&list(&mut c, "rw", "/tmp", 1).await.unwrap());
-        if !temps.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no temporary file appeared");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_writing(&env, "/tmp/").await;
+    assert!(temp_files(&list(&mut c, "rw", "/tmp", 1).await.unwrap()).is_empty());
+    assert_eq!(sh(&mut c, "rw", "ls -a /tmp").await, listed_before);
     // The sender stays open: the call ends by the client's reset, not by a finished stream.
     call.abort();
     let _ = call.await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let temps = temp_files(&list(&mut c, "rw", "/tmp", 1).await.unwrap());
-        if temps.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "temporary files left: {temps:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    while !common::host::anonymous_files(env.sandboxd.pid()).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned write's file stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert!(temp_files(&list(&mut c, "rw", "/tmp", 1).await.unwrap()).is_empty());
+    assert_eq!(sh(&mut c, "rw", "ls -a /tmp").await, listed_before);
     assert_eq!(
         read(&mut c, "rw", "/tmp/cancelled").await.unwrap(),
         b"before"
@@ -524,6 +542,102 @@ async fn reads_writes_ranges_append_and_ownership() {
     drop(tx);
 
     delete(&mut c, "rw").await;
+    env.leak_check().await;
+}
+
+/// A WriteFile whose stream is still open, with `chunks` of [`SEND_CHUNK`] sent; `finish` ends
+/// the stream (the write then publishes), the handle answers with the call's result.
+async fn open_write(
+    c: &Clients,
+    header: pb::WriteFileHeader,
+    seed: u64,
+    chunks: u64,
+) -> (
+    mpsc::Sender<pb::WriteFileRequest>,
+    tokio::task::JoinHandle<Result<i64, Status>>,
+) {
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(header_msg(header)).await.unwrap();
+    let mut fs = c.fs.clone();
+    let call = tokio::spawn(async move {
+        fs.write_file(ReceiverStream::new(rx))
+            .await
+            .map(|r| r.into_inner().bytes_written)
+    });
+    for i in 0..chunks {
+        tx.send(data_msg(chunk(seed, i, SEND_CHUNK))).await.unwrap();
+    }
+    (tx, call)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_taken_during_a_write_holds_none_of_it() {
+    let env = TestEnv::new().await;
+    let mut c = clients(&env).await;
+    create(&mut c, &env, "w", true).await;
+    sh(&mut c, "w", "mkdir /data && echo old > /data/file").await;
+
+    // Commit while a write of /data/file streams: the snapshot has the old file and nothing
+    // else; the write then lands whole in the running sandbox.
+    let (tx, call) = open_write(&c, header("w", "/data/file"), 21, 4).await;
+    wait_writing(&env, "/data/").await;
+    assert_eq!(sh(&mut c, "w", "ls -a /data").await, ".\n..\nfile\n");
+    let snap = c
+        .snap
+        .commit_snapshot(pb::CommitSnapshotRequest {
+            sandbox_id: "w".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    for i in 4..8 {
+        tx.send(data_msg(chunk(21, i, SEND_CHUNK))).await.unwrap();
+    }
+    drop(tx);
+    assert_eq!(call.await.unwrap().unwrap(), 8 * SEND_CHUNK as i64);
+    let expected: Vec<u8> = (0..8).flat_map(|i| chunk(21, i, SEND_CHUNK)).collect();
+    assert_eq!(read(&mut c, "w", "/data/file").await.unwrap(), expected);
+    assert_eq!(sh(&mut c, "w", "ls -a /data").await, ".\n..\nfile\n");
+    c.sb.create_sandbox(pb::CreateSandboxRequest {
+        sandbox_id: "fork".into(),
+        snapshot_id: snap.snapshot_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(sh(&mut c, "fork", "ls -a /data").await, ".\n..\nfile\n");
+    assert_eq!(sh(&mut c, "fork", "cat /data/file").await, "old\n");
+
+    // A restore while a write streams: the write lands nowhere (the filesystem it was made in
+    // is gone) and says so.
+    let (tx, call) = open_write(&c, header("w", "/data/other"), 22, 2).await;
+    wait_writing(&env, "/data/").await;
+    c.snap
+        .restore_sandbox(pb::RestoreSandboxRequest {
+            sandbox_id: "w".into(),
+            snapshot_id: snap.snapshot_id.clone(),
+        })
+        .await
+        .unwrap();
+    drop(tx);
+    let err = call.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains("restarted"), "{err}");
+    assert_eq!(sh(&mut c, "w", "ls -a /data").await, ".\n..\nfile\n");
+    assert_eq!(sh(&mut c, "w", "cat /data/file").await, "old\n");
+
+    for id in ["w", "fork"] {
+        delete(&mut c, id).await;
+    }
+    c.snap
+        .delete_snapshot(pb::DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id,
+        })
+        .await
+        .unwrap();
     env.leak_check().await;
 }
 

@@ -49,6 +49,30 @@ impl FileApi {
         .await
         .map_err(to_status)
     }
+
+    /// Like [`Self::with_root`] for an `op` that changes the sandbox: it runs while the sandbox
+    /// is held still (see [`files::hold_still`]), so a commit never captures it half done.
+    async fn changing_root<T: Send + 'static>(
+        &self,
+        id: &SandboxId,
+        op: impl FnOnce(&files::Root) -> Result<T> + Send + 'static,
+    ) -> Result<T, Status> {
+        let root = files::open_root(&self.manager, id)
+            .await
+            .map_err(to_status)?;
+        let held = files::hold_still(&self.manager, id, &root)
+            .await
+            .map_err(to_status)?;
+        let result = sys::blocking(move || {
+            let result = op(&root);
+            drop(root);
+            result
+        })
+        .await
+        .map_err(to_status);
+        drop(held);
+        result
+    }
 }
 
 // ---- conversions ----
@@ -210,11 +234,19 @@ impl FileService for FileApi {
         };
         // Without Finish the writer abandons the file; wait for it to clean up either way.
         drop(tx);
-        let written = task
+        let synced = task
             .await
             .map_err(|e| to_status(Error::Internal(format!("file writer failed: {e}"))))?;
         stream_result?;
-        let written = written.map_err(to_status)?;
+        let writer = synced.map_err(to_status)?;
+        // The content is on disk; only the rename into place waits for a commit to finish.
+        let held = files::hold_still(&self.manager, &id, writer.root())
+            .await
+            .map_err(to_status)?;
+        let written = sys::blocking(move || writer.publish())
+            .await
+            .map_err(to_status)?;
+        drop(held);
         Ok(Response::new(pb::WriteFileResponse {
             bytes_written: i64::try_from(written).unwrap_or(i64::MAX),
         }))
@@ -260,7 +292,7 @@ impl FileService for FileApi {
         let path = path("path", &r.path)?;
         let mode = mode(r.mode, DEFAULT_DIR_MODE);
         let parents = r.parents;
-        self.with_root(&id, move |root| files::make_dir(root, &path, parents, mode))
+        self.changing_root(&id, move |root| files::make_dir(root, &path, parents, mode))
             .await?;
         Ok(Response::new(pb::MakeDirectoryResponse {}))
     }
@@ -276,7 +308,7 @@ impl FileService for FileApi {
             return Err(to_status(Error::invalid("path", "\"/\" cannot be removed")));
         }
         let recursive = r.recursive;
-        self.with_root(&id, move |root| files::remove(root, &path, recursive))
+        self.changing_root(&id, move |root| files::remove(root, &path, recursive))
             .await?;
         Ok(Response::new(pb::RemovePathResponse {}))
     }

@@ -330,7 +330,9 @@ impl Manager {
         Ok(())
     }
 
-    pub(super) async fn lock(&self, id: &str) -> KeyGuard {
+    /// Waits for sandbox `id`'s operation lock: until the guard drops, no create, start, stop,
+    /// delete, commit or restore runs on it.
+    pub async fn lock(&self, id: &str) -> KeyGuard {
         self.locks.lock(id).await
     }
 

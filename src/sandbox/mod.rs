@@ -12,6 +12,7 @@ pub use exec::{
     ExecEvent, ExecInput, ExecSession, ExecSpec, ExecSyncResult, ExitInfo, EXEC_INPUT_QUEUE,
     EXEC_OUTPUT_QUEUE,
 };
+pub use locks::KeyGuard;
 pub use manager::{Manager, ManagerConfig, SandboxRoot, L_MANAGED, L_SNAPSHOT_OWNER};
 pub use model::*;
 pub use pool::parse_pool;

@@ -161,6 +161,19 @@ pub fn is_alive(pid: i32) -> bool {
     matches!(stat_state_ppid(pid), Some((state, _)) if state != 'Z' && state != 'X')
 }
 
+/// The files `pid` holds open that have no name: what `O_TMPFILE` makes (`/proc/PID/fd` shows
+/// them as `DIR/#INODE (deleted)`).
+pub fn anonymous_files(pid: u32) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| fs::read_link(entry.ok()?.path()).ok())
+        .map(|target| target.to_string_lossy().into_owned())
+        .filter(|target| target.contains("/#") && target.ends_with(" (deleted)"))
+        .collect()
+}
+
 /// Live processes any of whose arguments contains `needle`.
 pub fn pids_mentioning(needle: &str) -> Vec<i32> {
     processes()
