@@ -173,8 +173,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE")]
     pub host_resolv_conf: Option<PathBuf>,
     /// Keep COUNT started sandboxes of IMAGE ready, comma-separated IMAGE=COUNT entries, e.g.
-    /// busybox:1.36=4: a create that sets no id, command, env, working dir, user, hostname,
-    /// resources or network gets one at once [env: SANDBOXD_WARM_POOL] [default: none]
+    /// busybox:1.36=4: a create that sets no id, command, hostname or network gets one at once,
+    /// made to have the env, working dir, user and resources it asks for
+    /// [env: SANDBOXD_WARM_POOL] [default: none]
     #[arg(long, value_name = "IMAGE=COUNT,...")]
     pub warm_pool: Option<String>,
     /// How exec output leaves the shim: `auto` (the shim hands the process's pipes to this

@@ -20,6 +20,7 @@ use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use nix::dir::Dir;
@@ -223,35 +224,46 @@ pub async fn open_root(manager: &Manager, id: &SandboxId) -> Result<Root> {
     let SandboxRoot::Running(root_path) = &guard else {
         return sys::blocking(move || Root::new(guard)).await;
     };
-    // `/proc/<pid>/root` names whatever process holds that pid when it is opened. Pin the
-    // process by a descriptor of its /proc directory, then check it is still the sandbox's
-    // PID 1: a pid recycled by a host process in between must never lend us the host's root.
-    let proc_dir = root_path
+    let pid: u32 = root_path
         .parent()
-        .ok_or_else(|| Error::Internal(format!("unexpected root {}", root_path.display())))?
-        .to_path_buf();
-    let pid: u32 = proc_dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.parse().ok())
+        .and_then(|proc_dir| proc_dir.file_name()?.to_str()?.parse().ok())
         .ok_or_else(|| Error::Internal(format!("unexpected root {}", root_path.display())))?;
-    let gone = || {
-        Error::FailedPrecondition(format!(
-            "sandbox {id} stopped while its files were being opened; retry"
-        ))
+    let still_pid1 = || async {
+        let now = manager.get(id).await?;
+        Ok(matches!(now.state, State::Running | State::Paused) && now.pid == pid)
     };
+    open_process_root(pid, guard, still_pid1)
+        .await
+        .map_err(|e| match e {
+            Error::NotFound { .. } | Error::FailedPrecondition(_) => Error::FailedPrecondition(
+                format!("sandbox {id} stopped while its files were being opened; retry"),
+            ),
+            e => e,
+        })
+}
+
+/// Opens the root of the running process `pid` as the root of a sandbox, once `still_pid1`
+/// confirms that `pid` is still the sandbox's PID 1. `/proc/<pid>/root` names whatever process
+/// holds that pid when it is opened, so the process is pinned first by a descriptor of its /proc
+/// directory: a pid recycled by a host process in between must never lend us the host's root.
+/// FAILED_PRECONDITION when the process is gone.
+pub async fn open_process_root<F, Fut>(pid: u32, guard: SandboxRoot, still_pid1: F) -> Result<Root>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let gone = || Error::FailedPrecondition(format!("process {pid} is gone"));
     let proc_fd = sys::blocking(move || {
         nix::fcntl::open(
-            &proc_dir,
+            format!("/proc/{pid}").as_str(),
             OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
             Mode::empty(),
         )
-        .map_err(|e| Error::io(format!("opening {}", proc_dir.display()), e.into()))
+        .map_err(|e| Error::io(format!("opening /proc/{pid}"), e.into()))
     })
     .await
     .map_err(|_| gone())?;
-    let now = manager.get(id).await?;
-    if !matches!(now.state, State::Running | State::Paused) || now.pid != pid {
+    if !still_pid1().await? {
         return Err(gone());
     }
     let fd = sys::blocking(move || {
@@ -309,6 +321,12 @@ impl Root {
             pid: None,
             _guard: guard,
         })
+    }
+
+    /// A path naming the root's directory while this `Root` lives (`/proc/self/fd/N`), for
+    /// reads that take a root path.
+    pub fn fd_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
     }
 
     /// Opens `path`, resolved inside the root. `O_CREAT` is never used here: files are created

@@ -513,29 +513,10 @@ async fn resources_reach_the_cgroup() {
     )
     .await;
     assert_eq!(sb.resources, resources);
-    let cgroup = format!("{}/limited", env.cgroup.path());
-    let read = |ctrl: &str, file: &str| {
-        std::fs::read_to_string(format!("/sys/fs/cgroup/{ctrl}{cgroup}/{file}"))
-            .ok()
-            .map(|s| s.trim().to_string())
-    };
-    if std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-        assert_eq!(read("", "memory.max").as_deref(), Some("67108864"));
-        assert_eq!(read("", "pids.max").as_deref(), Some("50"));
-        assert_eq!(read("", "cpu.max").as_deref(), Some("50000 100000"));
-    } else {
-        assert_eq!(
-            read("memory", "memory.limit_in_bytes").as_deref(),
-            Some("67108864")
-        );
-        assert_eq!(read("pids", "pids.max").as_deref(), Some("50"));
-        assert_eq!(
-            read("cpu,cpuacct", "cpu.cfs_quota_us")
-                .or_else(|| read("cpu", "cpu.cfs_quota_us"))
-                .as_deref(),
-            Some("50000")
-        );
-    }
+    let (memory, pids, quota) = env.cgroup.limits("limited");
+    assert_eq!(memory.as_deref(), Some("67108864"));
+    assert_eq!(pids.as_deref(), Some("50"));
+    assert_eq!(quota.as_deref(), Some("50000"));
     // The default pids limit applies when none is asked for.
     let dflt = create(&mut c, create_req(&env, "default-limits")).await;
     assert_eq!(dflt.resources.unwrap().pids_limit, 1024);

@@ -1,5 +1,6 @@
-//! The warm pool against a real containerd: plain creates are served from started sandboxes
-//! kept ready, the pool refills, stays invisible, survives restarts and shrinks when told.
+//! The warm pool against a real containerd: creates are served from started sandboxes kept
+//! ready (with the environment, working directory, user and limits they ask for), the pool
+//! refills, stays invisible, survives restarts and shrinks when told.
 
 mod common;
 
@@ -188,5 +189,140 @@ async fn warm_pool_serves_plain_creates_refills_and_follows_its_configuration() 
         .await
         .unwrap();
     }
+    env.leak_check().await;
+}
+
+/// Runs `script` with `sh -c` in sandbox `id`; returns stdout.
+async fn sh(
+    c: &mut SandboxServiceClient<tonic::transport::Channel>,
+    id: &str,
+    script: &str,
+) -> String {
+    let out = c
+        .exec_sync(pb::ExecSyncRequest {
+            sandbox_id: id.into(),
+            args: vec!["sh".into(), "-c".into(), script.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("exec in {id}: {e}"))
+        .into_inner();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pooled_creates_take_env_working_dir_user_and_limits() {
+    let env = TestEnv::new().await;
+    let image = env.image_ref();
+    env.sandboxd
+        .restart_with_args(&["--warm-pool".to_string(), format!("{image}=1")])
+        .await;
+    let pooled = wait_pooled(&env, 1).await;
+    let mut c = SandboxServiceClient::new(env.channel().await);
+    let resources = Some(pb::Resources {
+        cpu_millis: 500,
+        memory_bytes: 64 << 20,
+        pids_limit: 50,
+    });
+    let sb = c
+        .create_sandbox(pb::CreateSandboxRequest {
+            image: image.clone(),
+            env: [("GREETING".to_string(), "hello".to_string())].into(),
+            working_dir: "/tmp".into(),
+            user: "nobody".into(),
+            resources,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert!(
+        pooled.contains(&sb.sandbox_id),
+        "{} is not from the pool {pooled:?}",
+        sb.sandbox_id
+    );
+    assert_eq!(sb.resources, resources);
+    let id = sb.sandbox_id.clone();
+    assert_eq!(
+        sh(&mut c, &id, "echo $GREETING; pwd; id -u").await,
+        "hello\n/tmp\n65534\n"
+    );
+    let (memory, pids, quota) = env.cgroup.limits(&id);
+    assert_eq!(memory.as_deref(), Some("67108864"));
+    assert_eq!(pids.as_deref(), Some("50"));
+    assert_eq!(quota.as_deref(), Some("50000"));
+    // The spec it keeps is the one asked for: a restart runs PID 1 with it too.
+    c.stop_sandbox(pb::StopSandboxRequest {
+        sandbox_id: id.clone(),
+        force: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.start_sandbox(pb::StartSandboxRequest {
+        sandbox_id: id.clone(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        sh(
+            &mut c,
+            &id,
+            "tr '\\0' '\\n' < /proc/1/environ | grep GREETING; stat -c %u /proc/1"
+        )
+        .await,
+        "GREETING=hello\n65534\n"
+    );
+    assert_eq!(env.cgroup.limits(&id).0.as_deref(), Some("67108864"));
+
+    // A user the image does not know goes the cold way (which reports it); the pooled
+    // sandbox stays in the pool.
+    let refilled = wait_pooled(&env, 1).await;
+    let err = c
+        .create_sandbox(pb::CreateSandboxRequest {
+            image: image.clone(),
+            user: "no-such-user".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert!(err.message().contains("user"), "{err}");
+    assert_eq!(env.pooled().await, refilled);
+    // A working directory the image lacks is made, as runc makes it at a cold start.
+    let made = c
+        .create_sandbox(pb::CreateSandboxRequest {
+            image: image.clone(),
+            working_dir: "/made/for/this".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert!(
+        refilled.contains(&made.sandbox_id),
+        "{} is not from the pool {refilled:?}",
+        made.sandbox_id
+    );
+    assert_eq!(
+        sh(&mut c, &made.sandbox_id, "pwd; stat -c %a /made/for/this").await,
+        "/made/for/this\n755\n"
+    );
+    wait_pooled(&env, 1).await;
+
+    for id in [id, made.sandbox_id] {
+        c.delete_sandbox(pb::DeleteSandboxRequest {
+            sandbox_id: id,
+            force: true,
+        })
+        .await
+        .unwrap();
+    }
+    env.sandboxd.restart_with_args(&[]).await;
+    wait_pooled(&env, 0).await;
     env.leak_check().await;
 }

@@ -1,5 +1,6 @@
 //! The OCI runtime spec of a sandbox: containerd's defaults for hardening, our choices for the rest.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::Spec;
@@ -9,6 +10,9 @@ use crate::error::{Error, Result};
 
 /// Type URL under which containerd expects a runtime spec.
 pub const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
+/// Type URL under which containerd expects a task's new cgroup limits.
+pub const RESOURCES_TYPE_URL: &str =
+    "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources";
 /// Where the idle init is bind-mounted inside a sandbox.
 pub const IDLE_INIT_PATH: &str = "/.sandboxd/init";
 /// CPU CFS period used to turn millicores into a quota.
@@ -123,17 +127,8 @@ pub fn build(s: &SandboxSpec) -> Result<Vec<u8>> {
         mounts.push(bind(IDLE_INIT_PATH, init, true));
     }
 
-    let mut resources = json!({
-        "devices": [{"allow": false, "access": "rwm"}],
-        "pids": {"limit": s.pids_limit},
-    });
-    if let Some(mem) = s.memory_bytes {
-        resources["memory"] = json!({"limit": mem});
-    }
-    if let Some(milli) = s.cpu_millis {
-        let quota = (milli as u64 * CPU_PERIOD_US / 1000).max(1000);
-        resources["cpu"] = json!({"quota": quota, "period": CPU_PERIOD_US});
-    }
+    let mut resources = limits(s.cpu_millis, s.memory_bytes, s.pids_limit);
+    resources["devices"] = json!([{"allow": false, "access": "rwm"}]);
     let mut netns = json!({"type": "network"});
     let mut sysctl = serde_json::Map::new();
     if let Some(path) = &s.netns_path {
@@ -179,6 +174,80 @@ pub fn build(s: &SandboxSpec) -> Result<Vec<u8>> {
     let typed: Spec =
         serde_json::from_value(spec).map_err(|e| Error::Internal(format!("runtime spec: {e}")))?;
     serde_json::to_vec(&typed).map_err(|e| Error::Internal(format!("runtime spec: {e}")))
+}
+
+/// The cgroup limits of a sandbox, as the spec's `linux.resources` (without its device rules).
+fn limits(
+    cpu_millis: Option<i64>,
+    memory_bytes: Option<i64>,
+    pids_limit: i64,
+) -> serde_json::Value {
+    let mut resources = json!({"pids": {"limit": pids_limit}});
+    if let Some(mem) = memory_bytes {
+        resources["memory"] = json!({"limit": mem});
+    }
+    if let Some(milli) = cpu_millis {
+        let quota = (milli as u64 * CPU_PERIOD_US / 1000).max(1000);
+        resources["cpu"] = json!({"quota": quota, "period": CPU_PERIOD_US});
+    }
+    resources
+}
+
+/// Sets `overrides` in `env` (`KEY=VALUE` entries), replacing entries of the same key.
+pub fn merge_env(env: &mut Vec<String>, overrides: &BTreeMap<String, String>) {
+    for (k, v) in overrides {
+        env.retain(|e| e.split_once('=').map(|(ek, _)| ek) != Some(k.as_str()));
+        env.push(format!("{k}={v}"));
+    }
+}
+
+/// What a claim from the warm pool changes in a started sandbox's stored spec.
+#[derive(Debug, Default)]
+pub struct Overrides<'a> {
+    /// Environment merged over the spec's.
+    pub env: Option<&'a BTreeMap<String, String>>,
+    /// New working directory.
+    pub cwd: Option<&'a str>,
+    /// New user.
+    pub user: Option<User>,
+    /// New limits: cpu millicores, memory bytes, pids.
+    pub limits: Option<(Option<i64>, Option<i64>, i64)>,
+}
+
+/// Applies `o` to the runtime spec `spec` (JSON bytes); returns the new spec, and the
+/// `LinuxResources` (JSON bytes) that a running task must be updated with when the limits
+/// change.
+pub fn apply(spec: &[u8], o: &Overrides<'_>) -> Result<(Vec<u8>, Option<Vec<u8>>)> {
+    let bad = |e: serde_json::Error| Error::Internal(format!("stored runtime spec: {e}"));
+    let mut spec: serde_json::Value = serde_json::from_slice(spec).map_err(bad)?;
+    if let Some(env) = o.env {
+        let mut merged: Vec<String> = spec["process"]["env"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        merge_env(&mut merged, env);
+        spec["process"]["env"] = json!(merged);
+    }
+    if let Some(cwd) = o.cwd {
+        spec["process"]["cwd"] = json!(cwd);
+    }
+    if let Some(user) = o.user {
+        spec["process"]["user"] = json!({"uid": user.uid, "gid": user.gid});
+    }
+    let mut update = None;
+    if let Some((cpu, memory, pids)) = o.limits {
+        let new = limits(cpu, memory, pids);
+        let devices = spec["linux"]["resources"]["devices"].take();
+        spec["linux"]["resources"] = new.clone();
+        spec["linux"]["resources"]["devices"] = devices;
+        update = Some(serde_json::to_vec(&new).map_err(bad)?);
+    }
+    let typed: Spec = serde_json::from_value(spec).map_err(bad)?;
+    Ok((serde_json::to_vec(&typed).map_err(bad)?, update))
 }
 
 /// The spec of an exec'd process inside a sandbox (same hardening as PID 1).
@@ -233,6 +302,54 @@ mod tests {
             idle_init: Some(PathBuf::from("/usr/bin/catatonit")),
             netns_path: None,
         }
+    }
+
+    #[test]
+    fn overrides_change_env_cwd_user_and_limits_only() {
+        let mut base = sample();
+        base.env = vec!["PATH=/bin".into(), "KEEP=1".into(), "GREETING=old".into()];
+        base.cpu_millis = None;
+        base.memory_bytes = None;
+        let stored = build(&base).unwrap();
+        let env: BTreeMap<String, String> = [("GREETING".into(), "new".into())].into();
+        // oci-spec keeps capabilities in a set: their order is not kept, their members are.
+        let without_caps = |bytes: &[u8]| {
+            let mut spec: serde_json::Value = serde_json::from_slice(bytes).unwrap();
+            let caps = spec["process"]["capabilities"].take();
+            let caps: std::collections::BTreeSet<String> = caps["bounding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c.as_str().unwrap().to_string())
+                .collect();
+            (spec, caps)
+        };
+        let (bytes, update) = apply(&stored, &Overrides::default()).unwrap();
+        assert!(update.is_none());
+        assert_eq!(without_caps(&bytes), without_caps(&stored));
+        let o = Overrides {
+            env: Some(&env),
+            cwd: Some("/work"),
+            user: Some(User { uid: 7, gid: 8 }),
+            limits: Some((Some(250), Some(32 << 20), 10)),
+        };
+        let (bytes, update) = apply(&stored, &o).unwrap();
+        let spec: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            spec["process"]["env"],
+            json!(["PATH=/bin", "KEEP=1", "GREETING=new"])
+        );
+        assert_eq!(spec["process"]["cwd"], "/work");
+        assert_eq!(spec["process"]["user"], json!({"uid": 7, "gid": 8}));
+        let r = &spec["linux"]["resources"];
+        assert_eq!(r["memory"]["limit"], 32 << 20);
+        assert_eq!(r["cpu"]["quota"], 25_000);
+        assert_eq!(r["pids"]["limit"], 10);
+        assert_eq!(r["devices"], json!([{"allow": false, "access": "rwm"}]));
+        assert_eq!(spec["process"]["args"], json!(["/bin/sh"]));
+        let update: serde_json::Value = serde_json::from_slice(&update.unwrap()).unwrap();
+        assert_eq!(update["pids"]["limit"], 10);
+        assert!(update.get("devices").is_none(), "{update}");
     }
 
     #[test]

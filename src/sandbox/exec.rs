@@ -280,10 +280,7 @@ impl Manager {
                     .collect()
             })
             .unwrap_or_default();
-        for (k, v) in &spec.env {
-            env.retain(|e| e.split_once('=').map(|(ek, _)| ek) != Some(k.as_str()));
-            env.push(format!("{k}={v}"));
-        }
+        spec::merge_env(&mut env, &spec.env);
         if spec.tty && !env.iter().any(|e| e.starts_with("TERM=")) {
             env.push("TERM=xterm".to_string());
         }

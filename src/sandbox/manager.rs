@@ -13,7 +13,8 @@ use containerd_client::services::v1::snapshots::{
 use containerd_client::services::v1::{
     Container, CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest,
     DeleteTaskRequest, GetContainerRequest, GetRequest, KillRequest, ListContainersRequest,
-    ListTasksRequest, ResumeTaskRequest, StartRequest, UpdateContainerRequest, WaitRequest,
+    ListTasksRequest, ResumeTaskRequest, StartRequest, UpdateContainerRequest, UpdateTaskRequest,
+    WaitRequest,
 };
 use containerd_client::types::v1::{Process, Status as TaskStatus};
 use futures::StreamExt;
@@ -27,7 +28,7 @@ use crate::image;
 use crate::net::policy::NetPolicy;
 use crate::net::Network;
 use crate::runtime::lease::Lease;
-use crate::runtime::spec::{self, SandboxSpec, IDLE_INIT_PATH, SPEC_TYPE_URL};
+use crate::runtime::spec::{self, SandboxSpec, IDLE_INIT_PATH, RESOURCES_TYPE_URL, SPEC_TYPE_URL};
 use crate::runtime::{Containerd, SNAPSHOTTER};
 use crate::sys;
 
@@ -43,9 +44,9 @@ pub(super) const L_CLAIMED: &str = "sandboxd.io/claimed-at";
 const L_STARTED: &str = "sandboxd.io/started-at";
 const L_EXITED: &str = "sandboxd.io/exited-at";
 const L_EXIT_STATUS: &str = "sandboxd.io/exit-status";
-const L_CPU: &str = "sandboxd.io/cpu-millis";
-const L_MEMORY: &str = "sandboxd.io/memory-bytes";
-const L_PIDS: &str = "sandboxd.io/pids-limit";
+pub(super) const L_CPU: &str = "sandboxd.io/cpu-millis";
+pub(super) const L_MEMORY: &str = "sandboxd.io/memory-bytes";
+pub(super) const L_PIDS: &str = "sandboxd.io/pids-limit";
 const L_NETWORK: &str = "sandboxd.io/network";
 /// The BRIDGE sandbox's address while its network is attached.
 const L_NET_IP: &str = "sandboxd.io/net-ip";
@@ -543,10 +544,7 @@ impl Manager {
         if !env.iter().any(|e| e.starts_with("PATH=")) {
             env.insert(0, DEFAULT_PATH.to_string());
         }
-        for (k, v) in &spec.env {
-            env.retain(|e| e.split_once('=').map(|(ek, _)| ek) != Some(k.as_str()));
-            env.push(format!("{k}={v}"));
-        }
+        spec::merge_env(&mut env, &spec.env);
         let idle = spec.command.is_empty();
         let args = if idle {
             vec![IDLE_INIT_PATH.to_string(), "-P".to_string()]
@@ -1129,19 +1127,54 @@ impl Manager {
         id: &str,
         changes: &[(&str, Option<String>)],
     ) -> Result<()> {
+        self.update_container(id, changes, None).await
+    }
+
+    /// Applies `resources` (a `LinuxResources` as JSON) to the running task of sandbox `id`.
+    pub(super) async fn update_task_resources(&self, id: &str, resources: Vec<u8>) -> Result<()> {
+        let req = UpdateTaskRequest {
+            container_id: id.to_string(),
+            resources: Some(prost_types::Any {
+                type_url: RESOURCES_TYPE_URL.into(),
+                value: resources,
+            }),
+            annotations: HashMap::new(),
+        };
+        self.cd
+            .tasks()
+            .update(self.cd.req(req))
+            .await
+            .map_err(|s| Error::containerd("tasks.update", s))?;
+        Ok(())
+    }
+
+    /// Sets (`Some`) or removes (`None`) labels of container `id`, and replaces its runtime spec
+    /// when `spec` is given, in one update.
+    pub(super) async fn update_container(
+        &self,
+        id: &str,
+        changes: &[(&str, Option<String>)],
+        spec: Option<Vec<u8>>,
+    ) -> Result<()> {
         let labels = changes
             .iter()
             .filter_map(|(k, v)| v.clone().map(|v| (k.to_string(), v)))
             .collect();
+        let mut paths: Vec<String> = changes.iter().map(|(k, _)| format!("labels.{k}")).collect();
+        if spec.is_some() {
+            paths.push("spec".into());
+        }
         let req = UpdateContainerRequest {
             container: Some(Container {
                 id: id.to_string(),
                 labels,
+                spec: spec.map(|value| prost_types::Any {
+                    type_url: SPEC_TYPE_URL.into(),
+                    value,
+                }),
                 ..Default::default()
             }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: changes.iter().map(|(k, _)| format!("labels.{k}")).collect(),
-            }),
+            update_mask: Some(prost_types::FieldMask { paths }),
         };
         self.cd
             .containers()

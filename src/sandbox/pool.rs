@@ -4,24 +4,31 @@
 //!
 //! A pooled sandbox is an ordinary sandbox of the configured image with an idle PID 1, a
 //! generated id (which is also its hostname) and the `sandboxd.io/pool` label, which hides it
-//! from every RPC. A create qualifies when it sets no id, command, env, working dir, user,
-//! hostname, resources or network, and asks for a started sandbox: it then gets a pooled one,
-//! its labels and TTL applied, and the pool is topped up in the background. Everything lives
+//! from every RPC. A create qualifies when it sets no id, command, hostname or network, and asks
+//! for a started sandbox: it then gets a pooled one, with its labels and TTL, its env, working
+//! dir and user in the stored spec and its limits on the running cgroup, and the pool is topped
+//! up in the background. Everything lives
 //! in containerd, so a restarted sandboxd adopts the pooled sandboxes still running and deletes
 //! the rest (and those of images no longer configured).
 
 use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use containerd_client::services::v1::Container;
 use containerd_client::types::v1::Status as TaskStatus;
 
-use super::manager::{L_EXPIRES, L_MANIFEST_REF, L_POOL};
+use super::manager::SandboxRoot;
+use super::manager::{L_CPU, L_EXPIRES, L_MANIFEST_REF, L_MEMORY, L_PIDS, L_POOL};
 use super::model::*;
 use crate::error::{Error, Result};
 use crate::image::ImageRef;
+use crate::runtime::spec::{self, Overrides, User};
+use crate::sys;
 
+/// Mode of a working directory a claim makes (runc's, at a cold start).
+const WORKING_DIR_MODE: u32 = 0o755;
 /// How long a failed refill waits before trying again.
 const REFILL_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -67,6 +74,15 @@ impl WarmPool {
         self.state().ready.get(image).map_or(0, VecDeque::len)
     }
 
+    /// Returns `id`, taken but not used, to the front of `image`'s queue.
+    fn put_back(&self, image: &str, id: String) {
+        self.state()
+            .ready
+            .entry(image.to_string())
+            .or_default()
+            .push_front(id);
+    }
+
     fn push(&self, image: &str, id: String) {
         self.state()
             .ready
@@ -87,19 +103,28 @@ impl WarmPool {
     }
 }
 
-/// Whether `spec` asks for nothing a pooled sandbox of its image does not already have.
+/// Whether `spec` asks for nothing a pooled sandbox of its image cannot still become: its id,
+/// hostname, PID 1 and network are fixed when it starts; environment, working directory, user
+/// and limits are set when it is claimed.
 fn qualifies(spec: &CreateSpec) -> bool {
     spec.id_generated
         && spec.hostname == spec.id.as_str()
         && matches!(spec.source, Source::Image(_))
         && spec.command.is_empty()
-        && spec.env.is_empty()
-        && spec.working_dir.is_none()
-        && spec.user.is_none()
-        && spec.resources == Resources::default()
         && spec.network == NetworkMode::None
         && spec.start
         && spec.pool.is_none()
+}
+
+/// How a claim of one pooled sandbox went.
+enum Claim {
+    /// It is the caller's now.
+    Served(Box<Sandbox>),
+    /// It cannot be handed out (stopped, or its image was pulled anew since): delete it.
+    Stale,
+    /// It is fine but cannot become what this request asks (a working directory it lacks, a
+    /// user it cannot resolve): it stays in the pool and the cold path answers the request.
+    Unfit,
 }
 
 impl super::Manager {
@@ -117,11 +142,17 @@ impl super::Manager {
             return Ok(None);
         }
         while let Some(id) = self.pool.take(&name) {
-            self.refill(image.clone());
             let id = SandboxId::parse("sandbox_id", &id)?;
             match self.make_pooled_yours(&id, image, spec).await {
-                Ok(Some(sandbox)) => return Ok(Some(sandbox)),
-                Ok(None) => {
+                Ok(Claim::Served(sandbox)) => {
+                    self.refill(image.clone());
+                    return Ok(Some(*sandbox));
+                }
+                Ok(Claim::Unfit) => {
+                    self.pool.put_back(&name, id.to_string());
+                    return Ok(None);
+                }
+                Ok(Claim::Stale) => {
                     tracing::info!(sandbox_id = %id, "discarding a stale pooled sandbox");
                     self.discard_pooled(id);
                 }
@@ -135,14 +166,15 @@ impl super::Manager {
         Ok(None)
     }
 
-    /// Turns pooled sandbox `id` into the caller's: its labels and TTL, no pool label. `None`
-    /// when it no longer fits (stopped, or its image was pulled anew since it was made).
+    /// Turns pooled sandbox `id` into the caller's: its environment, working directory, user
+    /// and limits (the stored spec, and the running task's cgroup), labels and TTL, no pool
+    /// label.
     async fn make_pooled_yours(
         &self,
         id: &SandboxId,
         image: &ImageRef,
         spec: &CreateSpec,
-    ) -> Result<Option<Sandbox>> {
+    ) -> Result<Claim> {
         let _guard = self.lock(id.as_str()).await;
         let (container, task, current) = tokio::try_join!(
             self.any_container(id),
@@ -150,12 +182,13 @@ impl super::Manager {
             crate::image::resolve(self.containerd(), image),
         )?;
         let Some(container) = container.filter(|c| c.labels.contains_key(L_POOL)) else {
-            return Ok(None);
+            return Ok(Claim::Stale);
         };
-        let running = task.is_some_and(|t| t.status == TaskStatus::Running as i32);
-        let same_image = container.labels.get(L_MANIFEST_REF) == Some(&current.manifest_digest);
-        if !running || !same_image {
-            return Ok(None);
+        let Some(task) = task.filter(|t| t.status == TaskStatus::Running as i32) else {
+            return Ok(Claim::Stale);
+        };
+        if container.labels.get(L_MANIFEST_REF) != Some(&current.manifest_digest) {
+            return Ok(Claim::Stale);
         }
         let now = SystemTime::now();
         let mut changes: Vec<(&str, Option<String>)> = vec![
@@ -168,9 +201,79 @@ impl super::Manager {
         for (k, v) in &spec.labels {
             changes.push((k.as_str(), Some(v.clone())));
         }
-        self.update_labels(id.as_str(), &changes).await?;
+        let overrides = match self.overrides(id, spec, task.pid).await {
+            Ok(o) => o,
+            Err(claim) => return Ok(claim),
+        };
+        let new_spec = match &overrides {
+            None => None,
+            Some(o) => {
+                let stored = container.spec.as_ref().map_or(&[][..], |s| &s.value[..]);
+                let (new_spec, resources) = spec::apply(stored, o)?;
+                if let Some(resources) = resources {
+                    self.update_task_resources(id.as_str(), resources).await?;
+                }
+                Some(new_spec)
+            }
+        };
+        let r = &spec.resources;
+        for (label, value) in [
+            (L_PIDS, r.pids_limit),
+            (L_CPU, r.cpu_millis),
+            (L_MEMORY, r.memory_bytes),
+        ] {
+            if let Some(v) = value {
+                changes.push((label, Some(v.to_string())));
+            }
+        }
+        self.update_container(id.as_str(), &changes, new_spec)
+            .await?;
         tracing::info!(sandbox_id = %id, image = %image, "served create from the warm pool");
-        self.get(id).await.map(Some)
+        let sandbox = self.get(id).await?;
+        Ok(Claim::Served(Box::new(sandbox)))
+    }
+
+    /// What `spec` changes in pooled sandbox `id` whose PID 1 is `pid` (`None`: nothing), having
+    /// made the working directory it asks for; else what to do with the sandbox instead.
+    async fn overrides<'a>(
+        &self,
+        id: &SandboxId,
+        spec: &'a CreateSpec,
+        pid: u32,
+    ) -> std::result::Result<Option<Overrides<'a>>, Claim> {
+        let r = &spec.resources;
+        let mut o = Overrides {
+            env: (!spec.env.is_empty()).then_some(&spec.env),
+            cwd: spec.working_dir.as_deref(),
+            user: None,
+            limits: (*r != Resources::default()).then(|| {
+                (
+                    r.cpu_millis,
+                    r.memory_bytes,
+                    r.pids_limit.unwrap_or(crate::config::DEFAULT_PIDS_LIMIT),
+                )
+            }),
+        };
+        if spec.working_dir.is_some() || spec.user.is_some() {
+            // The pooled sandbox's files are its image's, untouched: what a cold create finds
+            // in its fresh snapshot.
+            let root_path = PathBuf::from(format!("/proc/{pid}/root"));
+            let still_pid1 = || async {
+                let task = self.task(id.as_str()).await?;
+                Ok(task.is_some_and(|t| t.status == TaskStatus::Running as i32 && t.pid == pid))
+            };
+            let root =
+                crate::files::open_process_root(pid, SandboxRoot::Running(root_path), still_pid1)
+                    .await
+                    .map_err(|_| Claim::Stale)?;
+            let (cwd, user) = (spec.working_dir.clone(), spec.user.clone());
+            o.user =
+                sys::blocking(move || Ok(prepare_root(&root, cwd.as_deref(), user.as_deref())))
+                    .await
+                    .unwrap_or(Err(Claim::Stale))?;
+        }
+        let nothing = o.env.is_none() && o.cwd.is_none() && o.user.is_none() && o.limits.is_none();
+        Ok((!nothing).then_some(o))
     }
 
     /// Deletes a pooled sandbox in the background.
@@ -253,6 +356,30 @@ impl super::Manager {
         }
         Ok(())
     }
+}
+
+/// In the root of a pooled sandbox: resolves `user` (a user it does not know is the cold path's
+/// to report) and makes the working directory `cwd` when missing, as runc does at a cold start
+/// (a failure there may leave part of it behind: the sandbox is then discarded).
+fn prepare_root(
+    root: &crate::files::Root,
+    cwd: Option<&str>,
+    user: Option<&str>,
+) -> std::result::Result<Option<User>, Claim> {
+    let path = root.fd_path();
+    let user = match user {
+        None => None,
+        Some(u) => Some(sys::resolve_user("user", u, Some(&path)).map_err(|_| Claim::Unfit)?),
+    };
+    if let Some(cwd) = cwd.filter(|cwd| !sys::is_dir_in_root(&path, cwd)) {
+        let made = crate::files::SandboxPath::parse("working_dir", cwd)
+            .and_then(|dir| crate::files::make_dir(root, &dir, true, WORKING_DIR_MODE));
+        made.map_err(|e| {
+            tracing::warn!(error = %e, "making the working directory of a pooled sandbox failed");
+            Claim::Stale
+        })?;
+    }
+    Ok(user)
 }
 
 /// Parses `--warm-pool` entries, `IMAGE=COUNT`.

@@ -352,6 +352,29 @@ impl CgroupParent {
         &self.path
     }
 
+    /// The memory limit, pids limit and CPU quota (µs per 100 ms) set on sandbox `id`'s cgroup
+    /// below this parent, as the kernel shows them (cgroup v1 or v2); `None` where unreadable.
+    pub fn limits(&self, id: &str) -> (Option<String>, Option<String>, Option<String>) {
+        let cgroup = format!("{}/{id}", self.path);
+        let read = |ctrl: &str, file: &str| {
+            fs::read_to_string(format!("/sys/fs/cgroup/{ctrl}{cgroup}/{file}"))
+                .ok()
+                .map(|s| s.trim().to_string())
+        };
+        if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            let quota = read("", "cpu.max").map(|q| q.split(' ').next().unwrap_or("").to_string());
+            (read("", "memory.max"), read("", "pids.max"), quota)
+        } else {
+            let quota =
+                read("cpu,cpuacct", "cpu.cfs_quota_us").or_else(|| read("cpu", "cpu.cfs_quota_us"));
+            (
+                read("memory", "memory.limit_in_bytes"),
+                read("pids", "pids.max"),
+                quota,
+            )
+        }
+    }
+
     /// The parent's directory in every mounted hierarchy where it exists (v1 controllers, the
     /// hybrid `unified` v2 tree, or a pure v2 root).
     pub fn dirs(&self) -> Vec<PathBuf> {
