@@ -15,17 +15,24 @@
 //!   sandboxes are deleted after each sample (not timed), `--rm` removes ctr's;
 //! * time to first command from the warm pool, as many times: sandboxd restarted with
 //!   `--warm-pool IMAGE=2`, then a plain `CreateSandbox` (no id, served from the pool) and
-//!   `Exec echo hi` until the first stdout byte, against `ctr run --rm` again; before each sample
-//!   (not timed) the pool is given time to refill, as it would between requests that do not
-//!   outpace it;
+//!   `Exec echo hi` until the first stdout byte, against `ctr run --rm` again; then (sandboxd
+//!   only, beside the same ctr samples) an agent's create from the pool: an env entry, a working
+//!   dir the image lacks, CPU and memory limits. Before each sample (not timed) the pool is given
+//!   time to refill, as it would between requests that do not outpace it;
 //! * stdout throughput, `BENCH_THROUGHPUT_RUNS` (default 3) times per workload: 1 GiB of
-//!   `head -c 1073741824 /dev/zero` (the issue's workload) and of
+//!   `head -c 1073741824 /dev/zero` (the issue's workload) with busybox's `head` and with GNU
+//!   coreutils' (the `head` of Debian- and Ubuntu-based images), and of
 //!   `dd if=/dev/zero bs=1048576 count=1024` through `Exec`, the client counting and discarding
 //!   the bytes (the total is checked), against `ctr task exec ...` of the same command with ctr's
 //!   stdout on /dev/null (ctr's own process copies the bytes there). busybox's `head -c` writes
 //!   4 KiB at a time and burns CPU per byte, so it is also timed alone in the sandbox with its
-//!   output on /dev/null (`sh -c 'head -c ... > /dev/null'`): the most that workload can show
-//!   through any exec path. `dd` with 1 MiB writes shows what the exec path itself carries.
+//!   output on /dev/null (`sh -c '/bin/head -c ... > /dev/null'`): the most that workload can
+//!   show through any exec path. GNU `head` and `dd` with 1 MiB writes show what the exec path
+//!   itself carries.
+//!
+//! Every phase uses one image: the busybox test image plus a layer with the host's GNU `head`
+//! (Debian's coreutils) at /usr/bin/head and the shared libraries it loads; busybox's stays at
+//! /bin/head. Workloads name the program by its path.
 //!
 //! `BENCH_SANDBOXD_ARGS` adds flags to the sandboxd under test, for A/B runs (e.g.
 //! `BENCH_SANDBOXD_ARGS='--exec-io-relay off'` for exec output through FIFOs).
@@ -91,18 +98,28 @@ const WARMUP: usize = 3;
 /// Bytes the throughput phase moves per transfer: 1 GiB.
 const THROUGHPUT_BYTES: u64 = 1 << 30;
 /// The throughput workloads: a name and a command printing [`THROUGHPUT_BYTES`] to stdout.
-const WORKLOADS: [(&str, &[&str]); 2] = [
+const WORKLOADS: [(&str, &[&str]); 3] = [
     (
-        "1 GiB stdout, head -c",
-        &["head", "-c", "1073741824", "/dev/zero"],
+        "1 GiB stdout, busybox head -c",
+        &[BUSYBOX_HEAD, "-c", "1073741824", "/dev/zero"],
+    ),
+    (
+        "1 GiB stdout, GNU head -c",
+        &[GNU_HEAD, "-c", "1073741824", "/dev/zero"],
     ),
     (
         "1 GiB stdout, dd bs=1M",
         &["dd", "if=/dev/zero", "bs=1048576", "count=1024"],
     ),
 ];
-/// `head -c` of the same size with its output on /dev/null inside the sandbox.
-const HEAD_ALONE: &[&str] = &["sh", "-c", "head -c 1073741824 /dev/zero > /dev/null"];
+/// busybox's `head` in the bench image.
+const BUSYBOX_HEAD: &str = "/bin/head";
+/// The host's GNU coreutils `head`, at the same path in the bench image.
+const GNU_HEAD: &str = "/usr/bin/head";
+/// Name and tag of the bench image in the fixtures' registry.
+const BENCH_IMAGE: &str = "busybox-gnu-head:latest";
+/// busybox's `head -c` of the same size with its output on /dev/null inside the sandbox.
+const HEAD_ALONE: &[&str] = &["sh", "-c", "/bin/head -c 1073741824 /dev/zero > /dev/null"];
 /// Goal for the exec round trip: sandboxd's p50 at most this fraction of ctr's.
 const ROUND_TRIP_TARGET_RATIO: f64 = 0.5;
 /// Warm-pool size for the pooled time-to-first-command phase.
@@ -146,7 +163,14 @@ fn main() -> Result<()> {
 /// Starts the fixtures, measures both sides, reports, and checks for leftovers.
 async fn run(settings: Settings) -> Result<()> {
     let env = TestEnv::new().await;
-    let image = env.image_ref();
+    let gnu_head = common::image::host_binaries_layer(&[GNU_HEAD]);
+    let gnu_head: Vec<(&str, &[u8])> = gnu_head
+        .iter()
+        .map(|(path, data)| (path.as_str(), data.as_slice()))
+        .collect();
+    let layout =
+        common::image::build_layout_layers(&common::image::image_cache_dir(), &[&gnu_head]);
+    let image = env.push_image(&layout, BENCH_IMAGE);
     let machine = MachineFacts::collect(&env.containerd).await?;
     let load_before = load_average()?;
     println!("{}", machine.render());
@@ -627,8 +651,10 @@ struct Samples {
     round_trip: Vec<Duration>,
     ttfc: Vec<Duration>,
     ttfc_pool: Vec<Duration>,
+    /// From the pool with an agent's create (see [`agent_request`]); sandboxd only.
+    ttfc_pool_agent: Vec<Duration>,
     /// Per workload (see [`WORKLOADS`]).
-    transfers: [Vec<Transfer>; 2],
+    transfers: [Vec<Transfer>; WORKLOADS.len()],
     /// `head -c` alone, output to /dev/null inside the sandbox (sandboxd side only).
     head_alone: Vec<Transfer>,
 }
@@ -752,7 +778,7 @@ async fn measure_both(
             elapsed: record.exited,
         };
         println!(
-            "  head -c alone to /dev/null, run {}: {:.0} MiB/s",
+            "  busybox head alone to /dev/null, run {}: {:.0} MiB/s",
             i + 1,
             alone.mib_per_s()
         );
@@ -787,16 +813,42 @@ async fn measure_pooled_ttfc(
         let id = format!("bench-ttfc-pool-{i:03}");
         let (s, c) = alternate(
             i,
-            sandboxd_ttfc_pooled(sandboxd, env),
+            sandboxd_ttfc_pooled(
+                sandboxd,
+                env,
+                pb::CreateSandboxRequest {
+                    image: sandboxd.image.clone(),
+                    ..Default::default()
+                },
+            ),
             ctr.run_rm_first_byte(&id, TTFC_COMMAND, TTFC_OUTPUT),
         )
         .await?;
+        wait_pool_size(env, WARM_POOL_SIZE).await?;
+        let agent = sandboxd_ttfc_pooled(sandboxd, env, agent_request(&sandboxd.image)).await?;
         if i >= settings.warmup {
             samples.sandboxd.ttfc_pool.push(s);
+            samples.sandboxd.ttfc_pool_agent.push(agent);
             samples.ctr.ttfc_pool.push(c);
         }
     }
     Ok(())
+}
+
+/// The create an agent platform typically makes: a key in the environment, a working dir the
+/// image lacks, memory and CPU limits.
+fn agent_request(image: &str) -> pb::CreateSandboxRequest {
+    pb::CreateSandboxRequest {
+        image: image.to_owned(),
+        env: [("AGENT_TOKEN".to_owned(), "bench".to_owned())].into(),
+        working_dir: "/workspace".into(),
+        resources: Some(pb::Resources {
+            cpu_millis: 1000,
+            memory_bytes: 256 << 20,
+            pids_limit: 0,
+        }),
+        ..Default::default()
+    }
 }
 
 /// Waits until sandboxd's warm pool holds exactly `n` sandboxes.
@@ -815,14 +867,14 @@ async fn wait_pool_size(env: &TestEnv, n: usize) -> Result<()> {
     }
 }
 
-/// A plain CreateSandbox (served from the pool), then `Exec echo hi`: until the first stdout
-/// byte. Checks the sandbox came from the pool; deletes it afterwards (not timed).
-async fn sandboxd_ttfc_pooled(sandboxd: &SandboxdSide, env: &TestEnv) -> Result<Duration> {
+/// `request` (a CreateSandbox without id, served from the pool), then `Exec echo hi`: until the
+/// first stdout byte. Checks the sandbox came from the pool; deletes it afterwards (not timed).
+async fn sandboxd_ttfc_pooled(
+    sandboxd: &SandboxdSide,
+    env: &TestEnv,
+    request: pb::CreateSandboxRequest,
+) -> Result<Duration> {
     let pool = env.pooled().await;
-    let request = pb::CreateSandboxRequest {
-        image: sandboxd.image.clone(),
-        ..Default::default()
-    };
     let start = Instant::now();
     let id = support::create_running_id(&sandboxd.client, request).await?;
     let record = sandboxd.exec(&id, TTFC_COMMAND, start).await?;
@@ -1030,6 +1082,12 @@ impl Report {
                 &c.ttfc_pool,
                 TTFC_TARGET_MS,
             ),
+            Row::absolute(
+                "same, pool, env+dir+limits",
+                &s.ttfc_pool_agent,
+                &c.ttfc_pool,
+                TTFC_TARGET_MS,
+            ),
         ]
         .into_iter()
         .flatten()
@@ -1102,12 +1160,13 @@ impl Report {
              create+exec: CreateSandbox (idle PID 1) + Exec `echo hi` vs `ctr run --rm IMAGE ID \
              echo hi`, both to the first stdout byte; from the warm pool: the same with \
              sandboxd serving --warm-pool IMAGE=2 and a plain CreateSandbox (no id) taken from \
-             the refilled pool\n",
+             the refilled pool; env+dir+limits: the same with an env entry, working_dir \
+             /workspace (made) and CPU and memory limits in the create\n",
         );
         if !self.throughput.is_empty() {
             out.push('\n');
             let header = format!(
-                "{:<28} {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9} | {:>9} {:>6}\n",
+                "{:<30} {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9} | {:>9} {:>6}\n",
                 "throughput (MiB/s)",
                 "sbx med",
                 "sbx min",
@@ -1123,7 +1182,7 @@ impl Report {
             out.push('\n');
             for t in &self.throughput {
                 out.push_str(&format!(
-                    "{:<28} {:>9.0} {:>9.0} {:>9.0} | {:>9.0} {:>9.0} {:>9.0} | {:>8.2}x {:>6}\n",
+                    "{:<30} {:>9.0} {:>9.0} {:>9.0} | {:>9.0} {:>9.0} {:>9.0} | {:>8.2}x {:>6}\n",
                     t.operation,
                     t.sandboxd.median_mib_s,
                     t.sandboxd.min_mib_s,
@@ -1137,8 +1196,8 @@ impl Report {
             }
             if let Some(a) = &self.head_alone {
                 out.push_str(&format!(
-                    "{:<28} {:>9.0} {:>9.0} {:>9.0} | (no output crosses any exec path: the head -c row's ceiling)\n",
-                    "head -c alone, to /dev/null", a.median_mib_s, a.min_mib_s, a.max_mib_s
+                    "{:<30} {:>9.0} {:>9.0} {:>9.0} | (no output crosses any exec path: the busybox row's ceiling)\n",
+                    "busybox head alone, /dev/null", a.median_mib_s, a.min_mib_s, a.max_mib_s
                 ));
             }
             out.push_str(&format!(

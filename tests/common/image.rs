@@ -274,6 +274,44 @@ fn busybox_applets() -> Vec<String> {
     applets.into_iter().collect()
 }
 
+/// The first bytes of an ELF file: such files are made executable in a layer.
+const ELF_MAGIC: &[u8] = b"\x7fELF";
+
+/// The host's dynamically linked `binaries` at their own paths, with the shared libraries `ldd`
+/// names for them (their content, at the paths the loader looks for), for a layer of
+/// [`build_layout_layers`]: real programs of the host's userland inside a test image.
+pub fn host_binaries_layer(binaries: &[&str]) -> Vec<(String, Vec<u8>)> {
+    let mut paths = BTreeSet::new();
+    for binary in binaries {
+        paths.insert(binary.to_string());
+        let out = Command::new("ldd")
+            .arg(binary)
+            .output()
+            .unwrap_or_else(|e| panic!("run ldd {binary}: {e}"));
+        assert!(
+            out.status.success(),
+            "ldd {binary} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Lines look like `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)` or
+        // `/lib64/ld-linux-x86-64.so.2 (0x...)`; linux-vdso has no path.
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let path = line
+                .split_whitespace()
+                .find(|word| word.starts_with('/'))
+                .map(str::to_owned);
+            paths.extend(path);
+        }
+    }
+    paths
+        .into_iter()
+        .map(|path| {
+            let data = fs::read(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+            (path, data)
+        })
+        .collect()
+}
+
 /// A layer with `files` and the directories that lead to them.
 fn extra_layer_tar(files: &[(&str, &[u8])]) -> Vec<u8> {
     let mut dirs = BTreeSet::new();
@@ -299,7 +337,7 @@ fn extra_layer_tar(files: &[(&str, &[u8])]) -> Vec<u8> {
         })
         .collect();
     for (path, data) in files {
-        let mode = if data.starts_with(b"#!") {
+        let mode = if data.starts_with(b"#!") || data.starts_with(ELF_MAGIC) {
             0o755
         } else {
             0o644
