@@ -480,9 +480,12 @@ impl<'a> CtrSide<'a> {
     /// `ctr run -d --null-io` of the idle command: a running container to exec in.
     async fn run_detached(&self, id: &str) -> Result<()> {
         let cgroup = format!("{}/{id}", self.cgroup.path());
+        let runc_root = support::runc_root(self.containerd);
         let mut args = vec![
             "run",
             "-d",
+            "--runc-root",
+            &runc_root,
             "--null-io",
             "--cgroup",
             &cgroup,
@@ -540,9 +543,12 @@ impl<'a> CtrSide<'a> {
         expected: &[u8],
     ) -> Result<Duration> {
         let cgroup = format!("{}/{id}", self.cgroup.path());
+        let runc_root = support::runc_root(self.containerd);
         let mut full = vec![
             "run",
             "--rm",
+            "--runc-root",
+            &runc_root,
             "--fifo-dir",
             self.fifo_dir(),
             "--cgroup",

@@ -283,7 +283,17 @@ impl Side for CtrSide<'_> {
 
     async fn create(&self, id: &str) -> Result<()> {
         let cgroup = format!("{}/{id}", self.cgroup.path());
-        let mut args = vec!["run", "-d", "--cgroup", &cgroup, &self.image, id];
+        let runc_root = support::runc_root(self.containerd);
+        let mut args = vec![
+            "run",
+            "-d",
+            "--runc-root",
+            &runc_root,
+            "--cgroup",
+            &cgroup,
+            &self.image,
+            id,
+        ];
         args.extend_from_slice(CTR_COMMAND);
         self.live().insert(id.to_owned());
         self.ctr(&args).await

@@ -549,9 +549,12 @@ impl<'a> CtrSide<'a> {
     /// `ctr run -d --null-io` of the idle command.
     async fn run_detached(&self, id: &str) -> Result<()> {
         let cgroup = format!("{}/{id}", self.cgroup.path());
+        let runc_root = support::runc_root(self.containerd);
         let mut args = vec![
             "run",
             "-d",
+            "--runc-root",
+            &runc_root,
             "--null-io",
             "--cgroup",
             &cgroup,

@@ -26,6 +26,8 @@ pub const DEFAULT_CGROUP_PARENT: &str = "/sandboxd";
 pub const DEFAULT_PIDS_LIMIT: i64 = 1024;
 /// Default path of the idle PID 1 bind-mounted into sandboxes without a command.
 pub const DEFAULT_IDLE_INIT: &str = "/usr/bin/catatonit";
+/// Default runc state directory (containerd's own default for the runc shim).
+pub const DEFAULT_RUNC_ROOT: &str = "/run/containerd/runc";
 
 /// Where the gRPC server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,6 +186,11 @@ pub struct ServeArgs {
     /// output into FIFOs: about half the throughput) [env: SANDBOXD_EXEC_IO_RELAY] [default: auto]
     #[arg(long, value_name = "auto|off|PATH")]
     pub exec_io_relay: Option<String>,
+    /// runc's state directory for sandboxes, as containerd's shim sees it (runc --root; the
+    /// namespace is a directory below it). Keep it on a tmpfs: runc state must not outlive a
+    /// reboot [env: SANDBOXD_RUNC_ROOT] [default: /run/containerd/runc]
+    #[arg(long, value_name = "DIR")]
+    pub runc_root: Option<PathBuf>,
     /// Test-only fault injection: comma-separated steps that fail on purpose (see
     /// `sandbox::failpoint`). Hidden from --help; never set it in production.
     #[arg(long, hide = true, value_name = "STEPS")]
@@ -213,6 +220,7 @@ struct FileConfig {
     host_resolv_conf: Option<PathBuf>,
     warm_pool: Option<String>,
     exec_io_relay: Option<String>,
+    runc_root: Option<PathBuf>,
 }
 
 /// The resolved configuration of `sandboxd serve`.
@@ -248,6 +256,8 @@ pub struct Config {
     pub warm_pool: Vec<(crate::image::ImageRef, usize)>,
     /// The sandboxd binary the shim runs as exec output relay; `None` for FIFOs only.
     pub exec_io_relay: Option<PathBuf>,
+    /// runc's state directory for sandboxes.
+    pub runc_root: PathBuf,
 }
 
 /// A configuration problem, naming the setting.
@@ -401,7 +411,20 @@ impl Config {
                 })
             }
         };
+        let runc_root = pick_path(
+            &args.runc_root,
+            "SANDBOXD_RUNC_ROOT",
+            &file.runc_root,
+            DEFAULT_RUNC_ROOT,
+        );
+        if !runc_root.is_absolute() {
+            return Err(ConfigError {
+                setting: "runc_root",
+                reason: format!("{} must be an absolute path", runc_root.display()),
+            });
+        }
         Ok(Config {
+            runc_root,
             exec_io_relay,
             warm_pool,
             network,
@@ -597,6 +620,7 @@ mod tests {
         assert_eq!(cfg.namespace, "sandboxd");
         assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/sandboxd"));
         assert_eq!(cfg.embedded_containerd, EmbeddedContainerd::Auto);
+        assert_eq!(cfg.runc_root, PathBuf::from("/run/containerd/runc"));
     }
 
     #[test]
@@ -650,5 +674,8 @@ mod tests {
         };
         let err = Config::resolve(&args, &env_of(&[])).unwrap_err();
         assert!(err.to_string().contains("lisen"), "{err}");
+        let env = env_of(&[("SANDBOXD_RUNC_ROOT", "runc")]);
+        let err = Config::resolve(&ServeArgs::default(), &env).unwrap_err();
+        assert!(err.to_string().starts_with("runc_root:"), "{err}");
     }
 }

@@ -517,6 +517,23 @@ async fn resources_reach_the_cgroup() {
     assert_eq!(memory.as_deref(), Some("67108864"));
     assert_eq!(pids.as_deref(), Some("50"));
     assert_eq!(quota.as_deref(), Some("50000"));
+    // runc keeps the sandbox's state where sandboxd was told (the test's own directory),
+    // not in the host's /run/containerd.
+    let runc_state = env
+        .containerd
+        .dir()
+        .join("runc")
+        .join(&env.namespace)
+        .join("limited")
+        .join("state.json");
+    assert!(
+        runc_state.is_file(),
+        "no runc state at {}",
+        runc_state.display()
+    );
+    assert!(!std::path::Path::new("/run/containerd/runc")
+        .join(&env.namespace)
+        .exists());
     // The default pids limit applies when none is asked for.
     let dflt = create(&mut c, create_req(&env, "default-limits")).await;
     assert_eq!(dflt.resources.unwrap().pids_limit, 1024);

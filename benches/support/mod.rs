@@ -208,3 +208,10 @@ pub async fn delete_forced(
         .map_err(|s| status_error("DeleteSandbox", id, &s))?;
     Ok(())
 }
+
+/// The runc state directory the sandboxd fixture gives its sandboxes (next to the containerd
+/// socket, in the test's directory), as `ctr run --runc-root` takes it, so both sides keep
+/// runc's state on the same filesystem.
+pub fn runc_root(containerd: &Containerd) -> String {
+    containerd.dir().join("runc").display().to_string()
+}

@@ -176,6 +176,28 @@ pub fn build(s: &SandboxSpec) -> Result<Vec<u8>> {
     serde_json::to_vec(&typed).map_err(|e| Error::Internal(format!("runtime spec: {e}")))
 }
 
+/// Type URL of the runc shim's options (`containerd.runc.v1.Options`).
+const RUNC_OPTIONS_TYPE_URL: &str = "containerd.runc.v1.Options";
+
+/// The part of the runc shim's options we set (containerd's `runtime/v2/runc/options`).
+#[derive(Clone, PartialEq, prost::Message)]
+struct RuncOptions {
+    /// runc's state directory (`runc --root`); the shim appends the namespace.
+    #[prost(string, tag = "7")]
+    root: String,
+}
+
+/// The runtime options of a sandbox's container: runc keeps its state under `root`.
+pub fn runc_options(root: &Path) -> prost_types::Any {
+    let options = RuncOptions {
+        root: root.display().to_string(),
+    };
+    prost_types::Any {
+        type_url: RUNC_OPTIONS_TYPE_URL.into(),
+        value: prost::Message::encode_to_vec(&options),
+    }
+}
+
 /// The cgroup limits of a sandbox, as the spec's `linux.resources` (without its device rules).
 fn limits(
     cpu_millis: Option<i64>,

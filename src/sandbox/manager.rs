@@ -90,6 +90,8 @@ pub struct ManagerConfig {
     pub warm_pool: Vec<(image::ImageRef, usize)>,
     /// The binary the shim runs as exec output relay (`None`: FIFOs only).
     pub exec_io_relay: Option<PathBuf>,
+    /// runc's state directory, given to the shim with each sandbox.
+    pub runc_root: PathBuf,
 }
 
 impl From<&Config> for ManagerConfig {
@@ -101,6 +103,7 @@ impl From<&Config> for ManagerConfig {
             failpoints: c.failpoints.clone(),
             warm_pool: c.warm_pool.clone(),
             exec_io_relay: c.exec_io_relay.clone(),
+            runc_root: c.runc_root.clone(),
         }
     }
 }
@@ -634,7 +637,7 @@ impl Manager {
             image: image.name.clone(),
             runtime: Some(Runtime {
                 name: RUNTIME.into(),
-                options: None,
+                options: Some(spec::runc_options(&self.cfg.runc_root)),
             }),
             spec: Some(prost_types::Any {
                 type_url: SPEC_TYPE_URL.into(),

@@ -240,6 +240,12 @@ impl Sandboxd {
     /// The command line after the binary, as the fixture passes it.
     pub fn args(&self) -> Vec<String> {
         let o = self.options();
+        // runc's state belongs with the containerd whose shims run it, in that test's temp dir.
+        let runc_root = o
+            .containerd_address
+            .parent()
+            .expect("the containerd socket is in a directory")
+            .join("runc");
         let mut args: Vec<String> = [
             "serve",
             "--listen",
@@ -254,6 +260,8 @@ impl Sandboxd {
             &o.cgroup_parent,
             "--embedded-containerd",
             "never",
+            "--runc-root",
+            &runc_root.to_string_lossy(),
         ]
         .iter()
         .map(|s| s.to_string())
