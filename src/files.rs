@@ -235,9 +235,9 @@ pub async fn open_root(manager: &Manager, id: &SandboxId) -> Result<Root> {
     open_process_root(pid, guard, still_pid1)
         .await
         .map_err(|e| match e {
-            Error::NotFound { .. } | Error::FailedPrecondition(_) => Error::FailedPrecondition(
-                format!("sandbox {id} stopped while its files were being opened; retry"),
-            ),
+            Error::FailedPrecondition(_) => Error::FailedPrecondition(format!(
+                "sandbox {id} stopped while its files were being opened; retry"
+            )),
             e => e,
         })
 }

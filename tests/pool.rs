@@ -12,6 +12,19 @@ use sandboxd::pb::sandbox_service_client::SandboxServiceClient;
 use sandboxd::pb::{self, SandboxState};
 use tonic::Code;
 
+/// CreateSandbox, asserting it succeeds; returns the sandbox.
+async fn create(
+    c: &mut SandboxServiceClient<tonic::transport::Channel>,
+    request: pb::CreateSandboxRequest,
+) -> pb::Sandbox {
+    c.create_sandbox(request)
+        .await
+        .unwrap_or_else(|e| panic!("create: {e}"))
+        .into_inner()
+        .sandbox
+        .unwrap()
+}
+
 /// Waits until exactly `n` pooled sandboxes exist and stay so for a moment; returns them.
 async fn wait_pooled(env: &TestEnv, n: usize) -> BTreeSet<String> {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -69,8 +82,9 @@ async fn warm_pool_serves_plain_creates_refills_and_follows_its_configuration() 
 
     // A plain create gets one, with its labels and TTL, created "now".
     let asked = SystemTime::now();
-    let sb = c
-        .create_sandbox(pb::CreateSandboxRequest {
+    let sb = create(
+        &mut c,
+        pb::CreateSandboxRequest {
             image: image.clone(),
             labels: [("team".to_string(), "pool".to_string())].into(),
             ttl: Some(prost_types::Duration {
@@ -78,12 +92,9 @@ async fn warm_pool_serves_plain_creates_refills_and_follows_its_configuration() 
                 nanos: 0,
             }),
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .sandbox
-        .unwrap();
+        },
+    )
+    .await;
     assert!(
         before.contains(&sb.sandbox_id),
         "{} is not from the pool {before:?}",
@@ -114,29 +125,25 @@ async fn warm_pool_serves_plain_creates_refills_and_follows_its_configuration() 
     assert!(!refilled.contains(&sb.sandbox_id));
 
     // Anything a pooled sandbox is not goes the cold way.
-    let cold = c
-        .create_sandbox(pb::CreateSandboxRequest {
+    let cold = create(
+        &mut c,
+        pb::CreateSandboxRequest {
             image: image.clone(),
             command: vec!["sleep".into(), "600".into()],
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .sandbox
-        .unwrap();
+        },
+    )
+    .await;
     assert!(!refilled.contains(&cold.sandbox_id));
-    let named = c
-        .create_sandbox(pb::CreateSandboxRequest {
+    let named = create(
+        &mut c,
+        pb::CreateSandboxRequest {
             sandbox_id: "named".into(),
             image: image.clone(),
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .sandbox
-        .unwrap();
+        },
+    )
+    .await;
     assert_eq!(named.sandbox_id, "named");
     assert_eq!(env.pooled().await, refilled);
 
@@ -146,16 +153,14 @@ async fn warm_pool_serves_plain_creates_refills_and_follows_its_configuration() 
         .ctr_ok(&env.namespace, &["task", "kill", "-s", "SIGKILL", &dead]);
     tokio::time::sleep(Duration::from_millis(500)).await;
     for _ in 0..2 {
-        let sb = c
-            .create_sandbox(pb::CreateSandboxRequest {
+        let sb = create(
+            &mut c,
+            pb::CreateSandboxRequest {
                 image: image.clone(),
                 ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .sandbox
-            .unwrap();
+            },
+        )
+        .await;
         assert_ne!(sb.sandbox_id, dead);
         assert_eq!(sb.state, SandboxState::Running as i32);
         c.delete_sandbox(pb::DeleteSandboxRequest {
@@ -224,20 +229,18 @@ async fn pooled_creates_take_env_working_dir_user_and_limits() {
         memory_bytes: 64 << 20,
         pids_limit: 50,
     });
-    let sb = c
-        .create_sandbox(pb::CreateSandboxRequest {
+    let sb = create(
+        &mut c,
+        pb::CreateSandboxRequest {
             image: image.clone(),
             env: [("GREETING".to_string(), "hello".to_string())].into(),
             working_dir: "/tmp".into(),
             user: "nobody".into(),
             resources,
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .sandbox
-        .unwrap();
+        },
+    )
+    .await;
     assert!(
         pooled.contains(&sb.sandbox_id),
         "{} is not from the pool {pooled:?}",
@@ -292,17 +295,15 @@ async fn pooled_creates_take_env_working_dir_user_and_limits() {
     assert!(err.message().contains("user"), "{err}");
     assert_eq!(env.pooled().await, refilled);
     // A working directory the image lacks is made, as runc makes it at a cold start.
-    let made = c
-        .create_sandbox(pb::CreateSandboxRequest {
+    let made = create(
+        &mut c,
+        pb::CreateSandboxRequest {
             image: image.clone(),
             working_dir: "/made/for/this".into(),
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .sandbox
-        .unwrap();
+        },
+    )
+    .await;
     assert!(
         refilled.contains(&made.sandbox_id),
         "{} is not from the pool {refilled:?}",

@@ -31,38 +31,25 @@ impl FileApi {
         FileApi { manager }
     }
 
-    /// Opens the root of sandbox `id` and runs blocking `op` on it. The root (and a stopped
-    /// sandbox's temporary mount) is released before the answer is sent.
+    /// Opens the root of sandbox `id` and runs blocking `op` on it. An `op` that changes files
+    /// runs while the sandbox is held still (see [`files::hold_still`]), so a commit never
+    /// captures it half done. The root (and a stopped sandbox's temporary mount) is released
+    /// before the answer is sent.
     async fn with_root<T: Send + 'static>(
         &self,
         id: &SandboxId,
+        access: Access,
         op: impl FnOnce(&files::Root) -> Result<T> + Send + 'static,
     ) -> Result<T, Status> {
         let root = files::open_root(&self.manager, id)
             .await
             .map_err(to_status)?;
-        sys::blocking(move || {
-            let result = op(&root);
-            drop(root);
-            result
-        })
-        .await
-        .map_err(to_status)
-    }
-
-    /// Like [`Self::with_root`] for an `op` that changes the sandbox: it runs while the sandbox
-    /// is held still (see [`files::hold_still`]), so a commit never captures it half done.
-    async fn changing_root<T: Send + 'static>(
-        &self,
-        id: &SandboxId,
-        op: impl FnOnce(&files::Root) -> Result<T> + Send + 'static,
-    ) -> Result<T, Status> {
-        let root = files::open_root(&self.manager, id)
-            .await
-            .map_err(to_status)?;
-        let held = files::hold_still(&self.manager, id, &root)
-            .await
-            .map_err(to_status)?;
+        let held = match access {
+            Access::Read => None,
+            Access::Change => files::hold_still(&self.manager, id, &root)
+                .await
+                .map_err(to_status)?,
+        };
         let result = sys::blocking(move || {
             let result = op(&root);
             drop(root);
@@ -73,6 +60,13 @@ impl FileApi {
         drop(held);
         result
     }
+}
+
+/// Whether an operation reads a sandbox's files or changes them.
+#[derive(Debug, Clone, Copy)]
+enum Access {
+    Read,
+    Change,
 }
 
 // ---- conversions ----
@@ -261,7 +255,9 @@ impl FileService for FileApi {
         let path = path("path", &r.path)?;
         let depth = ListDepth::parse("depth", r.depth).map_err(to_status)?;
         let entries = self
-            .with_root(&id, move |root| files::list(root, &path, depth))
+            .with_root(&id, Access::Read, move |root| {
+                files::list(root, &path, depth)
+            })
             .await?;
         Ok(Response::new(pb::ListFilesResponse {
             entries: entries.into_iter().map(file_entry).collect(),
@@ -276,7 +272,7 @@ impl FileService for FileApi {
         let id = sandbox_id("sandbox_id", &r.sandbox_id)?;
         let path = path("path", &r.path)?;
         let entry = self
-            .with_root(&id, move |root| files::stat(root, &path))
+            .with_root(&id, Access::Read, move |root| files::stat(root, &path))
             .await?;
         Ok(Response::new(pb::StatFileResponse {
             entry: Some(file_entry(entry)),
@@ -292,8 +288,10 @@ impl FileService for FileApi {
         let path = path("path", &r.path)?;
         let mode = mode(r.mode, DEFAULT_DIR_MODE);
         let parents = r.parents;
-        self.changing_root(&id, move |root| files::make_dir(root, &path, parents, mode))
-            .await?;
+        self.with_root(&id, Access::Change, move |root| {
+            files::make_dir(root, &path, parents, mode)
+        })
+        .await?;
         Ok(Response::new(pb::MakeDirectoryResponse {}))
     }
 
@@ -308,8 +306,10 @@ impl FileService for FileApi {
             return Err(to_status(Error::invalid("path", "\"/\" cannot be removed")));
         }
         let recursive = r.recursive;
-        self.changing_root(&id, move |root| files::remove(root, &path, recursive))
-            .await?;
+        self.with_root(&id, Access::Change, move |root| {
+            files::remove(root, &path, recursive)
+        })
+        .await?;
         Ok(Response::new(pb::RemovePathResponse {}))
     }
 }

@@ -215,6 +215,18 @@ fn limits(
     resources
 }
 
+/// The `KEY=VALUE` environment of a spec's `process` (JSON); empty when it has none.
+pub fn env_of(process: &serde_json::Value) -> Vec<String> {
+    process["env"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Sets `overrides` in `env` (`KEY=VALUE` entries), replacing entries of the same key.
 pub fn merge_env(env: &mut Vec<String>, overrides: &BTreeMap<String, String>) {
     for (k, v) in overrides {
@@ -243,14 +255,7 @@ pub fn apply(spec: &[u8], o: &Overrides<'_>) -> Result<(Vec<u8>, Option<Vec<u8>>
     let bad = |e: serde_json::Error| Error::Internal(format!("stored runtime spec: {e}"));
     let mut spec: serde_json::Value = serde_json::from_slice(spec).map_err(bad)?;
     if let Some(env) = o.env {
-        let mut merged: Vec<String> = spec["process"]["env"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut merged = env_of(&spec["process"]);
         merge_env(&mut merged, env);
         spec["process"]["env"] = json!(merged);
     }

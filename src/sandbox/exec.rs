@@ -272,14 +272,7 @@ impl Manager {
             .and_then(|any| serde_json::from_slice(&any.value).ok())
             .unwrap_or_default();
         let base = &base["process"];
-        let mut env: Vec<String> = base["env"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut env = spec::env_of(base);
         spec::merge_env(&mut env, &spec.env);
         if spec.tty && !env.iter().any(|e| e.starts_with("TERM=")) {
             env.push("TERM=xterm".to_string());

@@ -7,9 +7,9 @@
 //! from every RPC. A create qualifies when it sets no id, command, hostname or network, and asks
 //! for a started sandbox: it then gets a pooled one, with its labels and TTL, its env, working
 //! dir and user in the stored spec and its limits on the running cgroup, and the pool is topped
-//! up in the background. Everything lives
-//! in containerd, so a restarted sandboxd adopts the pooled sandboxes still running and deletes
-//! the rest (and those of images no longer configured).
+//! up in the background. Everything lives in containerd, so a restarted sandboxd adopts the
+//! pooled sandboxes still running and deletes the rest (and those of images no longer
+//! configured).
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -19,8 +19,7 @@ use std::time::{Duration, SystemTime};
 use containerd_client::services::v1::Container;
 use containerd_client::types::v1::Status as TaskStatus;
 
-use super::manager::SandboxRoot;
-use super::manager::{L_CPU, L_EXPIRES, L_MANIFEST_REF, L_MEMORY, L_PIDS, L_POOL};
+use super::manager::{SandboxRoot, L_CPU, L_EXPIRES, L_MANIFEST_REF, L_MEMORY, L_PIDS, L_POOL};
 use super::model::*;
 use crate::error::{Error, Result};
 use crate::image::ImageRef;
@@ -122,8 +121,8 @@ enum Claim {
     Served(Box<Sandbox>),
     /// It cannot be handed out (stopped, or its image was pulled anew since): delete it.
     Stale,
-    /// It is fine but cannot become what this request asks (a working directory it lacks, a
-    /// user it cannot resolve): it stays in the pool and the cold path answers the request.
+    /// It is fine but cannot become what this request asks (a user its image does not know):
+    /// it stays in the pool and the cold path answers the request.
     Unfit,
 }
 
