@@ -397,6 +397,8 @@ async fn embedded_containerd_starts_when_none_answers() {
             namespace.clone(),
             "--cgroup-parent".into(),
             daemon.cgroup.path().to_owned(),
+            "--runc-root".into(),
+            daemon.root.join("runc").display().to_string(),
         ];
         daemon.spawn(&args);
         match daemon.wait_serving(&listen).await {
@@ -804,6 +806,8 @@ async fn listens_on_a_unix_socket() {
         daemon.cgroup.path().to_owned(),
         "--embedded-containerd".into(),
         "never".into(),
+        "--runc-root".into(),
+        env.containerd.dir().join("runc").display().to_string(),
     ];
     daemon.spawn(&args);
     if let Err(log) = daemon.wait_serving(&listen).await {
