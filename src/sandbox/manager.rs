@@ -22,7 +22,7 @@ use tracing::Instrument;
 
 use super::locks::{KeyGuard, KeyedLocks};
 use super::model::*;
-use crate::config::{Config, DEFAULT_PIDS_LIMIT};
+use crate::config::Config;
 use crate::error::{Error, Kind, Result};
 use crate::image;
 use crate::net::policy::NetPolicy;
@@ -44,9 +44,9 @@ pub(super) const L_CLAIMED: &str = "sandboxd.io/claimed-at";
 const L_STARTED: &str = "sandboxd.io/started-at";
 const L_EXITED: &str = "sandboxd.io/exited-at";
 const L_EXIT_STATUS: &str = "sandboxd.io/exit-status";
-pub(super) const L_CPU: &str = "sandboxd.io/cpu-millis";
-pub(super) const L_MEMORY: &str = "sandboxd.io/memory-bytes";
-pub(super) const L_PIDS: &str = "sandboxd.io/pids-limit";
+const L_CPU: &str = "sandboxd.io/cpu-millis";
+const L_MEMORY: &str = "sandboxd.io/memory-bytes";
+const L_PIDS: &str = "sandboxd.io/pids-limit";
 const L_NETWORK: &str = "sandboxd.io/network";
 /// The BRIDGE sandbox's address while its network is attached.
 const L_NET_IP: &str = "sandboxd.io/net-ip";
@@ -568,7 +568,7 @@ impl Manager {
             cgroups_path: self.sandbox_cgroup(id.as_str()),
             cpu_millis: spec.resources.cpu_millis,
             memory_bytes: spec.resources.memory_bytes,
-            pids_limit: spec.resources.pids_limit.unwrap_or(DEFAULT_PIDS_LIMIT),
+            pids_limit: spec.resources.pids(),
             etc_dir: files.clone(),
             idle_init: idle.then(|| self.cfg.idle_init.clone()),
             netns_path: bridge.then(|| self.net.netns_path(id.as_str())),
@@ -599,19 +599,11 @@ impl Manager {
             L_COMMAND.into(),
             serde_json::to_string(&args).unwrap_or_default(),
         );
-        labels.insert(
-            L_PIDS.into(),
-            spec.resources
-                .pids_limit
-                .unwrap_or(DEFAULT_PIDS_LIMIT)
-                .to_string(),
+        labels.extend(
+            resource_labels(&spec.resources)
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v)),
         );
-        if let Some(cpu) = spec.resources.cpu_millis {
-            labels.insert(L_CPU.into(), cpu.to_string());
-        }
-        if let Some(mem) = spec.resources.memory_bytes {
-            labels.insert(L_MEMORY.into(), mem.to_string());
-        }
         if let Some(ttl) = spec.ttl {
             labels.insert(L_EXPIRES.into(), crate::util::rfc3339(now + ttl));
         }
@@ -1525,6 +1517,14 @@ fn task_error(op: &'static str, s: tonic::Status) -> Error {
     } else {
         Error::containerd(op, s)
     }
+}
+
+/// The labels recording a sandbox's limits: the pids limit that applies, CPU and memory when set.
+pub(super) fn resource_labels(r: &Resources) -> Vec<(&'static str, String)> {
+    let mut labels = vec![(L_PIDS, r.pids().to_string())];
+    labels.extend(r.cpu_millis.map(|c| (L_CPU, c.to_string())));
+    labels.extend(r.memory_bytes.map(|m| (L_MEMORY, m.to_string())));
+    labels
 }
 
 fn user_labels(labels: &HashMap<String, String>) -> HashMap<String, String> {

@@ -100,6 +100,11 @@ pub struct Resources {
 }
 
 impl Resources {
+    /// The pids limit that applies: the one asked for, else the default.
+    pub fn pids(&self) -> i64 {
+        self.pids_limit.unwrap_or(crate::config::DEFAULT_PIDS_LIMIT)
+    }
+
     /// Validates raw request values (0 = default).
     pub fn parse(cpu_millis: i64, memory_bytes: i64, pids_limit: i64) -> Result<Resources> {
         fn opt(field: &str, v: i64, min: i64, max: i64, unit: &str) -> Result<Option<i64>> {

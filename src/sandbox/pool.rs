@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 use containerd_client::services::v1::Container;
 use containerd_client::types::v1::Status as TaskStatus;
 
-use super::manager::{SandboxRoot, L_CPU, L_EXPIRES, L_MANIFEST_REF, L_MEMORY, L_PIDS, L_POOL};
+use super::manager::{SandboxRoot, L_EXPIRES, L_MANIFEST_REF, L_POOL};
 use super::model::*;
 use crate::error::{Error, Result};
 use crate::image::ImageRef;
@@ -215,15 +215,9 @@ impl super::Manager {
                 Some(new_spec)
             }
         };
-        let r = &spec.resources;
-        for (label, value) in [
-            (L_PIDS, r.pids_limit),
-            (L_CPU, r.cpu_millis),
-            (L_MEMORY, r.memory_bytes),
-        ] {
-            if let Some(v) = value {
-                changes.push((label, Some(v.to_string())));
-            }
+        if spec.resources != Resources::default() {
+            let limits = super::manager::resource_labels(&spec.resources);
+            changes.extend(limits.into_iter().map(|(k, v)| (k, Some(v))));
         }
         self.update_container(id.as_str(), &changes, new_spec)
             .await?;
@@ -245,13 +239,7 @@ impl super::Manager {
             env: (!spec.env.is_empty()).then_some(&spec.env),
             cwd: spec.working_dir.as_deref(),
             user: None,
-            limits: (*r != Resources::default()).then(|| {
-                (
-                    r.cpu_millis,
-                    r.memory_bytes,
-                    r.pids_limit.unwrap_or(crate::config::DEFAULT_PIDS_LIMIT),
-                )
-            }),
+            limits: (*r != Resources::default()).then(|| (r.cpu_millis, r.memory_bytes, r.pids())),
         };
         if spec.working_dir.is_some() || spec.user.is_some() {
             // The pooled sandbox's files are its image's, untouched: what a cold create finds
