@@ -15,7 +15,7 @@ use crate::api::{FileApi, ImageApi, SandboxApi, SnapshotApi};
 use crate::config::{Config, ListenAddr};
 use crate::net::Network;
 use crate::pb;
-use crate::runtime::{supervisor, Containerd};
+use crate::runtime::{supervisor, Containerd, Store};
 use crate::sandbox::{Manager, ManagerConfig};
 
 /// Services whose health is reported (besides the overall "").
@@ -116,7 +116,7 @@ pub async fn serve(
     let (address, supervisor) = supervisor::ensure(&config).await?;
     let cd = Containerd::new(&address, &config.namespace)?;
     let manager = Manager::new(
-        cd.clone(),
+        std::sync::Arc::new(cd.clone()),
         ManagerConfig::from(&config),
         Network::new(config.network.clone()),
     );

@@ -31,16 +31,6 @@ pub struct MountSpec {
     pub options: Vec<String>,
 }
 
-impl From<&containerd_client::types::Mount> for MountSpec {
-    fn from(m: &containerd_client::types::Mount) -> Self {
-        MountSpec {
-            fstype: m.r#type.clone(),
-            source: m.source.clone(),
-            options: m.options.clone(),
-        }
-    }
-}
-
 /// A mounted snapshot, unmounted (and its directory removed) on drop.
 #[derive(Debug)]
 pub struct MountGuard {

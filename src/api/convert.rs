@@ -309,7 +309,7 @@ pub fn image(i: ImageInfo) -> pb::Image {
         name: i.name,
         digest: i.digest,
         size_bytes: i.size_bytes,
-        created_at: i.created_at,
+        created_at: ts(i.created_at),
     }
 }
 

@@ -1,19 +1,24 @@
 //! Images: references, pull, and reading what containerd holds.
 
+mod content;
 mod pull;
 mod push;
 mod reference;
 
-use containerd_client::services::v1::{DeleteImageRequest, GetImageRequest, ListImagesRequest};
 use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
 use sha2::{Digest, Sha256};
 
+pub use content::write_labelled;
 pub use pull::{go_arch, pull, Progress, ProgressSink};
 pub use push::push;
 pub use reference::ImageRef;
 
 use crate::error::{Error, Kind, Result};
-use crate::runtime::{content, Containerd};
+use crate::runtime::{Backend, ImageRecord};
+
+/// Where snapshots are named as images: `<prefix><snapshot id>:latest`. Listed by
+/// SnapshotService, never as images.
+pub const SNAPSHOT_IMAGE_PREFIX: &str = "sandboxd.local/snapshots/";
 
 /// OCI image index media type.
 pub const MEDIA_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -34,7 +39,7 @@ pub struct ImageInfo {
     /// Sum of the sizes of its blobs.
     pub size_bytes: i64,
     /// When containerd recorded it.
-    pub created_at: Option<prost_types::Timestamp>,
+    pub created_at: Option<std::time::SystemTime>,
 }
 
 /// What a sandbox needs from its image.
@@ -97,24 +102,9 @@ pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
     out
 }
 
-/// The image record named `name`, or `None`.
-pub(crate) async fn get_record(
-    cd: &Containerd,
-    name: &str,
-) -> Result<Option<containerd_client::services::v1::Image>> {
-    let req = GetImageRequest {
-        name: name.to_string(),
-    };
-    match cd.images().get(cd.req(req)).await {
-        Ok(resp) => Ok(resp.into_inner().image),
-        Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
-        Err(s) => Err(Error::containerd("images.get", s)),
-    }
-}
-
 /// Reads the manifest behind an image target, descending through an index to this platform's entry.
 async fn load_manifest(
-    cd: &Containerd,
+    cd: &dyn Backend,
     media_type: &str,
     digest: &str,
 ) -> Result<(ImageManifest, String, i64)> {
@@ -132,7 +122,7 @@ async fn load_manifest(
             let platform_ok = m.platform().as_ref().is_none_or(|p| {
                 p.os().to_string() == "linux" && p.architecture().to_string() == go_arch()
             });
-            if platform_ok && content::info(cd, m.digest().as_ref()).await?.is_some() {
+            if platform_ok && cd.has_blob(m.digest().as_ref()).await? {
                 chosen = Some(m.digest().to_string());
                 break;
             }
@@ -159,33 +149,33 @@ async fn load_manifest(
     Ok((manifest, manifest_digest, size))
 }
 
-fn info_of(record: &containerd_client::services::v1::Image, size: i64) -> ImageInfo {
+fn info_of(record: &ImageRecord, size: i64) -> ImageInfo {
     ImageInfo {
         name: record.name.clone(),
-        digest: record
-            .target
-            .as_ref()
-            .map(|t| t.digest.clone())
-            .unwrap_or_default(),
+        digest: record.target.digest.clone(),
         size_bytes: size,
         created_at: record.created_at,
     }
 }
 
 /// GetImage: the image named `image`, NOT_FOUND when containerd does not hold it.
-pub async fn get(cd: &Containerd, image: &ImageRef) -> Result<ImageInfo> {
+pub async fn get(cd: &dyn Backend, image: &ImageRef) -> Result<ImageInfo> {
     Ok(resolve(cd, image).await?.info)
 }
 
 /// Reads an image's configuration and top chain id, NOT_FOUND when it is not held.
-pub async fn resolve(cd: &Containerd, image: &ImageRef) -> Result<ResolvedImage> {
-    let record = get_record(cd, &image.name())
+pub async fn resolve(cd: &dyn Backend, image: &ImageRef) -> Result<ResolvedImage> {
+    let record = cd
+        .image(&image.name())
         .await?
         .ok_or_else(|| Error::not_found(Kind::Image, image.name()))?;
-    let target = record
-        .target
-        .clone()
-        .ok_or_else(|| Error::Internal(format!("image {} has no target", image.name())))?;
+    let target = record.target.clone();
+    if target.digest.is_empty() {
+        return Err(Error::Internal(format!(
+            "image {} has no target",
+            image.name()
+        )));
+    }
     let (manifest, manifest_digest, size) =
         load_manifest(cd, &target.media_type, &target.digest).await?;
     let config_bytes = content::read(cd, manifest.config().digest().as_ref()).await?;
@@ -205,23 +195,13 @@ pub async fn resolve(cd: &Containerd, image: &ImageRef) -> Result<ResolvedImage>
 }
 
 /// ListImages, ordered by name.
-pub async fn list(cd: &Containerd) -> Result<Vec<ImageInfo>> {
-    let resp = cd
-        .images()
-        .list(cd.req(ListImagesRequest { filters: vec![] }))
-        .await
-        .map_err(|s| Error::containerd("images.list", s))?
-        .into_inner();
-    let mut out = Vec::with_capacity(resp.images.len());
-    for record in resp.images {
-        let Some(target) = record.target.as_ref() else {
-            continue;
-        };
+pub async fn list(cd: &dyn Backend) -> Result<Vec<ImageInfo>> {
+    let records = cd.images(None).await?;
+    let mut out = Vec::with_capacity(records.len());
+    for record in records {
+        let target = &record.target;
         // Snapshots are images internally but are listed by SnapshotService, not here.
-        if record
-            .name
-            .starts_with(crate::sandbox::SNAPSHOT_IMAGE_PREFIX)
-        {
+        if target.digest.is_empty() || record.name.starts_with(SNAPSHOT_IMAGE_PREFIX) {
             continue;
         }
         // An image whose blobs are gone (a pull in progress elsewhere) is listed without a size.
@@ -237,18 +217,11 @@ pub async fn list(cd: &Containerd) -> Result<Vec<ImageInfo>> {
 
 /// DeleteImage; containerd's GC then frees blobs and snapshots nothing else references.
 /// Sandboxes already created from it keep working: their snapshots pin their parents.
-pub async fn delete(cd: &Containerd, image: &ImageRef) -> Result<()> {
-    let req = DeleteImageRequest {
-        name: image.name(),
-        sync: true,
-        target: None,
-    };
-    match cd.images().delete(cd.req(req)).await {
-        Ok(_) => Ok(()),
-        Err(s) if s.code() == tonic::Code::NotFound => {
-            Err(Error::not_found(Kind::Image, image.name()))
-        }
-        Err(s) => Err(Error::containerd("images.delete", s)),
+pub async fn delete(cd: &dyn Backend, image: &ImageRef) -> Result<()> {
+    if cd.delete_image(&image.name()).await? {
+        Ok(())
+    } else {
+        Err(Error::not_found(Kind::Image, image.name()))
     }
 }
 

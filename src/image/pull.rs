@@ -5,13 +5,6 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use containerd_client::services::v1::snapshots::{
-    CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
-};
-use containerd_client::services::v1::{
-    ApplyRequest, CreateImageRequest, Image as CdImage, UpdateImageRequest,
-};
-use containerd_client::types::Descriptor as CdDescriptor;
 use futures::TryStreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
@@ -19,13 +12,15 @@ use oci_client::secrets::RegistryAuth;
 use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest};
 use tokio::sync::mpsc;
 
+use super::content;
 use super::{
     chain_ids, ImageInfo, ImageRef, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX,
     MEDIA_OCI_MANIFEST,
 };
 use crate::error::{Error, Kind, Result};
-use crate::runtime::lease::Lease;
-use crate::runtime::{content, Containerd, SNAPSHOTTER};
+use crate::runtime::{
+    Backend, BlobWrite, Descriptor as CdDescriptor, ImageRecord, Lease, SNAPSHOTTER,
+};
 
 /// How often a download reports progress at most.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
@@ -56,13 +51,13 @@ fn report(sink: &Option<ProgressSink>, p: Progress) {
 /// Pulls `image` into containerd and returns it. Idempotent: blobs and snapshots that exist are
 /// reused; the image record is created or updated last, so a failed pull leaves no image.
 pub async fn pull(
-    cd: &Containerd,
+    cd: &dyn Backend,
     image: &ImageRef,
     sink: Option<ProgressSink>,
 ) -> Result<ImageInfo> {
-    let lease = Lease::acquire(cd, "pull").await?;
-    let result = pull_leased(cd, image, &sink, lease.id()).await;
-    let released = lease.release(cd).await;
+    let lease = cd.lease("pull").await?;
+    let result = pull_leased(cd, image, &sink, &lease).await;
+    let released = cd.release(lease).await;
     match result {
         Ok(info) => {
             released?;
@@ -104,10 +99,10 @@ fn registry_error(image: &ImageRef, e: OciDistributionError) -> Error {
 }
 
 async fn pull_leased(
-    cd: &Containerd,
+    cd: &dyn Backend,
     image: &ImageRef,
     sink: &Option<ProgressSink>,
-    lease: &str,
+    lease: &Lease,
 ) -> Result<ImageInfo> {
     let client = registry_client(image);
     let auth = RegistryAuth::Anonymous;
@@ -268,41 +263,13 @@ async fn pull_leased(
         }
     };
 
-    let record = CdImage {
+    let record = ImageRecord {
         name: image.name(),
-        target: Some(target),
-        ..Default::default()
+        target,
+        labels: HashMap::new(),
+        created_at: None,
     };
-    let created = match cd
-        .images()
-        .create(cd.req_leased(
-            CreateImageRequest {
-                image: Some(record.clone()),
-                ..Default::default()
-            },
-            lease,
-        ))
-        .await
-    {
-        Ok(resp) => resp.into_inner().image,
-        Err(s) if s.code() == tonic::Code::AlreadyExists => {
-            let req = UpdateImageRequest {
-                image: Some(record),
-                update_mask: Some(prost_types::FieldMask {
-                    paths: vec!["target".into()],
-                }),
-                ..Default::default()
-            };
-            cd.images()
-                .update(cd.req_leased(req, lease))
-                .await
-                .map_err(|s| Error::containerd("images.update", s))?
-                .into_inner()
-                .image
-        }
-        Err(s) => return Err(Error::containerd("images.create", s)),
-    };
-    let created_at = created.and_then(|i| i.created_at);
+    let created_at = cd.put_image(record, lease).await?.created_at;
     report(
         sink,
         Progress {
@@ -374,25 +341,25 @@ async fn fetch_small_blob(
 }
 
 async fn store_blob(
-    cd: &Containerd,
-    lease: &str,
+    cd: &dyn Backend,
+    lease: &Lease,
     digest: &str,
     data: Bytes,
     labels: HashMap<String, String>,
 ) -> Result<()> {
-    if content::info(cd, digest).await?.is_some() {
-        return content::set_labels(cd, digest, &labels).await;
+    if cd.has_blob(digest).await? {
+        return cd.label_blob(digest, &labels).await;
     }
     content::write_bytes(cd, lease, digest, data, labels.clone()).await?;
     // A concurrent writer may have committed first without our labels.
-    content::set_labels(cd, digest, &labels).await
+    cd.label_blob(digest, &labels).await
 }
 
 async fn fetch_layer(
-    cd: &Containerd,
+    cd: &dyn Backend,
     client: &oci_client::Client,
     image: &ImageRef,
-    lease: &str,
+    lease: &Lease,
     layer: &Descriptor,
     diff_id: &str,
     sink: &Option<ProgressSink>,
@@ -404,7 +371,7 @@ async fn fetch_layer(
         diff_id.to_string(),
     )]
     .into();
-    if content::info(cd, &digest).await?.is_some() {
+    if cd.has_blob(&digest).await? {
         report(
             sink,
             Progress {
@@ -432,7 +399,7 @@ async fn fetch_layer(
         .stream
         .map_err(std::io::Error::other);
     let mut last = Instant::now();
-    content::write(cd, lease, &digest, total, labels, stream, |done| {
+    let mut on_progress = |done| {
         if last.elapsed() >= PROGRESS_INTERVAL {
             last = Instant::now();
             report(
@@ -445,8 +412,15 @@ async fn fetch_layer(
                 },
             );
         }
-    })
-    .await?;
+    };
+    let blob = BlobWrite {
+        digest: &digest,
+        total,
+        labels,
+        data: Box::pin(stream),
+        on_progress: &mut on_progress,
+    };
+    cd.write_blob(blob, lease).await?;
     report(
         sink,
         Progress {
@@ -461,8 +435,8 @@ async fn fetch_layer(
 
 /// Applies each layer onto its parent and commits it under its chain id, skipping what exists.
 async fn unpack(
-    cd: &Containerd,
-    lease: &str,
+    cd: &dyn Backend,
+    lease: &Lease,
     layers: &[Descriptor],
     diff_ids: &[String],
     chain: &[String],
@@ -475,14 +449,8 @@ async fn unpack(
         } else {
             chain[i - 1].clone()
         };
-        let stat = StatSnapshotRequest {
-            snapshotter: SNAPSHOTTER.into(),
-            key: chain_id.clone(),
-        };
-        match cd.snapshots().stat(cd.req(stat)).await {
-            Ok(_) => continue,
-            Err(s) if s.code() == tonic::Code::NotFound => {}
-            Err(s) => return Err(Error::containerd("snapshots.stat", s)),
+        if cd.stat(chain_id).await?.is_some() {
+            continue;
         }
         report(
             sink,
@@ -498,30 +466,12 @@ async fn unpack(
             crate::util::random_hex(6),
             chain_id
         );
-        let prepare = PrepareSnapshotRequest {
-            snapshotter: SNAPSHOTTER.into(),
-            key: key.clone(),
-            parent,
-            labels: HashMap::new(),
-        };
         let mounts = cd
-            .snapshots()
-            .prepare(cd.req_leased(prepare, lease))
-            .await
-            .map_err(|s| Error::containerd("snapshots.prepare", s))?
-            .into_inner()
-            .mounts;
+            .prepare(&key, &parent, HashMap::new(), Some(lease))
+            .await?;
         let result = apply_and_commit(cd, lease, layer, &diff_ids[i], chain_id, &key, mounts).await;
         if let Err(e) = result {
-            let remove = RemoveSnapshotRequest {
-                snapshotter: SNAPSHOTTER.into(),
-                key: key.clone(),
-            };
-            let cleanup = match cd.snapshots().remove(cd.req(remove)).await {
-                Ok(_) => Ok(()),
-                Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
-                Err(s) => Err(Error::containerd("snapshots.remove", s)),
-            };
+            let cleanup = cd.remove(&key).await;
             return Err(e.with_cleanup(cleanup));
         }
     }
@@ -529,56 +479,30 @@ async fn unpack(
 }
 
 async fn apply_and_commit(
-    cd: &Containerd,
-    lease: &str,
+    cd: &dyn Backend,
+    lease: &Lease,
     layer: &Descriptor,
     diff_id: &str,
     chain_id: &str,
     key: &str,
-    mounts: Vec<containerd_client::types::Mount>,
+    mounts: Vec<crate::runtime::Mount>,
 ) -> Result<()> {
-    let apply = ApplyRequest {
-        diff: Some(CdDescriptor {
-            media_type: layer.media_type().to_string(),
-            digest: layer.digest().to_string(),
-            size: layer.size() as i64,
-            annotations: HashMap::new(),
-        }),
-        mounts,
-        ..Default::default()
+    let desc = CdDescriptor {
+        media_type: layer.media_type().to_string(),
+        digest: layer.digest().to_string(),
+        size: layer.size() as i64,
+        annotations: HashMap::new(),
     };
-    let applied = cd
-        .diff()
-        .apply(cd.req_leased(apply, lease))
-        .await
-        .map_err(|s| Error::containerd("diff.apply", s))?
-        .into_inner()
-        .applied
-        .ok_or_else(|| Error::Internal("diff.apply returned no descriptor".into()))?;
-    if applied.digest != diff_id {
+    let applied = cd.apply(&desc, &mounts, lease).await?;
+    if applied != diff_id {
         return Err(Error::Registry(format!(
-            "layer {} unpacked to {} but the image config says {diff_id}",
+            "layer {} unpacked to {applied} but the image config says {diff_id}",
             layer.digest(),
-            applied.digest
         )));
     }
-    let commit = CommitSnapshotRequest {
-        snapshotter: SNAPSHOTTER.into(),
-        name: chain_id.to_string(),
-        key: key.to_string(),
-        labels: HashMap::new(),
-    };
-    match cd.snapshots().commit(cd.req_leased(commit, lease)).await {
-        Ok(_) => Ok(()),
+    if !cd.commit(chain_id, key, lease).await? {
         // Another pull committed the same chain id first; ours is redundant.
-        Err(s) if s.code() == tonic::Code::AlreadyExists => {
-            let remove = RemoveSnapshotRequest {
-                snapshotter: SNAPSHOTTER.into(),
-                key: key.to_string(),
-            };
-            let _ = cd.snapshots().remove(cd.req(remove)).await;
-            Ok(())
-        }
-        Err(s) => Err(Error::containerd("snapshots.commit", s)),
+        let _ = cd.remove(key).await;
     }
+    Ok(())
 }

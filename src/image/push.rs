@@ -8,14 +8,14 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::RegistryOperation;
 use oci_spec::image::ImageManifest;
 
+use super::content;
 use super::{ImageRef, MEDIA_OCI_MANIFEST};
 use crate::error::{Error, Result};
-use crate::runtime::{content, Containerd};
-use containerd_client::services::v1::ReadContentRequest;
+use crate::runtime::Backend;
 
 /// Pushes the single-platform image whose manifest is `manifest_digest` to `target`; returns the
 /// pushed manifest digest.
-pub async fn push(cd: &Containerd, manifest_digest: &str, target: &ImageRef) -> Result<String> {
+pub async fn push(cd: &dyn Backend, manifest_digest: &str, target: &ImageRef) -> Result<String> {
     let protocol = if target.is_local_registry() {
         ClientProtocol::Http
     } else {
@@ -47,24 +47,9 @@ pub async fn push(cd: &Containerd, manifest_digest: &str, target: &ImageRef) -> 
         {
             continue;
         }
-        let req = ReadContentRequest {
-            digest: digest.clone(),
-            offset: 0,
-            size: 0,
-        };
-        let stream = cd
-            .content()
-            .read(cd.req(req))
-            .await
-            .map_err(|s| Error::containerd("content.read", s))?
-            .into_inner()
-            .map(|chunk| {
-                chunk.map(|c| bytes::Bytes::from(c.data)).map_err(|s| {
-                    OciDistributionError::GenericError(Some(format!(
-                        "reading from containerd: {s}"
-                    )))
-                })
-            });
+        let stream = cd.read_blob_stream(&digest).await?.map(|chunk| {
+            chunk.map_err(|e| OciDistributionError::GenericError(Some(e.to_string())))
+        });
         client
             .push_blob_stream(reference, stream, &digest, Some(blob.size()))
             .await

@@ -1,9 +1,52 @@
 //! The backend seam: everything that talks to containerd.
+//!
+//! The domain (`sandbox`, `image`) sees only [`Backend`] and the types in [`types`]; the
+//! `containerd` module is the one place that speaks containerd's generated messages, and
+//! [`fake`] an in-memory stand-in for unit tests of the domain's rules.
 
-mod client;
-pub mod content;
-pub mod lease;
+mod backend;
+mod containerd;
+#[cfg(test)]
+pub mod fake;
 pub mod spec;
 pub mod supervisor;
+pub mod types;
 
-pub use client::{Containerd, SNAPSHOTTER};
+pub use backend::{
+    Backend, BlobWrite, ByteStream, Containers, ExitStream, NewContainer, NewExec, Snapshots,
+    Store, Tasks,
+};
+pub use containerd::{Containerd, SNAPSHOTTER};
+pub use types::*;
+
+use crate::error::Error;
+
+/// What a failed task or exec start says about the request, from containerd's message: runc's
+/// words are the only account of a bad program or working directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LaunchFault {
+    /// The program is missing or cannot be executed.
+    Program(String),
+    /// The working directory is unusable.
+    WorkingDir(String),
+}
+
+impl LaunchFault {
+    /// The caller's fault behind `e`, if it was one.
+    pub fn of(e: &Error) -> Option<LaunchFault> {
+        let Error::Containerd { status, .. } = e else {
+            return None;
+        };
+        let msg = status.message();
+        if msg.contains("executable file not found")
+            || msg.contains("permission denied")
+            || msg.contains("no such file or directory") && msg.contains("exec")
+        {
+            Some(LaunchFault::Program(msg.to_string()))
+        } else if msg.contains("chdir") || msg.contains("cwd") {
+            Some(LaunchFault::WorkingDir(msg.to_string()))
+        } else {
+            None
+        }
+    }
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
-use super::Containerd;
+use super::{Containerd, Store};
 use crate::config::{Config, EmbeddedContainerd};
 use crate::error::{Error, Result};
 

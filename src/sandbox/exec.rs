@@ -8,11 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes};
-use containerd_client::services::v1::{
-    CloseIoRequest, DeleteProcessRequest, ExecProcessRequest, KillRequest, ResizePtyRequest,
-    StartRequest, WaitRequest, WaitResponse,
-};
-use containerd_client::types::v1::Status as TaskStatus;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
@@ -21,8 +16,9 @@ use tracing::Instrument;
 use super::manager::Manager;
 use super::model::SandboxId;
 use super::relay::{enlarge_pipe, ExecRelay, Pending, RelayedIo, RELAY_HANDOFF_TIMEOUT};
-use crate::error::{Error, Kind, Result};
+use crate::error::{Error, Result};
 use crate::runtime::spec::{self, User};
+use crate::runtime::{ExecIo as ProcessIo, LaunchFault, NewExec, TaskState};
 use crate::sys;
 
 /// The largest output message: what is read from an output pipe at a time.
@@ -35,8 +31,6 @@ pub const EXEC_COALESCE: Duration = Duration::from_millis(1);
 pub const EXEC_INPUT_QUEUE: usize = 16;
 /// How long output may keep flowing after the process exited (its children may hold the pipes).
 pub const EXEC_OUTPUT_GRACE: Duration = Duration::from_secs(2);
-/// Type URL of an exec process spec.
-const PROCESS_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Process";
 /// Default terminal size.
 const DEFAULT_TTY: (u32, u32) = (24, 80);
 
@@ -118,8 +112,7 @@ pub struct ExecSession {
     wait: WaitHandle,
 }
 
-type WaitHandle =
-    tokio::task::JoinHandle<std::result::Result<tonic::Response<WaitResponse>, tonic::Status>>;
+type WaitHandle = tokio::task::JoinHandle<Result<Option<crate::runtime::Exit>>>;
 
 /// An exec's stdio on our side, and what keeps it alive.
 struct ExecIo {
@@ -249,28 +242,23 @@ impl Manager {
         let requested_at = std::time::Instant::now();
         let id = spec.sandbox_id.clone();
         // Independent reads: one round trip instead of two (the container's error still wins).
-        let (container, task) = tokio::join!(self.container(&id), self.task(id.as_str()));
-        let container = container?.ok_or_else(|| Error::not_found(Kind::Sandbox, id.as_str()))?;
-        let task = task?;
-        let pid1 = match task {
-            Some(t) if t.status == TaskStatus::Running as i32 => t.pid,
-            Some(t)
-                if t.status == TaskStatus::Paused as i32
-                    || t.status == TaskStatus::Pausing as i32 =>
-            {
+        let (container, task) = tokio::join!(self.existing(&id), self.task(id.as_str()));
+        let container = container?;
+        let pid1 = match task? {
+            Some(t) if t.state == TaskState::Running => t.pid,
+            Some(t) if t.state == TaskState::Paused => {
                 return Err(Error::FailedPrecondition(format!("sandbox {id} is paused")))
             }
+            // A slow shim reports UNKNOWN for a live task: an exec may well succeed, so try it
+            // (a dead PID 1 fails the exec with a clear error of its own).
+            Some(t) if t.state == TaskState::Unknown && t.pid != 0 => t.pid,
             _ => {
                 return Err(Error::FailedPrecondition(format!(
                     "sandbox {id} is not running; start it first"
                 )))
             }
         };
-        let base: serde_json::Value = container
-            .spec
-            .as_ref()
-            .and_then(|any| serde_json::from_slice(&any.value).ok())
-            .unwrap_or_default();
+        let base: serde_json::Value = serde_json::from_slice(&container.spec).unwrap_or_default();
         let base = &base["process"];
         let mut env = spec::env_of(base);
         spec::merge_env(&mut env, &spec.env);
@@ -368,64 +356,45 @@ impl Manager {
             Plumbing::Fifos(f) => f.uris(spec),
             Plumbing::Relay(r, _) => (String::new(), r.uri().to_string(), r.uri().to_string()),
         };
-        let req = ExecProcessRequest {
-            container_id: id.to_string(),
-            stdin,
-            stdout,
-            stderr,
-            terminal: spec.tty,
-            spec: Some(prost_types::Any {
-                type_url: PROCESS_TYPE_URL.into(),
-                value: process.to_vec(),
-            }),
-            exec_id: exec_id.clone(),
+        let exec = NewExec {
+            exec_id: &exec_id,
+            process,
+            io: ProcessIo {
+                stdin,
+                stdout,
+                stderr,
+                terminal: spec.tty,
+            },
         };
-        let cd = self.containerd();
-        cd.tasks()
-            .exec(cd.req(req))
+        let cd = &self.cd;
+        cd.exec(id.as_str(), exec)
             .await
-            .map_err(|s| exec_error(spec, "tasks.exec", s))?;
+            .map_err(|e| exec_error(spec, e))?;
         let oom_before = self.oom_kills(id);
         // Waiting before starting (as ctr does) overlaps the Wait round trip with the start, so a
         // short process's exit is known as soon as the start returns; a created exec's wait
         // simply blocks until it has run.
         let wait = {
-            let cd = cd.clone();
-            let req = WaitRequest {
-                container_id: id.to_string(),
-                exec_id: exec_id.clone(),
-            };
-            tokio::spawn(async move { cd.tasks().wait(cd.req(req)).await })
+            let (cd, id, exec_id) = (cd.clone(), id.to_string(), exec_id.clone());
+            tokio::spawn(async move { cd.wait(&id, Some(&exec_id)).await })
         };
-        let started = cd
-            .tasks()
-            .start(cd.req(StartRequest {
-                container_id: id.to_string(),
-                exec_id: exec_id.clone(),
-            }))
-            .await;
+        let started = cd.start(id.as_str(), Some(&exec_id)).await;
         if let Plumbing::Fifos(f) = &mut plumbing {
             f.holds.clear();
         }
         let delete = || async {
-            let _ = cd
-                .tasks()
-                .delete_process(cd.req(DeleteProcessRequest {
-                    container_id: id.to_string(),
-                    exec_id: exec_id.clone(),
-                }))
-                .await;
+            let _ = cd.delete_process(id.as_str(), &exec_id).await;
         };
         let pid = match started {
-            Ok(resp) => resp.into_inner().pid,
-            Err(s) => {
+            Ok(pid) => pid,
+            Err(e) => {
                 wait.abort();
                 delete().await;
                 // The shim names its I/O setup in the error when it could not run the helper.
-                if relay.is_some() && s.message().contains("process I/O") {
-                    return Err(LaunchError::RelayIo(s.message().to_string()));
+                if relay.is_some() && e.to_string().contains("process I/O") {
+                    return Err(LaunchError::RelayIo(e.to_string()));
                 }
-                return Err(exec_error(spec, "tasks.start", s).into());
+                return Err(exec_error(spec, e).into());
             }
         };
         let io = match plumbing {
@@ -512,18 +481,7 @@ impl Manager {
     }
 
     async fn resize(&self, id: &str, exec_id: &str, rows: u32, cols: u32) -> Result<()> {
-        let cd = self.containerd();
-        let req = ResizePtyRequest {
-            container_id: id.to_string(),
-            exec_id: exec_id.to_string(),
-            width: cols,
-            height: rows,
-        };
-        cd.tasks()
-            .resize_pty(cd.req(req))
-            .await
-            .map_err(|s| Error::containerd("tasks.resize_pty", s))?;
-        Ok(())
+        self.cd.resize_pty(id, exec_id, rows, cols).await
     }
 
     /// Whether a process of sandbox `id` holds one of the pipes `inodes` (true when unknown).
@@ -561,17 +519,13 @@ impl Manager {
 }
 
 /// Start failures caused by the request are the caller's to fix.
-fn exec_error(spec: &ExecSpec, op: &'static str, s: tonic::Status) -> Error {
-    let msg = s.message();
-    if msg.contains("executable file not found")
-        || msg.contains("no such file or directory")
-        || msg.contains("permission denied")
-    {
-        Error::invalid("args", format!("cannot run {:?}: {msg}", spec.args[0]))
-    } else if msg.contains("chdir") {
-        Error::invalid("working_dir", msg.to_string())
-    } else {
-        Error::containerd(op, s)
+fn exec_error(spec: &ExecSpec, e: Error) -> Error {
+    match LaunchFault::of(&e) {
+        Some(LaunchFault::Program(msg)) => {
+            Error::invalid("args", format!("cannot run {:?}: {msg}", spec.args[0]))
+        }
+        Some(LaunchFault::WorkingDir(msg)) => Error::invalid("working_dir", msg),
+        None => e,
     }
 }
 
@@ -586,7 +540,7 @@ impl ExecSession {
     ) {
         let span = tracing::info_span!("exec", sandbox_id = %self.sandbox, exec_id = %self.exec_id);
         async move {
-            let cd = self.manager.containerd().clone();
+            let cd = self.manager.backend().clone();
             let (sandbox, exec_id) = (self.sandbox.clone(), self.exec_id.clone());
             let first = Arc::new(std::sync::Once::new());
             let at = self.requested_at;
@@ -631,8 +585,7 @@ impl ExecSession {
                         }
                         Some(ExecInput::CloseStdin) => {
                             if stdin.take().is_some() {
-                                let req = CloseIoRequest { container_id: sandbox.clone(), exec_id: exec_id.clone(), stdin: true };
-                                let _ = cd.tasks().close_io(cd.req(req)).await;
+                                let _ = cd.close_stdin(&sandbox, &exec_id).await;
                             }
                         }
                         Some(ExecInput::Resize(rows, cols)) => {
@@ -641,8 +594,7 @@ impl ExecSession {
                             }
                         }
                         Some(ExecInput::Signal(sig)) => {
-                            let req = KillRequest { container_id: sandbox.clone(), exec_id: exec_id.clone(), signal: sig as u32, all: false };
-                            let _ = cd.tasks().kill(cd.req(req)).await;
+                            let _ = cd.kill(&sandbox, Some(&exec_id), sig as u32, false).await;
                         }
                         Some(ExecInput::Cancel) => {
                             tracing::info!("client cancelled; killing the exec");
@@ -653,8 +605,7 @@ impl ExecSession {
                             // The client half-closed: that ends its input.
                             input_open = false;
                             if stdin.take().is_some() {
-                                let req = CloseIoRequest { container_id: sandbox.clone(), exec_id: exec_id.clone(), stdin: true };
-                                let _ = cd.tasks().close_io(cd.req(req)).await;
+                                let _ = cd.close_stdin(&sandbox, &exec_id).await;
                             }
                         }
                     },
@@ -662,9 +613,13 @@ impl ExecSession {
             };
             drop(stdin);
             let status = match wait_result {
-                Ok(Ok(resp)) => resp.into_inner().exit_status,
-                Ok(Err(s)) => {
-                    tracing::warn!(error = %s, "waiting for the exec failed");
+                Ok(Ok(Some(exit))) => exit.status,
+                Ok(Ok(None)) => {
+                    tracing::warn!("the exec process was gone before its exit was seen");
+                    255
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "waiting for the exec failed");
                     255
                 }
                 Err(e) => {
@@ -672,10 +627,9 @@ impl ExecSession {
                     255
                 }
             };
-            let del = DeleteProcessRequest { container_id: sandbox.clone(), exec_id: exec_id.clone() };
             let delete = async {
-                if let Err(s) = cd.tasks().delete_process(cd.req(del)).await {
-                    tracing::warn!(error = %s, "deleting the exec process failed");
+                if let Err(e) = cd.delete_process(&sandbox, &exec_id).await {
+                    tracing::warn!(error = %e, "deleting the exec process failed");
                 }
             };
             tokio::pin!(delete);

@@ -1,20 +1,28 @@
 //! The sandbox domain: validated types and the lifecycle manager.
 
+mod create;
 mod exec;
+mod lifecycle;
 mod locks;
 mod manager;
 mod model;
+mod network;
 mod pool;
+mod record;
+mod recovery;
 mod relay;
 mod snapshot;
+#[cfg(test)]
+mod tests;
 
 pub use exec::{
     ExecEvent, ExecInput, ExecSession, ExecSpec, ExecSyncResult, ExitInfo, EXEC_INPUT_QUEUE,
     EXEC_OUTPUT_QUEUE,
 };
 pub use locks::KeyGuard;
-pub use manager::{Manager, ManagerConfig, SandboxRoot, L_MANAGED, L_SNAPSHOT_OWNER};
+pub use manager::{Manager, ManagerConfig, SandboxRoot};
 pub use model::*;
 pub use pool::parse_pool;
+pub use record::{L_MANAGED, L_SNAPSHOT_OWNER};
 pub use relay::{helper_main as relay_helper_main, RELAY_ARG};
 pub use snapshot::{parse_snapshot_id, Snapshot, SNAPSHOT_IMAGE_PREFIX};

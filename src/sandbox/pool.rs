@@ -16,14 +16,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use containerd_client::services::v1::Container;
-use containerd_client::types::v1::Status as TaskStatus;
-
-use super::manager::{SandboxRoot, L_EXPIRES, L_MANIFEST_REF, L_POOL};
+use super::manager::SandboxRoot;
 use super::model::*;
+use super::record::{resource_labels, L_CLAIMED, L_EXPIRES, L_MANIFEST_REF, L_POOL};
 use crate::error::{Error, Result};
 use crate::image::ImageRef;
 use crate::runtime::spec::{self, Overrides, User};
+use crate::runtime::{Container, TaskState};
 use crate::sys;
 
 /// Mode of a working directory a claim makes (runc's, at a cold start).
@@ -178,22 +177,20 @@ impl super::Manager {
         let (container, task, current) = tokio::try_join!(
             self.any_container(id),
             self.task(id.as_str()),
-            crate::image::resolve(self.containerd(), image),
+            crate::image::resolve(self.cd.as_ref(), image),
         )?;
         let Some(container) = container.filter(|c| c.labels.contains_key(L_POOL)) else {
             return Ok(Claim::Stale);
         };
-        let Some(task) = task.filter(|t| t.status == TaskStatus::Running as i32) else {
+        let Some(task) = task.filter(|t| t.state == TaskState::Running) else {
             return Ok(Claim::Stale);
         };
         if container.labels.get(L_MANIFEST_REF) != Some(&current.manifest_digest) {
             return Ok(Claim::Stale);
         }
         let now = SystemTime::now();
-        let mut changes: Vec<(&str, Option<String>)> = vec![
-            (L_POOL, None),
-            (super::manager::L_CLAIMED, Some(crate::util::rfc3339(now))),
-        ];
+        let mut changes: Vec<(&str, Option<String>)> =
+            vec![(L_POOL, None), (L_CLAIMED, Some(crate::util::rfc3339(now)))];
         if let Some(ttl) = spec.ttl {
             changes.push((L_EXPIRES, Some(crate::util::rfc3339(now + ttl))));
         }
@@ -207,16 +204,15 @@ impl super::Manager {
         let new_spec = match &overrides {
             None => None,
             Some(o) => {
-                let stored = container.spec.as_ref().map_or(&[][..], |s| &s.value[..]);
-                let (new_spec, resources) = spec::apply(stored, o)?;
+                let (new_spec, resources) = spec::apply(&container.spec, o)?;
                 if let Some(resources) = resources {
-                    self.update_task_resources(id.as_str(), resources).await?;
+                    self.cd.update_resources(id.as_str(), resources).await?;
                 }
                 Some(new_spec)
             }
         };
         if spec.resources != Resources::default() {
-            let limits = super::manager::resource_labels(&spec.resources);
+            let limits = resource_labels(&spec.resources);
             changes.extend(limits.into_iter().map(|(k, v)| (k, Some(v))));
         }
         self.update_container(id.as_str(), &changes, new_spec)
@@ -247,7 +243,7 @@ impl super::Manager {
             let root_path = PathBuf::from(format!("/proc/{pid}/root"));
             let still_pid1 = || async {
                 let task = self.task(id.as_str()).await?;
-                Ok(task.is_some_and(|t| t.status == TaskStatus::Running as i32 && t.pid == pid))
+                Ok(task.is_some_and(|t| t.state == TaskState::Running && t.pid == pid))
             };
             let root =
                 crate::files::open_process_root(pid, SandboxRoot::Running(root_path), still_pid1)
@@ -326,7 +322,7 @@ impl super::Manager {
             let running = self
                 .task(&c.id)
                 .await?
-                .is_some_and(|t| t.status == TaskStatus::Running as i32);
+                .is_some_and(|t| t.state == TaskState::Running);
             let room = self
                 .pool
                 .size_of(image)

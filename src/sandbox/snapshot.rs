@@ -7,31 +7,22 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use containerd_client::services::v1::snapshots::{
-    CommitSnapshotRequest, MountsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest,
-    StatSnapshotRequest, ViewSnapshotRequest,
-};
-use containerd_client::services::v1::Container;
-use containerd_client::services::v1::{
-    ApplyRequest, CreateImageRequest, DeleteImageRequest, DiffRequest, GetImageRequest,
-    Image as CdImage, ListImagesRequest, PauseTaskRequest, ResumeTaskRequest,
-};
-use containerd_client::types::v1::Status as TaskStatus;
-use containerd_client::types::Descriptor as CdDescriptor;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
-use super::manager::{Manager, L_IMAGE, L_SNAPSHOT};
+use super::manager::{run_to_completion, Manager};
 use super::model::{LabelSelector, Page, SandboxId};
+use super::record::{L_IMAGE, L_SNAPSHOT};
 use crate::error::{Error, Kind, Result};
 use crate::image::{self, ImageRef, MEDIA_OCI_MANIFEST};
-use crate::runtime::lease::Lease;
-use crate::runtime::{content, Containerd, SNAPSHOTTER};
+use crate::runtime::{
+    Backend, Container, Descriptor, ImageRecord, Lease, Mount, TaskState, SNAPSHOTTER,
+};
 use crate::sys;
 
 /// Where snapshot images are named: `<prefix><snapshot id>:latest`.
-pub const SNAPSHOT_IMAGE_PREFIX: &str = "sandboxd.local/snapshots/";
+pub use crate::image::SNAPSHOT_IMAGE_PREFIX;
 /// Media type of the layers sandboxd writes (uncompressed: capture speed beats size on one node).
 const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
 /// Most layers a snapshot image may have before commits squash it into one. overlayfs takes the
@@ -79,31 +70,25 @@ pub fn snapshot_image_name(id: &str) -> String {
 }
 
 /// What a fork needs, from the labels a commit wrote on the snapshot's record.
-fn run_image_of(record: &CdImage) -> Option<image::RunImage> {
+fn run_image_of(record: &ImageRecord) -> Option<image::RunImage> {
     Some(image::RunImage {
         name: record.name.clone(),
         run_config: serde_json::from_str(record.labels.get(L_RUN_CONFIG)?).ok()?,
         top_chain_id: record.labels.get(L_CHAIN)?.clone(),
-        manifest_digest: record.target.as_ref()?.digest.clone(),
+        manifest_digest: Some(record.target.digest.clone()).filter(|d| !d.is_empty())?,
     })
 }
 
-fn view_of(record: &CdImage) -> Option<Snapshot> {
-    snapshot_view(&record.labels, record.created_at.as_ref())
-}
-
-/// The snapshot an image record with `l` as labels stands for, if it is one.
-fn snapshot_view(
-    l: &HashMap<String, String>,
-    created_at: Option<&prost_types::Timestamp>,
-) -> Option<Snapshot> {
+/// The snapshot an image record stands for, if it is one.
+fn snapshot_of(record: &ImageRecord) -> Option<Snapshot> {
+    let l = &record.labels;
     Some(Snapshot {
         id: l.get(L_SNAPSHOT_ID)?.clone(),
         sandbox_id: l.get(L_FROM_SANDBOX).cloned().unwrap_or_default(),
         parent_snapshot_id: l.get(L_PARENT).cloned().unwrap_or_default(),
         image: l.get(L_BASE_IMAGE).cloned().unwrap_or_default(),
         size_bytes: l.get(L_SIZE).and_then(|v| v.parse().ok()).unwrap_or(0),
-        created_at: created_at.map(crate::util::system_time),
+        created_at: record.created_at,
         labels: l
             .iter()
             .filter(|(k, _)| {
@@ -117,34 +102,17 @@ fn snapshot_view(
 }
 
 impl Manager {
-    async fn snapshot_records(&self) -> Result<Vec<CdImage>> {
-        let cd = self.containerd();
-        let req = ListImagesRequest {
-            filters: vec![format!("labels.\"{L_SNAPSHOT_ID}\"")],
-        };
-        Ok(cd
-            .images()
-            .list(cd.req(req))
-            .await
-            .map_err(|s| Error::containerd("images.list", s))?
-            .into_inner()
-            .images)
+    async fn snapshot_records(&self) -> Result<Vec<ImageRecord>> {
+        self.cd.images(Some(L_SNAPSHOT_ID)).await
     }
 
     /// GetSnapshot: one lookup of the image record the snapshot is stored as.
     pub async fn get_snapshot(&self, id: &str) -> Result<Snapshot> {
-        let cd = self.containerd();
-        let req = GetImageRequest {
-            name: snapshot_image_name(id),
-        };
-        let record = match cd.images().get(cd.req(req)).await {
-            Ok(resp) => resp.into_inner().image,
-            Err(s) if s.code() == tonic::Code::NotFound => None,
-            Err(s) => return Err(Error::containerd("images.get", s)),
-        };
-        record
+        self.cd
+            .image(&snapshot_image_name(id))
+            .await?
             .as_ref()
-            .and_then(view_of)
+            .and_then(snapshot_of)
             .filter(|s| s.id == id)
             .ok_or_else(|| Error::not_found(Kind::Snapshot, id))
     }
@@ -154,16 +122,18 @@ impl Manager {
     /// config is too large for a label, is resolved through its manifest and config.
     pub(super) async fn resolve_snapshot(&self, id: &str) -> Result<(Snapshot, image::RunImage)> {
         let name = ImageRef::parse("snapshot_id", &snapshot_image_name(id))?;
-        let record = image::get_record(self.containerd(), &name.name())
+        let record = self
+            .cd
+            .image(&name.name())
             .await?
             .ok_or_else(|| Error::not_found(Kind::Snapshot, id))?;
-        let snap = view_of(&record)
+        let snap = snapshot_of(&record)
             .filter(|s| s.id == id)
             .ok_or_else(|| Error::not_found(Kind::Snapshot, id))?;
         if let Some(run) = run_image_of(&record) {
             return Ok((snap, run));
         }
-        let image = image::resolve(self.containerd(), &name)
+        let image = image::resolve(self.cd.as_ref(), &name)
             .await
             .map_err(|e| match e {
                 Error::NotFound { .. } => Error::not_found(Kind::Snapshot, id),
@@ -183,7 +153,7 @@ impl Manager {
             .snapshot_records()
             .await?
             .iter()
-            .filter_map(view_of)
+            .filter_map(snapshot_of)
             .filter(|s| sandbox.is_none_or(|id| s.sandbox_id == id))
             .filter(|s| selector.matches(&s.labels))
             .collect();
@@ -195,7 +165,7 @@ impl Manager {
     /// record goes and containerd's GC frees what nothing else references.
     pub async fn delete_snapshot(&self, id: &str) -> Result<()> {
         let records = self.snapshot_records().await?;
-        let snaps: Vec<Snapshot> = records.iter().filter_map(view_of).collect();
+        let snaps: Vec<Snapshot> = records.iter().filter_map(snapshot_of).collect();
         if !snaps.iter().any(|s| s.id == id) {
             return Err(Error::not_found(Kind::Snapshot, id));
         }
@@ -210,18 +180,10 @@ impl Manager {
                 "sandbox {user} is built on snapshot {id}"
             )));
         }
-        let cd = self.containerd();
-        let req = DeleteImageRequest {
-            name: snapshot_image_name(id),
-            sync: true,
-            target: None,
-        };
-        match cd.images().delete(cd.req(req)).await {
-            Ok(_) => Ok(()),
-            Err(s) if s.code() == tonic::Code::NotFound => {
-                Err(Error::not_found(Kind::Snapshot, id))
-            }
-            Err(s) => Err(Error::containerd("images.delete", s)),
+        if self.cd.delete_image(&snapshot_image_name(id)).await? {
+            Ok(())
+        } else {
+            Err(Error::not_found(Kind::Snapshot, id))
         }
     }
 
@@ -234,21 +196,18 @@ impl Manager {
     ) -> Result<Snapshot> {
         let this = self.clone();
         let span = tracing::info_span!("commit_snapshot", sandbox_id = %id);
-        super::manager::detach(
+        run_to_completion(
             async move {
                 let _guard = this.lock(id.as_str()).await;
                 // Independent: the lease and the container record in one round trip.
-                let (lease, container) = tokio::join!(
-                    Lease::acquire(this.containerd(), "commit"),
-                    this.container(&id)
-                );
+                let (lease, container) = tokio::join!(this.cd.lease("commit"), this.container(&id));
                 let lease = lease?;
                 let result = match container {
                     Ok(Some(container)) => this.commit_locked(&id, &container, labels, &lease).await,
                     Ok(None) => Err(Error::not_found(Kind::Sandbox, id.as_str())),
                     Err(e) => Err(e),
                 };
-                let released = lease.release(this.containerd()).await;
+                let released = this.cd.release(lease).await;
                 match result {
                     Ok(s) => {
                         if let Err(e) = released {
@@ -276,7 +235,7 @@ impl Manager {
         labels: HashMap<String, String>,
         lease: &Lease,
     ) -> Result<Snapshot> {
-        let cd = self.containerd();
+        let cd = self.cd.as_ref();
         let key = container.snapshot_key.clone();
         let base_name = container.labels.get(L_IMAGE).cloned().unwrap_or_default();
         let parent_snapshot = container
@@ -294,16 +253,9 @@ impl Manager {
 
         // Independent reads, one round trip; their errors are reported in this order.
         let stat = async {
-            cd.snapshots()
-                .stat(cd.req(StatSnapshotRequest {
-                    snapshotter: SNAPSHOTTER.into(),
-                    key: key.clone(),
-                }))
-                .await
-                .map_err(|s| Error::containerd("snapshots.stat", s))?
-                .into_inner()
-                .info
-                .ok_or_else(|| Error::Internal("snapshots.stat returned nothing".into()))
+            cd.stat(&key)
+                .await?
+                .ok_or_else(|| Error::Internal(format!("sandbox {id}'s snapshot {key} is gone")))
         };
         let resolve = async {
             image::resolve(cd, &source_name).await.map_err(|e| match e {
@@ -313,12 +265,8 @@ impl Manager {
                 e => e,
             })
         };
-        let (info, source, right, task) = tokio::join!(
-            stat,
-            resolve,
-            snapshot_mounts(cd, &key),
-            self.task(id.as_str())
-        );
+        let (info, source, right, task) =
+            tokio::join!(stat, resolve, cd.mounts(&key), self.task(id.as_str()));
         let parent_chain = info?.parent;
         let source = source?;
         if source.top_chain_id != parent_chain {
@@ -327,7 +275,7 @@ impl Manager {
             )));
         }
         let right = right?;
-        let running = matches!(task?, Some(t) if t.status == TaskStatus::Running as i32);
+        let running = matches!(task?, Some(t) if t.state == TaskState::Running);
 
         // Deep chains hit overlayfs' limit on lower layers (the mount options fit one page):
         // past MAX_LAYERS the snapshot becomes one layer holding the whole filesystem.
@@ -343,36 +291,8 @@ impl Manager {
         // before the pause: the task is frozen for the capture alone.
         let view_key = format!("sandboxd-view-{}", crate::util::random_hex(6));
         let unpack_key = format!("sandboxd-unpack-{}", crate::util::random_hex(6));
-        let view = async {
-            cd.snapshots()
-                .view(cd.req_leased(
-                    ViewSnapshotRequest {
-                        snapshotter: SNAPSHOTTER.into(),
-                        key: view_key.clone(),
-                        parent: base_chain.clone(),
-                        labels: HashMap::new(),
-                    },
-                    lease.id(),
-                ))
-                .await
-                .map_err(|s| Error::containerd("snapshots.view", s))
-                .map(|r| r.into_inner().mounts)
-        };
-        let prepare = async {
-            cd.snapshots()
-                .prepare(cd.req_leased(
-                    PrepareSnapshotRequest {
-                        snapshotter: SNAPSHOTTER.into(),
-                        key: unpack_key.clone(),
-                        parent: base_chain.clone(),
-                        labels: HashMap::new(),
-                    },
-                    lease.id(),
-                ))
-                .await
-                .map_err(|s| Error::containerd("snapshots.prepare", s))
-                .map(|r| r.into_inner().mounts)
-        };
+        let view = cd.view(&view_key, &base_chain, lease);
+        let prepare = cd.prepare(&unpack_key, &base_chain, HashMap::new(), Some(lease));
         let upper = async {
             match writable_dir(&right) {
                 Some(dir) => {
@@ -401,14 +321,7 @@ impl Manager {
         };
         let pause_started = Instant::now();
         let paused = match (&set_up, running) {
-            (Ok(_), true) => cd
-                .tasks()
-                .pause(cd.req(PauseTaskRequest {
-                    container_id: id.to_string(),
-                }))
-                .await
-                .map(|_| ())
-                .map_err(|s| Error::containerd("tasks.pause", s)),
+            (Ok(_), true) => cd.pause(id.as_str()).await,
             _ => Ok(()),
         };
         let (left, unpack_mounts, upper) = match set_up.and_then(|s| paused.map(|()| s)) {
@@ -424,7 +337,6 @@ impl Manager {
 
         // Paused (if running) just long enough for a consistent view. The sandbox's writes are
         // flushed with syncfs of its own filesystem, not a host-wide sync(2).
-        let diff_ref = format!("sandboxd-commit-{}", crate::util::random_hex(6));
         let captured = async {
             match upper {
                 Some(dir) => {
@@ -445,30 +357,14 @@ impl Manager {
                 }
             }
             self.failpoint("commit.diff")?;
-            cd.diff()
-                .diff(cd.req_leased(
-                    DiffRequest {
-                        left,
-                        right,
-                        media_type: LAYER_MEDIA_TYPE.into(),
-                        r#ref: diff_ref,
-                        labels: HashMap::new(),
-                        source_date_epoch: None,
-                    },
-                    lease.id(),
-                ))
-                .await
-                .map_err(|s| Error::containerd("diff.diff", s))?
-                .into_inner()
-                .diff
-                .ok_or_else(|| Error::Internal("diff.diff returned nothing".into()))
+            cd.diff(&left, &right, lease).await
         }
         .await;
 
         // Resumed before anything else runs: work beside it would compete with runc for the CPU
         // and keep the task frozen longer.
         let resumed = if running {
-            resume_task(cd, id).await
+            cd.resume(id.as_str()).await
         } else {
             Ok(())
         };
@@ -511,32 +407,19 @@ impl Manager {
         if !parent_snapshot.is_empty() {
             image_labels.insert(L_PARENT.into(), parent_snapshot);
         }
-        let record = CdImage {
+        let record = ImageRecord {
             name: snapshot_image_name(&stored.snap_id),
             labels: image_labels,
-            target: Some(CdDescriptor {
+            target: Descriptor {
                 media_type: MEDIA_OCI_MANIFEST.into(),
                 digest: stored.manifest_digest,
                 size: stored.manifest_size,
                 annotations: HashMap::new(),
-            }),
-            ..Default::default()
+            },
+            created_at: None,
         };
-        let created = cd
-            .images()
-            .create(cd.req_leased(
-                CreateImageRequest {
-                    image: Some(record),
-                    ..Default::default()
-                },
-                lease.id(),
-            ))
-            .await
-            .map_err(|s| Error::containerd("images.create", s))?
-            .into_inner()
-            .image
-            .ok_or_else(|| Error::Internal("images.create returned nothing".into()))?;
-        view_of(&created)
+        let created = cd.put_image(record, lease).await?;
+        snapshot_of(&created)
             .ok_or_else(|| Error::Internal("the snapshot record lost its labels".into()))
     }
 
@@ -547,12 +430,12 @@ impl Manager {
         &self,
         id: &SandboxId,
         source: &image::ResolvedImage,
-        layer: CdDescriptor,
+        layer: Descriptor,
         (parent_chain, squash): (&str, bool),
-        (unpack_key, unpack_mounts): (&str, Vec<containerd_client::types::Mount>),
+        (unpack_key, unpack_mounts): (&str, Vec<Mount>),
         lease: &Lease,
     ) -> Result<StoredLayer> {
-        let cd = self.containerd();
+        let cd = self.cd.as_ref();
         // Uncompressed: the layer digest is its diff id.
         let diff_id = layer.digest.clone();
         let chain = if squash {
@@ -567,51 +450,16 @@ impl Manager {
         let unpack = async {
             // The same layer may be unpacked already (an identical diff): then the prepared
             // snapshot is not needed. The check runs beside the apply, which it rarely saves.
-            let exists = async {
-                cd.snapshots()
-                    .stat(cd.req(StatSnapshotRequest {
-                        snapshotter: SNAPSHOTTER.into(),
-                        key: chain.clone(),
-                    }))
-                    .await
-                    .is_ok()
-            };
+            let exists = async { matches!(cd.stat(&chain).await, Ok(Some(_))) };
             let apply = async {
                 self.failpoint("commit.apply")?;
-                cd.diff()
-                    .apply(cd.req_leased(
-                        ApplyRequest {
-                            diff: Some(layer.clone()),
-                            mounts: unpack_mounts,
-                            ..Default::default()
-                        },
-                        lease.id(),
-                    ))
-                    .await
-                    .map_err(|s| Error::containerd("diff.apply", s))
-                    .map(|_| ())
+                cd.apply(&layer, &unpack_mounts, lease).await.map(|_| ())
             };
             let (exists, applied) = tokio::join!(exists, apply);
             let committed = match applied {
                 Err(e) => Err(e),
                 Ok(()) if exists => Ok(false),
-                Ok(()) => match cd
-                    .snapshots()
-                    .commit(cd.req_leased(
-                        CommitSnapshotRequest {
-                            snapshotter: SNAPSHOTTER.into(),
-                            name: chain.clone(),
-                            key: unpack_key.to_string(),
-                            labels: HashMap::new(),
-                        },
-                        lease.id(),
-                    ))
-                    .await
-                {
-                    Ok(_) => Ok(true),
-                    Err(s) if s.code() == tonic::Code::AlreadyExists => Ok(false),
-                    Err(s) => Err(Error::containerd("snapshots.commit", s)),
-                },
+                Ok(()) => cd.commit(&chain, unpack_key, lease).await,
             };
             // Whatever did not become the chain's snapshot goes.
             if !matches!(committed, Ok(true)) {
@@ -682,14 +530,8 @@ impl Manager {
 
         let (unpacked, config_written, manifest_written) = tokio::join!(
             unpack,
-            content::write_labelled(cd, lease.id(), &config_digest, config_bytes, config_labels),
-            content::write_labelled(
-                cd,
-                lease.id(),
-                &manifest_digest,
-                manifest_bytes,
-                manifest_labels
-            ),
+            image::write_labelled(cd, lease, &config_digest, config_bytes, config_labels),
+            image::write_labelled(cd, lease, &manifest_digest, manifest_bytes, manifest_labels),
         );
         unpacked?;
         config_written?;
@@ -705,7 +547,7 @@ impl Manager {
 
     /// ExportSnapshot: pushes the snapshot's image to `target`; returns the pushed digest.
     pub async fn export_snapshot(&self, id: &str, target: &ImageRef) -> Result<String> {
-        let cd = self.containerd();
+        let cd = self.cd.as_ref();
         let name = ImageRef::parse("snapshot_id", &snapshot_image_name(id))?;
         let resolved = image::resolve(cd, &name).await.map_err(|e| match e {
             Error::NotFound { .. } => Error::not_found(Kind::Snapshot, id),
@@ -723,25 +565,39 @@ impl Manager {
     ) -> Result<super::Sandbox> {
         let this = self.clone();
         let span = tracing::info_span!("restore_sandbox", sandbox_id = %id, %snapshot_id);
-        super::manager::detach(
+        run_to_completion(
             async move {
                 let _guard = this.lock(id.as_str()).await;
-                let container = this.container(&id).await?.ok_or_else(|| Error::not_found(Kind::Sandbox, id.as_str()))?;
+                let container = this.existing(&id).await?;
                 let (snap, image) = this.resolve_snapshot(&snapshot_id).await?;
-                let was_running = matches!(this.task(id.as_str()).await?, Some(t) if t.status == TaskStatus::Running as i32 || t.status == TaskStatus::Paused as i32);
-                let lease = Lease::acquire(this.containerd(), "restore").await?;
+                let was_running =
+                    matches!(this.task(id.as_str()).await?, Some(t) if t.state.may_be_alive());
+                let lease = this.cd.lease("restore").await?;
                 let new_key = format!("sandboxd-rw-{id}-{}", crate::util::random_hex(4));
-                let result = this.swap_rootfs(&id, &container, &new_key, &image.top_chain_id, &snap.id, &lease).await;
-                let released = lease.release(this.containerd()).await;
+                let result = this
+                    .swap_rootfs(
+                        &id,
+                        &container,
+                        &new_key,
+                        &image.top_chain_id,
+                        &snap.id,
+                        &lease,
+                    )
+                    .await;
+                let released = this.cd.release(lease).await;
                 if let Err(e) = result {
                     // Undo: the old snapshot is still in place; bring the task back if it ran.
-                    let cleanup = this.remove_snapshot_key(&new_key).await;
+                    let cleanup = this.cd.remove(&new_key).await;
                     let restarted = if was_running && this.task(id.as_str()).await?.is_none() {
-                        this.start_task(&id, &container.snapshot_key).await.map(|_| ())
+                        this.start_task(&id, &container.snapshot_key)
+                            .await
+                            .map(|_| ())
                     } else {
                         Ok(())
                     };
-                    return Err(e.with_cleanup(cleanup.and(restarted)).with_cleanup(released));
+                    return Err(e
+                        .with_cleanup(cleanup.and(restarted))
+                        .with_cleanup(released));
                 }
                 this.start_task(&id, &new_key).await?;
                 this.get(&id).await
@@ -762,27 +618,10 @@ struct StoredLayer {
     manifest_size: i64,
 }
 
-/// The mounts of snapshot `key`.
-async fn snapshot_mounts(
-    cd: &Containerd,
-    key: &str,
-) -> Result<Vec<containerd_client::types::Mount>> {
-    Ok(cd
-        .snapshots()
-        .mounts(cd.req(MountsRequest {
-            snapshotter: SNAPSHOTTER.into(),
-            key: key.to_string(),
-        }))
-        .await
-        .map_err(|s| Error::containerd("snapshots.mounts", s))?
-        .into_inner()
-        .mounts)
-}
-
 /// The directory that takes a sandbox's writes, from its writable snapshot's mounts: overlay's
 /// upper dir, or a bind mount's source.
-fn writable_dir(mounts: &[containerd_client::types::Mount]) -> Option<std::path::PathBuf> {
-    mounts.iter().find_map(|m| match m.r#type.as_str() {
+fn writable_dir(mounts: &[Mount]) -> Option<std::path::PathBuf> {
+    mounts.iter().find_map(|m| match m.kind.as_str() {
         "overlay" => m
             .options
             .iter()
@@ -794,25 +633,8 @@ fn writable_dir(mounts: &[containerd_client::types::Mount]) -> Option<std::path:
 }
 
 /// Removes snapshot `key`, if it exists; a failure only leaves it to the lease's expiry.
-async fn remove_quietly(cd: &Containerd, key: &str) {
-    let req = RemoveSnapshotRequest {
-        snapshotter: SNAPSHOTTER.into(),
-        key: key.to_string(),
-    };
-    match cd.snapshots().remove(cd.req(req)).await {
-        Ok(_) => {}
-        Err(s) if s.code() == tonic::Code::NotFound => {}
-        Err(s) => tracing::warn!(error = %s, %key, "removing a temporary snapshot failed"),
+async fn remove_quietly(cd: &dyn Backend, key: &str) {
+    if let Err(e) = cd.remove(key).await {
+        tracing::warn!(error = %e, %key, "removing a temporary snapshot failed");
     }
-}
-
-/// Resumes the paused task of sandbox `id`.
-async fn resume_task(cd: &Containerd, id: &SandboxId) -> Result<()> {
-    cd.tasks()
-        .resume(cd.req(ResumeTaskRequest {
-            container_id: id.to_string(),
-        }))
-        .await
-        .map(|_| ())
-        .map_err(|s| Error::containerd("tasks.resume", s))
 }

@@ -1,4 +1,10 @@
-//! A namespaced, lazily connecting handle on containerd's gRPC API.
+//! The real backend: containerd's gRPC API behind [`super::Backend`]. The only module that
+//! speaks containerd's generated types; each file implements one part of the seam.
+
+mod containers;
+mod snapshots;
+mod store;
+mod tasks;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,6 +19,7 @@ use hyper_util::rt::TokioIo;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 
+use super::types::{Descriptor, Mount};
 use crate::error::{Error, Result};
 
 /// The only snapshotter sandboxd uses.
@@ -61,7 +68,7 @@ impl Containerd {
     }
 
     /// Wraps `msg` in a request carrying the namespace header.
-    pub fn req<T>(&self, msg: T) -> tonic::Request<T> {
+    fn req<T>(&self, msg: T) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
         if let Ok(ns) = MetadataValue::try_from(self.namespace.as_str()) {
             req.metadata_mut().insert("containerd-namespace", ns);
@@ -70,7 +77,7 @@ impl Containerd {
     }
 
     /// Like [`Self::req`], and attaches the lease so that what the call creates is protected from GC.
-    pub fn req_leased<T>(&self, msg: T, lease: &str) -> tonic::Request<T> {
+    fn req_leased<T>(&self, msg: T, lease: &str) -> tonic::Request<T> {
         let mut req = self.req(msg);
         if let Ok(lease) = MetadataValue::try_from(lease) {
             req.metadata_mut().insert("containerd-lease", lease);
@@ -78,45 +85,40 @@ impl Containerd {
         req
     }
 
-    /// Asks containerd for its version: the health probe.
-    pub async fn version(&self) -> Result<String> {
-        let resp = VersionClient::new(Traced(self.channel.clone()))
-            .version(tonic::Request::new(()))
-            .await
-            .map_err(|s| Error::containerd("version", s))?;
-        Ok(resp.into_inner().version)
-    }
-
     /// Containers service.
-    pub fn containers(&self) -> ContainersClient<Traced> {
+    fn containers(&self) -> ContainersClient<Traced> {
         ContainersClient::new(Traced(self.channel.clone()))
     }
     /// Tasks service.
-    pub fn tasks(&self) -> TasksClient<Traced> {
+    fn tasks(&self) -> TasksClient<Traced> {
         TasksClient::new(Traced(self.channel.clone()))
     }
     /// Snapshots service.
-    pub fn snapshots(&self) -> SnapshotsClient<Traced> {
+    fn snapshots(&self) -> SnapshotsClient<Traced> {
         SnapshotsClient::new(Traced(self.channel.clone()))
     }
     /// Content service.
-    pub fn content(&self) -> ContentClient<Traced> {
+    fn content(&self) -> ContentClient<Traced> {
         ContentClient::new(Traced(self.channel.clone())).max_decoding_message_size(64 << 20)
     }
     /// Images service.
-    pub fn images(&self) -> ImagesClient<Traced> {
+    fn images(&self) -> ImagesClient<Traced> {
         ImagesClient::new(Traced(self.channel.clone()))
     }
     /// Diff service.
-    pub fn diff(&self) -> DiffClient<Traced> {
+    fn diff(&self) -> DiffClient<Traced> {
         DiffClient::new(Traced(self.channel.clone()))
     }
     /// Leases service.
-    pub fn leases(&self) -> LeasesClient<Traced> {
+    fn leases(&self) -> LeasesClient<Traced> {
         LeasesClient::new(Traced(self.channel.clone()))
     }
+    /// Version service.
+    fn version_service(&self) -> VersionClient<Traced> {
+        VersionClient::new(Traced(self.channel.clone()))
+    }
     /// Events service (untraced: a subscription is one call that lasts for hours).
-    pub fn events(&self) -> EventsClient<Channel> {
+    fn events(&self) -> EventsClient<Channel> {
         EventsClient::new(self.channel.clone())
     }
 }
@@ -124,7 +126,7 @@ impl Containerd {
 /// containerd's channel with one tracing span per call, so that containerd calls appear as
 /// children of the RPC that made them.
 #[derive(Clone, Debug)]
-pub struct Traced(Channel);
+struct Traced(Channel);
 
 impl tower::Service<http::Request<tonic::body::Body>> for Traced {
     type Response = <Channel as tower::Service<http::Request<tonic::body::Body>>>::Response;
@@ -146,4 +148,73 @@ impl tower::Service<http::Request<tonic::body::Body>> for Traced {
             tracing::info_span!("containerd", method = %req.uri().path(), otel.kind = "client");
         self.0.call(req).instrument(span)
     }
+}
+
+/// Maps NOT_FOUND to `missing` and every other failure of `op` to an error: the one place
+/// where "already gone" is told apart from a real failure.
+fn ok_if_missing<T>(
+    op: &'static str,
+    result: std::result::Result<T, tonic::Status>,
+    missing: T,
+) -> Result<T> {
+    match result {
+        Ok(v) => Ok(v),
+        Err(s) if s.code() == tonic::Code::NotFound => Ok(missing),
+        Err(s) => Err(Error::containerd(op, s)),
+    }
+}
+
+/// `result`'s value, or `op`'s error.
+fn call<T>(
+    op: &'static str,
+    result: std::result::Result<tonic::Response<T>, tonic::Status>,
+) -> Result<T> {
+    result
+        .map(tonic::Response::into_inner)
+        .map_err(|s| Error::containerd(op, s))
+}
+
+fn mount_from(m: containerd_client::types::Mount) -> Mount {
+    Mount {
+        kind: m.r#type,
+        source: m.source,
+        options: m.options,
+    }
+}
+
+fn mounts_from(ms: Vec<containerd_client::types::Mount>) -> Vec<Mount> {
+    ms.into_iter().map(mount_from).collect()
+}
+
+fn mounts_to(ms: &[Mount]) -> Vec<containerd_client::types::Mount> {
+    ms.iter()
+        .map(|m| containerd_client::types::Mount {
+            r#type: m.kind.clone(),
+            source: m.source.clone(),
+            target: String::new(),
+            options: m.options.clone(),
+        })
+        .collect()
+}
+
+fn descriptor_from(d: containerd_client::types::Descriptor) -> Descriptor {
+    Descriptor {
+        media_type: d.media_type,
+        digest: d.digest,
+        size: d.size,
+        annotations: d.annotations,
+    }
+}
+
+fn descriptor_to(d: &Descriptor) -> containerd_client::types::Descriptor {
+    containerd_client::types::Descriptor {
+        media_type: d.media_type.clone(),
+        digest: d.digest.clone(),
+        size: d.size,
+        annotations: d.annotations.clone(),
+    }
+}
+
+fn time_from(t: Option<prost_types::Timestamp>) -> Option<std::time::SystemTime> {
+    t.as_ref().map(crate::util::system_time)
 }

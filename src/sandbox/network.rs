@@ -1,0 +1,218 @@
+//! A BRIDGE sandbox's network: attached (CNI, firewall, /etc files, address labels) before its
+//! PID 1 starts, detached when its task is gone, and settled after exits and restarts.
+
+use std::collections::HashSet;
+
+use super::manager::Manager;
+use super::model::*;
+use super::record::*;
+use crate::error::{Error, Result};
+use crate::net::policy::NetPolicy;
+use crate::runtime::Container;
+use crate::sys;
+
+impl Manager {
+    /// Attaches a BRIDGE sandbox's network and records its address; undone on failure.
+    pub(super) async fn attach_network(&self, id: &SandboxId, net: &NetCtx<'_>) -> Result<()> {
+        let _ports = if net.policy.ports.is_empty() {
+            None
+        } else {
+            let guard = self.net.port_lock().await;
+            self.check_ports_free(id, &net.policy.ports).await?;
+            Some(guard)
+        };
+        let resolv = self.net.resolv_conf();
+        let attached = self
+            .net
+            .attach(id.as_str(), net.policy, &resolv.nameservers)
+            .await?;
+        let recorded = async {
+            write_etc_files(
+                &self.files_dir(id),
+                net.hostname,
+                Some(attached.ip),
+                &resolv.text,
+            )
+            .await?;
+            let result = serde_json::to_string(&attached.result).unwrap_or_default();
+            self.update_labels(
+                id.as_str(),
+                &[
+                    (L_NET_IP, Some(attached.ip.to_string())),
+                    (L_NET_GATEWAY, attached.gateway.map(|g| g.to_string())),
+                    (
+                        L_NET_RESULT,
+                        (result.len() <= MAX_RESULT_LABEL).then_some(result),
+                    ),
+                ],
+            )
+            .await
+        }
+        .await;
+        if let Err(e) = recorded {
+            let cleanup = self
+                .net
+                .detach(id.as_str(), Some(&attached.result), &net.policy.ports)
+                .await;
+            return Err(e.with_cleanup(cleanup));
+        }
+        Ok(())
+    }
+
+    /// FAILED_PRECONDITION when another attached sandbox forwards one of `ports` already.
+    async fn check_ports_free(
+        &self,
+        id: &SandboxId,
+        ports: &[crate::net::cni::PortMapping],
+    ) -> Result<()> {
+        for c in self.managed_containers().await? {
+            if c.id == id.as_str() || !c.labels.contains_key(L_NET_IP) {
+                continue;
+            }
+            let Some(other) = net_policy(&c) else {
+                continue;
+            };
+            for p in ports {
+                let clash = other.ports.iter().find(|q| {
+                    q.host_port == p.host_port
+                        && q.protocol == p.protocol
+                        && (q.host_ip.is_none() || p.host_ip.is_none() || q.host_ip == p.host_ip)
+                });
+                if clash.is_some() {
+                    return Err(Error::FailedPrecondition(format!(
+                        "host port {}/{} is already forwarded to sandbox {}",
+                        p.host_port,
+                        crate::net::policy::protocol_name(p.protocol),
+                        c.id
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Tears down sandbox `id`'s network if it has one (see [`Network::detach`]) and forgets
+    /// its address.
+    pub(super) async fn detach_network(
+        &self,
+        id: &str,
+        container: Option<&Container>,
+    ) -> Result<()> {
+        if !self.net.is_attached(id) {
+            return Ok(());
+        }
+        let cached: Option<serde_json::Value> = container
+            .and_then(|c| c.labels.get(L_NET_RESULT))
+            .and_then(|r| serde_json::from_str(r).ok());
+        let ports = container
+            .and_then(net_policy)
+            .map(|p| p.ports)
+            .unwrap_or_default();
+        self.net.detach(id, cached.as_ref(), &ports).await?;
+        match self
+            .update_labels(
+                id,
+                &[
+                    (L_NET_IP, None),
+                    (L_NET_GATEWAY, None),
+                    (L_NET_RESULT, None),
+                ],
+            )
+            .await
+        {
+            // The container is gone with its labels: nothing left to forget.
+            Err(Error::NotFound { .. }) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Tears down the networks of BRIDGE sandboxes whose task is gone or has exited. Exit
+    /// events ([`Manager::watch_exits`]) do this at once; this sweep catches what they miss
+    /// (sandboxd down at the time, a dropped subscription, an interrupted create).
+    pub async fn reconcile_networks(&self) -> Result<()> {
+        let attached = self.net.attached_ids();
+        if attached.is_empty() {
+            return Ok(());
+        }
+        let live = self.live_task_ids().await?;
+        for id in attached.iter().filter(|id| !live.contains(*id)) {
+            match SandboxId::parse("sandbox_id", id) {
+                Ok(id) => self.settle_network(&id).await?,
+                Err(_) => {
+                    tracing::warn!(netns = %id, "a network namespace with a malformed sandbox id; left alone")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Ids of sandboxes whose PID 1 may be alive (running, paused, or not known to be dead).
+    async fn live_task_ids(&self) -> Result<HashSet<String>> {
+        Ok(self
+            .cd
+            .tasks()
+            .await?
+            .into_iter()
+            .filter(|(_, t)| t.state.may_be_alive())
+            .map(|(id, _)| id)
+            .collect())
+    }
+
+    /// Detaches sandbox `id`'s network unless its task runs (checked under its lock, so a
+    /// start in progress is never disturbed).
+    pub(super) async fn settle_network(&self, id: &SandboxId) -> Result<()> {
+        let _guard = self.locks.lock(id.as_str()).await;
+        if !self.net.is_attached(id.as_str()) {
+            return Ok(());
+        }
+        if self
+            .task(id.as_str())
+            .await?
+            .is_some_and(|t| t.state.may_be_alive())
+        {
+            return Ok(());
+        }
+        let container = self.container(id).await?;
+        tracing::info!(sandbox_id = %id, "tearing down the network of an exited sandbox");
+        self.detach_network(id.as_str(), container.as_ref()).await
+    }
+}
+
+/// What [`Manager::run_task`] needs to attach a BRIDGE sandbox's network.
+pub(super) struct NetCtx<'a> {
+    pub(super) policy: &'a NetPolicy,
+    pub(super) hostname: &'a str,
+}
+
+/// Writes the sandbox's /etc/hosts (naming its hostname and, on a bridge, its `ip`),
+/// /etc/hostname and /etc/resolv.conf sources.
+pub(super) async fn write_etc_files(
+    dir: &std::path::Path,
+    hostname: &str,
+    ip: Option<std::net::Ipv4Addr>,
+    resolv: &str,
+) -> Result<()> {
+    let dir = dir.to_path_buf();
+    let hostname = hostname.to_string();
+    let resolv = resolv.to_string();
+    sys::blocking(move || {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let own = ip.map_or_else(|| "127.0.1.1".to_string(), |ip| ip.to_string());
+        let hosts = format!(
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{own}\t{hostname}\n"
+        );
+        let files = [
+            ("hosts", hosts),
+            ("hostname", format!("{hostname}\n")),
+            ("resolv.conf", resolv),
+        ];
+        for (name, content) in files {
+            let path = dir.join(name);
+            std::fs::write(&path, content)
+                .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+        }
+        Ok(())
+    })
+    .await
+}
