@@ -1,0 +1,317 @@
+//! The domain's rules against the in-memory backend: what a create makes and how its failures
+//! undo it, lifecycle decisions, the TTL reaper and what recovery removes. No containerd: each
+//! test runs in milliseconds. The integration tests (tests/) hold the same rules against a real
+//! containerd and runc.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::model::*;
+use super::record::{L_EXPIRES, L_MANAGED, L_SNAPSHOT_OWNER};
+use super::{Manager, ManagerConfig};
+use crate::config::{Config, ServeArgs};
+use crate::error::Error;
+use crate::image::ImageRef;
+use crate::net::Network;
+use crate::runtime::fake::Fake;
+use crate::runtime::{Descriptor, ImageRecord, SnapshotInfo, TaskState};
+
+const IMAGE: &str = "docker.io/library/busybox:latest";
+/// The test image's only layer: its chain id is its diff id.
+const LAYER: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+
+/// A manager on a fresh fake, with its data dir (and an idle init file) in a temp dir.
+struct Fixture {
+    fake: Arc<Fake>,
+    manager: Arc<Manager>,
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = Config::resolve(&ServeArgs::default(), &|_| None).expect("config");
+        config.data_dir = dir.path().join("data");
+        config.idle_init = dir.path().join("catatonit");
+        std::fs::write(&config.idle_init, b"").expect("idle init");
+        config.network.netns_dir = dir.path().join("netns");
+        config.network.instance = format!("unit-{}", crate::util::random_hex(4));
+        let fake = Arc::new(Fake::default());
+        add_image(&fake);
+        let manager = Manager::new(
+            fake.clone(),
+            ManagerConfig::from(&config),
+            Network::new(config.network.clone()),
+        );
+        Fixture { fake, manager, dir }
+    }
+
+    fn files_dir(&self, id: &str) -> std::path::PathBuf {
+        self.dir.path().join("data/sandboxes").join(id)
+    }
+}
+
+/// Stores busybox's records as a pull would: config, manifest, image record, one layer.
+fn add_image(fake: &Fake) {
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/bin"]},
+        "rootfs": {"type": "layers", "diff_ids": [LAYER]},
+    });
+    let config = serde_json::to_vec(&config).unwrap();
+    let config_digest = fake.add_blob(&config);
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": crate::image::MEDIA_OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": LAYER, "size": 1}],
+    });
+    let manifest = serde_json::to_vec(&manifest).unwrap();
+    let manifest_digest = fake.add_blob(&manifest);
+    fake.add_image(ImageRecord {
+        name: IMAGE.into(),
+        target: Descriptor {
+            media_type: crate::image::MEDIA_OCI_MANIFEST.into(),
+            digest: manifest_digest,
+            size: manifest.len() as i64,
+            annotations: HashMap::new(),
+        },
+        labels: HashMap::new(),
+        created_at: None,
+    });
+    fake.add_layer(LAYER);
+}
+
+fn spec(id: &str) -> CreateSpec {
+    CreateSpec {
+        id: SandboxId::parse("sandbox_id", id).unwrap(),
+        id_generated: false,
+        source: Source::Image(ImageRef::parse("image", "busybox").unwrap()),
+        command: vec![],
+        env: Default::default(),
+        working_dir: None,
+        user: None,
+        hostname: id.to_string(),
+        labels: HashMap::from([("team".to_string(), "a".to_string())]),
+        resources: Resources::default(),
+        network: NetworkMode::None,
+        net_policy: Default::default(),
+        start: true,
+        ttl: None,
+        pool: None,
+    }
+}
+
+fn id(s: &str) -> SandboxId {
+    SandboxId::parse("sandbox_id", s).unwrap()
+}
+
+/// The position of the first call of `op` on `id` in the fake's log.
+fn position(calls: &[String], call: &str) -> usize {
+    calls
+        .iter()
+        .position(|c| c == call)
+        .unwrap_or_else(|| panic!("{call} was never called: {calls:?}"))
+}
+
+#[tokio::test]
+async fn create_records_the_sandbox_in_labels_and_starts_it() {
+    let f = Fixture::new();
+    let sandbox = f.manager.create(spec("box-1")).await.unwrap();
+    assert_eq!(sandbox.state, State::Running);
+    assert_eq!(sandbox.image, IMAGE);
+    assert_eq!(sandbox.labels.get("team").map(String::as_str), Some("a"));
+    assert!(sandbox.pid > 0);
+    assert_eq!(f.fake.container_ids(), vec!["box-1"]);
+    // The writable snapshot is on the image's top layer and names its owner.
+    let snapshots = f.fake.snapshot_names();
+    let rw: Vec<_> = snapshots.iter().filter(|n| n.as_str() != LAYER).collect();
+    assert_eq!(rw.len(), 1, "{snapshots:?}");
+    assert!(rw[0].starts_with("sandboxd-rw-box-1-"));
+    assert_eq!(f.fake.open_leases(), 0, "the create lease is released");
+    assert!(f.files_dir("box-1").join("resolv.conf").is_file());
+    // The same sandbox is read back from its record alone.
+    let again = f.manager.get(&id("box-1")).await.unwrap();
+    assert_eq!(again.labels, sandbox.labels);
+    assert_eq!(again.hostname, "box-1");
+}
+
+#[tokio::test]
+async fn a_failed_start_undoes_the_create_in_reverse_order() {
+    let f = Fixture::new();
+    f.fake.fail("tasks.start");
+    let err = f.manager.create(spec("box-1")).await.unwrap_err();
+    assert!(matches!(err, Error::Internal(_)), "{err:?}");
+    assert!(f.fake.container_ids().is_empty());
+    assert_eq!(f.fake.snapshot_names(), vec![LAYER.to_string()]);
+    assert_eq!(f.fake.open_leases(), 0);
+    assert!(!f.files_dir("box-1").exists());
+    let calls = f.fake.calls();
+    let created = position(&calls, "containers.create box-1");
+    let task_deleted = position(&calls, "tasks.delete box-1");
+    let container_deleted = position(&calls, "containers.delete box-1");
+    assert!(
+        created < task_deleted && task_deleted < container_deleted,
+        "{calls:?}"
+    );
+    let snapshot_removed = calls
+        .iter()
+        .position(|c| c.starts_with("snapshots.remove sandboxd-rw-box-1-"))
+        .expect("the writable snapshot is removed");
+    assert!(snapshot_removed < container_deleted, "{calls:?}");
+}
+
+#[tokio::test]
+async fn a_failed_container_create_removes_the_prepared_snapshot() {
+    let f = Fixture::new();
+    f.fake.fail("containers.create");
+    f.manager.create(spec("box-1")).await.unwrap_err();
+    assert!(f.fake.container_ids().is_empty());
+    assert_eq!(f.fake.snapshot_names(), vec![LAYER.to_string()]);
+    assert!(!f.files_dir("box-1").exists());
+    assert!(!f.fake.calls().iter().any(|c| c.starts_with("tasks.create")));
+}
+
+#[tokio::test]
+async fn creating_an_existing_id_is_already_exists_and_leaves_it_alone() {
+    let f = Fixture::new();
+    f.manager.create(spec("box-1")).await.unwrap();
+    let before = f.fake.snapshot_names();
+    let err = f.manager.create(spec("box-1")).await.unwrap_err();
+    assert!(matches!(err, Error::AlreadyExists { .. }), "{err:?}");
+    assert_eq!(f.fake.snapshot_names(), before);
+    let sandbox = f.manager.get(&id("box-1")).await.unwrap();
+    assert_eq!(sandbox.state, State::Running);
+}
+
+#[tokio::test]
+async fn a_created_but_not_started_sandbox_has_no_task() {
+    let f = Fixture::new();
+    let mut s = spec("box-1");
+    s.start = false;
+    let sandbox = f.manager.create(s).await.unwrap();
+    assert_eq!(sandbox.state, State::Created);
+    assert!(!f.fake.calls().iter().any(|c| c.starts_with("tasks.create")));
+}
+
+#[tokio::test]
+async fn stop_records_the_exit_and_start_runs_it_again() {
+    let f = Fixture::new();
+    f.manager.create(spec("box-1")).await.unwrap();
+    let stopped = f
+        .manager
+        .stop(id("box-1"), libc::SIGTERM, Duration::from_millis(50), true)
+        .await
+        .unwrap();
+    assert_eq!(stopped.state, State::Stopped);
+    assert_eq!(stopped.exit_status, Some(137));
+    assert!(stopped.exited_at.is_some());
+    let started = f.manager.start(id("box-1")).await.unwrap();
+    assert_eq!(started.state, State::Running);
+    assert_eq!(started.exit_status, None);
+}
+
+#[tokio::test]
+async fn a_task_in_unknown_state_is_never_taken_for_an_exited_one() {
+    let f = Fixture::new();
+    f.manager.create(spec("box-1")).await.unwrap();
+    f.fake.set_task_state("box-1", TaskState::Unknown);
+    let err = f.manager.start(id("box-1")).await.unwrap_err();
+    assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+    assert!(
+        !f.fake.calls().iter().any(|c| c == "tasks.delete box-1"),
+        "the task of a sandbox in UNKNOWN state must not be deleted"
+    );
+    let err = f.manager.delete(id("box-1"), false).await.unwrap_err();
+    assert!(matches!(err, Error::FailedPrecondition(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn delete_of_a_running_sandbox_needs_force_and_then_removes_everything() {
+    let f = Fixture::new();
+    f.manager.create(spec("box-1")).await.unwrap();
+    let err = f.manager.delete(id("box-1"), false).await.unwrap_err();
+    assert!(matches!(err, Error::FailedPrecondition(_)), "{err:?}");
+    assert_eq!(f.fake.container_ids(), vec!["box-1"]);
+    f.manager.delete(id("box-1"), true).await.unwrap();
+    assert!(f.fake.container_ids().is_empty());
+    assert_eq!(f.fake.snapshot_names(), vec![LAYER.to_string()]);
+    assert!(!f.files_dir("box-1").exists());
+    let err = f.manager.get(&id("box-1")).await.unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn the_reaper_deletes_expired_sandboxes_only() {
+    let f = Fixture::new();
+    let mut expiring = spec("old-1");
+    expiring.ttl = Some(Duration::ZERO);
+    f.manager.create(expiring).await.unwrap();
+    let mut later = spec("later-1");
+    later.ttl = Some(Duration::from_secs(3600));
+    f.manager.create(later).await.unwrap();
+    f.manager.create(spec("forever-1")).await.unwrap();
+    let reaped = f.manager.reap_expired().await.unwrap();
+    assert_eq!(reaped, 1);
+    assert_eq!(f.fake.container_ids(), vec!["forever-1", "later-1"]);
+}
+
+#[tokio::test]
+async fn recovery_removes_what_interrupted_operations_left() {
+    let f = Fixture::new();
+    f.manager.create(spec("box-1")).await.unwrap();
+    let owned = |name: &str, owner: &str| SnapshotInfo {
+        name: name.into(),
+        parent: LAYER.into(),
+        labels: HashMap::from([(L_SNAPSHOT_OWNER.to_string(), owner.to_string())]),
+        committed: false,
+    };
+    // A create that died after its snapshot and before its container.
+    f.fake
+        .add_snapshot(owned("sandboxd-rw-gone-1-abcd", "gone-1"));
+    // A pull or commit that died mid-unpack.
+    f.fake.add_snapshot(SnapshotInfo {
+        name: "sandboxd-unpack-0123".into(),
+        parent: LAYER.into(),
+        ..Default::default()
+    });
+    // Files of a sandbox whose container is gone.
+    std::fs::create_dir_all(f.files_dir("gone-1")).unwrap();
+    let before: Vec<String> = f
+        .fake
+        .snapshot_names()
+        .into_iter()
+        .filter(|n| n.starts_with("sandboxd-rw-box-1-"))
+        .collect();
+    f.manager.recover().await.unwrap();
+    let mut expect = before;
+    expect.push(LAYER.to_string());
+    expect.sort();
+    assert_eq!(f.fake.snapshot_names(), expect);
+    assert!(!f.files_dir("gone-1").exists());
+    assert!(f.files_dir("box-1").exists());
+    let sandbox = f.manager.get(&id("box-1")).await.unwrap();
+    assert_eq!(sandbox.state, State::Running);
+}
+
+#[tokio::test]
+async fn records_carry_the_schema_that_recovery_and_the_reaper_read() {
+    let f = Fixture::new();
+    let mut s = spec("box-1");
+    s.ttl = Some(Duration::from_secs(60));
+    f.manager.create(s).await.unwrap();
+    let container = f
+        .manager
+        .backend()
+        .container("box-1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        container.labels.get(L_MANAGED).map(String::as_str),
+        Some("true")
+    );
+    let expires = container.labels.get(L_EXPIRES).expect("expires-at label");
+    assert!(crate::util::parse_rfc3339(expires).is_some());
+}
