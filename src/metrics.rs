@@ -278,3 +278,23 @@ where
         })
     }
 }
+
+/// The domain's measurements (see [`crate::sandbox::Observer`]) recorded in [`metrics`].
+#[derive(Debug, Default)]
+pub struct Prometheus;
+
+impl crate::sandbox::Observer for Prometheus {
+    fn exec_input(&self, bytes: usize) {
+        metrics().exec_bytes(Direction::In, bytes);
+    }
+
+    fn exec_output(&self, bytes: usize) {
+        metrics().exec_bytes(Direction::Out, bytes);
+    }
+
+    fn exec_first_output(&self, after: std::time::Duration) {
+        metrics()
+            .exec_first_byte_seconds
+            .observe(after.as_secs_f64());
+    }
+}

@@ -119,6 +119,7 @@ pub async fn serve(
         std::sync::Arc::new(cd.clone()),
         ManagerConfig::from(&config),
         Network::new(config.network.clone()),
+        std::sync::Arc::new(crate::metrics::Prometheus),
     );
 
     let (reporter, health_service) = tonic_health::server::health_reporter();

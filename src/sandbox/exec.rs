@@ -15,6 +15,7 @@ use tracing::Instrument;
 
 use super::manager::Manager;
 use super::model::SandboxId;
+use super::observe::Observer;
 use super::relay::{enlarge_pipe, ExecRelay, Pending, RelayedIo, RELAY_HANDOFF_TIMEOUT};
 use crate::error::{Error, Result};
 use crate::runtime::spec::{self, User};
@@ -546,8 +547,9 @@ impl ExecSession {
             let at = self.requested_at;
             // Set once every byte is known to be in the pipes: the pumps then stop at empty.
             let (finish_tx, finish) = tokio::sync::watch::channel(false);
-            let out_pump = tokio::spawn(pump(self.io.stdout, output.clone(), ExecEvent::Stdout, first.clone(), at, finish.clone()));
-            let err_pump = self.io.stderr.take().map(|rx| tokio::spawn(pump(rx, output.clone(), ExecEvent::Stderr, first.clone(), at, finish)));
+            let observer = self.manager.observer.clone();
+            let out_pump = tokio::spawn(pump(self.io.stdout, output.clone(), ExecEvent::Stdout, first.clone(), at, finish.clone(), observer.clone()));
+            let err_pump = self.io.stderr.take().map(|rx| tokio::spawn(pump(rx, output.clone(), ExecEvent::Stderr, first.clone(), at, finish, observer)));
             let wait = &mut self.wait;
             let timeout = async {
                 match self.spec.timeout {
@@ -577,7 +579,7 @@ impl ExecSession {
                     msg = input.recv(), if input_open => match msg {
                         Some(ExecInput::Stdin(data)) => {
                             if let Some(w) = stdin.as_mut() {
-                                crate::metrics::metrics().exec_bytes(crate::metrics::Direction::In, data.len());
+                                self.manager.observer.exec_input(data.len());
                                 if w.write_all(&data).await.is_err() {
                                     stdin = None;
                                 }
@@ -693,9 +695,9 @@ async fn pump(
     first_byte: Arc<std::sync::Once>,
     requested_at: std::time::Instant,
     mut finish: tokio::sync::watch::Receiver<bool>,
+    observer: Arc<dyn Observer>,
 ) {
     let mut buf = bytes::BytesMut::new();
-    let m = crate::metrics::metrics();
     let mut last_sent: Option<tokio::time::Instant> = None;
     loop {
         buf.reserve(EXEC_CHUNK);
@@ -716,10 +718,8 @@ async fn pump(
             }
         }
         if !buf.is_empty() {
-            first_byte.call_once(|| {
-                crate::metrics::observe_since(&m.exec_first_byte_seconds, requested_at)
-            });
-            m.exec_bytes(crate::metrics::Direction::Out, buf.len());
+            first_byte.call_once(|| observer.exec_first_output(requested_at.elapsed()));
+            observer.exec_output(buf.len());
             if output.send(wrap(buf.split().freeze())).await.is_err() {
                 return;
             }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use super::locks::{KeyGuard, KeyedLocks};
 use super::model::*;
+use super::observe::Observer;
 use super::record::{self, L_POOL};
 use crate::config::Config;
 use crate::error::{Error, Kind, Result};
@@ -60,6 +61,8 @@ pub struct Manager {
     pub(super) locks: Arc<KeyedLocks>,
     /// Exec output straight from the process's pipes, when the shim can run the relay.
     pub(super) relay: Option<Arc<super::relay::ExecRelay>>,
+    /// Where measurements go.
+    pub(super) observer: Arc<dyn Observer>,
 }
 
 /// A sandbox's root filesystem as seen from the host, for file access. A running sandbox is
@@ -84,7 +87,12 @@ impl SandboxRoot {
 
 impl Manager {
     /// A manager on `cd`; call inside the tokio runtime (the exec relay listens on it).
-    pub fn new(cd: Arc<dyn Backend>, cfg: ManagerConfig, net: Network) -> Arc<Manager> {
+    pub fn new(
+        cd: Arc<dyn Backend>,
+        cfg: ManagerConfig,
+        net: Network,
+        observer: Arc<dyn Observer>,
+    ) -> Arc<Manager> {
         let relay = cfg.exec_io_relay.as_ref().and_then(|binary| {
             let socket = cfg.data_dir.join("exec-relay.sock");
             super::relay::ExecRelay::start(binary, &socket)
@@ -95,6 +103,7 @@ impl Manager {
         });
         Arc::new(Manager {
             relay,
+            observer,
             pool: super::pool::WarmPool::new(cfg.warm_pool.clone()),
             cd,
             cfg,

@@ -7,6 +7,7 @@ mod locks;
 mod manager;
 mod model;
 mod network;
+mod observe;
 mod pool;
 mod record;
 mod recovery;
@@ -22,6 +23,7 @@ pub use exec::{
 pub use locks::KeyGuard;
 pub use manager::{Manager, ManagerConfig, SandboxRoot};
 pub use model::*;
+pub use observe::{Observer, Unobserved};
 pub use pool::parse_pool;
 pub use record::{L_MANAGED, L_SNAPSHOT_OWNER};
 pub use relay::{helper_main as relay_helper_main, RELAY_ARG};

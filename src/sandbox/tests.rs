@@ -43,6 +43,7 @@ impl Fixture {
             fake.clone(),
             ManagerConfig::from(&config),
             Network::new(config.network.clone()),
+            Arc::new(super::Unobserved),
         );
         Fixture { fake, manager, dir }
     }
