@@ -8,7 +8,7 @@ use containerd_client::services::v1::{
     ListContainersRequest, UpdateContainerRequest,
 };
 
-use super::{call, ok_if_missing, time_from, Containerd, SNAPSHOTTER};
+use super::{call, cd_error, ok_if_missing, time_from, Containerd, SNAPSHOTTER};
 use crate::error::{Error, Kind, Result};
 use crate::runtime::backend::{Containers, NewContainer};
 use crate::runtime::spec::{runc_options, SPEC_TYPE_URL};
@@ -102,7 +102,7 @@ impl Containers for Containerd {
                 kind: Kind::Sandbox,
                 id,
             }),
-            Err(s) => Err(Error::containerd("containers.create", s)),
+            Err(s) => Err(cd_error("containers.create", s)),
         }
     }
 
@@ -139,7 +139,7 @@ impl Containers for Containerd {
         match self.containers().update(self.req(req)).await {
             Ok(_) => Ok(()),
             Err(s) if s.code() == tonic::Code::NotFound => Err(Error::not_found(Kind::Sandbox, id)),
-            Err(s) => Err(Error::containerd("containers.update", s)),
+            Err(s) => Err(cd_error("containers.update", s)),
         }
     }
 

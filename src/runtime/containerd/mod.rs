@@ -27,6 +27,11 @@ pub const SNAPSHOTTER: &str = "overlayfs";
 
 /// How long one connection attempt to containerd's socket may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Deadline of a containerd call: a hung containerd or shim fails the call (UNAVAILABLE, which
+/// a caller may retry) instead of holding the request, its locks and its lease forever.
+const CALL_DEADLINE: Duration = Duration::from_secs(60);
+/// Deadline of a diff or an apply, whose work grows with the size of the layer.
+const BULK_DEADLINE: Duration = Duration::from_secs(600);
 
 /// A cheap-to-clone containerd client bound to one namespace.
 #[derive(Clone, Debug)]
@@ -68,17 +73,31 @@ impl Containerd {
     }
 
     /// Wraps `msg` in a request carrying the namespace header.
+    /// Every such call has [`CALL_DEADLINE`]; see [`Self::req_for`] for others.
     fn req<T>(&self, msg: T) -> tonic::Request<T> {
+        self.req_for(msg, Some(CALL_DEADLINE))
+    }
+
+    /// Like [`Self::req`] with `deadline` instead; `None` for calls that last as long as what
+    /// they wait for (a process's exit, an event subscription, a blob's stream).
+    fn req_for<T>(&self, msg: T, deadline: Option<Duration>) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
         if let Ok(ns) = MetadataValue::try_from(self.namespace.as_str()) {
             req.metadata_mut().insert("containerd-namespace", ns);
+        }
+        if let Some(deadline) = deadline {
+            req.set_timeout(deadline);
         }
         req
     }
 
     /// Like [`Self::req`], and attaches the lease so that what the call creates is protected from GC.
     fn req_leased<T>(&self, msg: T, lease: &str) -> tonic::Request<T> {
-        let mut req = self.req(msg);
+        self.lease_on(self.req(msg), lease)
+    }
+
+    /// Attaches `lease` to `req`.
+    fn lease_on<T>(&self, mut req: tonic::Request<T>, lease: &str) -> tonic::Request<T> {
         if let Ok(lease) = MetadataValue::try_from(lease) {
             req.metadata_mut().insert("containerd-lease", lease);
         }
@@ -160,8 +179,22 @@ fn ok_if_missing<T>(
     match result {
         Ok(v) => Ok(v),
         Err(s) if s.code() == tonic::Code::NotFound => Ok(missing),
-        Err(s) => Err(Error::containerd(op, s)),
+        Err(s) => Err(cd_error(op, s)),
     }
+}
+
+/// `op`'s failure as an error; a call past its deadline is UNAVAILABLE (worth a retry), not an
+/// internal error.
+fn cd_error(op: &'static str, s: tonic::Status) -> Error {
+    let timed_out = s.code() == tonic::Code::DeadlineExceeded
+        || (s.code() == tonic::Code::Cancelled && s.message().contains("Timeout expired"));
+    if timed_out {
+        return Error::Unavailable {
+            op,
+            message: format!("containerd did not answer in time: {}", s.message()),
+        };
+    }
+    Error::containerd(op, s)
 }
 
 /// `result`'s value, or `op`'s error.
@@ -171,7 +204,7 @@ fn call<T>(
 ) -> Result<T> {
     result
         .map(tonic::Response::into_inner)
-        .map_err(|s| Error::containerd(op, s))
+        .map_err(|s| cd_error(op, s))
 }
 
 fn mount_from(m: containerd_client::types::Mount) -> Mount {

@@ -10,8 +10,8 @@ use containerd_client::services::v1::{ApplyRequest, DiffRequest};
 use futures::StreamExt;
 
 use super::{
-    call, descriptor_from, descriptor_to, mounts_from, mounts_to, ok_if_missing, Containerd,
-    SNAPSHOTTER,
+    call, cd_error, descriptor_from, descriptor_to, mounts_from, mounts_to, ok_if_missing,
+    Containerd, BULK_DEADLINE, SNAPSHOTTER,
 };
 use crate::error::{Error, Result};
 use crate::runtime::backend::Snapshots;
@@ -102,7 +102,7 @@ impl Snapshots for Containerd {
         {
             Ok(_) => Ok(true),
             Err(s) if s.code() == tonic::Code::AlreadyExists => Ok(false),
-            Err(s) => Err(Error::containerd("snapshots.commit", s)),
+            Err(s) => Err(cd_error("snapshots.commit", s)),
         }
     }
 
@@ -126,7 +126,7 @@ impl Snapshots for Containerd {
         let mut stream = call("snapshots.list", self.snapshots().list(self.req(req)).await)?;
         let mut out = Vec::new();
         while let Some(batch) = stream.next().await {
-            let batch = batch.map_err(|s| Error::containerd("snapshots.list", s))?;
+            let batch = batch.map_err(|s| cd_error("snapshots.list", s))?;
             out.extend(batch.info.into_iter().map(info_from));
         }
         Ok(out)
@@ -143,7 +143,9 @@ impl Snapshots for Containerd {
         };
         let resp = call(
             "diff.diff",
-            self.diff().diff(self.req_leased(req, lease.id())).await,
+            self.diff()
+                .diff(self.lease_on(self.req_for(req, Some(BULK_DEADLINE)), lease.id()))
+                .await,
         )?;
         resp.diff
             .map(descriptor_from)
@@ -158,7 +160,9 @@ impl Snapshots for Containerd {
         };
         let resp = call(
             "diff.apply",
-            self.diff().apply(self.req_leased(req, lease.id())).await,
+            self.diff()
+                .apply(self.lease_on(self.req_for(req, Some(BULK_DEADLINE)), lease.id()))
+                .await,
         )?;
         resp.applied
             .map(|d| d.digest)

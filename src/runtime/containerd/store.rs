@@ -12,7 +12,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{call, descriptor_from, descriptor_to, ok_if_missing, time_from, Containerd};
+use super::{call, cd_error, descriptor_from, descriptor_to, ok_if_missing, time_from, Containerd};
 use crate::error::{Error, Result};
 use crate::runtime::backend::{BlobWrite, ByteStream, Store};
 use crate::runtime::types::{ImageRecord, Lease};
@@ -53,14 +53,14 @@ impl Store for Containerd {
         let mut stream = match self.content().read(self.req(req)).await {
             Ok(resp) => resp.into_inner(),
             Err(s) if s.code() == tonic::Code::NotFound => return Err(missing()),
-            Err(s) => return Err(Error::containerd("content.read", s)),
+            Err(s) => return Err(cd_error("content.read", s)),
         };
         let mut out = Vec::new();
         while let Some(chunk) = stream.next().await {
             let chunk = match chunk {
                 Ok(chunk) => chunk,
                 Err(s) if s.code() == tonic::Code::NotFound => return Err(missing()),
-                Err(s) => return Err(Error::containerd("content.read", s)),
+                Err(s) => return Err(cd_error("content.read", s)),
             };
             out.extend_from_slice(&chunk.data);
             if out.len() as i64 > limit {
@@ -78,7 +78,11 @@ impl Store for Containerd {
             offset: 0,
             size: 0,
         };
-        let stream = call("content.read", self.content().read(self.req(req)).await)?;
+        // Paced by the registry the blob is pushed to.
+        let stream = call(
+            "content.read",
+            self.content().read(self.req_for(req, None)).await,
+        )?;
         Ok(Box::pin(stream.map(|chunk| {
             chunk
                 .map(|c| bytes::Bytes::from(c.data))
@@ -153,7 +157,7 @@ impl Store for Containerd {
                 )?
                 .image
             }
-            Err(s) => return Err(Error::containerd("images.create", s)),
+            Err(s) => return Err(cd_error("images.create", s)),
         };
         stored
             .map(image_from)
@@ -226,19 +230,19 @@ async fn write_new(cd: &Containerd, lease: &str, blob: BlobWrite<'_>) -> Result<
         .map_err(|_| Error::Internal("content write queue closed".into()))?;
     let mut responses = match cd
         .content()
-        .write(cd.req_leased(ReceiverStream::new(rx), lease))
+        .write(cd.lease_on(cd.req_for(ReceiverStream::new(rx), None), lease))
         .await
     {
         Ok(resp) => resp.into_inner(),
         Err(s) if s.code() == tonic::Code::AlreadyExists => return Ok(false),
-        Err(s) => return Err(Error::containerd("content.write", s)),
+        Err(s) => return Err(cd_error("content.write", s)),
     };
     // Each request gets one response; read them as we go so that neither side stalls.
     let expect_response = |resp: Option<Result<_, tonic::Status>>| -> Result<bool> {
         match resp {
             Some(Ok(_)) => Ok(false),
             Some(Err(s)) if s.code() == tonic::Code::AlreadyExists => Ok(true),
-            Some(Err(s)) => Err(Error::containerd("content.write", s)),
+            Some(Err(s)) => Err(cd_error("content.write", s)),
             None => Err(Error::Internal("content.write ended early".into())),
         }
     };

@@ -11,8 +11,8 @@ use containerd_client::types::v1::{Process, Status};
 use futures::StreamExt;
 use prost::Message;
 
-use super::{call, mounts_to, ok_if_missing, time_from, Containerd};
-use crate::error::{Error, Result};
+use super::{call, cd_error, mounts_to, ok_if_missing, time_from, Containerd};
+use crate::error::Result;
 use crate::runtime::backend::{ExitStream, NewExec, Tasks};
 use crate::runtime::spec::RESOURCES_TYPE_URL;
 use crate::runtime::types::{Exit, Mount, Task, TaskExit, TaskState};
@@ -115,7 +115,7 @@ impl Tasks for Containerd {
             {
                 Ok(())
             }
-            Err(s) => Err(Error::containerd("tasks.kill", s)),
+            Err(s) => Err(cd_error("tasks.kill", s)),
         }
     }
 
@@ -140,7 +140,7 @@ impl Tasks for Containerd {
             {
                 Ok(())
             }
-            Err(s) => Err(Error::containerd("tasks.resume", s)),
+            Err(s) => Err(cd_error("tasks.resume", s)),
         }
     }
 
@@ -149,7 +149,8 @@ impl Tasks for Containerd {
             container_id: id.to_string(),
             exec_id: exec_id_of(exec_id),
         };
-        let resp = self.tasks().wait(self.req(req)).await;
+        // As long as the process runs.
+        let resp = self.tasks().wait(self.req_for(req, None)).await;
         Ok(
             ok_if_missing("tasks.wait", resp.map(|r| Some(r.into_inner())), None)?.map(|w| Exit {
                 status: w.exit_status,
@@ -240,11 +241,11 @@ impl Tasks for Containerd {
         };
         let stream = call(
             "events.subscribe",
-            self.events().subscribe(self.req(req)).await,
+            self.events().subscribe(self.req_for(req, None)).await,
         )?;
         Ok(Box::pin(stream.filter_map(|envelope| async move {
             match envelope {
-                Err(s) => Some(Err(Error::containerd("events.subscribe", s))),
+                Err(s) => Some(Err(cd_error("events.subscribe", s))),
                 Ok(envelope) => {
                     let exit = envelope.event.and_then(|any| {
                         containerd_client::events::TaskExit::decode(any.value.as_slice()).ok()
