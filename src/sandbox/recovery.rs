@@ -11,39 +11,44 @@ use super::manager::Manager;
 use super::model::*;
 use super::record::*;
 use crate::error::{Error, Result};
+use crate::runtime::Container;
 
+/// Expired sandboxes deleted at once.
+const REAP_CONCURRENCY: usize = 8;
+/// How long the reaper waits for one delete before it moves on.
+const REAP_WAIT: Duration = Duration::from_secs(30);
 /// Prefix of the snapshot keys used while unpacking layers.
 const UNPACK_KEY_PREFIX: &str = "sandboxd-unpack-";
 
 impl Manager {
     // ---- background duties ----
 
-    /// Deletes every sandbox whose TTL has passed; returns how many.
+    /// Deletes every sandbox whose TTL has passed, several at a time; returns how many. A
+    /// delete that hangs (a stuck shim) is left to finish on its own after [`REAP_WAIT`]: it
+    /// never holds up the others or the next round.
     pub async fn reap_expired(self: &Arc<Self>) -> Result<usize> {
-        let now = SystemTime::now();
-        let mut reaped = 0;
-        for c in self.managed_containers().await? {
-            let expired = c
-                .labels
-                .get(L_EXPIRES)
-                .and_then(|v| crate::util::parse_rfc3339(v))
-                .is_some_and(|t| t <= now);
-            if !expired {
-                continue;
-            }
-            let Ok(id) = SandboxId::parse("sandbox_id", &c.id) else {
-                continue;
-            };
-            match self.delete(id.clone(), true).await {
-                Ok(()) | Err(Error::NotFound { .. }) => {
-                    tracing::info!(sandbox_id = %id, "deleted an expired sandbox");
-                    reaped += 1;
+        let expired = expired(&self.managed_containers().await?, SystemTime::now());
+        let reaped = futures::stream::iter(expired)
+            .map(|id| async move {
+                match tokio::time::timeout(REAP_WAIT, self.delete(id.clone(), true)).await {
+                    Ok(Ok(()) | Err(Error::NotFound { .. })) => {
+                        tracing::info!(sandbox_id = %id, "deleted an expired sandbox");
+                        true
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(sandbox_id = %id, error = %e, "deleting an expired sandbox failed");
+                        false
+                    }
+                    Err(_) => {
+                        tracing::warn!(sandbox_id = %id, wait = ?REAP_WAIT, "deleting an expired sandbox is taking long; it goes on in the background");
+                        false
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(sandbox_id = %id, error = %e, "deleting an expired sandbox failed")
-                }
-            }
-        }
+            })
+            .buffer_unordered(REAP_CONCURRENCY)
+            .filter(|done| std::future::ready(*done))
+            .count()
+            .await;
         Ok(reaped)
     }
 
@@ -125,5 +130,59 @@ impl Manager {
         }
         self.adopt_pool(&containers).await?;
         Ok(())
+    }
+}
+
+/// The sandboxes among `containers` whose TTL has passed at `now`, in id order.
+fn expired(containers: &[Container], now: SystemTime) -> Vec<SandboxId> {
+    containers
+        .iter()
+        .filter(|c| {
+            c.labels
+                .get(L_EXPIRES)
+                .and_then(|v| crate::util::parse_rfc3339(v))
+                .is_some_and(|t| t <= now)
+        })
+        .filter_map(|c| SandboxId::parse("sandbox_id", &c.id).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn container(id: &str, expires: Option<SystemTime>) -> Container {
+        let mut c = Container {
+            id: id.into(),
+            ..Default::default()
+        };
+        if let Some(t) = expires {
+            c.labels.insert(L_EXPIRES.into(), crate::util::rfc3339(t));
+        }
+        c
+    }
+
+    #[test]
+    fn only_sandboxes_past_their_expiry_are_due() {
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        let containers = [
+            container("past-1", Some(now - hour)),
+            container("now-1", Some(now)),
+            container("future-1", Some(now + hour)),
+            container("never-1", None),
+        ];
+        let due: Vec<String> = expired(&containers, now)
+            .iter()
+            .map(|id| id.to_string())
+            .collect();
+        assert_eq!(due, ["past-1", "now-1"]);
+    }
+
+    #[test]
+    fn an_unreadable_expiry_never_deletes() {
+        let mut c = container("odd-1", None);
+        c.labels.insert(L_EXPIRES.into(), "tomorrow".into());
+        assert!(expired(&[c], SystemTime::now()).is_empty());
     }
 }
