@@ -161,6 +161,8 @@ pub trait Store: Send + Sync + Debug + 'static {
     async fn lease(&self, purpose: &str) -> Result<Lease>;
     /// Releases `lease` (ok if missing).
     async fn release(&self, lease: Lease) -> Result<()>;
+    /// Every lease sandboxd made (`sandboxd-` ids), with when it was made.
+    async fn leases(&self) -> Result<Vec<(Lease, Option<std::time::SystemTime>)>>;
     /// containerd's version: the health probe.
     async fn version(&self) -> Result<String>;
 }

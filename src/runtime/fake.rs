@@ -47,6 +47,11 @@ impl Fake {
         self.state().failing.insert(op.to_string());
     }
 
+    /// Calls fail no more.
+    pub fn heal(&self) {
+        self.state().failing.clear();
+    }
+
     /// The calls made so far, in order, as `op id`.
     pub fn calls(&self) -> Vec<String> {
         self.state().calls.clone()
@@ -81,6 +86,11 @@ impl Fake {
                 ..Default::default()
             },
         );
+    }
+
+    /// Takes a lease as an operation that died while holding it would leave it.
+    pub fn add_lease(&self, id: &str) {
+        self.state().leases.insert(id.to_string());
     }
 
     /// Adds an active snapshot as an interrupted operation would leave it.
@@ -515,6 +525,14 @@ impl Store for Fake {
             .leases
             .remove(&lease.id);
         Ok(())
+    }
+
+    async fn leases(&self) -> Result<Vec<(Lease, Option<std::time::SystemTime>)>> {
+        let s = self.enter("leases.list", "")?;
+        Ok(s.leases
+            .iter()
+            .map(|id| (Lease { id: id.clone() }, None))
+            .collect())
     }
 
     async fn version(&self) -> Result<String> {

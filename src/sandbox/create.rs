@@ -195,6 +195,7 @@ impl Manager {
         let mut labels = spec.labels.clone();
         labels.insert(L_MANAGED.into(), "true".into());
         labels.insert(L_IMAGE.into(), base_image.to_string());
+        labels.insert(L_CREATE_LEASE.into(), lease.id().to_string());
         if let Some(pool) = &spec.pool {
             labels.insert(L_POOL.into(), pool.clone());
         }

@@ -247,7 +247,7 @@ impl Manager {
         }
     }
 
-    async fn delete_locked(
+    pub(super) async fn delete_locked(
         &self,
         id: &SandboxId,
         container: &Container,

@@ -63,6 +63,8 @@ pub struct Manager {
     pub(super) relay: Option<Arc<super::relay::ExecRelay>>,
     /// Where measurements go.
     pub(super) observer: Arc<dyn Observer>,
+    /// When this manager was made: leases older than this belong to an earlier run.
+    pub(super) started_at: std::time::SystemTime,
 }
 
 /// A sandbox's root filesystem as seen from the host, for file access. A running sandbox is
@@ -104,6 +106,7 @@ impl Manager {
         Arc::new(Manager {
             relay,
             observer,
+            started_at: std::time::SystemTime::now(),
             pool: super::pool::WarmPool::new(cfg.warm_pool.clone()),
             cd,
             cfg,

@@ -38,6 +38,9 @@ pub(super) const L_COMMAND: &str = "sandboxd.io/command";
 pub(super) const L_HOSTNAME: &str = "sandboxd.io/hostname";
 /// containerd's GC reference from a sandbox to its image's manifest (the manifest digest).
 pub(super) const L_MANIFEST_REF: &str = "containerd.io/gc.ref.content.m";
+/// The lease the sandbox's create ran under. While that lease exists the create has not
+/// finished: after a crash, recovery rolls such a sandbox back.
+pub(super) const L_CREATE_LEASE: &str = "sandboxd.io/create-lease";
 /// Label on a writable snapshot naming its sandbox.
 pub const L_SNAPSHOT_OWNER: &str = "sandboxd.io/sandbox";
 

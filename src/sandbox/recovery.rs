@@ -11,14 +11,15 @@ use super::manager::Manager;
 use super::model::*;
 use super::record::*;
 use crate::error::{Error, Result};
-use crate::runtime::Container;
+use crate::runtime::{Container, TaskState};
 
 /// Expired sandboxes deleted at once.
 const REAP_CONCURRENCY: usize = 8;
 /// How long the reaper waits for one delete before it moves on.
 const REAP_WAIT: Duration = Duration::from_secs(30);
-/// Prefix of the snapshot keys used while unpacking layers.
-const UNPACK_KEY_PREFIX: &str = "sandboxd-unpack-";
+/// Prefixes of the keys of snapshots that live only as long as one operation: an unpack (pull,
+/// commit) and the view a commit diffs against.
+const TEMPORARY_KEY_PREFIXES: [&str; 2] = ["sandboxd-unpack-", "sandboxd-view-"];
 
 impl Manager {
     // ---- background duties ----
@@ -91,9 +92,33 @@ impl Manager {
         }
     }
 
-    /// After a restart: removes what an interrupted operation left behind (writable snapshots
-    /// without a container, unpack snapshots, files of sandboxes that are gone).
+    /// Before serving, after a restart or a containerd reconnect: finishes or undoes what
+    /// interrupted operations left. Each sandbox is settled under its lock, so an operation
+    /// still running in this process (after a reconnect) is waited for, never undone.
+    /// - a create whose lease still exists did not finish: rolled back;
+    /// - a paused task was paused by a commit that died (the API has no pause): resumed;
+    /// - a container whose writable snapshot is gone was being deleted: the delete finishes;
+    /// - writable, view and unpack snapshots that no container uses are removed;
+    /// - networks of sandboxes whose task is gone are torn down, firewall chains swept;
+    /// - files of gone sandboxes are removed; leases of operations of an earlier run released;
+    /// - the warm pool is adopted or emptied.
     pub async fn recover(self: &Arc<Self>) -> Result<()> {
+        let leases = self.cd.leases().await?;
+        let open: HashSet<&str> = leases.iter().map(|(l, _)| l.id()).collect();
+        for c in self.all_containers().await? {
+            let Ok(id) = SandboxId::parse("sandbox_id", &c.id) else {
+                continue;
+            };
+            let unfinished = c
+                .labels
+                .get(L_CREATE_LEASE)
+                .is_some_and(|l| open.contains(l.as_str()));
+            if let Err(e) = self.settle(&id, unfinished).await {
+                tracing::warn!(sandbox_id = %id, error = %e, "settling a sandbox after a restart failed; will retry");
+            }
+        }
+        drop(open);
+
         let containers = self.all_containers().await?;
         let keys: HashSet<&str> = containers.iter().map(|c| c.snapshot_key.as_str()).collect();
         let orphans: Vec<String> = self
@@ -103,8 +128,10 @@ impl Manager {
             .into_iter()
             .filter(|info| {
                 let ours = info.labels.contains_key(L_SNAPSHOT_OWNER)
-                    || info.name.starts_with(UNPACK_KEY_PREFIX);
-                ours && !keys.contains(info.name.as_str())
+                    || TEMPORARY_KEY_PREFIXES
+                        .iter()
+                        .any(|p| info.name.starts_with(p));
+                ours && !info.committed && !keys.contains(info.name.as_str())
             })
             .map(|info| info.name)
             .collect();
@@ -128,7 +155,51 @@ impl Manager {
                 }
             }
         }
+        // Leases made before this process started belong to operations that died with an
+        // earlier one; what they kept alive and nothing else references goes to containerd's GC.
+        for (lease, made) in leases {
+            if made.is_some_and(|t| t < self.started_at) {
+                if let Err(e) = self.cd.release(lease).await {
+                    tracing::debug!(error = %e, "releasing a leftover lease failed; it will expire");
+                }
+            }
+        }
         self.adopt_pool(&containers).await?;
+        Ok(())
+    }
+
+    /// Finishes or undoes an interrupted operation on sandbox `id` (see [`Self::recover`]).
+    async fn settle(self: &Arc<Self>, id: &SandboxId, unfinished_create: bool) -> Result<()> {
+        let _guard = self.locks.lock(id.as_str()).await;
+        let Some(container) = self.any_container(id).await? else {
+            return Ok(());
+        };
+        // Read again under the lock: a create of this process may have finished meanwhile.
+        let lease_open = match container.labels.get(L_CREATE_LEASE) {
+            Some(l) if unfinished_create => {
+                let open = self.cd.leases().await?;
+                open.iter().any(|(o, _)| o.id() == l)
+            }
+            _ => false,
+        };
+        let snapshot_gone = self.cd.stat(&container.snapshot_key).await?.is_none();
+        if lease_open || snapshot_gone {
+            let why = if lease_open {
+                "its create did not finish"
+            } else {
+                "its delete did not finish"
+            };
+            tracing::info!(sandbox_id = %id, why, "removing a half-made sandbox");
+            return self.delete_locked(id, &container, true).await;
+        }
+        if self
+            .task(id.as_str())
+            .await?
+            .is_some_and(|t| t.state == TaskState::Paused)
+        {
+            tracing::info!(sandbox_id = %id, "resuming a sandbox a commit left paused");
+            self.cd.resume(id.as_str()).await?;
+        }
         Ok(())
     }
 }

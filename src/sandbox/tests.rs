@@ -31,21 +31,32 @@ struct Fixture {
 impl Fixture {
     fn new() -> Fixture {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut config = Config::resolve(&ServeArgs::default(), &|_| None).expect("config");
-        config.data_dir = dir.path().join("data");
-        config.idle_init = dir.path().join("catatonit");
-        std::fs::write(&config.idle_init, b"").expect("idle init");
-        config.network.netns_dir = dir.path().join("netns");
-        config.network.instance = format!("unit-{}", crate::util::random_hex(4));
         let fake = Arc::new(Fake::default());
         add_image(&fake);
-        let manager = Manager::new(
-            fake.clone(),
+        let manager = Self::manager(fake.clone(), dir.path());
+        Fixture { fake, manager, dir }
+    }
+
+    /// A second manager on the same backend and data dir: sandboxd after a restart.
+    fn new_on(fake: Arc<Fake>, dir: &tempfile::TempDir) -> Fixture {
+        let manager = Self::manager(fake.clone(), dir.path());
+        let dir = tempfile::tempdir_in(dir.path()).expect("temp dir");
+        Fixture { fake, manager, dir }
+    }
+
+    fn manager(fake: Arc<Fake>, dir: &std::path::Path) -> Arc<Manager> {
+        let mut config = Config::resolve(&ServeArgs::default(), &|_| None).expect("config");
+        config.data_dir = dir.join("data");
+        config.idle_init = dir.join("catatonit");
+        std::fs::write(&config.idle_init, b"").expect("idle init");
+        config.network.netns_dir = dir.join("netns");
+        config.network.instance = format!("unit-{}", crate::util::random_hex(4));
+        Manager::new(
+            fake,
             ManagerConfig::from(&config),
             Network::new(config.network.clone()),
             Arc::new(super::Unobserved),
-        );
-        Fixture { fake, manager, dir }
+        )
     }
 
     fn files_dir(&self, id: &str) -> std::path::PathBuf {
@@ -315,4 +326,69 @@ async fn records_carry_the_schema_that_recovery_and_the_reaper_read() {
     );
     let expires = container.labels.get(L_EXPIRES).expect("expires-at label");
     assert!(crate::util::parse_rfc3339(expires).is_some());
+}
+
+#[tokio::test]
+async fn recovery_rolls_back_a_create_whose_lease_is_still_open() {
+    let f = Fixture::new();
+    // A create that died after its container was written: its lease is still held.
+    f.fake.fail("tasks.create");
+    f.fake.fail("leases.delete");
+    f.fake.fail("containers.delete");
+    f.manager.create(spec("half-1")).await.unwrap_err();
+    assert_eq!(f.fake.container_ids(), vec!["half-1"]);
+    let fresh = Fixture::new_on(f.fake.clone(), &f.dir);
+    f.fake.heal();
+    f.manager.create(spec("whole-1")).await.unwrap();
+    fresh.manager.recover().await.unwrap();
+    assert_eq!(f.fake.container_ids(), vec!["whole-1"]);
+    let err = fresh.manager.get(&id("half-1")).await.unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err:?}");
+    assert_eq!(
+        fresh.manager.get(&id("whole-1")).await.unwrap().state,
+        State::Running
+    );
+}
+
+#[tokio::test]
+async fn recovery_finishes_a_delete_that_removed_the_snapshot_only() {
+    let f = Fixture::new();
+    f.manager.create(spec("box-1")).await.unwrap();
+    f.fake.fail("containers.delete");
+    f.manager.delete(id("box-1"), true).await.unwrap_err();
+    assert_eq!(f.fake.container_ids(), vec!["box-1"]);
+    f.fake.heal();
+    f.manager.recover().await.unwrap();
+    assert!(f.fake.container_ids().is_empty());
+}
+
+#[tokio::test]
+async fn recovery_resumes_a_task_a_dead_commit_left_paused() {
+    let f = Fixture::new();
+    f.manager.create(spec("box-1")).await.unwrap();
+    f.fake.set_task_state("box-1", TaskState::Paused);
+    f.manager.recover().await.unwrap();
+    let sandbox = f.manager.get(&id("box-1")).await.unwrap();
+    assert_eq!(sandbox.state, State::Running);
+}
+
+#[tokio::test]
+async fn recovery_removes_a_dead_commits_view_and_unpack_snapshots() {
+    let f = Fixture::new();
+    f.manager.create(spec("box-1")).await.unwrap();
+    for key in ["sandboxd-view-aaaa", "sandboxd-unpack-bbbb"] {
+        f.fake.add_snapshot(SnapshotInfo {
+            name: key.into(),
+            parent: LAYER.into(),
+            ..Default::default()
+        });
+    }
+    f.manager.recover().await.unwrap();
+    let left: Vec<String> = f
+        .fake
+        .snapshot_names()
+        .into_iter()
+        .filter(|n| n.starts_with("sandboxd-view-") || n.starts_with("sandboxd-unpack-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }

@@ -5,8 +5,8 @@ use std::time::{Duration, SystemTime};
 
 use containerd_client::services::v1::{
     CreateImageRequest, CreateRequest, DeleteImageRequest, DeleteRequest, GetImageRequest,
-    Image as CdImage, Info, InfoRequest, ListImagesRequest, ReadContentRequest, UpdateImageRequest,
-    UpdateRequest, WriteAction, WriteContentRequest,
+    Image as CdImage, Info, InfoRequest, ListImagesRequest, ListRequest, ReadContentRequest,
+    UpdateImageRequest, UpdateRequest, WriteAction, WriteContentRequest,
 };
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -19,6 +19,8 @@ use crate::runtime::types::{ImageRecord, Lease};
 
 /// Requests buffered towards containerd while a blob streams in.
 const WRITE_QUEUE: usize = 8;
+/// What the id of every lease sandboxd makes starts with.
+const LEASE_PREFIX: &str = "sandboxd-";
 /// A lease that outlives a crash by at most this long, after which containerd's GC drops it.
 const LEASE_EXPIRY: Duration = Duration::from_secs(3600);
 
@@ -175,7 +177,7 @@ impl Store for Containerd {
     }
 
     async fn lease(&self, purpose: &str) -> Result<Lease> {
-        let id = format!("sandboxd-{purpose}-{}", crate::util::random_hex(8));
+        let id = format!("{LEASE_PREFIX}{purpose}-{}", crate::util::random_hex(8));
         let expire = prost_types::Timestamp::from(SystemTime::now() + LEASE_EXPIRY);
         let req = CreateRequest {
             id: id.clone(),
@@ -192,6 +194,17 @@ impl Store for Containerd {
         };
         let resp = self.leases().delete(self.req(req)).await;
         ok_if_missing("leases.delete", resp.map(|_| ()), ())
+    }
+
+    async fn leases(&self) -> Result<Vec<(Lease, Option<SystemTime>)>> {
+        let req = ListRequest { filters: vec![] };
+        let resp = call("leases.list", self.leases().list(self.req(req)).await)?;
+        Ok(resp
+            .leases
+            .into_iter()
+            .filter(|l| l.id.starts_with(LEASE_PREFIX))
+            .map(|l| (Lease { id: l.id }, time_from(l.created_at)))
+            .collect())
     }
 
     async fn version(&self) -> Result<String> {
