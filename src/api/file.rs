@@ -8,7 +8,6 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::status::to_status;
 use crate::error::{Error, Result};
 use crate::files::{
     self, AtomicWriter, FileEntry, FileReader, FileType, ListDepth, ReadRange, SandboxPath,
@@ -41,14 +40,10 @@ impl FileApi {
         access: Access,
         op: impl FnOnce(&files::Root) -> Result<T> + Send + 'static,
     ) -> Result<T, Status> {
-        let root = files::open_root(&self.manager, id)
-            .await
-            .map_err(to_status)?;
+        let root = files::open_root(&self.manager, id).await?;
         let held = match access {
             Access::Read => None,
-            Access::Change => files::hold_still(&self.manager, id, &root)
-                .await
-                .map_err(to_status)?,
+            Access::Change => files::hold_still(&self.manager, id, &root).await?,
         };
         let result = sys::blocking(move || {
             let result = op(&root);
@@ -56,7 +51,7 @@ impl FileApi {
             result
         })
         .await
-        .map_err(to_status);
+        .map_err(Status::from);
         drop(held);
         result
     }
@@ -72,11 +67,11 @@ enum Access {
 // ---- conversions ----
 
 fn sandbox_id(field: &str, s: &str) -> Result<SandboxId, Status> {
-    SandboxId::parse(field, s).map_err(to_status)
+    Ok(SandboxId::parse(field, s)?)
 }
 
 fn path(field: &str, s: &str) -> Result<SandboxPath, Status> {
-    SandboxPath::parse(field, s).map_err(to_status)
+    Ok(SandboxPath::parse(field, s)?)
 }
 
 /// 0 means `default`; otherwise the permission bits (`mode & 07777`), as the proto documents.
@@ -140,14 +135,10 @@ impl FileService for FileApi {
         let r = req.into_inner();
         let id = sandbox_id("sandbox_id", &r.sandbox_id)?;
         let path = path("path", &r.path)?;
-        let range = ReadRange::parse(r.offset, r.length).map_err(to_status)?;
-        let root = files::open_root(&self.manager, &id)
-            .await
-            .map_err(to_status)?;
+        let range = ReadRange::parse(r.offset, r.length)?;
+        let root = files::open_root(&self.manager, &id).await?;
         // Opening errors (missing, not a file) are the call's status, not a stream item.
-        let mut reader = sys::blocking(move || FileReader::open(root, &path, range))
-            .await
-            .map_err(to_status)?;
+        let mut reader = sys::blocking(move || FileReader::open(root, &path, range)).await?;
         let (tx, rx) = mpsc::channel(READ_QUEUE);
         // The reader owns the root: a stopped sandbox stays mounted until the stream ends, and
         // is unmounted before the client sees the end.
@@ -161,7 +152,7 @@ impl FileService for FileApi {
                         }
                     }
                     Ok(None) => break None,
-                    Err(e) => break Some(to_status(e)),
+                    Err(e) => break Some(Status::from(e)),
                 }
             };
             drop(reader);
@@ -186,15 +177,11 @@ impl FileService for FileApi {
                 "invalid header: the first message must be the header",
             ));
         };
-        let (id, spec) = write_spec(header).map_err(to_status)?;
-        let root = files::open_root(&self.manager, &id)
-            .await
-            .map_err(to_status)?;
+        let (id, spec) = write_spec(header)?;
+        let root = files::open_root(&self.manager, &id).await?;
         // Should this call be dropped from here on, dropping the writer removes its temporary
         // file; once `run` owns it, `run` does.
-        let writer = sys::blocking(move || AtomicWriter::create(root, &spec))
-            .await
-            .map_err(to_status)?;
+        let writer = sys::blocking(move || AtomicWriter::create(root, &spec)).await?;
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let task = tokio::task::spawn_blocking(move || writer.run(rx));
         let stream_result = loop {
@@ -230,16 +217,12 @@ impl FileService for FileApi {
         drop(tx);
         let synced = task
             .await
-            .map_err(|e| to_status(Error::Internal(format!("file writer failed: {e}"))))?;
+            .map_err(|e| Error::Internal(format!("file writer failed: {e}")))?;
         stream_result?;
-        let writer = synced.map_err(to_status)?;
+        let writer = synced?;
         // The content is on disk; only the rename into place waits for a commit to finish.
-        let held = files::hold_still(&self.manager, &id, writer.root())
-            .await
-            .map_err(to_status)?;
-        let written = sys::blocking(move || writer.publish())
-            .await
-            .map_err(to_status)?;
+        let held = files::hold_still(&self.manager, &id, writer.root()).await?;
+        let written = sys::blocking(move || writer.publish()).await?;
         drop(held);
         Ok(Response::new(pb::WriteFileResponse {
             bytes_written: i64::try_from(written).unwrap_or(i64::MAX),
@@ -253,7 +236,7 @@ impl FileService for FileApi {
         let r = req.into_inner();
         let id = sandbox_id("sandbox_id", &r.sandbox_id)?;
         let path = path("path", &r.path)?;
-        let depth = ListDepth::parse("depth", r.depth).map_err(to_status)?;
+        let depth = ListDepth::parse("depth", r.depth)?;
         let entries = self
             .with_root(&id, Access::Read, move |root| {
                 files::list(root, &path, depth)
@@ -303,7 +286,10 @@ impl FileService for FileApi {
         let id = sandbox_id("sandbox_id", &r.sandbox_id)?;
         let path = path("path", &r.path)?;
         if path.as_str() == "/" {
-            return Err(to_status(Error::invalid("path", "\"/\" cannot be removed")));
+            return Err(Status::from(Error::invalid(
+                "path",
+                "\"/\" cannot be removed",
+            )));
         }
         let recursive = r.recursive;
         self.with_root(&id, Access::Change, move |root| {

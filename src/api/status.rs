@@ -1,65 +1,43 @@
 //! The one place where errors become gRPC statuses.
 
-use tonic::Status;
+use tonic::{Code, Status};
 
 use crate::error::Error;
 
-/// Maps a library error to the contract's status codes, logging causes the caller cannot act on.
-pub fn to_status(e: Error) -> Status {
-    match &e {
-        Error::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
-        Error::NotFound { .. } => Status::not_found(e.to_string()),
-        Error::AlreadyExists { .. } => Status::already_exists(e.to_string()),
-        Error::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
-        Error::PermissionDenied(_) => Status::permission_denied(e.to_string()),
-        Error::DeadlineExceeded(_) => Status::deadline_exceeded(e.to_string()),
-        Error::Unavailable { .. } => {
-            tracing::warn!(error = %e, "containerd unavailable");
-            Status::unavailable(e.to_string())
-        }
-        Error::Registry(_) => {
-            tracing::warn!(error = %e, "registry failure");
-            Status::unavailable(e.to_string())
-        }
-        Error::Containerd { .. } | Error::Io { .. } | Error::Internal(_) => {
-            tracing::error!(error = %e, source = ?std::error::Error::source(&e), "internal error");
-            Status::internal(e.to_string())
-        }
-        Error::CleanupFailed { error, cleanup } => {
-            tracing::error!(error = %error, cleanup = %cleanup, "an operation failed and its undo failed too");
-            let inner = to_status(clone_shallow(error));
-            Status::new(inner.code(), e.to_string())
-        }
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let code = code(&e);
+        Status::new(code, e.to_string())
     }
 }
 
-/// Re-creates an error's kind and message so that its code can be computed.
-fn clone_shallow(e: &Error) -> Error {
+/// The contract's code for each error, logging the causes the caller cannot act on.
+fn code(e: &Error) -> Code {
     match e {
-        Error::InvalidArgument { field, reason } => Error::InvalidArgument {
-            field: field.clone(),
-            reason: reason.clone(),
-        },
-        Error::NotFound { kind, id } => Error::NotFound {
-            kind: *kind,
-            id: id.clone(),
-        },
-        Error::AlreadyExists { kind, id } => Error::AlreadyExists {
-            kind: *kind,
-            id: id.clone(),
-        },
-        Error::FailedPrecondition(m) => Error::FailedPrecondition(m.clone()),
-        Error::PermissionDenied(m) => Error::PermissionDenied(m.clone()),
-        Error::DeadlineExceeded(m) => Error::DeadlineExceeded(m.clone()),
-        Error::Unavailable { op, message } => Error::Unavailable {
-            op,
-            message: message.clone(),
-        },
-        Error::Registry(m) => Error::Registry(m.clone()),
-        Error::Containerd { .. }
-        | Error::Io { .. }
-        | Error::Internal(_)
-        | Error::CleanupFailed { .. } => Error::Internal(e.to_string()),
+        Error::InvalidArgument { .. } => Code::InvalidArgument,
+        Error::NotFound { .. } => Code::NotFound,
+        Error::AlreadyExists { .. } => Code::AlreadyExists,
+        Error::FailedPrecondition(_) => Code::FailedPrecondition,
+        Error::PermissionDenied(_) => Code::PermissionDenied,
+        Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
+        Error::Unavailable { .. } => {
+            tracing::warn!(error = %e, "containerd unavailable");
+            Code::Unavailable
+        }
+        Error::Registry(_) => {
+            tracing::warn!(error = %e, "registry failure");
+            Code::Unavailable
+        }
+        Error::Containerd { .. } | Error::Io { .. } | Error::Internal(_) => {
+            tracing::error!(error = %e, source = ?std::error::Error::source(e), "internal error");
+            Code::Internal
+        }
+        Error::CleanupFailed { error, cleanup } => {
+            // The failure keeps its own code (and its own log line if it has one).
+            let code = code(error);
+            tracing::error!(error = %error, cleanup = %cleanup, "an operation failed and its undo failed too");
+            code
+        }
     }
 }
 
@@ -67,23 +45,26 @@ fn clone_shallow(e: &Error) -> Error {
 mod tests {
     use super::*;
     use crate::error::Kind;
-    use tonic::Code;
+
+    fn status(e: Error) -> Status {
+        Status::from(e)
+    }
 
     #[test]
     fn each_error_kind_has_its_contract_code() {
         assert_eq!(
-            to_status(Error::invalid("image", "bad")).code(),
+            status(Error::invalid("image", "bad")).code(),
             Code::InvalidArgument
         );
-        assert!(to_status(Error::invalid("image", "bad"))
+        assert!(status(Error::invalid("image", "bad"))
             .message()
             .contains("image"));
         assert_eq!(
-            to_status(Error::not_found(Kind::Sandbox, "x")).code(),
+            status(Error::not_found(Kind::Sandbox, "x")).code(),
             Code::NotFound
         );
         assert_eq!(
-            to_status(Error::AlreadyExists {
+            status(Error::AlreadyExists {
                 kind: Kind::Sandbox,
                 id: "x".into()
             })
@@ -91,28 +72,32 @@ mod tests {
             Code::AlreadyExists
         );
         assert_eq!(
-            to_status(Error::FailedPrecondition("x".into())).code(),
+            status(Error::FailedPrecondition("x".into())).code(),
             Code::FailedPrecondition
         );
         assert_eq!(
-            to_status(Error::PermissionDenied("x".into())).code(),
+            status(Error::PermissionDenied("x".into())).code(),
             Code::PermissionDenied
         );
         assert_eq!(
-            to_status(Error::DeadlineExceeded("x".into())).code(),
+            status(Error::DeadlineExceeded("x".into())).code(),
             Code::DeadlineExceeded
         );
         assert_eq!(
-            to_status(Error::containerd("x", Status::unavailable("down"))).code(),
+            status(Error::containerd("x", Status::unavailable("down"))).code(),
             Code::Unavailable
         );
         assert_eq!(
-            to_status(Error::containerd("x", Status::unknown("boom"))).code(),
+            status(Error::containerd("x", Status::unknown("boom"))).code(),
             Code::Internal
+        );
+        assert_eq!(
+            status(Error::Registry("401".into())).code(),
+            Code::Unavailable
         );
         let both =
             Error::not_found(Kind::Image, "i").with_cleanup(Err(Error::Internal("undo".into())));
-        let status = to_status(both);
+        let status = status(both);
         assert_eq!(status.code(), Code::NotFound);
         assert!(status.message().contains("undo"));
     }
