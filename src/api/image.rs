@@ -8,6 +8,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::convert;
+use crate::error::Error;
 use crate::image::{self, ImageRef, Progress};
 use crate::pb;
 use crate::pb::image_service_server::ImageService;
@@ -69,7 +70,7 @@ impl ImageService for ImageApi {
                     image: Some(convert::image(info)),
                 }),
                 Ok(Err(e)) => Err(Status::from(e)),
-                Err(e) => Err(Status::internal(format!("pull task failed: {e}"))),
+                Err(e) => Err(Error::Internal(format!("pull task failed: {e}")).into()),
             };
             let _ = out_tx.send(last).await;
         });

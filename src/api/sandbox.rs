@@ -18,11 +18,6 @@ use crate::sandbox::{
     ExecInput, LabelSelector, Manager, Page, SandboxId, EXEC_INPUT_QUEUE, EXEC_OUTPUT_QUEUE,
 };
 
-/// Default grace period of StopSandbox.
-const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest grace period StopSandbox accepts.
-const MAX_STOP_TIMEOUT: Duration = Duration::from_secs(3600);
-
 /// The SandboxService implementation.
 #[derive(Debug, Clone)]
 pub struct SandboxApi {
@@ -34,10 +29,6 @@ impl SandboxApi {
     pub fn new(manager: Arc<Manager>) -> Self {
         SandboxApi { manager }
     }
-}
-
-fn id(field: &str, s: &str) -> Result<SandboxId, Status> {
-    Ok(SandboxId::parse(field, s)?)
 }
 
 #[tonic::async_trait]
@@ -59,7 +50,7 @@ impl SandboxService for SandboxApi {
         &self,
         req: Request<pb::GetSandboxRequest>,
     ) -> Result<Response<pb::GetSandboxResponse>, Status> {
-        let id = id("sandbox_id", &req.into_inner().sandbox_id)?;
+        let id = SandboxId::parse("sandbox_id", &req.into_inner().sandbox_id)?;
         let sandbox = self.manager.get(&id).await?;
         Ok(Response::new(pb::GetSandboxResponse {
             sandbox: Some(convert::sandbox(sandbox)),
@@ -84,7 +75,7 @@ impl SandboxService for SandboxApi {
         &self,
         req: Request<pb::StartSandboxRequest>,
     ) -> Result<Response<pb::StartSandboxResponse>, Status> {
-        let id = id("sandbox_id", &req.into_inner().sandbox_id)?;
+        let id = SandboxId::parse("sandbox_id", &req.into_inner().sandbox_id)?;
         let sandbox = self.manager.start(id).await?;
         Ok(Response::new(pb::StartSandboxResponse {
             sandbox: Some(convert::sandbox(sandbox)),
@@ -95,30 +86,16 @@ impl SandboxService for SandboxApi {
         &self,
         req: Request<pb::StopSandboxRequest>,
     ) -> Result<Response<pb::StopSandboxResponse>, Status> {
-        let r = req.into_inner();
-        let id = id("sandbox_id", &r.sandbox_id)?;
-        let signal = match r.signal {
-            0 => libc::SIGTERM,
-            s if (1..=64).contains(&s) => s,
-            s => {
-                return Err(Status::invalid_argument(format!(
-                    "invalid signal: {s} is not a signal number (1-64)"
-                )))
-            }
-        };
-        let timeout = match r.timeout {
-            None => DEFAULT_STOP_TIMEOUT,
-            Some(d) => match crate::util::duration(&d) {
-                Some(d) if d <= MAX_STOP_TIMEOUT => d,
-                Some(_) => {
-                    return Err(Status::invalid_argument(
-                        "invalid timeout: longer than one hour",
-                    ))
-                }
-                None => return Err(Status::invalid_argument("invalid timeout: negative")),
-            },
-        };
-        let sandbox = self.manager.stop(id, signal, timeout, r.force).await?;
+        let convert::StopSpec {
+            sandbox_id,
+            signal,
+            timeout,
+            force,
+        } = convert::stop_spec(req.into_inner())?;
+        let sandbox = self
+            .manager
+            .stop(sandbox_id, signal, timeout, force)
+            .await?;
         Ok(Response::new(pb::StopSandboxResponse {
             sandbox: Some(convert::sandbox(sandbox)),
         }))
@@ -129,7 +106,7 @@ impl SandboxService for SandboxApi {
         req: Request<pb::DeleteSandboxRequest>,
     ) -> Result<Response<pb::DeleteSandboxResponse>, Status> {
         let r = req.into_inner();
-        let id = id("sandbox_id", &r.sandbox_id)?;
+        let id = SandboxId::parse("sandbox_id", &r.sandbox_id)?;
         self.manager.delete(id, r.force).await?;
         Ok(Response::new(pb::DeleteSandboxResponse {}))
     }
@@ -142,15 +119,7 @@ impl SandboxService for SandboxApi {
     ) -> Result<Response<Self::ExecStream>, Status> {
         let deadline = grpc_timeout(req.metadata());
         let mut inbound = req.into_inner();
-        let first = inbound.message().await?.ok_or_else(|| {
-            Status::invalid_argument("invalid request: the stream ended before the start message")
-        })?;
-        let Some(pb::exec_request::Request::Start(start)) = first.request else {
-            return Err(Status::invalid_argument(
-                "invalid request: the first message must be start",
-            ));
-        };
-        let spec = convert::exec_spec(start)?;
+        let spec = convert::exec_first(inbound.message().await?)?;
         let spec_stdin = spec.stdin;
         let session = self.manager.exec_start(spec).await?;
         let started = pb::ExecResponse {
