@@ -540,11 +540,14 @@ pub const MAX_STOP_TIMEOUT: Duration = Duration::from_secs(3600);
 /// StopSandbox's request, validated: what the manager's `stop` takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StopSpec {
+    /// The sandbox to stop.
     pub sandbox_id: SandboxId,
     /// The signal sent first (SIGTERM unless the request names one).
     pub signal: i32,
     /// How long the sandbox gets to exit before SIGKILL.
     pub timeout: Duration,
+    /// SIGKILL everything once the grace period is over, instead of failing with
+    /// DEADLINE_EXCEEDED.
     pub force: bool,
 }
 
@@ -576,7 +579,9 @@ pub fn stop_spec(r: pb::StopSandboxRequest) -> Result<StopSpec> {
 /// A path in a sandbox, as most FileService requests name it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileTarget {
+    /// The sandbox whose files are meant.
     pub sandbox_id: SandboxId,
+    /// The path inside it, normalised.
     pub path: SandboxPath,
 }
 
@@ -611,6 +616,7 @@ pub fn stat_file_spec(r: pb::StatFileRequest) -> Result<FileTarget> {
 /// MakeDirectoryRequest, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MakeDirectorySpec {
+    /// The directory to create.
     pub target: FileTarget,
     /// Create missing parents too.
     pub parents: bool,
@@ -630,6 +636,7 @@ pub fn make_directory_spec(r: pb::MakeDirectoryRequest) -> Result<MakeDirectoryS
 /// RemovePathRequest, validated: never the root.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemovePathSpec {
+    /// What to remove (never `/`).
     pub target: FileTarget,
     /// Remove a directory with its content.
     pub recursive: bool,
