@@ -18,6 +18,8 @@ use crate::pb;
 use crate::runtime::{supervisor, Containerd, Store};
 use crate::sandbox::{Manager, ManagerConfig};
 
+mod authority;
+
 /// Services whose health is reported (besides the overall "").
 pub const SERVICE_NAMES: [&str; 4] = [
     "sandboxd.v1.SandboxService",
@@ -219,8 +221,12 @@ pub async fn serve(
                     anyhow::anyhow!("cannot listen on unix:{}: {e}", path.display())
                 })?;
                 tracing::info!(listen = %config.listen, containerd = %address.display(), namespace = %config.namespace, "sandboxd ready");
+                // Unix-socket clients often send the socket's path as :authority, which h2
+                // rejects; each connection gets a valid one in its place.
+                let incoming = UnixListenerStream::new(listener)
+                    .map(|s| s.map(authority::NormalizeAuthority::new));
                 router
-                    .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signalled)
+                    .serve_with_incoming_shutdown(incoming, signalled)
                     .await?;
             }
         }

@@ -1,8 +1,12 @@
 //! Conversions between proto messages and domain types. Invalid input stops here.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use crate::error::{Error, Result};
+use crate::files::{
+    FileEntry, FileType, ListDepth, ReadRange, SandboxPath, WriteInput, WriteSpec,
+    DEFAULT_DIR_MODE, DEFAULT_FILE_MODE,
+};
 use crate::image::{ImageInfo, ImageRef};
 use crate::net::cni::{PortMapping, Protocol};
 use crate::net::policy::{Egress, EgressRule, NetPolicy};
@@ -374,8 +378,18 @@ fn exec_common(
     })
 }
 
+/// Exec's first message (`None`: the stream ended before it) → ExecSpec.
+pub fn exec_first(first: Option<pb::ExecRequest>) -> Result<sandbox::ExecSpec> {
+    let first = first
+        .ok_or_else(|| Error::invalid("request", "the stream ended before the start message"))?;
+    match first.request {
+        Some(pb::exec_request::Request::Start(start)) => exec_spec(start),
+        _ => Err(Error::invalid("request", "the first message must be start")),
+    }
+}
+
 /// Exec's start message → ExecSpec.
-pub fn exec_spec(s: pb::ExecStart) -> Result<sandbox::ExecSpec> {
+fn exec_spec(s: pb::ExecStart) -> Result<sandbox::ExecSpec> {
     let ExecCommon {
         sandbox_id,
         args,
@@ -471,14 +485,20 @@ pub fn exec_input(r: pb::ExecRequest, stdin_allowed: bool) -> Result<Option<sand
                 format!("{}x{} is not a terminal size", t.rows, t.cols),
             ))
         }
-        Request::Signal(s) if (1..=64).contains(&s) => Some(sandbox::ExecInput::Signal(s)),
-        Request::Signal(s) => {
-            return Err(Error::invalid(
-                "signal",
-                format!("{s} is not a signal number (1-64)"),
-            ))
-        }
+        Request::Signal(s) => Some(sandbox::ExecInput::Signal(signal("signal", s)?)),
     })
+}
+
+/// A signal number (1-64) from request field `field`.
+fn signal(field: &str, s: i32) -> Result<i32> {
+    if (1..=64).contains(&s) {
+        Ok(s)
+    } else {
+        Err(Error::invalid(
+            field,
+            format!("{s} is not a signal number (1-64)"),
+        ))
+    }
 }
 
 /// Domain exec event → proto.
@@ -509,6 +529,204 @@ pub fn snapshot(s: sandbox::Snapshot) -> pb::Snapshot {
         size_bytes: s.size_bytes,
         created_at: ts(s.created_at),
         labels: s.labels,
+    }
+}
+
+/// Default grace period of StopSandbox.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest grace period StopSandbox accepts.
+pub const MAX_STOP_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// StopSandbox's request, validated: what the manager's `stop` takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StopSpec {
+    /// The sandbox to stop.
+    pub sandbox_id: SandboxId,
+    /// The signal sent first (SIGTERM unless the request names one).
+    pub signal: i32,
+    /// How long the sandbox gets to exit before SIGKILL.
+    pub timeout: Duration,
+    /// SIGKILL everything once the grace period is over, instead of failing with
+    /// DEADLINE_EXCEEDED.
+    pub force: bool,
+}
+
+/// StopSandboxRequest → StopSpec.
+pub fn stop_spec(r: pb::StopSandboxRequest) -> Result<StopSpec> {
+    let sandbox_id = SandboxId::parse("sandbox_id", &r.sandbox_id)?;
+    let signal = match r.signal {
+        0 => libc::SIGTERM,
+        s => signal("signal", s)?,
+    };
+    let timeout = match r.timeout {
+        None => DEFAULT_STOP_TIMEOUT,
+        Some(d) => match crate::util::duration(&d) {
+            Some(d) if d <= MAX_STOP_TIMEOUT => d,
+            Some(_) => return Err(Error::invalid("timeout", "longer than one hour")),
+            None => return Err(Error::invalid("timeout", "negative")),
+        },
+    };
+    Ok(StopSpec {
+        sandbox_id,
+        signal,
+        timeout,
+        force: r.force,
+    })
+}
+
+// ---- FileService ----
+
+/// A path in a sandbox, as most FileService requests name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileTarget {
+    /// The sandbox whose files are meant.
+    pub sandbox_id: SandboxId,
+    /// The path inside it, normalised.
+    pub path: SandboxPath,
+}
+
+fn file_target(sandbox_id: &str, path: &str) -> Result<FileTarget> {
+    Ok(FileTarget {
+        sandbox_id: SandboxId::parse("sandbox_id", sandbox_id)?,
+        path: SandboxPath::parse("path", path)?,
+    })
+}
+
+/// ReadFileRequest → the file and the range to read.
+pub fn read_file_spec(r: pb::ReadFileRequest) -> Result<(FileTarget, ReadRange)> {
+    Ok((
+        file_target(&r.sandbox_id, &r.path)?,
+        ReadRange::parse(r.offset, r.length)?,
+    ))
+}
+
+/// ListFilesRequest → the directory and how deep to list.
+pub fn list_files_spec(r: pb::ListFilesRequest) -> Result<(FileTarget, ListDepth)> {
+    Ok((
+        file_target(&r.sandbox_id, &r.path)?,
+        ListDepth::parse("depth", r.depth)?,
+    ))
+}
+
+/// StatFileRequest → the path to describe.
+pub fn stat_file_spec(r: pb::StatFileRequest) -> Result<FileTarget> {
+    file_target(&r.sandbox_id, &r.path)
+}
+
+/// MakeDirectoryRequest, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MakeDirectorySpec {
+    /// The directory to create.
+    pub target: FileTarget,
+    /// Create missing parents too.
+    pub parents: bool,
+    /// Permission bits of what is created.
+    pub mode: u32,
+}
+
+/// MakeDirectoryRequest → MakeDirectorySpec.
+pub fn make_directory_spec(r: pb::MakeDirectoryRequest) -> Result<MakeDirectorySpec> {
+    Ok(MakeDirectorySpec {
+        target: file_target(&r.sandbox_id, &r.path)?,
+        parents: r.parents,
+        mode: mode(r.mode, DEFAULT_DIR_MODE),
+    })
+}
+
+/// RemovePathRequest, validated: never the root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemovePathSpec {
+    /// What to remove (never `/`).
+    pub target: FileTarget,
+    /// Remove a directory with its content.
+    pub recursive: bool,
+}
+
+/// RemovePathRequest → RemovePathSpec.
+pub fn remove_path_spec(r: pb::RemovePathRequest) -> Result<RemovePathSpec> {
+    let target = file_target(&r.sandbox_id, &r.path)?;
+    if target.path.as_str() == "/" {
+        return Err(Error::invalid("path", "\"/\" cannot be removed"));
+    }
+    Ok(RemovePathSpec {
+        target,
+        recursive: r.recursive,
+    })
+}
+
+/// 0 means `default`; otherwise the permission bits (`mode & 07777`), as the proto documents.
+fn mode(m: u32, default: u32) -> u32 {
+    if m == 0 {
+        default
+    } else {
+        m & 0o7777
+    }
+}
+
+/// An owner id; -1 (`u32::MAX`) means "unchanged" to chown, so it is not an id.
+fn owner(field: &str, id: Option<u32>) -> Result<u32> {
+    match id {
+        None => Ok(0),
+        Some(u32::MAX) => Err(Error::invalid(field, "4294967295 is not a valid id")),
+        Some(id) => Ok(id),
+    }
+}
+
+/// WriteFile's first message (`None`: the stream ended before it) → the sandbox and the write.
+pub fn write_file_first(first: Option<pb::WriteFileRequest>) -> Result<(SandboxId, WriteSpec)> {
+    use pb::write_file_request::Request;
+    let first = first
+        .ok_or_else(|| Error::invalid("header", "the stream ended before the header message"))?;
+    match first.request {
+        Some(Request::Header(header)) => write_spec(header),
+        _ => Err(Error::invalid(
+            "header",
+            "the first message must be the header",
+        )),
+    }
+}
+
+fn write_spec(h: pb::WriteFileHeader) -> Result<(SandboxId, WriteSpec)> {
+    Ok((
+        SandboxId::parse("header.sandbox_id", &h.sandbox_id)?,
+        WriteSpec {
+            path: SandboxPath::parse("header.path", &h.path)?,
+            mode: mode(h.mode, DEFAULT_FILE_MODE),
+            append: h.append,
+            uid: owner("header.uid", h.uid)?,
+            gid: owner("header.gid", h.gid)?,
+        },
+    ))
+}
+
+/// A later WriteFile message → writer input (`None` for messages to ignore).
+pub fn write_file_input(r: pb::WriteFileRequest) -> Result<Option<WriteInput>> {
+    use pb::write_file_request::Request;
+    match r.request {
+        Some(Request::Data(data)) => Ok(Some(WriteInput::Data(data.into()))),
+        Some(Request::Header(_)) => Err(Error::invalid(
+            "header",
+            "only the first message may be a header",
+        )),
+        None => Ok(None),
+    }
+}
+
+/// Domain file entry → proto.
+pub fn file_entry(e: FileEntry) -> pb::FileEntry {
+    let file_type = match e.file_type {
+        FileType::Regular => pb::FileType::Regular,
+        FileType::Directory => pb::FileType::Directory,
+        FileType::Symlink => pb::FileType::Symlink,
+        FileType::Other => pb::FileType::Other,
+    };
+    pb::FileEntry {
+        path: e.path,
+        r#type: file_type as i32,
+        size: i64::try_from(e.size).unwrap_or(i64::MAX),
+        mode: e.mode,
+        modified_at: Some(crate::util::timestamp(e.modified_at)),
+        link_target: e.link_target.unwrap_or_default(),
     }
 }
 
@@ -729,6 +947,224 @@ mod tests {
         }
         for (r, field) in cases {
             let err = create_spec(r).unwrap_err();
+            assert!(
+                err.to_string().starts_with(&format!("invalid {field}")),
+                "{field}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn stop_defaults_to_sigterm_and_ten_seconds() {
+        let spec = stop_spec(pb::StopSandboxRequest {
+            sandbox_id: "sb".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (spec.signal, spec.timeout, spec.force),
+            (libc::SIGTERM, DEFAULT_STOP_TIMEOUT, false)
+        );
+        let spec = stop_spec(pb::StopSandboxRequest {
+            sandbox_id: "sb".into(),
+            signal: libc::SIGKILL,
+            timeout: Some(prost_types::Duration {
+                seconds: 3600,
+                nanos: 0,
+            }),
+            force: true,
+        })
+        .unwrap();
+        assert_eq!(
+            (spec.signal, spec.timeout, spec.force),
+            (libc::SIGKILL, MAX_STOP_TIMEOUT, true)
+        );
+    }
+
+    #[test]
+    fn stop_rejects_bad_signal_and_timeout_naming_the_field() {
+        let d = |seconds| Some(prost_types::Duration { seconds, nanos: 0 });
+        for (r, field) in [
+            (
+                pb::StopSandboxRequest {
+                    sandbox_id: "Bad!".into(),
+                    ..Default::default()
+                },
+                "sandbox_id",
+            ),
+            (
+                pb::StopSandboxRequest {
+                    signal: 65,
+                    ..Default::default()
+                },
+                "signal",
+            ),
+            (
+                pb::StopSandboxRequest {
+                    signal: -9,
+                    ..Default::default()
+                },
+                "signal",
+            ),
+            (
+                pb::StopSandboxRequest {
+                    timeout: d(3601),
+                    ..Default::default()
+                },
+                "timeout",
+            ),
+            (
+                pb::StopSandboxRequest {
+                    timeout: d(-1),
+                    ..Default::default()
+                },
+                "timeout",
+            ),
+        ] {
+            let r = pb::StopSandboxRequest {
+                sandbox_id: if r.sandbox_id.is_empty() {
+                    "sb".into()
+                } else {
+                    r.sandbox_id
+                },
+                ..r
+            };
+            let err = stop_spec(r).unwrap_err();
+            assert!(
+                err.to_string().starts_with(&format!("invalid {field}")),
+                "{field}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn exec_and_write_streams_must_open_with_their_first_message() {
+        for first in [
+            None,
+            Some(pb::ExecRequest {
+                request: Some(pb::exec_request::Request::Stdin(b"x".to_vec())),
+            }),
+        ] {
+            let err = exec_first(first).unwrap_err();
+            assert!(err.to_string().starts_with("invalid request"), "{err}");
+        }
+        for first in [
+            None,
+            Some(pb::WriteFileRequest {
+                request: Some(pb::write_file_request::Request::Data(b"x".to_vec())),
+            }),
+        ] {
+            let err = write_file_first(first).unwrap_err();
+            assert!(err.to_string().starts_with("invalid header"), "{err}");
+        }
+        let err = write_file_input(pb::WriteFileRequest {
+            request: Some(pb::write_file_request::Request::Header(
+                pb::WriteFileHeader::default(),
+            )),
+        })
+        .unwrap_err();
+        assert!(err.to_string().starts_with("invalid header"), "{err}");
+        assert!(write_file_input(pb::WriteFileRequest { request: None })
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn write_header_fields_are_validated_and_named() {
+        let ok = pb::WriteFileHeader {
+            sandbox_id: "sb".into(),
+            path: "/a".into(),
+            ..Default::default()
+        };
+        let (_, spec) = write_spec(ok.clone()).unwrap();
+        assert_eq!((spec.mode, spec.uid, spec.gid), (0o644, 0, 0));
+        let (_, spec) = write_spec(pb::WriteFileHeader {
+            mode: 0o100_755,
+            uid: Some(1000),
+            gid: Some(50),
+            ..ok.clone()
+        })
+        .unwrap();
+        assert_eq!((spec.mode, spec.uid, spec.gid), (0o755, 1000, 50));
+        for (h, field) in [
+            (
+                pb::WriteFileHeader {
+                    path: "rel".into(),
+                    ..ok.clone()
+                },
+                "header.path",
+            ),
+            (
+                pb::WriteFileHeader {
+                    sandbox_id: "Bad!".into(),
+                    ..ok.clone()
+                },
+                "header.sandbox_id",
+            ),
+            (
+                pb::WriteFileHeader {
+                    uid: Some(u32::MAX),
+                    ..ok.clone()
+                },
+                "header.uid",
+            ),
+        ] {
+            let e = write_spec(h).unwrap_err();
+            assert!(
+                e.to_string().starts_with(&format!("invalid {field}")),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn file_requests_are_validated_and_named() {
+        let spec = make_directory_spec(pb::MakeDirectoryRequest {
+            sandbox_id: "sb".into(),
+            path: "/a/./b/".into(),
+            mode: 0,
+            parents: true,
+        })
+        .unwrap();
+        assert_eq!(spec.target.path.as_str(), "/a/b");
+        assert_eq!((spec.mode, spec.parents), (DEFAULT_DIR_MODE, true));
+        let err = remove_path_spec(pb::RemovePathRequest {
+            sandbox_id: "sb".into(),
+            path: "//./".into(),
+            recursive: true,
+        })
+        .unwrap_err();
+        assert!(err.to_string().starts_with("invalid path"), "{err}");
+        let errors = [
+            read_file_spec(pb::ReadFileRequest {
+                sandbox_id: "sb".into(),
+                path: "/f".into(),
+                offset: -1,
+                ..Default::default()
+            })
+            .map(|_| ())
+            .unwrap_err(),
+            list_files_spec(pb::ListFilesRequest {
+                sandbox_id: "sb".into(),
+                path: "/".into(),
+                depth: -1,
+            })
+            .map(|_| ())
+            .unwrap_err(),
+            stat_file_spec(pb::StatFileRequest {
+                sandbox_id: "sb".into(),
+                path: "f".into(),
+            })
+            .map(|_| ())
+            .unwrap_err(),
+            stat_file_spec(pb::StatFileRequest {
+                sandbox_id: String::new(),
+                path: "/f".into(),
+            })
+            .map(|_| ())
+            .unwrap_err(),
+        ];
+        for (err, field) in errors.iter().zip(["offset", "depth", "path", "sandbox_id"]) {
             assert!(
                 err.to_string().starts_with(&format!("invalid {field}")),
                 "{field}: {err}"

@@ -8,12 +8,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::status::to_status;
+use super::convert::{self, FileTarget, MakeDirectorySpec, RemovePathSpec};
 use crate::error::{Error, Result};
-use crate::files::{
-    self, AtomicWriter, FileEntry, FileReader, FileType, ListDepth, ReadRange, SandboxPath,
-    WriteInput, WriteSpec, DEFAULT_DIR_MODE, DEFAULT_FILE_MODE, READ_QUEUE, WRITE_QUEUE,
-};
+use crate::files::{self, AtomicWriter, FileReader, WriteInput, READ_QUEUE, WRITE_QUEUE};
 use crate::pb;
 use crate::pb::file_service_server::FileService;
 use crate::sandbox::{Manager, SandboxId};
@@ -41,14 +38,10 @@ impl FileApi {
         access: Access,
         op: impl FnOnce(&files::Root) -> Result<T> + Send + 'static,
     ) -> Result<T, Status> {
-        let root = files::open_root(&self.manager, id)
-            .await
-            .map_err(to_status)?;
+        let root = files::open_root(&self.manager, id).await?;
         let held = match access {
             Access::Read => None,
-            Access::Change => files::hold_still(&self.manager, id, &root)
-                .await
-                .map_err(to_status)?,
+            Access::Change => files::hold_still(&self.manager, id, &root).await?,
         };
         let result = sys::blocking(move || {
             let result = op(&root);
@@ -56,7 +49,7 @@ impl FileApi {
             result
         })
         .await
-        .map_err(to_status);
+        .map_err(Status::from);
         drop(held);
         result
     }
@@ -69,64 +62,6 @@ enum Access {
     Change,
 }
 
-// ---- conversions ----
-
-fn sandbox_id(field: &str, s: &str) -> Result<SandboxId, Status> {
-    SandboxId::parse(field, s).map_err(to_status)
-}
-
-fn path(field: &str, s: &str) -> Result<SandboxPath, Status> {
-    SandboxPath::parse(field, s).map_err(to_status)
-}
-
-/// 0 means `default`; otherwise the permission bits (`mode & 07777`), as the proto documents.
-fn mode(m: u32, default: u32) -> u32 {
-    if m == 0 {
-        default
-    } else {
-        m & 0o7777
-    }
-}
-
-/// An owner id; -1 (`u32::MAX`) means "unchanged" to chown, so it is not an id.
-fn owner(field: &str, id: Option<u32>) -> Result<u32> {
-    match id {
-        None => Ok(0),
-        Some(u32::MAX) => Err(Error::invalid(field, "4294967295 is not a valid id")),
-        Some(id) => Ok(id),
-    }
-}
-
-fn write_spec(h: pb::WriteFileHeader) -> Result<(SandboxId, WriteSpec)> {
-    Ok((
-        SandboxId::parse("header.sandbox_id", &h.sandbox_id)?,
-        WriteSpec {
-            path: SandboxPath::parse("header.path", &h.path)?,
-            mode: mode(h.mode, DEFAULT_FILE_MODE),
-            append: h.append,
-            uid: owner("header.uid", h.uid)?,
-            gid: owner("header.gid", h.gid)?,
-        },
-    ))
-}
-
-fn file_entry(e: FileEntry) -> pb::FileEntry {
-    let file_type = match e.file_type {
-        FileType::Regular => pb::FileType::Regular,
-        FileType::Directory => pb::FileType::Directory,
-        FileType::Symlink => pb::FileType::Symlink,
-        FileType::Other => pb::FileType::Other,
-    };
-    pb::FileEntry {
-        path: e.path,
-        r#type: file_type as i32,
-        size: i64::try_from(e.size).unwrap_or(i64::MAX),
-        mode: e.mode,
-        modified_at: Some(crate::util::timestamp(e.modified_at)),
-        link_target: e.link_target.unwrap_or_default(),
-    }
-}
-
 // ---- handlers ----
 
 #[tonic::async_trait]
@@ -137,17 +72,10 @@ impl FileService for FileApi {
         &self,
         req: Request<pb::ReadFileRequest>,
     ) -> Result<Response<Self::ReadFileStream>, Status> {
-        let r = req.into_inner();
-        let id = sandbox_id("sandbox_id", &r.sandbox_id)?;
-        let path = path("path", &r.path)?;
-        let range = ReadRange::parse(r.offset, r.length).map_err(to_status)?;
-        let root = files::open_root(&self.manager, &id)
-            .await
-            .map_err(to_status)?;
+        let (FileTarget { sandbox_id, path }, range) = convert::read_file_spec(req.into_inner())?;
+        let root = files::open_root(&self.manager, &sandbox_id).await?;
         // Opening errors (missing, not a file) are the call's status, not a stream item.
-        let mut reader = sys::blocking(move || FileReader::open(root, &path, range))
-            .await
-            .map_err(to_status)?;
+        let mut reader = sys::blocking(move || FileReader::open(root, &path, range)).await?;
         let (tx, rx) = mpsc::channel(READ_QUEUE);
         // The reader owns the root: a stopped sandbox stays mounted until the stream ends, and
         // is unmounted before the client sees the end.
@@ -161,7 +89,7 @@ impl FileService for FileApi {
                         }
                     }
                     Ok(None) => break None,
-                    Err(e) => break Some(to_status(e)),
+                    Err(e) => break Some(Status::from(e)),
                 }
             };
             drop(reader);
@@ -176,43 +104,25 @@ impl FileService for FileApi {
         &self,
         req: Request<Streaming<pb::WriteFileRequest>>,
     ) -> Result<Response<pb::WriteFileResponse>, Status> {
-        use pb::write_file_request::Request as Msg;
         let mut inbound = req.into_inner();
-        let first = inbound.message().await?.ok_or_else(|| {
-            Status::invalid_argument("invalid header: the stream ended before the header message")
-        })?;
-        let Some(Msg::Header(header)) = first.request else {
-            return Err(Status::invalid_argument(
-                "invalid header: the first message must be the header",
-            ));
-        };
-        let (id, spec) = write_spec(header).map_err(to_status)?;
-        let root = files::open_root(&self.manager, &id)
-            .await
-            .map_err(to_status)?;
+        let (id, spec) = convert::write_file_first(inbound.message().await?)?;
+        let root = files::open_root(&self.manager, &id).await?;
         // Should this call be dropped from here on, dropping the writer removes its temporary
         // file; once `run` owns it, `run` does.
-        let writer = sys::blocking(move || AtomicWriter::create(root, &spec))
-            .await
-            .map_err(to_status)?;
+        let writer = sys::blocking(move || AtomicWriter::create(root, &spec)).await?;
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let task = tokio::task::spawn_blocking(move || writer.run(rx));
         let stream_result = loop {
             match inbound.message().await {
-                Ok(Some(msg)) => match msg.request {
-                    Some(Msg::Data(data)) => {
-                        let sent = tx.send(WriteInput::Data(data.into())).await;
-                        if sent.is_err() {
+                Ok(Some(msg)) => match convert::write_file_input(msg) {
+                    Ok(Some(input)) => {
+                        if tx.send(input).await.is_err() {
                             // The writer failed; its result says why.
                             break Ok(());
                         }
                     }
-                    Some(Msg::Header(_)) => {
-                        break Err(Status::invalid_argument(
-                            "invalid header: only the first message may be a header",
-                        ))
-                    }
-                    None => {}
+                    Ok(None) => {}
+                    Err(e) => break Err(Status::from(e)),
                 },
                 Ok(None) => {
                     // tonic reports a client's RST_STREAM(CANCEL) as a clean end of the request
@@ -230,16 +140,12 @@ impl FileService for FileApi {
         drop(tx);
         let synced = task
             .await
-            .map_err(|e| to_status(Error::Internal(format!("file writer failed: {e}"))))?;
+            .map_err(|e| Error::Internal(format!("file writer failed: {e}")))?;
         stream_result?;
-        let writer = synced.map_err(to_status)?;
+        let writer = synced?;
         // The content is on disk; only the rename into place waits for a commit to finish.
-        let held = files::hold_still(&self.manager, &id, writer.root())
-            .await
-            .map_err(to_status)?;
-        let written = sys::blocking(move || writer.publish())
-            .await
-            .map_err(to_status)?;
+        let held = files::hold_still(&self.manager, &id, writer.root()).await?;
+        let written = sys::blocking(move || writer.publish()).await?;
         drop(held);
         Ok(Response::new(pb::WriteFileResponse {
             bytes_written: i64::try_from(written).unwrap_or(i64::MAX),
@@ -250,17 +156,14 @@ impl FileService for FileApi {
         &self,
         req: Request<pb::ListFilesRequest>,
     ) -> Result<Response<pb::ListFilesResponse>, Status> {
-        let r = req.into_inner();
-        let id = sandbox_id("sandbox_id", &r.sandbox_id)?;
-        let path = path("path", &r.path)?;
-        let depth = ListDepth::parse("depth", r.depth).map_err(to_status)?;
+        let (FileTarget { sandbox_id, path }, depth) = convert::list_files_spec(req.into_inner())?;
         let entries = self
-            .with_root(&id, Access::Read, move |root| {
+            .with_root(&sandbox_id, Access::Read, move |root| {
                 files::list(root, &path, depth)
             })
             .await?;
         Ok(Response::new(pb::ListFilesResponse {
-            entries: entries.into_iter().map(file_entry).collect(),
+            entries: entries.into_iter().map(convert::file_entry).collect(),
         }))
     }
 
@@ -268,14 +171,14 @@ impl FileService for FileApi {
         &self,
         req: Request<pb::StatFileRequest>,
     ) -> Result<Response<pb::StatFileResponse>, Status> {
-        let r = req.into_inner();
-        let id = sandbox_id("sandbox_id", &r.sandbox_id)?;
-        let path = path("path", &r.path)?;
+        let FileTarget { sandbox_id, path } = convert::stat_file_spec(req.into_inner())?;
         let entry = self
-            .with_root(&id, Access::Read, move |root| files::stat(root, &path))
+            .with_root(&sandbox_id, Access::Read, move |root| {
+                files::stat(root, &path)
+            })
             .await?;
         Ok(Response::new(pb::StatFileResponse {
-            entry: Some(file_entry(entry)),
+            entry: Some(convert::file_entry(entry)),
         }))
     }
 
@@ -283,12 +186,12 @@ impl FileService for FileApi {
         &self,
         req: Request<pb::MakeDirectoryRequest>,
     ) -> Result<Response<pb::MakeDirectoryResponse>, Status> {
-        let r = req.into_inner();
-        let id = sandbox_id("sandbox_id", &r.sandbox_id)?;
-        let path = path("path", &r.path)?;
-        let mode = mode(r.mode, DEFAULT_DIR_MODE);
-        let parents = r.parents;
-        self.with_root(&id, Access::Change, move |root| {
+        let MakeDirectorySpec {
+            target: FileTarget { sandbox_id, path },
+            parents,
+            mode,
+        } = convert::make_directory_spec(req.into_inner())?;
+        self.with_root(&sandbox_id, Access::Change, move |root| {
             files::make_dir(root, &path, parents, mode)
         })
         .await?;
@@ -299,70 +202,14 @@ impl FileService for FileApi {
         &self,
         req: Request<pb::RemovePathRequest>,
     ) -> Result<Response<pb::RemovePathResponse>, Status> {
-        let r = req.into_inner();
-        let id = sandbox_id("sandbox_id", &r.sandbox_id)?;
-        let path = path("path", &r.path)?;
-        if path.as_str() == "/" {
-            return Err(to_status(Error::invalid("path", "\"/\" cannot be removed")));
-        }
-        let recursive = r.recursive;
-        self.with_root(&id, Access::Change, move |root| {
+        let RemovePathSpec {
+            target: FileTarget { sandbox_id, path },
+            recursive,
+        } = convert::remove_path_spec(req.into_inner())?;
+        self.with_root(&sandbox_id, Access::Change, move |root| {
             files::remove(root, &path, recursive)
         })
         .await?;
         Ok(Response::new(pb::RemovePathResponse {}))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn header_fields_are_validated_and_named() {
-        let ok = pb::WriteFileHeader {
-            sandbox_id: "sb".into(),
-            path: "/a".into(),
-            ..Default::default()
-        };
-        let (_, spec) = write_spec(ok.clone()).unwrap();
-        assert_eq!((spec.mode, spec.uid, spec.gid), (0o644, 0, 0));
-        let (_, spec) = write_spec(pb::WriteFileHeader {
-            mode: 0o100_755,
-            uid: Some(1000),
-            gid: Some(50),
-            ..ok.clone()
-        })
-        .unwrap();
-        assert_eq!((spec.mode, spec.uid, spec.gid), (0o755, 1000, 50));
-        for (h, field) in [
-            (
-                pb::WriteFileHeader {
-                    path: "rel".into(),
-                    ..ok.clone()
-                },
-                "header.path",
-            ),
-            (
-                pb::WriteFileHeader {
-                    sandbox_id: "Bad!".into(),
-                    ..ok.clone()
-                },
-                "header.sandbox_id",
-            ),
-            (
-                pb::WriteFileHeader {
-                    uid: Some(u32::MAX),
-                    ..ok.clone()
-                },
-                "header.uid",
-            ),
-        ] {
-            let e = write_spec(h).unwrap_err();
-            assert!(
-                e.to_string().starts_with(&format!("invalid {field}")),
-                "{e}"
-            );
-        }
     }
 }

@@ -7,7 +7,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{convert, status::to_status};
+use super::convert;
+use crate::error::Error;
 use crate::image::{self, ImageRef, Progress};
 use crate::pb;
 use crate::pb::image_service_server::ImageService;
@@ -48,7 +49,7 @@ impl ImageService for ImageApi {
         &self,
         req: Request<pb::PullImageRequest>,
     ) -> Result<Response<Self::PullImageStream>, Status> {
-        let image = ImageRef::parse("image", &req.into_inner().image).map_err(to_status)?;
+        let image = ImageRef::parse("image", &req.into_inner().image)?;
         let (progress_tx, mut progress_rx) = mpsc::channel::<Progress>(PULL_PROGRESS_QUEUE);
         let (out_tx, out_rx) = mpsc::channel(PULL_PROGRESS_QUEUE);
         let cd = self.cd.clone();
@@ -68,8 +69,8 @@ impl ImageService for ImageApi {
                     bytes_total: info.size_bytes,
                     image: Some(convert::image(info)),
                 }),
-                Ok(Err(e)) => Err(to_status(e)),
-                Err(e) => Err(Status::internal(format!("pull task failed: {e}"))),
+                Ok(Err(e)) => Err(Status::from(e)),
+                Err(e) => Err(Error::Internal(format!("pull task failed: {e}")).into()),
             };
             let _ = out_tx.send(last).await;
         });
@@ -80,8 +81,8 @@ impl ImageService for ImageApi {
         &self,
         req: Request<pb::GetImageRequest>,
     ) -> Result<Response<pb::GetImageResponse>, Status> {
-        let image = ImageRef::parse("image", &req.into_inner().image).map_err(to_status)?;
-        let info = image::get(&self.cd, &image).await.map_err(to_status)?;
+        let image = ImageRef::parse("image", &req.into_inner().image)?;
+        let info = image::get(&self.cd, &image).await?;
         Ok(Response::new(pb::GetImageResponse {
             image: Some(convert::image(info)),
         }))
@@ -91,7 +92,7 @@ impl ImageService for ImageApi {
         &self,
         _req: Request<pb::ListImagesRequest>,
     ) -> Result<Response<pb::ListImagesResponse>, Status> {
-        let images = image::list(&self.cd).await.map_err(to_status)?;
+        let images = image::list(&self.cd).await?;
         Ok(Response::new(pb::ListImagesResponse {
             images: images.into_iter().map(convert::image).collect(),
         }))
@@ -101,8 +102,8 @@ impl ImageService for ImageApi {
         &self,
         req: Request<pb::DeleteImageRequest>,
     ) -> Result<Response<pb::DeleteImageResponse>, Status> {
-        let image = ImageRef::parse("image", &req.into_inner().image).map_err(to_status)?;
-        image::delete(&self.cd, &image).await.map_err(to_status)?;
+        let image = ImageRef::parse("image", &req.into_inner().image)?;
+        image::delete(&self.cd, &image).await?;
         Ok(Response::new(pb::DeleteImageResponse {}))
     }
 }

@@ -11,17 +11,12 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{convert, status::to_status};
+use super::convert;
 use crate::pb;
 use crate::pb::sandbox_service_server::SandboxService;
 use crate::sandbox::{
     ExecInput, LabelSelector, Manager, Page, SandboxId, EXEC_INPUT_QUEUE, EXEC_OUTPUT_QUEUE,
 };
-
-/// Default grace period of StopSandbox.
-const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest grace period StopSandbox accepts.
-const MAX_STOP_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// The SandboxService implementation.
 #[derive(Debug, Clone)]
@@ -36,19 +31,15 @@ impl SandboxApi {
     }
 }
 
-fn id(field: &str, s: &str) -> Result<SandboxId, Status> {
-    SandboxId::parse(field, s).map_err(to_status)
-}
-
 #[tonic::async_trait]
 impl SandboxService for SandboxApi {
     async fn create_sandbox(
         &self,
         req: Request<pb::CreateSandboxRequest>,
     ) -> Result<Response<pb::CreateSandboxResponse>, Status> {
-        let spec = convert::create_spec(req.into_inner()).map_err(to_status)?;
+        let spec = convert::create_spec(req.into_inner())?;
         let started = Instant::now();
-        let sandbox = self.manager.create(spec).await.map_err(to_status)?;
+        let sandbox = self.manager.create(spec).await?;
         observe_since(&metrics().create_seconds, started);
         Ok(Response::new(pb::CreateSandboxResponse {
             sandbox: Some(convert::sandbox(sandbox)),
@@ -59,8 +50,8 @@ impl SandboxService for SandboxApi {
         &self,
         req: Request<pb::GetSandboxRequest>,
     ) -> Result<Response<pb::GetSandboxResponse>, Status> {
-        let id = id("sandbox_id", &req.into_inner().sandbox_id)?;
-        let sandbox = self.manager.get(&id).await.map_err(to_status)?;
+        let id = SandboxId::parse("sandbox_id", &req.into_inner().sandbox_id)?;
+        let sandbox = self.manager.get(&id).await?;
         Ok(Response::new(pb::GetSandboxResponse {
             sandbox: Some(convert::sandbox(sandbox)),
         }))
@@ -71,14 +62,9 @@ impl SandboxService for SandboxApi {
         req: Request<pb::ListSandboxesRequest>,
     ) -> Result<Response<pb::ListSandboxesResponse>, Status> {
         let r = req.into_inner();
-        let selector =
-            LabelSelector::parse("label_selector", &r.label_selector).map_err(to_status)?;
-        let page = Page::parse(r.page_size, &r.page_token, &r.label_selector).map_err(to_status)?;
-        let (sandboxes, next_page_token) = self
-            .manager
-            .list(&selector, &page)
-            .await
-            .map_err(to_status)?;
+        let selector = LabelSelector::parse("label_selector", &r.label_selector)?;
+        let page = Page::parse(r.page_size, &r.page_token, &r.label_selector)?;
+        let (sandboxes, next_page_token) = self.manager.list(&selector, &page).await?;
         Ok(Response::new(pb::ListSandboxesResponse {
             sandboxes: sandboxes.into_iter().map(convert::sandbox).collect(),
             next_page_token,
@@ -89,8 +75,8 @@ impl SandboxService for SandboxApi {
         &self,
         req: Request<pb::StartSandboxRequest>,
     ) -> Result<Response<pb::StartSandboxResponse>, Status> {
-        let id = id("sandbox_id", &req.into_inner().sandbox_id)?;
-        let sandbox = self.manager.start(id).await.map_err(to_status)?;
+        let id = SandboxId::parse("sandbox_id", &req.into_inner().sandbox_id)?;
+        let sandbox = self.manager.start(id).await?;
         Ok(Response::new(pb::StartSandboxResponse {
             sandbox: Some(convert::sandbox(sandbox)),
         }))
@@ -100,34 +86,16 @@ impl SandboxService for SandboxApi {
         &self,
         req: Request<pb::StopSandboxRequest>,
     ) -> Result<Response<pb::StopSandboxResponse>, Status> {
-        let r = req.into_inner();
-        let id = id("sandbox_id", &r.sandbox_id)?;
-        let signal = match r.signal {
-            0 => libc::SIGTERM,
-            s if (1..=64).contains(&s) => s,
-            s => {
-                return Err(Status::invalid_argument(format!(
-                    "invalid signal: {s} is not a signal number (1-64)"
-                )))
-            }
-        };
-        let timeout = match r.timeout {
-            None => DEFAULT_STOP_TIMEOUT,
-            Some(d) => match crate::util::duration(&d) {
-                Some(d) if d <= MAX_STOP_TIMEOUT => d,
-                Some(_) => {
-                    return Err(Status::invalid_argument(
-                        "invalid timeout: longer than one hour",
-                    ))
-                }
-                None => return Err(Status::invalid_argument("invalid timeout: negative")),
-            },
-        };
+        let convert::StopSpec {
+            sandbox_id,
+            signal,
+            timeout,
+            force,
+        } = convert::stop_spec(req.into_inner())?;
         let sandbox = self
             .manager
-            .stop(id, signal, timeout, r.force)
-            .await
-            .map_err(to_status)?;
+            .stop(sandbox_id, signal, timeout, force)
+            .await?;
         Ok(Response::new(pb::StopSandboxResponse {
             sandbox: Some(convert::sandbox(sandbox)),
         }))
@@ -138,8 +106,8 @@ impl SandboxService for SandboxApi {
         req: Request<pb::DeleteSandboxRequest>,
     ) -> Result<Response<pb::DeleteSandboxResponse>, Status> {
         let r = req.into_inner();
-        let id = id("sandbox_id", &r.sandbox_id)?;
-        self.manager.delete(id, r.force).await.map_err(to_status)?;
+        let id = SandboxId::parse("sandbox_id", &r.sandbox_id)?;
+        self.manager.delete(id, r.force).await?;
         Ok(Response::new(pb::DeleteSandboxResponse {}))
     }
 
@@ -151,17 +119,9 @@ impl SandboxService for SandboxApi {
     ) -> Result<Response<Self::ExecStream>, Status> {
         let deadline = grpc_timeout(req.metadata());
         let mut inbound = req.into_inner();
-        let first = inbound.message().await?.ok_or_else(|| {
-            Status::invalid_argument("invalid request: the stream ended before the start message")
-        })?;
-        let Some(pb::exec_request::Request::Start(start)) = first.request else {
-            return Err(Status::invalid_argument(
-                "invalid request: the first message must be start",
-            ));
-        };
-        let spec = convert::exec_spec(start).map_err(to_status)?;
+        let spec = convert::exec_first(inbound.message().await?)?;
         let spec_stdin = spec.stdin;
-        let session = self.manager.exec_start(spec).await.map_err(to_status)?;
+        let session = self.manager.exec_start(spec).await?;
         let started = pb::ExecResponse {
             response: Some(pb::exec_response::Response::Started(pb::ExecStarted {
                 exec_id: session.exec_id.clone(),
@@ -185,7 +145,7 @@ impl SandboxService for SandboxApi {
                         }
                         Ok(None) => {}
                         Err(e) => {
-                            let _ = abort_tx.send(to_status(e)).await;
+                            let _ = abort_tx.send(Status::from(e)).await;
                             return;
                         }
                     },
@@ -243,12 +203,8 @@ impl SandboxService for SandboxApi {
         &self,
         req: Request<pb::ExecSyncRequest>,
     ) -> Result<Response<pb::ExecSyncResponse>, Status> {
-        let (spec, stdin, max) = convert::exec_sync_spec(req.into_inner()).map_err(to_status)?;
-        let r = self
-            .manager
-            .exec_sync(spec, stdin, max)
-            .await
-            .map_err(to_status)?;
+        let (spec, stdin, max) = convert::exec_sync_spec(req.into_inner())?;
+        let r = self.manager.exec_sync(spec, stdin, max).await?;
         Ok(Response::new(pb::ExecSyncResponse {
             exit_code: r.exit.exit_code,
             stdout: r.stdout,

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::{convert, status::to_status};
+use super::convert;
 use crate::image::ImageRef;
 use crate::pb;
 use crate::pb::snapshot_service_server::SnapshotService;
@@ -24,7 +24,7 @@ impl SnapshotApi {
 }
 
 fn snapshot_id(s: &str) -> Result<String, Status> {
-    parse_snapshot_id("snapshot_id", s).map_err(to_status)
+    Ok(parse_snapshot_id("snapshot_id", s)?)
 }
 
 #[tonic::async_trait]
@@ -34,14 +34,10 @@ impl SnapshotService for SnapshotApi {
         req: Request<pb::CommitSnapshotRequest>,
     ) -> Result<Response<pb::CommitSnapshotResponse>, Status> {
         let r = req.into_inner();
-        let id = SandboxId::parse("sandbox_id", &r.sandbox_id).map_err(to_status)?;
-        let labels = sandbox::parse_labels("labels", r.labels).map_err(to_status)?;
+        let id = SandboxId::parse("sandbox_id", &r.sandbox_id)?;
+        let labels = sandbox::parse_labels("labels", r.labels)?;
         let started = std::time::Instant::now();
-        let snap = self
-            .manager
-            .commit_snapshot(id, labels)
-            .await
-            .map_err(to_status)?;
+        let snap = self.manager.commit_snapshot(id, labels).await?;
         crate::metrics::observe_since(&crate::metrics::metrics().commit_seconds, started);
         Ok(Response::new(pb::CommitSnapshotResponse {
             snapshot: Some(convert::snapshot(snap)),
@@ -53,14 +49,10 @@ impl SnapshotService for SnapshotApi {
         req: Request<pb::RestoreSandboxRequest>,
     ) -> Result<Response<pb::RestoreSandboxResponse>, Status> {
         let r = req.into_inner();
-        let id = SandboxId::parse("sandbox_id", &r.sandbox_id).map_err(to_status)?;
+        let id = SandboxId::parse("sandbox_id", &r.sandbox_id)?;
         let snap = snapshot_id(&r.snapshot_id)?;
         let started = std::time::Instant::now();
-        let sb = self
-            .manager
-            .restore_sandbox(id, snap)
-            .await
-            .map_err(to_status)?;
+        let sb = self.manager.restore_sandbox(id, snap).await?;
         crate::metrics::observe_since(&crate::metrics::metrics().restore_seconds, started);
         Ok(Response::new(pb::RestoreSandboxResponse {
             sandbox: Some(convert::sandbox(sb)),
@@ -72,7 +64,7 @@ impl SnapshotService for SnapshotApi {
         req: Request<pb::GetSnapshotRequest>,
     ) -> Result<Response<pb::GetSnapshotResponse>, Status> {
         let id = snapshot_id(&req.into_inner().snapshot_id)?;
-        let snap = self.manager.get_snapshot(&id).await.map_err(to_status)?;
+        let snap = self.manager.get_snapshot(&id).await?;
         Ok(Response::new(pb::GetSnapshotResponse {
             snapshot: Some(convert::snapshot(snap)),
         }))
@@ -86,17 +78,15 @@ impl SnapshotService for SnapshotApi {
         let sandbox = if r.sandbox_id.is_empty() {
             None
         } else {
-            Some(SandboxId::parse("sandbox_id", &r.sandbox_id).map_err(to_status)?)
+            Some(SandboxId::parse("sandbox_id", &r.sandbox_id)?)
         };
-        let selector =
-            LabelSelector::parse("label_selector", &r.label_selector).map_err(to_status)?;
+        let selector = LabelSelector::parse("label_selector", &r.label_selector)?;
         let scope = format!("{}\n{}", r.sandbox_id, r.label_selector);
-        let page = Page::parse(r.page_size, &r.page_token, &scope).map_err(to_status)?;
+        let page = Page::parse(r.page_size, &r.page_token, &scope)?;
         let (snaps, next_page_token) = self
             .manager
             .list_snapshots(sandbox.as_ref().map(SandboxId::as_str), &selector, &page)
-            .await
-            .map_err(to_status)?;
+            .await?;
         Ok(Response::new(pb::ListSnapshotsResponse {
             snapshots: snaps.into_iter().map(convert::snapshot).collect(),
             next_page_token,
@@ -108,7 +98,7 @@ impl SnapshotService for SnapshotApi {
         req: Request<pb::DeleteSnapshotRequest>,
     ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
         let id = snapshot_id(&req.into_inner().snapshot_id)?;
-        self.manager.delete_snapshot(&id).await.map_err(to_status)?;
+        self.manager.delete_snapshot(&id).await?;
         Ok(Response::new(pb::DeleteSnapshotResponse {}))
     }
 
@@ -118,17 +108,13 @@ impl SnapshotService for SnapshotApi {
     ) -> Result<Response<pb::ExportSnapshotResponse>, Status> {
         let r = req.into_inner();
         let id = snapshot_id(&r.snapshot_id)?;
-        let target = ImageRef::parse("image", &r.image).map_err(to_status)?;
+        let target = ImageRef::parse("image", &r.image)?;
         if target.reference().digest().is_some() {
             return Err(Status::invalid_argument(
                 "invalid image: the target must be a tag, not a digest",
             ));
         }
-        let digest = self
-            .manager
-            .export_snapshot(&id, &target)
-            .await
-            .map_err(to_status)?;
+        let digest = self.manager.export_snapshot(&id, &target).await?;
         Ok(Response::new(pb::ExportSnapshotResponse {
             image: target.name(),
             digest,

@@ -350,7 +350,7 @@ impl Manager {
     ) -> std::result::Result<Launched, LaunchError> {
         let exec_id = format!("exec-{}", crate::util::random_hex(8));
         let mut plumbing = match relay {
-            Some(r) => Plumbing::Relay(r, r.expect(&exec_id)),
+            Some(r) => Plumbing::Relay(r, r.register(&exec_id)),
             None => Plumbing::Fifos(self.fifos(spec, id, &exec_id)?),
         };
         let (stdin, stdout, stderr) = match &plumbing {
@@ -400,7 +400,7 @@ impl Manager {
         };
         let io = match plumbing {
             Plumbing::Fifos(f) => f.into_io(),
-            Plumbing::Relay(r, pending) => match pending.take().await.map(relayed_io) {
+            Plumbing::Relay(r, pending) => match pending.wait_for_pipes().await.map(relayed_io) {
                 Some(Ok(io)) => io,
                 failed => {
                     // The process runs with nobody reading its output: it must not stay.

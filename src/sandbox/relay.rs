@@ -67,8 +67,9 @@ pub struct Pending {
 }
 
 impl Pending {
-    /// The pipes, once the helper has passed them.
-    pub async fn take(mut self) -> Option<RelayedIo> {
+    /// Waits for the helper to hand over the pipes; None if it does not within
+    /// [`RELAY_HANDOFF_TIMEOUT`].
+    pub async fn wait_for_pipes(mut self) -> Option<RelayedIo> {
         tokio::time::timeout(RELAY_HANDOFF_TIMEOUT, &mut self.rx)
             .await
             .ok()?
@@ -121,8 +122,9 @@ impl ExecRelay {
         &self.uri
     }
 
-    /// Registers `exec_id` before its exec is created.
-    pub fn expect(self: &Arc<Self>, exec_id: &str) -> Pending {
+    /// Registers `exec_id` as waiting for its pipes; call before its exec is created, so that
+    /// the helper's handoff finds it.
+    pub fn register(self: &Arc<Self>, exec_id: &str) -> Pending {
         let (tx, rx) = oneshot::channel();
         self.lock().insert(exec_id.to_string(), tx);
         Pending {
@@ -333,7 +335,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("relay.sock");
         let relay = ExecRelay::start(Path::new("/bin/true"), &sock).unwrap();
-        let pending = relay.expect("exec-1");
+        let pending = relay.register("exec-1");
         let (r1, w1) = nix::unistd::pipe().unwrap();
         let (r2, _w2) = nix::unistd::pipe().unwrap();
         let conn = UnixStream::connect(&sock).unwrap();
@@ -346,7 +348,7 @@ mod tests {
         )
         .unwrap();
         drop((r1, r2));
-        let io = pending.take().await.expect("pipes delivered");
+        let io = pending.wait_for_pipes().await.expect("pipes delivered");
         nix::unistd::write(&w1, b"hello").unwrap();
         let mut got = [0u8; 5];
         std::fs::File::from(io.stdout).read_exact(&mut got).unwrap();
