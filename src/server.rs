@@ -19,6 +19,7 @@ use crate::runtime::{supervisor, Containerd, Store};
 use crate::sandbox::{Manager, ManagerConfig};
 
 mod authority;
+mod ready;
 
 /// Services whose health is reported (besides the overall "").
 pub const SERVICE_NAMES: [&str; 4] = [
@@ -39,29 +40,41 @@ async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
     }
 }
 
-/// Probes containerd and reports health; the first time it answers, cleans what an earlier run
-/// left half-done.
+/// Probes containerd and reports health. Each time containerd answers after not answering (at
+/// start, and after it restarted), first reconciles what was left half-done; until then the
+/// API answers UNAVAILABLE and health is NOT_SERVING.
 async fn health_loop(
     cd: Containerd,
     manager: Arc<Manager>,
     reporter: HealthReporter,
+    ready: ready::Ready,
     interval: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut serving = None;
     let mut recovered = false;
     loop {
-        let up = matches!(
+        let reachable = matches!(
             tokio::time::timeout(PROBE_TIMEOUT, cd.version()).await,
             Ok(Ok(_))
         );
-        if up && !recovered {
+        if !reachable {
+            recovered = false;
+        }
+        if reachable && !recovered {
+            ready.set(false);
             match manager.recover().await {
                 Ok(()) => recovered = true,
-                Err(e) => tracing::warn!(error = %e, "recovery after start failed; will retry"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "reconciling after a (re)connect failed; will retry")
+                }
             }
         }
-        crate::metrics::metrics().containerd_up.set(i64::from(up));
+        crate::metrics::metrics()
+            .containerd_up
+            .set(i64::from(reachable));
+        let up = reachable && recovered;
+        ready.set(up);
         if serving != Some(up) {
             if up {
                 tracing::info!("containerd is reachable: SERVING");
@@ -138,10 +151,12 @@ pub async fn serve(
         .build_v1alpha()?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let ready = ready::Ready::default();
     let health_task = tokio::spawn(health_loop(
         cd.clone(),
         manager.clone(),
         reporter.clone(),
+        ready.clone(),
         config.health_interval,
         stop_rx.clone(),
     ));
@@ -173,6 +188,7 @@ pub async fn serve(
 
     let router = Server::builder()
         .layer(crate::metrics::RpcMetricsLayer)
+        .layer(ready::ReadyLayer(ready))
         .trace_fn(crate::telemetry::rpc_span)
         .add_service(health_service)
         .add_service(reflection_v1)
