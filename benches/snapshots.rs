@@ -344,6 +344,7 @@ impl SandboxdSide {
             .restore_sandbox(pb::RestoreSandboxRequest {
                 sandbox_id: id.to_owned(),
                 snapshot_id: snapshot.to_owned(),
+                ..Default::default()
             })
             .await
             .map_err(|s| status_error(&format!("RestoreSandbox onto {snapshot} of"), id, &s))?

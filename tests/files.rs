@@ -619,6 +619,7 @@ async fn a_snapshot_taken_during_a_write_holds_none_of_it() {
         .restore_sandbox(pb::RestoreSandboxRequest {
             sandbox_id: "w".into(),
             snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -133,6 +133,7 @@ async fn metrics_are_valid_prometheus_and_counters_move() {
         .restore_sandbox(pb::RestoreSandboxRequest {
             sandbox_id: "m".into(),
             snapshot_id: s.snapshot_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -117,6 +117,7 @@ async fn commit_keeps_a_running_sandbox_running_and_restore_rolls_back() {
         .restore_sandbox(pb::RestoreSandboxRequest {
             sandbox_id: "live".into(),
             snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -360,6 +361,7 @@ async fn snapshot_errors_are_clear() {
         .restore_sandbox(pb::RestoreSandboxRequest {
             sandbox_id: "s".into(),
             snapshot_id: "snap-nope".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -380,6 +382,7 @@ async fn snapshot_errors_are_clear() {
         .commit_snapshot(pb::CommitSnapshotRequest {
             sandbox_id: "s".into(),
             labels: [("sandboxd.io/x".to_string(), "y".to_string())].into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -417,6 +420,7 @@ async fn exported_snapshot_forks_on_a_second_node() {
         .export_snapshot(pb::ExportSnapshotRequest {
             snapshot_id: snap.snapshot_id.clone(),
             image: target.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -428,6 +432,7 @@ async fn exported_snapshot_forks_on_a_second_node() {
         .export_snapshot(pb::ExportSnapshotRequest {
             snapshot_id: "snap-missing".into(),
             image: target.clone(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -519,6 +524,7 @@ async fn two_hundred_generations_keep_working() {
                 .restore_sandbox(pb::RestoreSandboxRequest {
                     sandbox_id: "deep".into(),
                     snapshot_id: snap.snapshot_id.clone(),
+                    ..Default::default()
                 })
                 .await
                 .unwrap_or_else(|e| panic!("restore at generation {g}: {e}"));
@@ -735,6 +741,7 @@ async fn failures_mid_commit_and_restore_leave_the_sandbox_as_it_was() {
         .restore_sandbox(pb::RestoreSandboxRequest {
             sandbox_id: "r".into(),
             snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -11,14 +11,33 @@ use crate::image::{ImageInfo, ImageRef};
 use crate::net::cni::{PortMapping, Protocol};
 use crate::net::policy::{Egress, EgressRule, NetPolicy};
 use crate::pb;
-use crate::sandbox::{self, CreateSpec, NetworkMode, Resources, SandboxId, Source, State};
+use crate::sandbox::{
+    self, CreateSpec, NetworkMode, RequestKey, Resources, SandboxId, Source, State,
+};
 
 fn ts(t: Option<SystemTime>) -> Option<prost_types::Timestamp> {
     t.map(crate::util::timestamp)
 }
 
 /// CreateSandboxRequest → CreateSpec.
-pub fn create_spec(r: pb::CreateSandboxRequest) -> Result<CreateSpec> {
+/// The text a request's digest is taken of: the Debug form of the request with its
+/// `request_id` and its maps cleared, and then the maps in key order (protobuf maps have no
+/// order, so two equal requests may print or encode differently).
+pub fn canonical<T: std::fmt::Debug>(
+    without_maps: &T,
+    maps: &[&std::collections::HashMap<String, String>],
+) -> String {
+    let sorted: Vec<std::collections::BTreeMap<&String, &String>> =
+        maps.iter().map(|m| m.iter().collect()).collect();
+    format!("{without_maps:?}|{sorted:?}")
+}
+
+pub fn create_spec(mut r: pb::CreateSandboxRequest) -> Result<CreateSpec> {
+    let request_id = std::mem::take(&mut r.request_id);
+    let (env, labels) = (std::mem::take(&mut r.env), std::mem::take(&mut r.labels));
+    let request = RequestKey::parse("request_id", &request_id, &canonical(&r, &[&env, &labels]))?;
+    r.env = env;
+    r.labels = labels;
     let id_generated = r.sandbox_id.is_empty();
     let id = if r.sandbox_id.is_empty() {
         SandboxId::generate()
@@ -94,6 +113,7 @@ pub fn create_spec(r: pb::CreateSandboxRequest) -> Result<CreateSpec> {
         start: r.start.unwrap_or(true),
         ttl,
         pool: None,
+        request,
         id_generated,
         id,
     })

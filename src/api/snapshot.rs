@@ -8,7 +8,9 @@ use super::convert;
 use crate::image::ImageRef;
 use crate::pb;
 use crate::pb::snapshot_service_server::SnapshotService;
-use crate::sandbox::{self, parse_snapshot_id, LabelSelector, Manager, Page, SandboxId};
+use crate::sandbox::{
+    self, parse_snapshot_id, LabelSelector, Manager, Page, RequestKey, SandboxId,
+};
 
 /// The SnapshotService implementation.
 #[derive(Debug, Clone)]
@@ -33,11 +35,18 @@ impl SnapshotService for SnapshotApi {
         &self,
         req: Request<pb::CommitSnapshotRequest>,
     ) -> Result<Response<pb::CommitSnapshotResponse>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
+        let request_id = std::mem::take(&mut r.request_id);
+        let labels = std::mem::take(&mut r.labels);
+        let request = RequestKey::parse(
+            "request_id",
+            &request_id,
+            &convert::canonical(&r, &[&labels]),
+        )?;
         let id = SandboxId::parse("sandbox_id", &r.sandbox_id)?;
-        let labels = sandbox::parse_labels("labels", r.labels)?;
+        let labels = sandbox::parse_labels("labels", labels)?;
         let started = std::time::Instant::now();
-        let snap = self.manager.commit_snapshot(id, labels).await?;
+        let snap = self.manager.commit_snapshot(id, labels, request).await?;
         crate::metrics::observe_since(&crate::metrics::metrics().commit_seconds, started);
         Ok(Response::new(pb::CommitSnapshotResponse {
             snapshot: Some(convert::snapshot(snap)),
@@ -48,11 +57,13 @@ impl SnapshotService for SnapshotApi {
         &self,
         req: Request<pb::RestoreSandboxRequest>,
     ) -> Result<Response<pb::RestoreSandboxResponse>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
+        let request_id = std::mem::take(&mut r.request_id);
+        let request = RequestKey::parse("request_id", &request_id, &convert::canonical(&r, &[]))?;
         let id = SandboxId::parse("sandbox_id", &r.sandbox_id)?;
         let snap = snapshot_id(&r.snapshot_id)?;
         let started = std::time::Instant::now();
-        let sb = self.manager.restore_sandbox(id, snap).await?;
+        let sb = self.manager.restore_sandbox(id, snap, request).await?;
         crate::metrics::observe_since(&crate::metrics::metrics().restore_seconds, started);
         Ok(Response::new(pb::RestoreSandboxResponse {
             sandbox: Some(convert::sandbox(sb)),
@@ -106,7 +117,9 @@ impl SnapshotService for SnapshotApi {
         &self,
         req: Request<pb::ExportSnapshotRequest>,
     ) -> Result<Response<pb::ExportSnapshotResponse>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
+        let request_id = std::mem::take(&mut r.request_id);
+        let request = RequestKey::parse("request_id", &request_id, &convert::canonical(&r, &[]))?;
         let id = snapshot_id(&r.snapshot_id)?;
         let target = ImageRef::parse("image", &r.image)?;
         if target.reference().digest().is_some() {
@@ -114,7 +127,7 @@ impl SnapshotService for SnapshotApi {
                 "invalid image: the target must be a tag, not a digest",
             ));
         }
-        let digest = self.manager.export_snapshot(&id, &target).await?;
+        let digest = self.manager.export_snapshot(&id, &target, request).await?;
         Ok(Response::new(pb::ExportSnapshotResponse {
             image: target.name(),
             digest,

@@ -251,6 +251,7 @@ fn create_request(a: CreateArgs) -> pb::CreateSandboxRequest {
             pids_limit: a.pids.unwrap_or(0),
         });
     pb::CreateSandboxRequest {
+        request_id: String::new(),
         sandbox_id: a.id.unwrap_or_default(),
         image: a.image.unwrap_or_default(),
         snapshot_id: a.snapshot.unwrap_or_default(),

@@ -72,6 +72,7 @@ pub async fn run(channel: Channel, format: Format, command: Command) -> Result<(
         Command::Commit { sandbox, labels } => {
             let snapshot = client
                 .commit_snapshot(pb::CommitSnapshotRequest {
+                    request_id: String::new(),
                     sandbox_id: sandbox,
                     labels: parse::to_map(labels),
                 })
@@ -159,6 +160,7 @@ pub async fn run(channel: Channel, format: Format, command: Command) -> Result<(
         Command::Restore { sandbox, snapshot } => {
             let restored = client
                 .restore_sandbox(pb::RestoreSandboxRequest {
+                    request_id: String::new(),
                     sandbox_id: sandbox,
                     snapshot_id: snapshot,
                 })
@@ -181,6 +183,7 @@ pub async fn run(channel: Channel, format: Format, command: Command) -> Result<(
         Command::Export { snapshot, image } => {
             let exported = client
                 .export_snapshot(pb::ExportSnapshotRequest {
+                    request_id: String::new(),
                     snapshot_id: snapshot,
                     image,
                 })

@@ -17,6 +17,8 @@ use crate::error::{Error, Kind, Result};
 pub struct Fake {
     state: Mutex<State>,
     exits: broadcast::Sender<TaskExit>,
+    /// Where snapshots' directories are (a snapshot mounts as a bind of its directory).
+    root: tempfile::TempDir,
 }
 
 impl Default for Fake {
@@ -24,6 +26,7 @@ impl Default for Fake {
         Fake {
             state: Mutex::default(),
             exits: broadcast::channel(64).0,
+            root: tempfile::tempdir().expect("a temp dir for the fake's snapshots"),
         }
     }
 }
@@ -151,12 +154,17 @@ fn missing(what: &str, id: &str) -> Error {
     Error::Internal(format!("fake: {what} {id} does not exist"))
 }
 
-fn mounts_of(key: &str) -> Vec<Mount> {
-    vec![Mount {
-        kind: "bind".into(),
-        source: format!("/fake/{key}"),
-        options: vec!["rbind".into(), "rw".into()],
-    }]
+impl Fake {
+    /// A snapshot's mounts: a bind of its own directory, made on first use.
+    fn mounts_of(&self, key: &str) -> Vec<Mount> {
+        let dir = self.root.path().join(key);
+        let _ = std::fs::create_dir_all(&dir);
+        vec![Mount {
+            kind: "bind".into(),
+            source: dir.to_string_lossy().into_owned(),
+            options: vec!["rbind".into(), "rw".into()],
+        }]
+    }
 }
 
 #[async_trait::async_trait]
@@ -367,7 +375,8 @@ impl Snapshots for Fake {
                 committed: false,
             },
         );
-        Ok(mounts_of(key))
+        drop(s);
+        Ok(self.mounts_of(key))
     }
 
     async fn view(&self, key: &str, parent: &str, lease: &Lease) -> Result<Vec<Mount>> {
@@ -379,7 +388,8 @@ impl Snapshots for Fake {
         if !s.snapshots.contains_key(key) {
             return Err(missing("snapshot", key));
         }
-        Ok(mounts_of(key))
+        drop(s);
+        Ok(self.mounts_of(key))
     }
 
     async fn stat(&self, key: &str) -> Result<Option<SnapshotInfo>> {

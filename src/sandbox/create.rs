@@ -13,6 +13,7 @@ use super::manager::{remove_dir, run_to_completion, Manager};
 use super::model::*;
 use super::network::{write_etc_files, NetCtx};
 use super::record::*;
+use super::retry::{self, RequestKey};
 use crate::error::{Error, Result};
 use crate::image;
 use crate::runtime::spec::{self, SandboxSpec, IDLE_INIT_PATH};
@@ -40,6 +41,12 @@ impl Manager {
         let span = tracing::info_span!("create_sandbox", sandbox_id = %spec.id);
         run_to_completion(
             async move {
+                let _retries = this.lock_request(spec.request.as_ref()).await;
+                if let Some(key) = &spec.request {
+                    if let Some(sandbox) = this.replay_create(key).await? {
+                        return Ok(sandbox);
+                    }
+                }
                 if let Some(sandbox) = this.claim_pooled(&spec).await? {
                     return Ok(sandbox);
                 }
@@ -48,6 +55,19 @@ impl Manager {
             .instrument(span),
         )
         .await
+    }
+
+    /// The sandbox an earlier CreateSandbox with request `key` made, if it still exists.
+    async fn replay_create(&self, key: &RequestKey) -> Result<Option<Sandbox>> {
+        let now = SystemTime::now();
+        for c in self.managed_containers().await? {
+            if retry::CREATE.replays(&c.labels, key, now)? {
+                tracing::info!(sandbox_id = %c.id, request_id = key.id(), "a retried create returns the first call's sandbox");
+                let task = self.task(&c.id).await?;
+                return Ok(Some(sandbox_of(&c, task.as_ref())));
+            }
+        }
+        Ok(None)
     }
 
     async fn create_inner(&self, spec: CreateSpec) -> Result<Sandbox> {
@@ -196,6 +216,9 @@ impl Manager {
         labels.insert(L_MANAGED.into(), "true".into());
         labels.insert(L_IMAGE.into(), base_image.to_string());
         labels.insert(L_CREATE_LEASE.into(), lease.id().to_string());
+        if let Some(key) = &spec.request {
+            labels.extend(retry::CREATE.of(key, now).map(|(k, v)| (k.to_string(), v)));
+        }
         if let Some(pool) = &spec.pool {
             labels.insert(L_POOL.into(), pool.clone());
         }

@@ -12,6 +12,7 @@ mod pool;
 mod record;
 mod recovery;
 mod relay;
+mod retry;
 mod snapshot;
 #[cfg(test)]
 mod tests;
@@ -27,4 +28,5 @@ pub use observe::{Observer, Unobserved};
 pub use pool::parse_pool;
 pub use record::{L_MANAGED, L_SNAPSHOT_OWNER};
 pub use relay::{helper_main as relay_helper_main, RELAY_ARG};
+pub use retry::{RequestKey, REQUEST_ID_TTL};
 pub use snapshot::{parse_snapshot_id, Snapshot, SNAPSHOT_IMAGE_PREFIX};

@@ -203,6 +203,8 @@ pub struct CreateSpec {
     pub ttl: Option<Duration>,
     /// Set on warm-pool sandboxes: the image name whose pool it fills.
     pub pool: Option<String>,
+    /// The client's request id, for safe retries.
+    pub request: Option<super::retry::RequestKey>,
 }
 
 /// Validates user labels.

@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime};
 use super::manager::SandboxRoot;
 use super::model::*;
 use super::record::{resource_labels, L_CLAIMED, L_EXPIRES, L_MANIFEST_REF, L_POOL};
+use super::retry;
 use crate::error::{Error, Result};
 use crate::image::ImageRef;
 use crate::runtime::spec::{self, Overrides, User};
@@ -194,6 +195,9 @@ impl super::Manager {
         if let Some(ttl) = spec.ttl {
             changes.push((L_EXPIRES, Some(crate::util::rfc3339(now + ttl))));
         }
+        if let Some(key) = &spec.request {
+            changes.extend(retry::CREATE.of(key, now).map(|(k, v)| (k, Some(v))));
+        }
         for (k, v) in &spec.labels {
             changes.push((k.as_str(), Some(v.clone())));
         }
@@ -298,6 +302,7 @@ impl super::Manager {
                     start: true,
                     ttl: None,
                     pool: Some(name.clone()),
+                    request: None,
                 };
                 match this.create(spec).await {
                     Ok(_) => this.pool.push(&name, id.to_string()),

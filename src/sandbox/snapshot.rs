@@ -14,6 +14,7 @@ use tracing::Instrument;
 use super::manager::{run_to_completion, Manager};
 use super::model::{LabelSelector, Page, SandboxId};
 use super::record::{L_IMAGE, L_SNAPSHOT};
+use super::retry::{self, RequestKey};
 use crate::error::{Error, Kind, Result};
 use crate::image::{self, ImageRef, MEDIA_OCI_MANIFEST};
 use crate::runtime::{
@@ -192,12 +193,26 @@ impl Manager {
     pub async fn commit_snapshot(
         self: &Arc<Self>,
         id: SandboxId,
-        labels: HashMap<String, String>,
+        mut labels: HashMap<String, String>,
+        request: Option<RequestKey>,
     ) -> Result<Snapshot> {
         let this = self.clone();
         let span = tracing::info_span!("commit_snapshot", sandbox_id = %id);
         run_to_completion(
             async move {
+                let _retries = this.lock_request(request.as_ref()).await;
+                if let Some(key) = &request {
+                    let now = SystemTime::now();
+                    for record in this.snapshot_records().await? {
+                        if retry::COMMIT.replays(&record.labels, key, now)? {
+                            if let Some(snap) = snapshot_of(&record) {
+                                tracing::info!(snapshot_id = %snap.id, request_id = key.id(), "a retried commit returns the first call's snapshot");
+                                return Ok(snap);
+                            }
+                        }
+                    }
+                    labels.extend(retry::COMMIT.of(key, now).map(|(k, v)| (k.to_string(), v)));
+                }
                 let _guard = this.lock(id.as_str()).await;
                 // Independent: the lease and the container record in one round trip.
                 let (lease, container) = tokio::join!(this.cd.lease("commit"), this.container(&id));
@@ -546,14 +561,41 @@ impl Manager {
     }
 
     /// ExportSnapshot: pushes the snapshot's image to `target`; returns the pushed digest.
-    pub async fn export_snapshot(&self, id: &str, target: &ImageRef) -> Result<String> {
+    /// A snapshot always exports to the same digest, so a retry simply pushes again (blobs the
+    /// registry has are skipped); `request` is remembered on the snapshot's record so that the
+    /// same id with another request is refused.
+    pub async fn export_snapshot(
+        &self,
+        id: &str,
+        target: &ImageRef,
+        request: Option<RequestKey>,
+    ) -> Result<String> {
         let cd = self.cd.as_ref();
+        let _retries = self.lock_request(request.as_ref()).await;
         let name = ImageRef::parse("snapshot_id", &snapshot_image_name(id))?;
+        let now = SystemTime::now();
+        let mut replayed = false;
+        if let (Some(key), Some(record)) = (&request, cd.image(&name.name()).await?) {
+            replayed = retry::EXPORT.replays(&record.labels, key, now)?;
+        }
         let resolved = image::resolve(cd, &name).await.map_err(|e| match e {
             Error::NotFound { .. } => Error::not_found(Kind::Snapshot, id),
             e => e,
         })?;
-        image::push(cd, &resolved.manifest_digest, target).await
+        let digest = image::push(cd, &resolved.manifest_digest, target).await?;
+        if let (Some(key), false) = (&request, replayed) {
+            if let Some(mut record) = cd.image(&name.name()).await? {
+                record
+                    .labels
+                    .extend(retry::EXPORT.of(key, now).map(|(k, v)| (k.to_string(), v)));
+                let lease = cd.lease("export").await?;
+                let stored = cd.put_image(record, &lease).await;
+                let released = cd.release(lease).await;
+                stored?;
+                released?;
+            }
+        }
+        Ok(digest)
     }
 
     /// RestoreSandbox: the sandbox's filesystem becomes the snapshot's and its task restarts
@@ -562,13 +604,25 @@ impl Manager {
         self: &Arc<Self>,
         id: SandboxId,
         snapshot_id: String,
+        request: Option<RequestKey>,
     ) -> Result<super::Sandbox> {
         let this = self.clone();
         let span = tracing::info_span!("restore_sandbox", sandbox_id = %id, %snapshot_id);
         run_to_completion(
             async move {
+                let _retries = this.lock_request(request.as_ref()).await;
                 let _guard = this.lock(id.as_str()).await;
                 let container = this.existing(&id).await?;
+                let now = SystemTime::now();
+                if let Some(key) = &request {
+                    if retry::RESTORE.replays(&container.labels, key, now)? {
+                        tracing::info!(
+                            request_id = key.id(),
+                            "a retried restore returns the first call's result"
+                        );
+                        return this.get(&id).await;
+                    }
+                }
                 let (snap, image) = this.resolve_snapshot(&snapshot_id).await?;
                 let was_running =
                     matches!(this.task(id.as_str()).await?, Some(t) if t.state.may_be_alive());
@@ -600,6 +654,14 @@ impl Manager {
                         .with_cleanup(released));
                 }
                 this.start_task(&id, &new_key).await?;
+                if let Some(key) = &request {
+                    let remembered: Vec<(&str, Option<String>)> = retry::RESTORE
+                        .of(key, now)
+                        .into_iter()
+                        .map(|(k, v)| (k, Some(v)))
+                        .collect();
+                    this.update_labels(id.as_str(), &remembered).await?;
+                }
                 this.get(&id).await
             }
             .instrument(span),

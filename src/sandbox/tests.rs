@@ -112,6 +112,7 @@ fn spec(id: &str) -> CreateSpec {
         start: true,
         ttl: None,
         pool: None,
+        request: None,
     }
 }
 
@@ -391,4 +392,81 @@ async fn recovery_removes_a_dead_commits_view_and_unpack_snapshots() {
         .filter(|n| n.starts_with("sandboxd-view-") || n.starts_with("sandboxd-unpack-"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+fn with_request(mut s: CreateSpec, id: &str, canonical: &str) -> CreateSpec {
+    s.request = super::RequestKey::parse("request_id", id, canonical).unwrap();
+    s
+}
+
+#[tokio::test]
+async fn a_retried_create_returns_the_first_sandbox_and_makes_no_second() {
+    let f = Fixture::new();
+    // A generated id differs between the call and its retry: the request id ties them.
+    let first = f
+        .manager
+        .create(with_request(spec("gen-aaaa"), "req-1", "create busybox"))
+        .await
+        .unwrap();
+    let again = f
+        .manager
+        .create(with_request(spec("gen-bbbb"), "req-1", "create busybox"))
+        .await
+        .unwrap();
+    assert_eq!(again.id, first.id);
+    assert_eq!(f.fake.container_ids(), vec!["gen-aaaa"]);
+    let err = f
+        .manager
+        .create(with_request(spec("gen-cccc"), "req-1", "create alpine"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument { .. }), "{err:?}");
+    assert_eq!(f.fake.container_ids(), vec!["gen-aaaa"]);
+}
+
+#[tokio::test]
+async fn concurrent_retries_of_one_create_make_one_sandbox() {
+    let f = Fixture::new();
+    let calls = (0..4).map(|i| {
+        let manager = f.manager.clone();
+        let s = with_request(spec(&format!("gen-{i}")), "req-1", "create busybox");
+        tokio::spawn(async move { manager.create(s).await })
+    });
+    let ids: std::collections::BTreeSet<String> = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().unwrap().id.to_string())
+        .collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert_eq!(f.fake.container_ids().len(), 1);
+}
+
+#[tokio::test]
+async fn a_retried_commit_returns_the_first_snapshot() {
+    let f = Fixture::new();
+    f.manager.create(spec("box-1")).await.unwrap();
+    let key = |c: &str| super::RequestKey::parse("request_id", "commit-1", c).unwrap();
+    let first = f
+        .manager
+        .commit_snapshot(id("box-1"), HashMap::new(), key("commit box-1"))
+        .await
+        .unwrap();
+    let again = f
+        .manager
+        .commit_snapshot(id("box-1"), HashMap::new(), key("commit box-1"))
+        .await
+        .unwrap();
+    assert_eq!(again.id, first.id);
+    let (all, _) = f
+        .manager
+        .list_snapshots(None, &LabelSelector::default(), &Page::all())
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 1);
+    let err = f
+        .manager
+        .commit_snapshot(id("box-1"), HashMap::new(), key("commit box-1 labelled"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument { .. }), "{err:?}");
 }
