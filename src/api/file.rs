@@ -32,7 +32,7 @@ impl FileApi {
     }
 
     /// Opens the root of sandbox `id` and runs blocking `op` on it. An `op` that changes files
-    /// runs while the sandbox is held still (see [`files::hold_still`]), so a commit never
+    /// runs while the sandbox is held still (see [`Manager::hold_still`]), so a commit never
     /// captures it half done. The root (and a stopped sandbox's temporary mount) is released
     /// before the answer is sent.
     async fn with_root<T: Send + 'static>(
@@ -41,12 +41,12 @@ impl FileApi {
         access: Access,
         op: impl FnOnce(&files::Root) -> Result<T> + Send + 'static,
     ) -> Result<T, Status> {
-        let root = files::open_root(&self.manager, id)
-            .await
-            .map_err(to_status)?;
+        let root = self.manager.open_root(id).await.map_err(to_status)?;
         let held = match access {
             Access::Read => None,
-            Access::Change => files::hold_still(&self.manager, id, &root)
+            Access::Change => self
+                .manager
+                .hold_still(id, &root)
                 .await
                 .map_err(to_status)?,
         };
@@ -141,9 +141,7 @@ impl FileService for FileApi {
         let id = sandbox_id("sandbox_id", &r.sandbox_id)?;
         let path = path("path", &r.path)?;
         let range = ReadRange::parse(r.offset, r.length).map_err(to_status)?;
-        let root = files::open_root(&self.manager, &id)
-            .await
-            .map_err(to_status)?;
+        let root = self.manager.open_root(&id).await.map_err(to_status)?;
         // Opening errors (missing, not a file) are the call's status, not a stream item.
         let mut reader = sys::blocking(move || FileReader::open(root, &path, range))
             .await
@@ -187,9 +185,7 @@ impl FileService for FileApi {
             ));
         };
         let (id, spec) = write_spec(header).map_err(to_status)?;
-        let root = files::open_root(&self.manager, &id)
-            .await
-            .map_err(to_status)?;
+        let root = self.manager.open_root(&id).await.map_err(to_status)?;
         // Should this call be dropped from here on, dropping the writer removes its temporary
         // file; once `run` owns it, `run` does.
         let writer = sys::blocking(move || AtomicWriter::create(root, &spec))
@@ -234,7 +230,9 @@ impl FileService for FileApi {
         stream_result?;
         let writer = synced.map_err(to_status)?;
         // The content is on disk; only the rename into place waits for a commit to finish.
-        let held = files::hold_still(&self.manager, &id, writer.root())
+        let held = self
+            .manager
+            .hold_still(&id, writer.root())
             .await
             .map_err(to_status)?;
         let written = sys::blocking(move || writer.publish())

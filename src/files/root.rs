@@ -4,7 +4,7 @@
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use nix::dir::Dir;
 use nix::errno::Errno;
@@ -13,7 +13,6 @@ use nix::sys::stat::Mode;
 
 use super::tree::{file_type, FileType};
 use crate::error::{Error, Kind, Result};
-use crate::sandbox::{KeyGuard, Manager, SandboxId, SandboxRoot, State};
 use crate::sys;
 
 /// Times a resolution is retried when the kernel aborts it (EAGAIN) over a concurrent rename.
@@ -74,46 +73,27 @@ pub(super) fn fail(path: &str, e: Errno) -> Error {
 
 // ---- the root ----
 
-/// An open sandbox root: a descriptor of the directory that is the sandbox's `/`, and the guard
-/// that keeps it reachable (for a stopped sandbox, its temporary mount and lock).
+/// Whatever keeps a root reachable while it is open (for a stopped sandbox, its temporary mount
+/// and lock), handed over by the layer that found the root and dropped after the descriptor.
+pub type KeepAlive = Box<dyn Send + Sync>;
+
+/// An open sandbox root: a descriptor of the directory that is the sandbox's `/`, and what keeps
+/// it reachable.
 pub struct Root {
     fd: OwnedFd,
-    /// The running PID 1 whose root this is; `None` for a mounted (stopped) sandbox.
+    /// The running PID 1 whose root this is; `None` for a directory (a stopped sandbox's mount).
     pid: Option<u32>,
     // Declared after `fd`: the descriptor closes before a temporary mount is detached.
-    _guard: SandboxRoot,
+    _keep: Option<KeepAlive>,
 }
 
 impl std::fmt::Debug for Root {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Root")
-            .field("path", &self._guard.path())
+            .field("fd", &self.fd.as_raw_fd())
+            .field("pid", &self.pid)
             .finish()
     }
-}
-
-/// Opens the root of sandbox `id`, in any state.
-pub async fn open_root(manager: &Manager, id: &SandboxId) -> Result<Root> {
-    let guard = manager.sandbox_root(id).await?;
-    let SandboxRoot::Running(root_path) = &guard else {
-        return sys::blocking(move || Root::new(guard)).await;
-    };
-    let pid: u32 = root_path
-        .parent()
-        .and_then(|proc_dir| proc_dir.file_name()?.to_str()?.parse().ok())
-        .ok_or_else(|| Error::Internal(format!("unexpected root {}", root_path.display())))?;
-    let still_pid1 = || async {
-        let now = manager.get(id).await?;
-        Ok(matches!(now.state, State::Running | State::Paused) && now.pid == pid)
-    };
-    open_process_root(pid, guard, still_pid1)
-        .await
-        .map_err(|e| match e {
-            Error::FailedPrecondition(_) => Error::FailedPrecondition(format!(
-                "sandbox {id} stopped while its files were being opened; retry"
-            )),
-            e => e,
-        })
 }
 
 /// Opens the root of the running process `pid` as the root of a sandbox, once `still_pid1`
@@ -121,7 +101,11 @@ pub async fn open_root(manager: &Manager, id: &SandboxId) -> Result<Root> {
 /// holds that pid when it is opened, so the process is pinned first by a descriptor of its /proc
 /// directory: a pid recycled by a host process in between must never lend us the host's root.
 /// FAILED_PRECONDITION when the process is gone.
-pub async fn open_process_root<F, Fut>(pid: u32, guard: SandboxRoot, still_pid1: F) -> Result<Root>
+pub async fn open_process_root<F, Fut>(
+    pid: u32,
+    keep: Option<KeepAlive>,
+    still_pid1: F,
+) -> Result<Root>
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<bool>>,
@@ -154,47 +138,30 @@ where
     Ok(Root {
         fd,
         pid: Some(pid),
-        _guard: guard,
+        _keep: keep,
     })
 }
 
-/// Holds sandbox `id` still while `root` is changed: no commit, restore, stop or delete runs on
-/// it until the guard drops, so a snapshot holds each change of FileService whole or not at
-/// all. A stopped sandbox's root holds that lock already; for a running one it is taken here,
-/// and the sandbox must still run the PID 1 whose root `root` is (a restore in between would
-/// otherwise let the change land in the filesystem it replaced).
-pub async fn hold_still(
-    manager: &Manager,
-    id: &SandboxId,
-    root: &Root,
-) -> Result<Option<KeyGuard>> {
-    let Some(pid) = root.pid else {
-        return Ok(None);
-    };
-    let guard = manager.lock(id.as_str()).await;
-    let now = manager.get(id).await?;
-    if !matches!(now.state, State::Running | State::Paused) || now.pid != pid {
-        return Err(Error::FailedPrecondition(format!(
-            "sandbox {id} was restarted or stopped during the call; nothing was changed, retry"
-        )));
-    }
-    Ok(Some(guard))
-}
-
 impl Root {
-    /// Opens the directory `guard` names (blocking).
-    pub fn new(guard: SandboxRoot) -> Result<Root> {
+    /// Opens host directory `dir` as a root (blocking); `keep` lives as long as the root. `dir`
+    /// is a path the caller trusts (a mount point it made): only paths inside it are confined.
+    pub fn open_dir(dir: &Path, keep: Option<KeepAlive>) -> Result<Root> {
         let fd = nix::fcntl::open(
-            guard.path(),
+            dir,
             OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::empty(),
         )
-        .map_err(|e| Error::io(format!("opening {}", guard.path().display()), e.into()))?;
+        .map_err(|e| Error::io(format!("opening {}", dir.display()), e.into()))?;
         Ok(Root {
             fd,
             pid: None,
-            _guard: guard,
+            _keep: keep,
         })
+    }
+
+    /// The running PID 1 whose root this is; `None` for a root opened as a directory.
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
     }
 
     /// A path naming the root's directory while this `Root` lives (`/proc/self/fd/N`), for

@@ -4,7 +4,6 @@ use std::os::unix::fs::symlink;
 
 use super::path::SandboxPath;
 use super::root::Root;
-use crate::sandbox::SandboxRoot;
 
 /// A fake sandbox root and, beside it, a host directory holding a secret.
 pub(super) struct Fixture {
@@ -29,7 +28,7 @@ impl Fixture {
     }
 
     pub(super) fn root(&self) -> Root {
-        Root::new(SandboxRoot::Running(self.root_dir.path().to_path_buf())).unwrap()
+        Root::open_dir(self.root_dir.path(), None).unwrap()
     }
 
     pub(super) fn host_secret(&self) -> String {

@@ -6,6 +6,7 @@ mod manager;
 mod model;
 mod pool;
 mod relay;
+mod root;
 mod snapshot;
 
 pub use exec::{

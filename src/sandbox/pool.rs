@@ -12,14 +12,13 @@
 //! configured).
 
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use containerd_client::services::v1::Container;
 use containerd_client::types::v1::Status as TaskStatus;
 
-use super::manager::{SandboxRoot, L_EXPIRES, L_MANIFEST_REF, L_POOL};
+use super::manager::{L_EXPIRES, L_MANIFEST_REF, L_POOL};
 use super::model::*;
 use crate::error::{Error, Result};
 use crate::image::ImageRef;
@@ -244,15 +243,13 @@ impl super::Manager {
         if spec.working_dir.is_some() || spec.user.is_some() {
             // The pooled sandbox's files are its image's, untouched: what a cold create finds
             // in its fresh snapshot.
-            let root_path = PathBuf::from(format!("/proc/{pid}/root"));
             let still_pid1 = || async {
                 let task = self.task(id.as_str()).await?;
                 Ok(task.is_some_and(|t| t.status == TaskStatus::Running as i32 && t.pid == pid))
             };
-            let root =
-                crate::files::open_process_root(pid, SandboxRoot::Running(root_path), still_pid1)
-                    .await
-                    .map_err(|_| Claim::Stale)?;
+            let root = crate::files::open_process_root(pid, None, still_pid1)
+                .await
+                .map_err(|_| Claim::Stale)?;
             let (cwd, user) = (spec.working_dir.clone(), spec.user.clone());
             o.user =
                 sys::blocking(move || Ok(prepare_root(&root, cwd.as_deref(), user.as_deref())))
