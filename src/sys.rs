@@ -9,7 +9,15 @@ use nix::mount::{MntFlags, MsFlags};
 use nix::sys::stat::Mode;
 
 use crate::error::{Error, Result};
-use crate::runtime::spec::User;
+
+/// A resolved user: the ids a sandbox's process runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct User {
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+}
 
 /// Runs blocking work off the async runtime.
 pub async fn blocking<T: Send + 'static>(
