@@ -4,7 +4,7 @@
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use nix::dir::Dir;
 use nix::errno::Errno;
@@ -164,10 +164,9 @@ impl Root {
         self.pid
     }
 
-    /// A path naming the root's directory while this `Root` lives (`/proc/self/fd/N`), for
-    /// reads that take a root path.
-    pub fn fd_path(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+    /// True when `path` is a directory inside the root (following symlinks inside it; blocking).
+    pub fn is_dir(&self, path: &str) -> bool {
+        self.open(path, OFlag::O_PATH | OFlag::O_DIRECTORY).is_ok()
     }
 
     /// Opens `path`, resolved inside the root. `O_CREAT` is never used here: files are created

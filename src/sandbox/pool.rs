@@ -350,12 +350,11 @@ fn prepare_root(
     cwd: Option<&str>,
     user: Option<&str>,
 ) -> std::result::Result<Option<User>, Claim> {
-    let path = root.fd_path();
     let user = match user {
         None => None,
-        Some(u) => Some(sys::resolve_user("user", u, Some(&path)).map_err(|_| Claim::Unfit)?),
+        Some(u) => Some(crate::files::resolve_user_in(root, "user", u).map_err(|_| Claim::Unfit)?),
     };
-    if let Some(cwd) = cwd.filter(|cwd| !sys::is_dir_in_root(&path, cwd)) {
+    if let Some(cwd) = cwd.filter(|cwd| !root.is_dir(cwd)) {
         let made = crate::files::SandboxPath::parse("working_dir", cwd)
             .and_then(|dir| crate::files::make_dir(root, &dir, true, WORKING_DIR_MODE));
         made.map_err(|e| {
