@@ -1,15 +1,19 @@
-//! Blocking system calls (mounts, confined file reads) behind async wrappers.
+//! Blocking system calls (mounts, processes) behind async wrappers.
 
-use std::io::Read;
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
 use nix::mount::{MntFlags, MsFlags};
-use nix::sys::stat::Mode;
 
 use crate::error::{Error, Result};
-use crate::runtime::spec::User;
+
+/// A resolved user: the ids a sandbox's process runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct User {
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+}
 
 /// Runs blocking work off the async runtime.
 pub async fn blocking<T: Send + 'static>(
@@ -104,35 +108,6 @@ pub fn mount_snapshot(mounts: &[MountSpec], base: &Path) -> Result<MountGuard> {
     Ok(MountGuard { target })
 }
 
-/// Opens `path` for reading with every component resolved inside `root`, so neither `..` nor a
-/// symlink can reach outside it.
-pub fn open_in_root(root: &Path, path: &str) -> std::io::Result<OwnedFd> {
-    let dir = nix::fcntl::open(
-        root,
-        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
-    let how = OpenHow::new()
-        .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC)
-        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-    Ok(nix::fcntl::openat2(&dir, path, how)?)
-}
-
-/// True when `path` is a directory inside `root` (resolved confined to it).
-pub fn is_dir_in_root(root: &Path, path: &str) -> bool {
-    let Ok(dir) = nix::fcntl::open(
-        root,
-        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    ) else {
-        return false;
-    };
-    let how = OpenHow::new()
-        .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
-        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-    nix::fcntl::openat2(&dir, path, how).is_ok()
-}
-
 /// Every process on the host as (pid, parent pid).
 pub fn process_parents() -> Vec<(i32, i32)> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -149,163 +124,4 @@ pub fn process_parents() -> Vec<(i32, i32)> {
             Some((pid, ppid))
         })
         .collect()
-}
-
-/// Reads a small text file confined to `root`; a missing file is `None`.
-pub fn read_in_root(root: &Path, path: &str) -> Result<Option<String>> {
-    let fd = match open_in_root(root, path) {
-        Ok(fd) => fd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(format!("opening {path} in the sandbox"), e)),
-    };
-    let mut text = String::new();
-    std::fs::File::from(fd)
-        .take(4 << 20)
-        .read_to_string(&mut text)
-        .map_err(|e| Error::io(format!("reading {path} in the sandbox"), e))?;
-    Ok(Some(text))
-}
-
-/// Resolves `name`, `uid`, `uid:gid`, `name:group` or `uid:group` against the sandbox's
-/// /etc/passwd and /etc/group read inside `root` (only needed for names). `field` names the
-/// request field in errors.
-pub fn resolve_user(field: &str, spec: &str, root: Option<&Path>) -> Result<User> {
-    let (user_part, group_part) = match spec.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
-        None => (spec, None),
-    };
-    if user_part.is_empty() || group_part.is_some_and(str::is_empty) {
-        return Err(Error::invalid(
-            field,
-            format!("{spec:?} is not user, uid, user:group or uid:gid"),
-        ));
-    }
-    let read = |file: &str| -> Result<String> {
-        match root {
-            Some(root) => Ok(read_in_root(root, file)?.unwrap_or_default()),
-            None => Ok(String::new()),
-        }
-    };
-    let (uid, primary_gid) = match user_part.parse::<u32>() {
-        Ok(uid) => {
-            let passwd = read("/etc/passwd")?;
-            let gid = lookup(&passwd, |f| f[2] == user_part).and_then(|f| f[3].parse().ok());
-            (uid, gid.unwrap_or(0))
-        }
-        Err(_) => {
-            let passwd = read("/etc/passwd")?;
-            let entry = lookup(&passwd, |f| f[0] == user_part).ok_or_else(|| {
-                Error::invalid(
-                    field,
-                    format!("user {user_part:?} is not in the sandbox's /etc/passwd"),
-                )
-            })?;
-            let uid = entry[2].parse().map_err(|_| {
-                Error::invalid(field, format!("bad /etc/passwd entry for {user_part:?}"))
-            })?;
-            let gid = entry[3].parse().map_err(|_| {
-                Error::invalid(field, format!("bad /etc/passwd entry for {user_part:?}"))
-            })?;
-            (uid, gid)
-        }
-    };
-    let gid = match group_part {
-        None => primary_gid,
-        Some(g) => match g.parse::<u32>() {
-            Ok(gid) => gid,
-            Err(_) => {
-                let groups = read("/etc/group")?;
-                lookup(&groups, |f| f[0] == g)
-                    .and_then(|f| f[2].parse().ok())
-                    .ok_or_else(|| {
-                        Error::invalid(
-                            field,
-                            format!("group {g:?} is not in the sandbox's /etc/group"),
-                        )
-                    })?
-            }
-        },
-    };
-    Ok(User { uid, gid })
-}
-
-/// True when `spec` names a user or group (not just numbers), so the sandbox's files are needed.
-pub fn user_needs_lookup(spec: &str) -> bool {
-    spec.split(':').any(|part| part.parse::<u32>().is_err())
-}
-
-fn lookup(text: &str, pred: impl Fn(&[&str]) -> bool) -> Option<Vec<&str>> {
-    text.lines()
-        .map(|l| l.split(':').collect::<Vec<_>>())
-        .filter(|f| f.len() >= 4)
-        .find(|f| pred(f))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn root_with(passwd: &str, group: &str) -> tempfile::TempDir {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("etc")).unwrap();
-        std::fs::write(dir.path().join("etc/passwd"), passwd).unwrap();
-        std::fs::write(dir.path().join("etc/group"), group).unwrap();
-        dir
-    }
-
-    #[test]
-    fn users_resolve_by_name_and_number() {
-        let root = root_with(
-            "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n",
-            "root:x:0:\nstaff:x:50:\n",
-        );
-        let r = Some(root.path());
-        assert_eq!(
-            resolve_user("user", "app", r).unwrap(),
-            User {
-                uid: 1000,
-                gid: 1001
-            }
-        );
-        assert_eq!(
-            resolve_user("user", "1000", r).unwrap(),
-            User {
-                uid: 1000,
-                gid: 1001
-            }
-        );
-        assert_eq!(
-            resolve_user("user", "app:staff", r).unwrap(),
-            User { uid: 1000, gid: 50 }
-        );
-        assert_eq!(
-            resolve_user("user", "42:43", None).unwrap(),
-            User { uid: 42, gid: 43 }
-        );
-        assert_eq!(
-            resolve_user("user", "0", None).unwrap(),
-            User { uid: 0, gid: 0 }
-        );
-        let err = resolve_user("user", "ghost", r).unwrap_err();
-        assert!(err.to_string().starts_with("invalid user"), "{err}");
-        assert!(resolve_user("user", "app:", r).is_err());
-    }
-
-    #[test]
-    fn reads_cannot_escape_the_root_through_symlinks() {
-        let outside = tempfile::tempdir().unwrap();
-        std::fs::write(outside.path().join("secret"), "host secret").unwrap();
-        let root = tempfile::tempdir().unwrap();
-        std::fs::create_dir(root.path().join("etc")).unwrap();
-        std::os::unix::fs::symlink(
-            outside.path().join("secret"),
-            root.path().join("etc/passwd"),
-        )
-        .unwrap();
-        std::os::unix::fs::symlink("../../../../../../..", root.path().join("up")).unwrap();
-        // The absolute link resolves inside the root, where its target does not exist.
-        assert_eq!(read_in_root(root.path(), "/etc/passwd").unwrap(), None);
-        let via_dots = format!("/up{}", outside.path().join("secret").display());
-        assert_eq!(read_in_root(root.path(), &via_dots).unwrap(), None);
-    }
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use common::TestEnv;
 use futures::StreamExt;
 use sandboxd::pb::sandbox_service_client::SandboxServiceClient;
+use sandboxd::pb::snapshot_service_client::SnapshotServiceClient;
 use sandboxd::pb::{self, exec_request, exec_response};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -294,6 +295,79 @@ async fn exec_errors_are_prompt_and_clear() {
     c.delete_sandbox(pb::DeleteSandboxRequest {
         sandbox_id: "errs".into(),
         force: true,
+    })
+    .await
+    .unwrap();
+    env.leak_check().await;
+}
+
+/// Runs `f`, failing the test (instead of hanging it) when it takes over 10 s; returns how
+/// long it took.
+async fn within_10s<T>(what: &str, f: impl std::future::Future<Output = T>) -> (T, Duration) {
+    let t = Instant::now();
+    let out = tokio::time::timeout(Duration::from_secs(10), f)
+        .await
+        .unwrap_or_else(|_| panic!("{what} hung"));
+    (out, t.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fifo_planted_at_etc_passwd_fails_user_lookups_fast() {
+    let env = TestEnv::new().await;
+    let mut c = sandbox(&env, "fifo").await;
+    let plant = start(
+        "fifo",
+        &["sh", "-c", "rm /etc/passwd && mkfifo /etc/passwd"],
+    );
+    let out = run(&mut c, plant, vec![]).await.unwrap();
+    assert_eq!(out.exited.unwrap().exit_code, 0, "{:?}", out.stderr);
+    // No exec is started in this sandbox from here on: runc itself opens /etc/passwd for every
+    // exec it starts, even as a numeric user, and blocks on the FIFO inside the sandbox.
+
+    // A name needs /etc/passwd: the lookup refuses the FIFO instead of waiting for a writer.
+    let mut s = start("fifo", &["id", "-u"]);
+    s.user = "nobody".into();
+    let (result, took) = within_10s("exec as nobody", run(&mut c, s, vec![])).await;
+    let err = result.expect_err("exec as nobody with a FIFO for /etc/passwd");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    for needle in ["\"nobody\"", "/etc/passwd", "not a regular file"] {
+        assert!(err.message().contains(needle), "{needle}: {err}");
+    }
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+
+    // The sandbox's files are a snapshot's: a create from it looks the name up in the same
+    // FIFO, through the snapshot mounted on the host, and refuses it as fast.
+    let mut snap = SnapshotServiceClient::new(env.channel().await);
+    let snapshot = snap
+        .commit_snapshot(pb::CommitSnapshotRequest {
+            sandbox_id: "fifo".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("commit_snapshot")
+        .into_inner()
+        .snapshot
+        .unwrap();
+    let create = c.create_sandbox(pb::CreateSandboxRequest {
+        sandbox_id: "fifo-fork".into(),
+        snapshot_id: snapshot.snapshot_id.clone(),
+        user: "nobody".into(),
+        ..Default::default()
+    });
+    let (result, took) = within_10s("create as nobody", create).await;
+    let err = result.expect_err("create as nobody from a snapshot with a FIFO for /etc/passwd");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains("/etc/passwd"), "{err}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+
+    c.delete_sandbox(pb::DeleteSandboxRequest {
+        sandbox_id: "fifo".into(),
+        force: true,
+    })
+    .await
+    .unwrap();
+    snap.delete_snapshot(pb::DeleteSnapshotRequest {
+        snapshot_id: snapshot.snapshot_id,
     })
     .await
     .unwrap();

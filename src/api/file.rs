@@ -29,7 +29,7 @@ impl FileApi {
     }
 
     /// Opens the root of sandbox `id` and runs blocking `op` on it. An `op` that changes files
-    /// runs while the sandbox is held still (see [`files::hold_still`]), so a commit never
+    /// runs while the sandbox is held still (see [`Manager::hold_still`]), so a commit never
     /// captures it half done. The root (and a stopped sandbox's temporary mount) is released
     /// before the answer is sent.
     async fn with_root<T: Send + 'static>(
@@ -38,10 +38,10 @@ impl FileApi {
         access: Access,
         op: impl FnOnce(&files::Root) -> Result<T> + Send + 'static,
     ) -> Result<T, Status> {
-        let root = files::open_root(&self.manager, id).await?;
+        let root = self.manager.open_root(id).await?;
         let held = match access {
             Access::Read => None,
-            Access::Change => files::hold_still(&self.manager, id, &root).await?,
+            Access::Change => self.manager.hold_still(id, &root).await?,
         };
         let result = sys::blocking(move || {
             let result = op(&root);
@@ -73,7 +73,7 @@ impl FileService for FileApi {
         req: Request<pb::ReadFileRequest>,
     ) -> Result<Response<Self::ReadFileStream>, Status> {
         let (FileTarget { sandbox_id, path }, range) = convert::read_file_spec(req.into_inner())?;
-        let root = files::open_root(&self.manager, &sandbox_id).await?;
+        let root = self.manager.open_root(&sandbox_id).await?;
         // Opening errors (missing, not a file) are the call's status, not a stream item.
         let mut reader = sys::blocking(move || FileReader::open(root, &path, range)).await?;
         let (tx, rx) = mpsc::channel(READ_QUEUE);
@@ -106,7 +106,7 @@ impl FileService for FileApi {
     ) -> Result<Response<pb::WriteFileResponse>, Status> {
         let mut inbound = req.into_inner();
         let (id, spec) = convert::write_file_first(inbound.message().await?)?;
-        let root = files::open_root(&self.manager, &id).await?;
+        let root = self.manager.open_root(&id).await?;
         // Should this call be dropped from here on, dropping the writer removes its temporary
         // file; once `run` owns it, `run` does.
         let writer = sys::blocking(move || AtomicWriter::create(root, &spec)).await?;
@@ -144,7 +144,7 @@ impl FileService for FileApi {
         stream_result?;
         let writer = synced?;
         // The content is on disk; only the rename into place waits for a commit to finish.
-        let held = files::hold_still(&self.manager, &id, writer.root()).await?;
+        let held = self.manager.hold_still(&id, writer.root()).await?;
         let written = sys::blocking(move || writer.publish()).await?;
         drop(held);
         Ok(Response::new(pb::WriteFileResponse {

@@ -7,6 +7,7 @@ use oci_spec::runtime::Spec;
 use serde_json::json;
 
 use crate::error::{Error, Result};
+pub use crate::sys::User;
 
 /// Type URL under which containerd expects a runtime spec.
 pub const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
@@ -61,15 +62,6 @@ const READONLY_PATHS: [&str; 5] = [
     "/proc/sys",
     "/proc/sysrq-trigger",
 ];
-
-/// A resolved user.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct User {
-    /// User id.
-    pub uid: u32,
-    /// Primary group id.
-    pub gid: u32,
-}
 
 /// Everything that varies between sandboxes' specs.
 #[derive(Debug, Clone)]

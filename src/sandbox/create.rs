@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::image;
 use crate::runtime::spec::{self, SandboxSpec, IDLE_INIT_PATH};
 use crate::runtime::{Container, Lease, NewContainer};
-use crate::sys;
+use crate::{files, sys};
 
 /// Default PATH for images that set none.
 const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -167,11 +167,12 @@ impl Manager {
             .clone()
             .or_else(|| config.user().clone().filter(|u| !u.is_empty()))
             .unwrap_or_else(|| "0".to_string());
-        let user = if sys::user_needs_lookup(&user_spec) {
+        let user = if files::user_needs_lookup(&user_spec) {
             let root = self.mount_snapshot(&mounts).await?;
-            sys::blocking(move || sys::resolve_user("user", &user_spec, Some(root.path()))).await?
+            sys::blocking(move || files::resolve_user("user", &user_spec, Some(root.path())))
+                .await?
         } else {
-            sys::resolve_user("user", &user_spec, None)?
+            files::resolve_user("user", &user_spec, None)?
         };
 
         let mut env: Vec<String> = config.env().clone().unwrap_or_default();

@@ -18,6 +18,7 @@ use super::model::SandboxId;
 use super::observe::Observer;
 use super::relay::{enlarge_pipe, ExecRelay, Pending, RelayedIo, RELAY_HANDOFF_TIMEOUT};
 use crate::error::{Error, Result};
+use crate::files;
 use crate::runtime::spec::{self, User};
 use crate::runtime::{ExecIo as ProcessIo, LaunchFault, NewExec, TaskState};
 use crate::sys;
@@ -270,21 +271,36 @@ impl Manager {
             .working_dir
             .clone()
             .unwrap_or_else(|| base["cwd"].as_str().unwrap_or("/").to_string());
-        let user = match &spec.user {
-            None => User {
-                uid: base["user"]["uid"].as_u64().unwrap_or(0) as u32,
-                gid: base["user"]["gid"].as_u64().unwrap_or(0) as u32,
-            },
-            Some(u) => {
-                let root = PathBuf::from(format!("/proc/{pid1}/root"));
-                let u = u.clone();
-                sys::blocking(move || sys::resolve_user("user", &u, Some(&root))).await?
-            }
+        let base_user = User {
+            uid: base["user"]["uid"].as_u64().unwrap_or(0) as u32,
+            gid: base["user"]["gid"].as_u64().unwrap_or(0) as u32,
         };
-        // A working dir that does not exist would fail deep inside runc with a vague message.
-        let root = PathBuf::from(format!("/proc/{pid1}/root"));
-        let check_cwd = cwd.clone();
-        let cwd_ok = sys::blocking(move || Ok(sys::is_dir_in_root(&root, &check_cwd))).await?;
+        // The user and the working dir are looked up in the sandbox's own files, through the
+        // same confined (and pinned) root as FileService: they are the sandbox's to plant.
+        let still_pid1 = || async {
+            let task = self.task(id.as_str()).await?;
+            Ok(task.is_some_and(|t| {
+                matches!(t.state, TaskState::Running | TaskState::Unknown) && t.pid == pid1
+            }))
+        };
+        let root = files::open_process_root(pid1, None, still_pid1)
+            .await
+            .map_err(|e| match e {
+                Error::FailedPrecondition(_) => Error::FailedPrecondition(format!(
+                    "sandbox {id} is not running; start it first"
+                )),
+                e => e,
+            })?;
+        let (user, check_cwd) = (spec.user.clone(), cwd.clone());
+        let (user, cwd_ok) = sys::blocking(move || {
+            let user = match user {
+                None => base_user,
+                Some(u) => files::resolve_user_in(&root, "user", &u)?,
+            };
+            // A working dir that does not exist would fail deep inside runc with a vague message.
+            Ok((user, root.is_dir(&check_cwd)))
+        })
+        .await?;
         if !cwd_ok {
             return Err(Error::invalid(
                 "working_dir",

@@ -13,6 +13,7 @@ mod record;
 mod recovery;
 mod relay;
 mod retry;
+mod root;
 mod snapshot;
 #[cfg(test)]
 mod tests;

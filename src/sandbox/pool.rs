@@ -12,11 +12,9 @@
 //! configured).
 
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use super::manager::SandboxRoot;
 use super::model::*;
 use super::record::{resource_labels, L_CLAIMED, L_EXPIRES, L_MANIFEST_REF, L_POOL};
 use super::retry;
@@ -244,15 +242,13 @@ impl super::Manager {
         if spec.working_dir.is_some() || spec.user.is_some() {
             // The pooled sandbox's files are its image's, untouched: what a cold create finds
             // in its fresh snapshot.
-            let root_path = PathBuf::from(format!("/proc/{pid}/root"));
             let still_pid1 = || async {
                 let task = self.task(id.as_str()).await?;
                 Ok(task.is_some_and(|t| t.state == TaskState::Running && t.pid == pid))
             };
-            let root =
-                crate::files::open_process_root(pid, SandboxRoot::Running(root_path), still_pid1)
-                    .await
-                    .map_err(|_| Claim::Stale)?;
+            let root = crate::files::open_process_root(pid, None, still_pid1)
+                .await
+                .map_err(|_| Claim::Stale)?;
             let (cwd, user) = (spec.working_dir.clone(), spec.user.clone());
             o.user =
                 sys::blocking(move || Ok(prepare_root(&root, cwd.as_deref(), user.as_deref())))
@@ -354,12 +350,11 @@ fn prepare_root(
     cwd: Option<&str>,
     user: Option<&str>,
 ) -> std::result::Result<Option<User>, Claim> {
-    let path = root.fd_path();
     let user = match user {
         None => None,
-        Some(u) => Some(sys::resolve_user("user", u, Some(&path)).map_err(|_| Claim::Unfit)?),
+        Some(u) => Some(crate::files::resolve_user_in(root, "user", u).map_err(|_| Claim::Unfit)?),
     };
-    if let Some(cwd) = cwd.filter(|cwd| !sys::is_dir_in_root(&path, cwd)) {
+    if let Some(cwd) = cwd.filter(|cwd| !root.is_dir(cwd)) {
         let made = crate::files::SandboxPath::parse("working_dir", cwd)
             .and_then(|dir| crate::files::make_dir(root, &dir, true, WORKING_DIR_MODE));
         made.map_err(|e| {
