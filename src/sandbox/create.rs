@@ -41,7 +41,7 @@ impl Manager {
         let span = tracing::info_span!("create_sandbox", sandbox_id = %spec.id);
         run_to_completion(
             async move {
-                let _retries = this.lock_request(spec.request.as_ref()).await;
+                let _retries = this.lock_request(spec.request.as_ref()).await?;
                 if let Some(key) = &spec.request {
                     if let Some(sandbox) = this.replay_create(key).await? {
                         return Ok(sandbox);
@@ -71,7 +71,7 @@ impl Manager {
     }
 
     async fn create_inner(&self, spec: CreateSpec) -> Result<Sandbox> {
-        let _guard = self.locks.lock(spec.id.as_str()).await;
+        let _guard = self.locks.lock(spec.id.as_str()).await?;
         // The id check and the source's resolution are independent: one round trip. A snapshot
         // is resolved from its image record alone; a missing image is pulled only once the id
         // is known to be free.

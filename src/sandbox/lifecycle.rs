@@ -25,7 +25,7 @@ impl Manager {
         let span = tracing::info_span!("start_sandbox", sandbox_id = %id);
         run_to_completion(
             async move {
-                let _guard = this.locks.lock(id.as_str()).await;
+                let _guard = this.locks.lock(id.as_str()).await?;
                 let container = this.existing(&id).await?;
                 match this.task(id.as_str()).await?.map(|t| t.state) {
                     Some(TaskState::Running) => return this.get(&id).await,
@@ -140,7 +140,7 @@ impl Manager {
         let this = self.clone();
         let span = tracing::info_span!("stop_sandbox", sandbox_id = %id);
         run_to_completion(async move {
-            let _guard = this.locks.lock(id.as_str()).await;
+            let _guard = this.locks.lock(id.as_str()).await?;
             let container = this.existing(&id).await?;
             let Some(task) = this.task(id.as_str()).await? else {
                 // A teardown that failed before is finished now.
@@ -228,7 +228,7 @@ impl Manager {
         let span = tracing::info_span!("delete_sandbox", sandbox_id = %id);
         run_to_completion(
             async move {
-                let _guard = this.locks.lock(id.as_str()).await;
+                let _guard = this.locks.lock(id.as_str()).await?;
                 let container = this.existing(&id).await?;
                 this.delete_locked(&id, &container, force).await
             }
@@ -240,7 +240,7 @@ impl Manager {
     /// Force-deletes sandbox `id` whatever it is, a warm-pool one included; a missing one is
     /// fine.
     pub(super) async fn delete_any(&self, id: SandboxId) -> Result<()> {
-        let _guard = self.locks.lock(id.as_str()).await;
+        let _guard = self.locks.lock(id.as_str()).await?;
         match self.any_container(&id).await? {
             Some(container) => self.delete_locked(&id, &container, true).await,
             None => Ok(()),

@@ -223,7 +223,7 @@ impl Manager {
         if let Some(root) = running(self.task(id.as_str()).await?) {
             return Ok(root);
         }
-        let guard = self.locks.lock(id.as_str()).await;
+        let guard = self.locks.lock(id.as_str()).await?;
         // Re-check under the lock: it may have started while we waited.
         if let Some(root) = running(self.task(id.as_str()).await?) {
             return Ok(root);
@@ -254,7 +254,7 @@ impl Manager {
 
     /// Waits for sandbox `id`'s operation lock: until the guard drops, no create, start, stop,
     /// delete, commit or restore runs on it.
-    pub async fn lock(&self, id: &str) -> KeyGuard {
+    pub async fn lock(&self, id: &str) -> Result<KeyGuard> {
         self.locks.lock(id).await
     }
 

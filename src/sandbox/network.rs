@@ -161,7 +161,7 @@ impl Manager {
     /// Detaches sandbox `id`'s network unless its task runs (checked under its lock, so a
     /// start in progress is never disturbed).
     pub(super) async fn settle_network(&self, id: &SandboxId) -> Result<()> {
-        let _guard = self.locks.lock(id.as_str()).await;
+        let _guard = self.locks.lock(id.as_str()).await?;
         if !self.net.is_attached(id.as_str()) {
             return Ok(());
         }

@@ -172,7 +172,7 @@ impl super::Manager {
         image: &ImageRef,
         spec: &CreateSpec,
     ) -> Result<Claim> {
-        let _guard = self.lock(id.as_str()).await;
+        let _guard = self.lock(id.as_str()).await?;
         let (container, task, current) = tokio::try_join!(
             self.any_container(id),
             self.task(id.as_str()),

@@ -170,7 +170,7 @@ impl Manager {
 
     /// Finishes or undoes an interrupted operation on sandbox `id` (see [`Self::recover`]).
     async fn settle(self: &Arc<Self>, id: &SandboxId, unfinished_create: bool) -> Result<()> {
-        let _guard = self.locks.lock(id.as_str()).await;
+        let _guard = self.locks.lock(id.as_str()).await?;
         let Some(container) = self.any_container(id).await? else {
             return Ok(());
         };

@@ -127,10 +127,10 @@ impl RequestLabels {
 
 impl Manager {
     /// Serialises calls with the request id of `key`, if there is one.
-    pub(super) async fn lock_request(&self, key: Option<&RequestKey>) -> Option<KeyGuard> {
+    pub(super) async fn lock_request(&self, key: Option<&RequestKey>) -> Result<Option<KeyGuard>> {
         match key {
-            Some(k) => Some(self.locks.lock(&format!("request:{}", k.id)).await),
-            None => None,
+            Some(k) => Ok(Some(self.locks.lock(&format!("request:{}", k.id)).await?)),
+            None => Ok(None),
         }
     }
 }

@@ -47,7 +47,7 @@ impl Manager {
         let Some(pid) = root.pid() else {
             return Ok(None);
         };
-        let guard = self.lock(id.as_str()).await;
+        let guard = self.lock(id.as_str()).await?;
         let now = self.get(id).await?;
         if !matches!(now.state, State::Running | State::Paused) || now.pid != pid {
             return Err(Error::FailedPrecondition(format!(

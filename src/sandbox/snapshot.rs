@@ -200,7 +200,7 @@ impl Manager {
         let span = tracing::info_span!("commit_snapshot", sandbox_id = %id);
         run_to_completion(
             async move {
-                let _retries = this.lock_request(request.as_ref()).await;
+                let _retries = this.lock_request(request.as_ref()).await?;
                 if let Some(key) = &request {
                     let now = SystemTime::now();
                     for record in this.snapshot_records().await? {
@@ -213,7 +213,7 @@ impl Manager {
                     }
                     labels.extend(retry::COMMIT.of(key, now).map(|(k, v)| (k.to_string(), v)));
                 }
-                let _guard = this.lock(id.as_str()).await;
+                let _guard = this.lock(id.as_str()).await?;
                 // Independent: the lease and the container record in one round trip.
                 let (lease, container) = tokio::join!(this.cd.lease("commit"), this.container(&id));
                 let lease = lease?;
@@ -571,7 +571,7 @@ impl Manager {
         request: Option<RequestKey>,
     ) -> Result<String> {
         let cd = self.cd.as_ref();
-        let _retries = self.lock_request(request.as_ref()).await;
+        let _retries = self.lock_request(request.as_ref()).await?;
         let name = ImageRef::parse("snapshot_id", &snapshot_image_name(id))?;
         let now = SystemTime::now();
         let mut replayed = false;
@@ -610,8 +610,8 @@ impl Manager {
         let span = tracing::info_span!("restore_sandbox", sandbox_id = %id, %snapshot_id);
         run_to_completion(
             async move {
-                let _retries = this.lock_request(request.as_ref()).await;
-                let _guard = this.lock(id.as_str()).await;
+                let _retries = this.lock_request(request.as_ref()).await?;
+                let _guard = this.lock(id.as_str()).await?;
                 let container = this.existing(&id).await?;
                 let now = SystemTime::now();
                 if let Some(key) = &request {
