@@ -29,9 +29,9 @@ mod write;
 
 pub use path::{SandboxPath, MAX_NAME_LEN, MAX_PATH_LEN};
 pub use read::{FileReader, ReadRange, READ_CHUNK, READ_QUEUE};
-pub use root::{open_process_root, KeepAlive, Root};
+pub use root::{open_process_root, FileType, KeepAlive, Root};
 pub use tree::{
-    list, make_dir, remove, stat, FileEntry, FileType, ListDepth, DEFAULT_DIR_MODE, MAX_LIST_DEPTH,
+    list, make_dir, remove, stat, FileEntry, ListDepth, DEFAULT_DIR_MODE, MAX_LIST_DEPTH,
     MAX_LIST_ENTRIES, MAX_REMOVE_DEPTH,
 };
 pub use user::{resolve_user, resolve_user_in, user_needs_lookup, MAX_ACCOUNT_FILE};

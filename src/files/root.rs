@@ -11,7 +11,6 @@ use nix::errno::Errno;
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::Mode;
 
-use super::tree::{file_type, FileType};
 use crate::error::{Error, Kind, Result};
 use crate::sys;
 
@@ -294,4 +293,26 @@ pub(super) fn reopen_regular(opath: &OwnedFd, flags: OFlag, path: &str) -> Resul
         )));
     }
     Ok(file)
+}
+
+/// The type of a filesystem entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileType {
+    /// A regular file.
+    Regular,
+    /// A directory.
+    Directory,
+    /// A symbolic link.
+    Symlink,
+    /// A device, FIFO or socket.
+    Other,
+}
+
+pub(super) fn file_type(st: &nix::sys::stat::FileStat) -> FileType {
+    match st.st_mode & libc::S_IFMT {
+        libc::S_IFREG => FileType::Regular,
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        _ => FileType::Other,
+    }
 }

@@ -12,7 +12,9 @@ use nix::sys::stat::{FileStat, Mode};
 use nix::unistd::{Gid, Uid, UnlinkatFlags};
 
 use super::path::{cstring, join, split_last, SandboxPath};
-use super::root::{fail, is_mount_point, mount_point_error, open_child_dir, read_names, Root};
+use super::root::{
+    fail, file_type, is_mount_point, mount_point_error, open_child_dir, read_names, FileType, Root,
+};
 use crate::error::{Error, Kind, Result};
 
 /// Deepest ListFiles `depth` accepted.
@@ -23,28 +25,6 @@ pub const MAX_LIST_ENTRIES: usize = 10_000;
 pub const MAX_REMOVE_DEPTH: usize = 256;
 /// Mode of the directories MakeDirectory creates when the request gives none.
 pub const DEFAULT_DIR_MODE: u32 = 0o755;
-
-/// The type of a filesystem entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FileType {
-    /// A regular file.
-    Regular,
-    /// A directory.
-    Directory,
-    /// A symbolic link.
-    Symlink,
-    /// A device, FIFO or socket.
-    Other,
-}
-
-pub(super) fn file_type(st: &FileStat) -> FileType {
-    match st.st_mode & libc::S_IFMT {
-        libc::S_IFREG => FileType::Regular,
-        libc::S_IFDIR => FileType::Directory,
-        libc::S_IFLNK => FileType::Symlink,
-        _ => FileType::Other,
-    }
-}
 
 /// One filesystem entry inside a sandbox.
 #[derive(Debug, Clone, PartialEq, Eq)]

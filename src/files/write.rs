@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::path::{cstring, join, normalize, split_last, SandboxPath, MAX_PATH_LEN};
 use super::root::{fail, is_mount_point, mount_point_error, reopen_regular, Root};
-use super::tree::{file_type, FileType};
+use super::root::{file_type, FileType};
 use crate::error::{Error, Result};
 
 /// Data messages a WriteFile stream runs ahead of the disk.

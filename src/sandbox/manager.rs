@@ -302,6 +302,16 @@ impl Manager {
     }
 }
 
+impl Manager {
+    /// Serialises calls with the request id of `key`, if there is one.
+    pub(super) async fn lock_request(&self, key: Option<&RequestKey>) -> Result<Option<KeyGuard>> {
+        match key {
+            Some(k) => Ok(Some(self.locks.lock(&format!("request:{}", k.id())).await?)),
+            None => Ok(None),
+        }
+    }
+}
+
 /// Runs `fut` on its own task to completion, so that a cancelled caller cannot stop a
 /// multi-step operation half-way; awaits its result.
 pub(super) async fn run_to_completion<T: Send + 'static>(

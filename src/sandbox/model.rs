@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::error::{Error, Result};
 use crate::image::ImageRef;
+use sha2::{Digest, Sha256};
 
 /// Label keys sandboxd reserves for itself.
 pub const RESERVED_LABEL_PREFIXES: [&str; 2] = ["sandboxd.io/", "containerd.io/"];
@@ -204,7 +205,7 @@ pub struct CreateSpec {
     /// Set on warm-pool sandboxes: the image name whose pool it fills.
     pub pool: Option<String>,
     /// The client's request id, for safe retries.
-    pub request: Option<super::retry::RequestKey>,
+    pub request: Option<RequestKey>,
 }
 
 /// Validates user labels.
@@ -496,6 +497,51 @@ impl Page {
             String::new()
         };
         (items, next)
+    }
+}
+
+/// The longest request id.
+const MAX_REQUEST_ID: usize = 128;
+
+/// A client's request id and a digest of its request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestKey {
+    id: String,
+    digest: String,
+}
+
+impl RequestKey {
+    /// `None` for an empty `id`; else the key of `id` with the request's canonical text
+    /// `canonical` (every field but the id, maps in key order). INVALID_ARGUMENT for an id
+    /// that is too long or has characters outside `[A-Za-z0-9._:-]`.
+    pub fn parse(field: &str, id: &str, canonical: &str) -> Result<Option<RequestKey>> {
+        if id.is_empty() {
+            return Ok(None);
+        }
+        let valid = id.len() <= MAX_REQUEST_ID
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b));
+        if !valid {
+            return Err(Error::invalid(
+                field,
+                format!("{id:?} is not 1-{MAX_REQUEST_ID} characters of [A-Za-z0-9._:-]"),
+            ));
+        }
+        Ok(Some(RequestKey {
+            id: id.to_string(),
+            digest: hex::encode(&Sha256::digest(canonical.as_bytes())[..16]),
+        }))
+    }
+
+    /// The id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The digest of the request.
+    pub fn digest(&self) -> &str {
+        &self.digest
     }
 }
 

@@ -7,53 +7,11 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
-use sha2::{Digest, Sha256};
-
-use super::locks::KeyGuard;
-use super::manager::Manager;
+pub use super::model::RequestKey;
 use crate::error::{Error, Result};
 
 /// How long a request id is remembered.
 pub const REQUEST_ID_TTL: Duration = Duration::from_secs(24 * 3600);
-/// The longest request id.
-const MAX_REQUEST_ID: usize = 128;
-
-/// A client's request id and a digest of its request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RequestKey {
-    id: String,
-    digest: String,
-}
-
-impl RequestKey {
-    /// `None` for an empty `id`; else the key of `id` with the request's canonical text
-    /// `canonical` (every field but the id, maps in key order). INVALID_ARGUMENT for an id
-    /// that is too long or has characters outside `[A-Za-z0-9._:-]`.
-    pub fn parse(field: &str, id: &str, canonical: &str) -> Result<Option<RequestKey>> {
-        if id.is_empty() {
-            return Ok(None);
-        }
-        let valid = id.len() <= MAX_REQUEST_ID
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b));
-        if !valid {
-            return Err(Error::invalid(
-                field,
-                format!("{id:?} is not 1-{MAX_REQUEST_ID} characters of [A-Za-z0-9._:-]"),
-            ));
-        }
-        Ok(Some(RequestKey {
-            id: id.to_string(),
-            digest: hex::encode(&Sha256::digest(canonical.as_bytes())[..16]),
-        }))
-    }
-
-    /// The id.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-}
 
 /// The three labels that remember one kind of request on a record.
 #[derive(Debug, Clone, Copy)]
@@ -88,8 +46,8 @@ impl RequestLabels {
     /// The labels that remember `key`, made at `now`.
     pub(super) fn of(self, key: &RequestKey, now: SystemTime) -> [(&'static str, String); 3] {
         [
-            (self.id, key.id.clone()),
-            (self.digest, key.digest.clone()),
+            (self.id, key.id().to_string()),
+            (self.digest, key.digest().to_string()),
             (self.at, crate::util::rfc3339(now)),
         ]
     }
@@ -102,7 +60,7 @@ impl RequestLabels {
         key: &RequestKey,
         now: SystemTime,
     ) -> Result<bool> {
-        if labels.get(self.id) != Some(&key.id) {
+        if labels.get(self.id).map(String::as_str) != Some(key.id()) {
             return Ok(false);
         }
         let fresh = labels
@@ -112,26 +70,16 @@ impl RequestLabels {
         if !fresh {
             return Ok(false);
         }
-        if labels.get(self.digest) != Some(&key.digest) {
+        if labels.get(self.digest).map(String::as_str) != Some(key.digest()) {
             return Err(Error::invalid(
                 "request_id",
                 format!(
                     "{:?} was used for a different request; use a new request_id",
-                    key.id
+                    key.id()
                 ),
             ));
         }
         Ok(true)
-    }
-}
-
-impl Manager {
-    /// Serialises calls with the request id of `key`, if there is one.
-    pub(super) async fn lock_request(&self, key: Option<&RequestKey>) -> Result<Option<KeyGuard>> {
-        match key {
-            Some(k) => Ok(Some(self.locks.lock(&format!("request:{}", k.id)).await?)),
-            None => Ok(None),
-        }
     }
 }
 
