@@ -1,12 +1,15 @@
-//! Conversions between proto messages and domain types. Invalid input stops here.
+//! Conversions between proto messages and domain types. Invalid input stops here. Sandboxes,
+//! images and snapshots are converted here; Exec's messages in `exec`, FileService's in `file`.
+
+mod exec;
+mod file;
+
+pub use exec::*;
+pub use file::*;
 
 use std::time::{Duration, SystemTime};
 
 use crate::error::{Error, Result};
-use crate::files::{
-    FileEntry, FileType, ListDepth, ReadRange, SandboxPath, WriteInput, WriteSpec,
-    DEFAULT_DIR_MODE, DEFAULT_FILE_MODE,
-};
 use crate::image::{ImageInfo, ImageRef};
 use crate::net::cni::{PortMapping, Protocol};
 use crate::net::policy::{Egress, EgressRule, NetPolicy};
@@ -19,7 +22,6 @@ fn ts(t: Option<SystemTime>) -> Option<prost_types::Timestamp> {
     t.map(crate::util::timestamp)
 }
 
-/// CreateSandboxRequest → CreateSpec.
 /// The text a request's digest is taken of: the Debug form of the request with its
 /// `request_id` and its maps cleared, and then the maps in key order (protobuf maps have no
 /// order, so two equal requests may print or encode differently).
@@ -32,6 +34,7 @@ pub fn canonical<T: std::fmt::Debug>(
     format!("{without_maps:?}|{sorted:?}")
 }
 
+/// CreateSandboxRequest → CreateSpec.
 pub fn create_spec(mut r: pb::CreateSandboxRequest) -> Result<CreateSpec> {
     let request_id = std::mem::take(&mut r.request_id);
     let (env, labels) = (std::mem::take(&mut r.env), std::mem::take(&mut r.labels));
@@ -337,208 +340,6 @@ pub fn image(i: ImageInfo) -> pb::Image {
     }
 }
 
-/// Largest `max_output_bytes` of ExecSync, per stream (the response must fit a gRPC message).
-pub const MAX_EXEC_SYNC_OUTPUT: i64 = 16 << 20;
-/// Default `max_output_bytes` of ExecSync.
-pub const DEFAULT_EXEC_SYNC_OUTPUT: i64 = 1 << 20;
-
-fn exec_timeout(d: Option<prost_types::Duration>) -> Result<Option<std::time::Duration>> {
-    match d {
-        None => Ok(None),
-        Some(d) => match crate::util::duration(&d) {
-            None => Err(Error::invalid("timeout", "a timeout cannot be negative")),
-            Some(t) if t.is_zero() => Ok(None),
-            Some(t) => Ok(Some(t)),
-        },
-    }
-}
-
-/// The fields Exec and ExecSync share, validated.
-struct ExecCommon {
-    sandbox_id: SandboxId,
-    args: Vec<String>,
-    env: std::collections::BTreeMap<String, String>,
-    working_dir: Option<String>,
-    user: Option<String>,
-}
-
-fn exec_common(
-    sandbox_id: &str,
-    args: Vec<String>,
-    env: std::collections::HashMap<String, String>,
-    working_dir: String,
-    user: String,
-) -> Result<ExecCommon> {
-    let id = SandboxId::parse("sandbox_id", sandbox_id)?;
-    let args = sandbox::parse_args("args", args)?;
-    if args.is_empty() {
-        return Err(Error::invalid("args", "a command is required"));
-    }
-    let env = sandbox::parse_env("env", env)?;
-    let working_dir = if working_dir.is_empty() {
-        None
-    } else {
-        Some(sandbox::parse_abs_path("working_dir", &working_dir)?)
-    };
-    let user = if user.is_empty() { None } else { Some(user) };
-    if let Some(u) = &user {
-        if u.len() > 256 || u.split(':').count() > 2 || u.split(':').any(str::is_empty) {
-            return Err(Error::invalid(
-                "user",
-                format!("{u:?} is not user, uid, user:group or uid:gid"),
-            ));
-        }
-    }
-    Ok(ExecCommon {
-        sandbox_id: id,
-        args,
-        env,
-        working_dir,
-        user,
-    })
-}
-
-/// Exec's first message (`None`: the stream ended before it) → ExecSpec.
-pub fn exec_first(first: Option<pb::ExecRequest>) -> Result<sandbox::ExecSpec> {
-    let first = first
-        .ok_or_else(|| Error::invalid("request", "the stream ended before the start message"))?;
-    match first.request {
-        Some(pb::exec_request::Request::Start(start)) => exec_spec(start),
-        _ => Err(Error::invalid("request", "the first message must be start")),
-    }
-}
-
-/// Exec's start message → ExecSpec.
-fn exec_spec(s: pb::ExecStart) -> Result<sandbox::ExecSpec> {
-    let ExecCommon {
-        sandbox_id,
-        args,
-        env,
-        working_dir,
-        user,
-    } = exec_common(&s.sandbox_id, s.args, s.env, s.working_dir, s.user)?;
-    let tty_size = match s.tty_size {
-        None => None,
-        Some(t) if t.rows == 0 || t.cols == 0 || t.rows > 10_000 || t.cols > 10_000 => {
-            return Err(Error::invalid(
-                "tty_size",
-                format!("{}x{} is not a terminal size", t.rows, t.cols),
-            ))
-        }
-        Some(t) => Some((t.rows, t.cols)),
-    };
-    Ok(sandbox::ExecSpec {
-        sandbox_id,
-        args,
-        env,
-        working_dir,
-        user,
-        tty: s.tty,
-        stdin: s.stdin,
-        timeout: exec_timeout(s.timeout)?,
-        tty_size,
-    })
-}
-
-/// ExecSyncRequest → (ExecSpec, stdin, max output per stream).
-pub fn exec_sync_spec(r: pb::ExecSyncRequest) -> Result<(sandbox::ExecSpec, bytes::Bytes, usize)> {
-    let ExecCommon {
-        sandbox_id,
-        args,
-        env,
-        working_dir,
-        user,
-    } = exec_common(&r.sandbox_id, r.args, r.env, r.working_dir, r.user)?;
-    let max = match r.max_output_bytes {
-        0 => DEFAULT_EXEC_SYNC_OUTPUT,
-        m if m < 0 => return Err(Error::invalid("max_output_bytes", "cannot be negative")),
-        m if m > MAX_EXEC_SYNC_OUTPUT => {
-            return Err(Error::invalid(
-                "max_output_bytes",
-                format!("at most {MAX_EXEC_SYNC_OUTPUT}; use Exec to stream more"),
-            ))
-        }
-        m => m,
-    };
-    let spec = sandbox::ExecSpec {
-        sandbox_id,
-        args,
-        env,
-        working_dir,
-        user,
-        tty: false,
-        stdin: !r.stdin.is_empty(),
-        timeout: exec_timeout(r.timeout)?,
-        tty_size: None,
-    };
-    Ok((spec, bytes::Bytes::from(r.stdin), max as usize))
-}
-
-/// A later Exec client message → domain input (`None` for messages to ignore). `stdin_allowed`
-/// is the start message's `stdin`.
-pub fn exec_input(r: pb::ExecRequest, stdin_allowed: bool) -> Result<Option<sandbox::ExecInput>> {
-    use pb::exec_request::Request;
-    let Some(request) = r.request else {
-        return Ok(None);
-    };
-    Ok(match request {
-        Request::Start(_) => {
-            return Err(Error::invalid(
-                "start",
-                "only the first message may be start",
-            ))
-        }
-        Request::Stdin(_) if !stdin_allowed => {
-            return Err(Error::invalid(
-                "stdin",
-                "start.stdin was false: this exec takes no input",
-            ))
-        }
-        Request::Stdin(data) => Some(sandbox::ExecInput::Stdin(bytes::Bytes::from(data))),
-        Request::CloseStdin(_) => Some(sandbox::ExecInput::CloseStdin),
-        Request::Resize(t) if t.rows > 0 && t.cols > 0 => {
-            Some(sandbox::ExecInput::Resize(t.rows, t.cols))
-        }
-        Request::Resize(t) => {
-            return Err(Error::invalid(
-                "resize",
-                format!("{}x{} is not a terminal size", t.rows, t.cols),
-            ))
-        }
-        Request::Signal(s) => Some(sandbox::ExecInput::Signal(signal("signal", s)?)),
-    })
-}
-
-/// A signal number (1-64) from request field `field`.
-fn signal(field: &str, s: i32) -> Result<i32> {
-    if (1..=64).contains(&s) {
-        Ok(s)
-    } else {
-        Err(Error::invalid(
-            field,
-            format!("{s} is not a signal number (1-64)"),
-        ))
-    }
-}
-
-/// Domain exec event → proto.
-pub fn exec_event(ev: sandbox::ExecEvent) -> pb::ExecResponse {
-    use pb::exec_response::Response;
-    let response = match ev {
-        sandbox::ExecEvent::Stdout(d) => Response::Stdout(d),
-        sandbox::ExecEvent::Stderr(d) => Response::Stderr(d),
-        sandbox::ExecEvent::Exited(e) => Response::Exited(pb::ExecExited {
-            exit_code: e.exit_code,
-            signal: e.signal,
-            timed_out: e.timed_out,
-            oom_killed: e.oom_killed,
-        }),
-    };
-    pb::ExecResponse {
-        response: Some(response),
-    }
-}
-
 /// Domain snapshot → proto.
 pub fn snapshot(s: sandbox::Snapshot) -> pb::Snapshot {
     pb::Snapshot {
@@ -594,165 +395,10 @@ pub fn stop_spec(r: pb::StopSandboxRequest) -> Result<StopSpec> {
     })
 }
 
-// ---- FileService ----
-
-/// A path in a sandbox, as most FileService requests name it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileTarget {
-    /// The sandbox whose files are meant.
-    pub sandbox_id: SandboxId,
-    /// The path inside it, normalised.
-    pub path: SandboxPath,
-}
-
-fn file_target(sandbox_id: &str, path: &str) -> Result<FileTarget> {
-    Ok(FileTarget {
-        sandbox_id: SandboxId::parse("sandbox_id", sandbox_id)?,
-        path: SandboxPath::parse("path", path)?,
-    })
-}
-
-/// ReadFileRequest → the file and the range to read.
-pub fn read_file_spec(r: pb::ReadFileRequest) -> Result<(FileTarget, ReadRange)> {
-    Ok((
-        file_target(&r.sandbox_id, &r.path)?,
-        ReadRange::parse(r.offset, r.length)?,
-    ))
-}
-
-/// ListFilesRequest → the directory and how deep to list.
-pub fn list_files_spec(r: pb::ListFilesRequest) -> Result<(FileTarget, ListDepth)> {
-    Ok((
-        file_target(&r.sandbox_id, &r.path)?,
-        ListDepth::parse("depth", r.depth)?,
-    ))
-}
-
-/// StatFileRequest → the path to describe.
-pub fn stat_file_spec(r: pb::StatFileRequest) -> Result<FileTarget> {
-    file_target(&r.sandbox_id, &r.path)
-}
-
-/// MakeDirectoryRequest, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MakeDirectorySpec {
-    /// The directory to create.
-    pub target: FileTarget,
-    /// Create missing parents too.
-    pub parents: bool,
-    /// Permission bits of what is created.
-    pub mode: u32,
-}
-
-/// MakeDirectoryRequest → MakeDirectorySpec.
-pub fn make_directory_spec(r: pb::MakeDirectoryRequest) -> Result<MakeDirectorySpec> {
-    Ok(MakeDirectorySpec {
-        target: file_target(&r.sandbox_id, &r.path)?,
-        parents: r.parents,
-        mode: mode(r.mode, DEFAULT_DIR_MODE),
-    })
-}
-
-/// RemovePathRequest, validated: never the root.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RemovePathSpec {
-    /// What to remove (never `/`).
-    pub target: FileTarget,
-    /// Remove a directory with its content.
-    pub recursive: bool,
-}
-
-/// RemovePathRequest → RemovePathSpec.
-pub fn remove_path_spec(r: pb::RemovePathRequest) -> Result<RemovePathSpec> {
-    let target = file_target(&r.sandbox_id, &r.path)?;
-    if target.path.as_str() == "/" {
-        return Err(Error::invalid("path", "\"/\" cannot be removed"));
-    }
-    Ok(RemovePathSpec {
-        target,
-        recursive: r.recursive,
-    })
-}
-
-/// 0 means `default`; otherwise the permission bits (`mode & 07777`), as the proto documents.
-fn mode(m: u32, default: u32) -> u32 {
-    if m == 0 {
-        default
-    } else {
-        m & 0o7777
-    }
-}
-
-/// An owner id; -1 (`u32::MAX`) means "unchanged" to chown, so it is not an id.
-fn owner(field: &str, id: Option<u32>) -> Result<u32> {
-    match id {
-        None => Ok(0),
-        Some(u32::MAX) => Err(Error::invalid(field, "4294967295 is not a valid id")),
-        Some(id) => Ok(id),
-    }
-}
-
-/// WriteFile's first message (`None`: the stream ended before it) → the sandbox and the write.
-pub fn write_file_first(first: Option<pb::WriteFileRequest>) -> Result<(SandboxId, WriteSpec)> {
-    use pb::write_file_request::Request;
-    let first = first
-        .ok_or_else(|| Error::invalid("header", "the stream ended before the header message"))?;
-    match first.request {
-        Some(Request::Header(header)) => write_spec(header),
-        _ => Err(Error::invalid(
-            "header",
-            "the first message must be the header",
-        )),
-    }
-}
-
-fn write_spec(h: pb::WriteFileHeader) -> Result<(SandboxId, WriteSpec)> {
-    Ok((
-        SandboxId::parse("header.sandbox_id", &h.sandbox_id)?,
-        WriteSpec {
-            path: SandboxPath::parse("header.path", &h.path)?,
-            mode: mode(h.mode, DEFAULT_FILE_MODE),
-            append: h.append,
-            uid: owner("header.uid", h.uid)?,
-            gid: owner("header.gid", h.gid)?,
-        },
-    ))
-}
-
-/// A later WriteFile message → writer input (`None` for messages to ignore).
-pub fn write_file_input(r: pb::WriteFileRequest) -> Result<Option<WriteInput>> {
-    use pb::write_file_request::Request;
-    match r.request {
-        Some(Request::Data(data)) => Ok(Some(WriteInput::Data(data.into()))),
-        Some(Request::Header(_)) => Err(Error::invalid(
-            "header",
-            "only the first message may be a header",
-        )),
-        None => Ok(None),
-    }
-}
-
-/// Domain file entry → proto.
-pub fn file_entry(e: FileEntry) -> pb::FileEntry {
-    let file_type = match e.file_type {
-        FileType::Regular => pb::FileType::Regular,
-        FileType::Directory => pb::FileType::Directory,
-        FileType::Symlink => pb::FileType::Symlink,
-        FileType::Other => pb::FileType::Other,
-    };
-    pb::FileEntry {
-        path: e.path,
-        r#type: file_type as i32,
-        size: i64::try_from(e.size).unwrap_or(i64::MAX),
-        mode: e.mode,
-        modified_at: Some(crate::util::timestamp(e.modified_at)),
-        link_target: e.link_target.unwrap_or_default(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::files::DEFAULT_DIR_MODE;
 
     fn req() -> pb::CreateSandboxRequest {
         pb::CreateSandboxRequest {
