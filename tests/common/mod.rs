@@ -8,6 +8,7 @@
 // Each test crate includes this module and uses a different part of it.
 #![allow(dead_code, unused_imports)]
 
+pub mod client;
 pub mod containerd;
 pub mod host;
 pub mod image;
@@ -15,6 +16,7 @@ pub mod netns;
 pub mod registry;
 pub mod sandboxd;
 
+pub use client::Clients;
 pub use containerd::{namespaced, Containerd, Leaks};
 pub use host::{unique_name, CgroupParent};
 pub use image::{
