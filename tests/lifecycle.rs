@@ -5,7 +5,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{Clients, TestEnv};
+use common::{Clients, TestEnv, SMALL_LIMITS};
 use sandboxd::pb::{self, SandboxState};
 use tonic::Code;
 
@@ -423,11 +423,7 @@ async fn health_follows_containerd_and_sandboxes_survive_its_restart() {
 async fn resources_reach_the_cgroup() {
     let env = TestEnv::new().await;
     let mut c = env.clients().await;
-    let resources = Some(pb::Resources {
-        cpu_millis: 500,
-        memory_bytes: 64 << 20,
-        pids_limit: 50,
-    });
+    let resources = Some(SMALL_LIMITS);
     let sb = c
         .create(pb::CreateSandboxRequest {
             resources,
@@ -435,10 +431,7 @@ async fn resources_reach_the_cgroup() {
         })
         .await;
     assert_eq!(sb.resources, resources);
-    let (memory, pids, quota) = env.cgroup.limits("limited");
-    assert_eq!(memory.as_deref(), Some("67108864"));
-    assert_eq!(pids.as_deref(), Some("50"));
-    assert_eq!(quota.as_deref(), Some("50000"));
+    env.assert_small_limits("limited");
     // runc keeps the sandbox's state where sandboxd was told (the test's own directory),
     // not in the host's /run/containerd.
     let runc_state = env

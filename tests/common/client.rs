@@ -27,7 +27,22 @@ pub struct Clients {
     image: String,
 }
 
+/// Limits every cgroup version shows exactly: half a CPU, 64 MiB of memory, 50 pids.
+pub const SMALL_LIMITS: pb::Resources = pb::Resources {
+    cpu_millis: 500,
+    memory_bytes: 64 << 20,
+    pids_limit: 50,
+};
+
 impl TestEnv {
+    /// Asserts that sandbox `id`'s cgroup holds [`SMALL_LIMITS`] as the kernel writes them.
+    pub fn assert_small_limits(&self, id: &str) {
+        let (memory, pids, quota) = self.cgroup.limits(id);
+        assert_eq!(memory.as_deref(), Some("67108864"));
+        assert_eq!(pids.as_deref(), Some("50"));
+        assert_eq!(quota.as_deref(), Some("50000"));
+    }
+
     /// Clients connected to this env's sandboxd; their sandboxes start from [`TestEnv::image_ref`].
     pub async fn clients(&self) -> Clients {
         Clients::new(self.channel().await, self.image_ref())
