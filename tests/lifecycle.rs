@@ -81,32 +81,26 @@ async fn sandbox_walks_created_running_stopped_and_deleted() {
     let err = c.try_delete("life", false).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
 
-    let stopped =
-        c.sb.stop_sandbox(pb::StopSandboxRequest {
+    let stopped = c
+        .try_stop(pb::StopSandboxRequest {
             sandbox_id: "life".into(),
             ..Default::default()
         })
         .await
-        .unwrap()
-        .into_inner()
-        .sandbox
         .unwrap();
     assert_eq!(stopped.state(), SandboxState::Stopped);
     assert_eq!(stopped.pid, 0);
     assert!(stopped.exit_status.is_some());
     assert!(stopped.exited_at.is_some());
     // Stopping a stopped sandbox is a no-op.
-    let again =
-        c.sb.stop_sandbox(pb::StopSandboxRequest {
+    let again = c
+        .try_stop(pb::StopSandboxRequest {
             sandbox_id: "life".into(),
             ..Default::default()
         })
         .await
         .unwrap();
-    assert_eq!(
-        again.into_inner().sandbox.unwrap().state(),
-        SandboxState::Stopped
-    );
+    assert_eq!(again.state(), SandboxState::Stopped);
 
     let started = c.start("life").await;
     assert_eq!(started.state(), SandboxState::Running);
@@ -177,8 +171,8 @@ async fn stop_without_force_times_out_and_force_kills() {
         seconds: 1,
         nanos: 0,
     });
-    let err =
-        c.sb.stop_sandbox(pb::StopSandboxRequest {
+    let err = c
+        .try_stop(pb::StopSandboxRequest {
             sandbox_id: "stubborn".into(),
             timeout,
             ..Default::default()
@@ -190,17 +184,14 @@ async fn stop_without_force_times_out_and_force_kills() {
         c.try_get("stubborn").await.unwrap().state(),
         SandboxState::Running
     );
-    let sb =
-        c.sb.stop_sandbox(pb::StopSandboxRequest {
+    let sb = c
+        .try_stop(pb::StopSandboxRequest {
             sandbox_id: "stubborn".into(),
             timeout,
             force: true,
             ..Default::default()
         })
         .await
-        .unwrap()
-        .into_inner()
-        .sandbox
         .unwrap();
     assert_eq!(sb.state(), SandboxState::Stopped);
     assert_eq!(sb.exit_status, Some(137));

@@ -570,21 +570,17 @@ fn network_is_torn_down_on_stop_delete_exit_and_adopted_after_restart() {
             let s = n.create("s", bridge(), &[]).await;
             assert!(!s.network.unwrap().ip_address.is_empty());
             let stopped =
-                n.c.sb
-                    .stop_sandbox(pb::StopSandboxRequest {
-                        sandbox_id: "s".into(),
-                        force: true,
-                        timeout: Some(prost_types::Duration {
-                            seconds: 2,
-                            nanos: 0,
-                        }),
-                        ..Default::default()
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .sandbox
-                    .unwrap();
+                n.c.try_stop(pb::StopSandboxRequest {
+                    sandbox_id: "s".into(),
+                    force: true,
+                    timeout: Some(prost_types::Duration {
+                        seconds: 2,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
             assert_eq!(stopped.state, SandboxState::Stopped as i32);
             assert!(
                 stopped.network.unwrap().ip_address.is_empty(),

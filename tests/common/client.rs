@@ -139,19 +139,27 @@ impl Clients {
             .expect("StartSandboxResponse has a sandbox")
     }
 
+    /// StopSandbox as `request` asks; returns the sandbox or the status.
+    pub async fn try_stop(
+        &mut self,
+        request: pb::StopSandboxRequest,
+    ) -> Result<pb::Sandbox, Status> {
+        self.sb.stop_sandbox(request).await.map(|r| {
+            r.into_inner()
+                .sandbox
+                .expect("StopSandboxResponse has a sandbox")
+        })
+    }
+
     /// StopSandbox with `force` and the default timeout, asserting it succeeds.
     pub async fn force_stop(&mut self, id: &str) -> pb::Sandbox {
-        self.sb
-            .stop_sandbox(pb::StopSandboxRequest {
-                sandbox_id: id.into(),
-                force: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap_or_else(|e| panic!("stop {id}: {e}"))
-            .into_inner()
-            .sandbox
-            .expect("StopSandboxResponse has a sandbox")
+        self.try_stop(pb::StopSandboxRequest {
+            sandbox_id: id.into(),
+            force: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("stop {id}: {e}"))
     }
 
     /// DeleteSandbox; `Ok` or the status.
