@@ -1089,7 +1089,9 @@ impl Report {
 
 /// The commit table: full CommitSnapshot and pause window per size, against ctr's capture.
 fn commit_table(measured: &Measured, fit: Option<CommitFit>) -> Table {
+    // All commit rows, then all pause-window rows.
     let mut rows = Vec::new();
+    let mut pause_rows = Vec::new();
     for samples in &measured.commits {
         let mib = samples.bytes as f64 / MIB;
         rows.extend(Row::new(
@@ -1098,16 +1100,14 @@ fn commit_table(measured: &Measured, fit: Option<CommitFit>) -> Table {
             &samples.ctr,
             None,
         ));
-    }
-    for samples in &measured.commits {
-        let mib = samples.bytes as f64 / MIB;
-        rows.extend(Row::new(
+        pause_rows.extend(Row::new(
             format!("pause window, {mib:.0} MiB"),
             &samples.sandboxd_pause,
             &samples.ctr_pause,
             None,
         ));
     }
+    rows.append(&mut pause_rows);
     let mut notes = vec![
         "commit: sbx = CommitSnapshot RPC (pause, syncfs, diff, resume, unpack into a committed \
          snapshot, image record); ctr = `ctr tasks pause` + `ctr snapshots diff` (uncompressed \
