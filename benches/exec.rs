@@ -56,26 +56,21 @@ mod common;
 #[path = "support/mod.rs"]
 mod support;
 
-use std::collections::BTreeSet;
-use std::fs::File;
-use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use sandboxd::pb::image_service_client::ImageServiceClient;
 use sandboxd::pb::sandbox_service_client::SandboxServiceClient;
 use sandboxd::pb::{self, exec_request, exec_response};
 use serde::Serialize;
-use tempfile::TempDir;
 use tokio::io::AsyncReadExt;
 use tonic::transport::Channel;
 
-use common::{host, CgroupParent, Containerd, TestEnv};
+use common::TestEnv;
+use support::ctr::{check_no_leftovers, CtrSide, DetachedIo};
 use support::{
-    env_count, load_average, nearest_rank, status_error, target_dir, LoadAverages, MachineFacts,
-    Summary,
+    announce, bench_main, env_count, latency_header, latency_row, nearest_rank, publish,
+    status_error, verdict, LoadAverages, MachineFacts, Summary,
 };
 
 /// Environment variable: how many exec `true` round trips each side makes.
@@ -142,22 +137,11 @@ const TTFC_OUTPUT: &[u8] = b"hi\n";
 const KEPT_OUTPUT_BYTES: usize = 4096;
 /// Where the JSON results go, below cargo's target directory.
 const JSON_FILE_NAME: &str = "bench-exec.json";
-/// The argument cargo passes to a `harness = false` bench target under `cargo bench`.
-const CARGO_BENCH_FLAG: &str = "--bench";
 /// Bytes in a MiB, for throughput figures.
 const MIB: f64 = 1024.0 * 1024.0;
 
 fn main() -> Result<()> {
-    if !std::env::args().any(|arg| arg == CARGO_BENCH_FLAG) {
-        println!("exec bench: skipped (run it as root with `cargo bench --bench exec`)");
-        return Ok(());
-    }
-    let settings = Settings::from_env()?;
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("build the tokio runtime")?
-        .block_on(run(settings))
+    bench_main("exec", Settings::from_env, run)
 }
 
 /// Starts the fixtures, measures both sides, reports, and checks for leftovers.
@@ -171,11 +155,7 @@ async fn run(settings: Settings) -> Result<()> {
     let layout =
         common::image::build_layout_layers(&common::image::image_cache_dir(), &[&gnu_head]);
     let image = env.push_image(&layout, BENCH_IMAGE);
-    let machine = MachineFacts::collect(&env.containerd).await?;
-    let load_before = load_average()?;
-    println!("{}", machine.render());
-    println!("load average (1 min) before: {load_before:.2}");
-    println!("{}\n", settings.render(&image));
+    let (machine, load_before) = announce(&env.containerd, &settings.render(&image)).await?;
 
     // Extra flags for the sandboxd under test, for A/B runs (e.g. `--exec-io-relay off`).
     let extra: Vec<String> = std::env::var(ENV_SANDBOXD_ARGS)
@@ -188,8 +168,7 @@ async fn run(settings: Settings) -> Result<()> {
         env.sandboxd.restart_with_args(&extra).await;
     }
     let sandboxd = SandboxdSide::connect(&env, &image).await?;
-    let ctr = CtrSide::new(&env.containerd, &image)?;
-    ctr.pull().await?;
+    let ctr = CtrSide::pulled(&env.containerd, &image).await?;
 
     let mut samples = measure_both(&sandboxd, &ctr, &settings).await?;
     drop(sandboxd);
@@ -211,15 +190,10 @@ async fn run(settings: Settings) -> Result<()> {
     // Without the setting, sandboxd deletes the pool: nothing is left for the leak check.
     env.sandboxd.restart_with_args(&[]).await;
     wait_pool_size(&env, 0).await?;
-    let load = LoadAverages {
-        before: load_before,
-        after: load_average()?,
-    };
+    let load = LoadAverages::since(load_before)?;
 
     let report = Report::new(machine, load, &settings, &image, &samples);
-    println!("\n{}", report.render_tables());
-    let json_path = report.write_json()?;
-    println!("results written to {}", json_path.display());
+    publish(&report.render_tables(), &report, JSON_FILE_NAME)?;
 
     check_no_leftovers(&env, &ctr).await
 }
@@ -306,20 +280,7 @@ struct SandboxdSide {
 impl SandboxdSide {
     /// Connects one channel and pulls `image` through ImageService (not timed).
     async fn connect(env: &TestEnv, image: &str) -> Result<SandboxdSide> {
-        let channel = env.channel().await;
-        let mut pull = ImageServiceClient::new(channel.clone())
-            .pull_image(pb::PullImageRequest {
-                image: image.to_owned(),
-            })
-            .await
-            .map_err(|s| status_error("PullImage", image, &s))?
-            .into_inner();
-        while pull
-            .message()
-            .await
-            .map_err(|s| status_error("PullImage stream", image, &s))?
-            .is_some()
-        {}
+        let channel = support::pulled_channel(env, image).await?;
         Ok(SandboxdSide {
             client: SandboxServiceClient::new(channel),
             image: image.to_owned(),
@@ -405,134 +366,8 @@ fn keep_head(head: &mut Vec<u8>, data: &[u8]) {
 
 // ---- ctr ----
 
-/// Raw containerd through the `ctr` CLI (one process per call) in a namespace of its own on the
-/// same containerd, with its FIFOs in a temp dir of its own. Containers it still tracks are
-/// force-deleted on drop.
-struct CtrSide<'a> {
-    containerd: &'a Containerd,
-    namespace: String,
-    image: String,
-    /// Parent of the containers' cgroups, as sandboxd has one; removed on drop.
-    cgroup: CgroupParent,
-    /// `--fifo-dir` of every attached `ctr run`/`ctr task exec`; removed on drop.
-    fifo_dir: TempDir,
-    /// Containers created and not deleted yet.
-    live: Mutex<BTreeSet<String>>,
-}
-
-impl<'a> CtrSide<'a> {
-    fn new(containerd: &'a Containerd, image: &str) -> Result<CtrSide<'a>> {
-        let fifo_dir = tempfile::Builder::new()
-            .prefix("bench-ctr-fifo-")
-            .tempdir()
-            .context("create the ctr FIFO dir")?;
-        Ok(CtrSide {
-            containerd,
-            namespace: host::unique_name("bench-ctr"),
-            image: image.to_owned(),
-            cgroup: CgroupParent::new(),
-            fifo_dir,
-            live: Mutex::new(BTreeSet::new()),
-        })
-    }
-
-    /// Pulls (and unpacks) the image into the ctr namespace over plain HTTP (not timed).
-    async fn pull(&self) -> Result<()> {
-        self.ctr(&["images", "pull", "--plain-http", &self.image])
-            .await
-    }
-
-    /// `ctr --address SOCK --namespace NS args...` with stdin on /dev/null, not started yet.
-    fn command(&self, args: &[&str]) -> tokio::process::Command {
-        let mut command = tokio::process::Command::new(host::binary("ctr"));
-        command
-            .arg("--address")
-            .arg(self.containerd.address())
-            .args(["--namespace", &self.namespace])
-            .args(args)
-            .env("PATH", host::DAEMON_PATH)
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        command
-    }
-
-    /// Runs `ctr args...` to completion; an error carries ctr's stderr.
-    async fn ctr(&self, args: &[&str]) -> Result<()> {
-        let out = self
-            .command(args)
-            .output()
-            .await
-            .with_context(|| format!("spawn ctr {args:?}"))?;
-        ensure!(
-            out.status.success(),
-            "ctr {args:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        Ok(())
-    }
-
-    /// The FIFO dir as an argument.
-    fn fifo_dir(&self) -> &str {
-        self.fifo_dir.path().to_str().unwrap_or("/tmp")
-    }
-
-    /// `ctr run -d --null-io` of the idle command: a running container to exec in.
-    async fn run_detached(&self, id: &str) -> Result<()> {
-        let cgroup = format!("{}/{id}", self.cgroup.path());
-        let runc_root = support::runc_root(self.containerd);
-        let mut args = vec![
-            "run",
-            "-d",
-            "--runc-root",
-            &runc_root,
-            "--null-io",
-            "--cgroup",
-            &cgroup,
-            &self.image,
-            id,
-        ];
-        args.extend_from_slice(CTR_IDLE_COMMAND);
-        self.live().insert(id.to_owned());
-        self.ctr(&args).await
-    }
-
-    /// `ctr task exec --exec-id EXEC_ID ID args...` to completion, its stdout on a pipe (read
-    /// and dropped by `output`) or, with `stdout_to_null`, on /dev/null.
-    async fn exec(
-        &self,
-        id: &str,
-        exec_id: &str,
-        args: &[&str],
-        stdout_to_null: bool,
-    ) -> Result<()> {
-        let mut full = vec![
-            "task",
-            "exec",
-            "--fifo-dir",
-            self.fifo_dir(),
-            "--exec-id",
-            exec_id,
-            id,
-        ];
-        full.extend_from_slice(args);
-        let mut command = self.command(&full);
-        if stdout_to_null {
-            command.stdout(File::create("/dev/null").context("open /dev/null")?);
-        }
-        let out = command
-            .output()
-            .await
-            .with_context(|| format!("spawn ctr {full:?}"))?;
-        ensure!(
-            out.status.success(),
-            "ctr {full:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        Ok(())
-    }
-
+/// What only this bench asks of the shared ctr side.
+impl CtrSide<'_> {
     /// `ctr run --rm IMAGE ID args...` with piped stdout: the time from spawning ctr until the
     /// first stdout byte. Reads on to the end, waits for ctr (which removes the container) and
     /// checks the whole output is `expected`.
@@ -542,8 +377,8 @@ impl<'a> CtrSide<'a> {
         args: &[&str],
         expected: &[u8],
     ) -> Result<Duration> {
-        let cgroup = format!("{}/{id}", self.cgroup.path());
-        let runc_root = support::runc_root(self.containerd);
+        let cgroup = self.cgroup_of(id);
+        let runc_root = self.runc_root();
         let mut full = vec![
             "run",
             "--rm",
@@ -553,13 +388,13 @@ impl<'a> CtrSide<'a> {
             self.fifo_dir(),
             "--cgroup",
             &cgroup,
-            &self.image,
+            self.image(),
             id,
         ];
         full.extend_from_slice(args);
         let mut command = self.command(&full);
         command.stdout(Stdio::piped()).stderr(Stdio::piped());
-        self.live().insert(id.to_owned());
+        self.track(id);
         let start = Instant::now();
         let mut child = command
             .spawn()
@@ -595,44 +430,8 @@ impl<'a> CtrSide<'a> {
             String::from_utf8_lossy(&output),
             String::from_utf8_lossy(expected)
         );
-        self.live().remove(id);
+        self.forget(id);
         Ok(latency)
-    }
-
-    /// Deletes container `id` with its task (force) and writable snapshot.
-    async fn delete(&self, id: &str) -> Result<()> {
-        self.ctr(&["tasks", "delete", "--force", id]).await?;
-        self.ctr(&["containers", "delete", id]).await?;
-        self.live().remove(id);
-        Ok(())
-    }
-
-    /// Containers still tracked as live.
-    fn live(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
-        self.live
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
-
-impl Drop for CtrSide<'_> {
-    fn drop(&mut self) {
-        let leftovers: Vec<String> = self.live().iter().cloned().collect();
-        for id in leftovers {
-            for args in [
-                ["tasks", "delete", "--force", id.as_str()].as_slice(),
-                ["containers", "delete", id.as_str()].as_slice(),
-            ] {
-                let out = self.containerd.ctr(&self.namespace, args);
-                if !out.status.success() {
-                    eprintln!(
-                        "bench cleanup: ctr {args:?} failed ({}): {}",
-                        out.status,
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    );
-                }
-            }
-        }
     }
 }
 
@@ -684,7 +483,7 @@ async fn measure_both(
         .create(EXEC_TARGET_ID)
         .await
         .context("sandboxd: create the exec target")?;
-    ctr.run_detached(EXEC_TARGET_ID)
+    ctr.run_detached(EXEC_TARGET_ID, DetachedIo::Null, CTR_IDLE_COMMAND)
         .await
         .context("ctr: run the exec target")?;
 
@@ -931,19 +730,6 @@ async fn sandboxd_ttfc(sandboxd: &SandboxdSide, id: &str) -> Result<Duration> {
         .context("sandboxd exec echo: no stdout byte arrived")
 }
 
-/// Fails, listing them, if sandboxd's or ctr's namespace still holds containers, tasks, active
-/// snapshots or leases (and, for sandboxd, cgroups).
-async fn check_no_leftovers(env: &TestEnv, ctr: &CtrSide<'_>) -> Result<()> {
-    let sandboxd_leaks = env.leaks().await;
-    let ctr_leaks = env.containerd.leaks(&ctr.namespace).await;
-    ensure!(
-        sandboxd_leaks.is_empty() && ctr_leaks.is_empty(),
-        "leftovers after the run:\nsandboxd: {sandboxd_leaks}\nctr: {ctr_leaks}"
-    );
-    println!("leftover check: both namespaces hold no container, task, active snapshot or lease");
-    Ok(())
-}
-
 // ---- statistics and report ----
 
 /// One latency row: an operation on both sides.
@@ -1127,34 +913,15 @@ impl Report {
 
     /// The plain-text tables with the target verdicts.
     fn render_tables(&self) -> String {
-        let mut out = format!(
-            "{:<28} {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9} | {:>9} {:>10} {:>6}\n",
-            "operation (ms)",
-            "sbx p50",
-            "sbx p99",
-            "sbx mean",
-            "ctr p50",
-            "ctr p99",
-            "ctr mean",
-            "ratio p50",
-            "ratio mean",
-            "target"
-        );
-        out.push_str(&"-".repeat(out.chars().count() - 1));
-        out.push('\n');
+        let mut out = latency_header();
         for row in &self.rows {
-            out.push_str(&format!(
-                "{:<28} {:>9.1} {:>9.1} {:>9.1} | {:>9.1} {:>9.1} {:>9.1} | {:>8.2}x {:>9.2}x {:>6}\n",
-                row.operation,
-                row.sandboxd.p50_ms,
-                row.sandboxd.p99_ms,
-                row.sandboxd.mean_ms,
-                row.ctr.p50_ms,
-                row.ctr.p99_ms,
-                row.ctr.mean_ms,
+            out.push_str(&latency_row(
+                &row.operation,
+                &row.sandboxd,
+                &row.ctr,
                 row.ratio_p50,
                 row.ratio_mean,
-                verdict(row.meets_target)
+                row.meets_target,
             ));
         }
         for row in &self.rows {
@@ -1213,27 +980,7 @@ impl Report {
                  the shim copies into FIFOs 4 KiB at a time\n"
             ));
         }
-        out.push_str(&format!(
-            "load average (1 min): {:.2} before, {:.2} after (after includes the bench's own processes)\n",
-            self.load_average_1min.before, self.load_average_1min.after
-        ));
+        out.push_str(&self.load_average_1min.render());
         out
-    }
-
-    /// Writes the report as JSON to cargo's target directory; returns the path.
-    fn write_json(&self) -> Result<PathBuf> {
-        let path = target_dir().join(JSON_FILE_NAME);
-        let json = serde_json::to_string_pretty(self).context("serialize the report")?;
-        std::fs::write(&path, json + "\n").with_context(|| format!("write {}", path.display()))?;
-        Ok(path)
-    }
-}
-
-/// "met" or "MISSED".
-fn verdict(met: bool) -> &'static str {
-    if met {
-        "met"
-    } else {
-        "MISSED"
     }
 }

@@ -29,24 +29,21 @@ mod common;
 #[path = "support/mod.rs"]
 mod support;
 
-use std::collections::BTreeSet;
 use std::future::Future;
-use std::path::PathBuf;
-use std::process::Stdio;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use futures::future::join_all;
 use sandboxd::pb;
-use sandboxd::pb::image_service_client::ImageServiceClient;
 use sandboxd::pb::sandbox_service_client::SandboxServiceClient;
 use serde::Serialize;
 use tonic::transport::Channel;
 
-use common::{host, CgroupParent, Containerd, TestEnv};
+use common::TestEnv;
+use support::ctr::{check_no_leftovers, CtrSide, DetachedIo};
 use support::{
-    env_count, load_average, status_error, target_dir, LoadAverages, MachineFacts, Summary,
+    announce, bench_main, env_count, latency_header, latency_row, publish, LoadAverages,
+    MachineFacts, Summary,
 };
 
 /// Environment variable: how many sandboxes the sequential phase creates and deletes.
@@ -68,41 +65,22 @@ const TARGET_RATIO: f64 = 0.8;
 const CTR_COMMAND: &[&str] = &["/bin/sleep", "1000000"];
 /// Where the JSON results go, below cargo's target directory.
 const JSON_FILE_NAME: &str = "bench-lifecycle.json";
-/// The argument cargo passes to a `harness = false` bench target under `cargo bench`.
-const CARGO_BENCH_FLAG: &str = "--bench";
 
 fn main() -> Result<()> {
-    if !std::env::args().any(|arg| arg == CARGO_BENCH_FLAG) {
-        println!("lifecycle bench: skipped (run it as root with `cargo bench --bench lifecycle`)");
-        return Ok(());
-    }
-    let settings = Settings::from_env()?;
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("build the tokio runtime")?
-        .block_on(run(settings))
+    bench_main("lifecycle", Settings::from_env, run)
 }
 
 /// Starts the fixtures, measures both sides, reports, and checks for leftovers.
 async fn run(settings: Settings) -> Result<()> {
     let env = TestEnv::new().await;
     let image = env.image_ref();
-    let machine = MachineFacts::collect(&env.containerd).await?;
-    let load_before = load_average()?;
-    println!("{}", machine.render());
-    println!("load average (1 min) before: {load_before:.2}");
-    println!("{}\n", settings.render(&image));
+    let (machine, load_before) = announce(&env.containerd, &settings.render(&image)).await?;
 
     let sandboxd = SandboxdSide::connect(&env, &image).await?;
-    let ctr = CtrSide::new(&env.containerd, &image);
-    ctr.pull().await?;
+    let ctr = CtrSide::pulled(&env.containerd, &image).await?;
 
     let (sandboxd_samples, ctr_samples) = measure_both(&sandboxd, &ctr, &settings).await?;
-    let load = LoadAverages {
-        before: load_before,
-        after: load_average()?,
-    };
+    let load = LoadAverages::since(load_before)?;
 
     let report = Report::new(
         machine,
@@ -112,9 +90,7 @@ async fn run(settings: Settings) -> Result<()> {
         &sandboxd_samples,
         &ctr_samples,
     );
-    println!("\n{}", report.render_table());
-    let json_path = report.write_json()?;
-    println!("results written to {}", json_path.display());
+    publish(&report.render_table(), &report, JSON_FILE_NAME)?;
 
     check_no_leftovers(&env, &ctr).await
 }
@@ -182,20 +158,7 @@ struct SandboxdSide {
 impl SandboxdSide {
     /// Connects one channel and pulls `image` through ImageService (not timed).
     async fn connect(env: &TestEnv, image: &str) -> Result<SandboxdSide> {
-        let channel = env.channel().await;
-        let mut pull = ImageServiceClient::new(channel.clone())
-            .pull_image(pb::PullImageRequest {
-                image: image.to_owned(),
-            })
-            .await
-            .map_err(|s| status_error("PullImage", image, &s))?
-            .into_inner();
-        while pull
-            .message()
-            .await
-            .map_err(|s| status_error("PullImage stream", image, &s))?
-            .is_some()
-        {}
+        let channel = support::pulled_channel(env, image).await?;
         Ok(SandboxdSide {
             client: SandboxServiceClient::new(channel),
             image: image.to_owned(),
@@ -220,111 +183,15 @@ impl Side for SandboxdSide {
     }
 }
 
-/// Raw containerd through the `ctr` CLI (one process per call) in a namespace of its own on the
-/// same containerd. Containers it still tracks are force-deleted on drop.
-struct CtrSide<'a> {
-    containerd: &'a Containerd,
-    namespace: String,
-    image: String,
-    /// Parent of the containers' cgroups, as sandboxd has one; removed on drop.
-    cgroup: CgroupParent,
-    /// Containers created and not deleted yet.
-    live: Mutex<BTreeSet<String>>,
-}
-
-impl<'a> CtrSide<'a> {
-    fn new(containerd: &'a Containerd, image: &str) -> CtrSide<'a> {
-        CtrSide {
-            containerd,
-            namespace: host::unique_name("bench-ctr"),
-            image: image.to_owned(),
-            cgroup: CgroupParent::new(),
-            live: Mutex::new(BTreeSet::new()),
-        }
-    }
-
-    /// Pulls (and unpacks) the image into the ctr namespace over plain HTTP (not timed).
-    async fn pull(&self) -> Result<()> {
-        self.ctr(&["images", "pull", "--plain-http", &self.image])
-            .await
-    }
-
-    /// Runs `ctr --address SOCK --namespace NS args...`; an error carries ctr's stderr.
-    async fn ctr(&self, args: &[&str]) -> Result<()> {
-        let out = tokio::process::Command::new(host::binary("ctr"))
-            .arg("--address")
-            .arg(self.containerd.address())
-            .args(["--namespace", &self.namespace])
-            .args(args)
-            .env("PATH", host::DAEMON_PATH)
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .with_context(|| format!("spawn ctr {args:?}"))?;
-        ensure!(
-            out.status.success(),
-            "ctr {args:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        Ok(())
-    }
-
-    /// Containers still tracked as live.
-    fn live(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
-        self.live
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
-
 impl Side for CtrSide<'_> {
     const NAME: &'static str = "ctr";
 
     async fn create(&self, id: &str) -> Result<()> {
-        let cgroup = format!("{}/{id}", self.cgroup.path());
-        let runc_root = support::runc_root(self.containerd);
-        let mut args = vec![
-            "run",
-            "-d",
-            "--runc-root",
-            &runc_root,
-            "--cgroup",
-            &cgroup,
-            &self.image,
-            id,
-        ];
-        args.extend_from_slice(CTR_COMMAND);
-        self.live().insert(id.to_owned());
-        self.ctr(&args).await
+        self.run_detached(id, DetachedIo::Fifos, CTR_COMMAND).await
     }
 
     async fn delete(&self, id: &str) -> Result<()> {
-        self.ctr(&["tasks", "delete", "--force", id]).await?;
-        self.ctr(&["containers", "delete", id]).await?;
-        self.live().remove(id);
-        Ok(())
-    }
-}
-
-impl Drop for CtrSide<'_> {
-    fn drop(&mut self) {
-        let leftovers: Vec<String> = self.live().iter().cloned().collect();
-        for id in leftovers {
-            for args in [
-                ["tasks", "delete", "--force", id.as_str()].as_slice(),
-                ["containers", "delete", id.as_str()].as_slice(),
-            ] {
-                let out = self.containerd.ctr(&self.namespace, args);
-                if !out.status.success() {
-                    eprintln!(
-                        "bench cleanup: ctr {args:?} failed ({}): {}",
-                        out.status,
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    );
-                }
-            }
-        }
+        CtrSide::delete(self, id).await
     }
 }
 
@@ -464,19 +331,6 @@ where
     Ok((latencies, wall))
 }
 
-/// Fails, listing them, if sandboxd's or ctr's namespace still holds containers, tasks, active
-/// snapshots or leases (and, for sandboxd, cgroups): both deletes must remove the same things.
-async fn check_no_leftovers(env: &TestEnv, ctr: &CtrSide<'_>) -> Result<()> {
-    let sandboxd_leaks = env.leaks().await;
-    let ctr_leaks = env.containerd.leaks(&ctr.namespace).await;
-    ensure!(
-        sandboxd_leaks.is_empty() && ctr_leaks.is_empty(),
-        "leftovers after the run:\nsandboxd: {sandboxd_leaks}\nctr: {ctr_leaks}"
-    );
-    println!("leftover check: both namespaces hold no container, task, active snapshot or lease");
-    Ok(())
-}
-
 // ---- statistics and report ----
 
 /// One row of the table: an operation on both sides.
@@ -588,40 +442,18 @@ impl Report {
 
     /// The plain-text table with the target verdicts and the round wall times.
     fn render_table(&self) -> String {
-        let mut out = format!(
-            "{:<28} {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9} | {:>9} {:>10} {:>6}\n",
-            "operation (ms)",
-            "sbx p50",
-            "sbx p99",
-            "sbx mean",
-            "ctr p50",
-            "ctr p99",
-            "ctr mean",
-            "ratio p50",
-            "ratio mean",
-            "target"
-        );
-        out.push_str(&"-".repeat(out.chars().count() - 1));
-        out.push('\n');
+        let mut out = latency_header();
         for row in &self.rows {
-            out.push_str(&format!(
-                "{:<28} {:>9.1} {:>9.1} {:>9.1} | {:>9.1} {:>9.1} {:>9.1} | {:>8.2}x {:>9.2}x {:>6}\n",
-                row.operation,
-                row.sandboxd.p50_ms,
-                row.sandboxd.p99_ms,
-                row.sandboxd.mean_ms,
-                row.ctr.p50_ms,
-                row.ctr.p99_ms,
-                row.ctr.mean_ms,
+            out.push_str(&latency_row(
+                &row.operation,
+                &row.sandboxd,
+                &row.ctr,
                 row.ratio_p50,
                 row.ratio_mean,
-                if row.meets_target { "met" } else { "MISSED" }
+                row.meets_target,
             ));
         }
-        out.push_str(&format!(
-            "load average (1 min): {:.2} before, {:.2} after (after includes the bench's own processes)\n",
-            self.load_average_1min.before, self.load_average_1min.after
-        ));
+        out.push_str(&self.load_average_1min.render());
         out.push_str(&format!(
             "target: sandboxd ≤ {TARGET_RATIO}× ctr on p50 (sbx = sandboxd over one gRPC channel; \
              ctr = one ctr process per call; p99 by nearest rank)\n"
@@ -638,14 +470,6 @@ impl Report {
             ));
         }
         out
-    }
-
-    /// Writes the report as JSON to cargo's target directory; returns the path.
-    fn write_json(&self) -> Result<PathBuf> {
-        let path = target_dir().join(JSON_FILE_NAME);
-        let json = serde_json::to_string_pretty(self).context("serialize the report")?;
-        std::fs::write(&path, json + "\n").with_context(|| format!("write {}", path.display()))?;
-        Ok(path)
     }
 }
 

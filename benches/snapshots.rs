@@ -58,17 +58,17 @@ use containerd_client::services::v1::containers_client::ContainersClient;
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
 use containerd_client::services::v1::snapshots::MountsRequest;
 use containerd_client::services::v1::GetContainerRequest;
-use sandboxd::pb::image_service_client::ImageServiceClient;
 use sandboxd::pb::sandbox_service_client::SandboxServiceClient;
 use sandboxd::pb::snapshot_service_client::SnapshotServiceClient;
 use sandboxd::pb::{self, SandboxState};
 use serde::Serialize;
-use tempfile::TempDir;
 use tonic::transport::Channel;
 
-use common::{host, namespaced, CgroupParent, Containerd, TestEnv};
+use common::{namespaced, TestEnv};
+use support::ctr::{CtrSide, DetachedIo};
 use support::{
-    env_count, load_average, status_error, target_dir, LoadAverages, MachineFacts, Summary,
+    announce, bench_main, env_count, publish, status_error, verdict, LoadAverages, MachineFacts,
+    Summary,
 };
 
 /// Environment variable: commit samples per size and restore samples per snapshot.
@@ -116,37 +116,21 @@ const PAUSE_LOG_FIELD: &str = "pause_window";
 const LOWERDIR_OPTION: &str = "lowerdir=";
 /// Where the JSON results go, below cargo's target directory.
 const JSON_FILE_NAME: &str = "bench-snapshots.json";
-/// The argument cargo passes to a `harness = false` bench target under `cargo bench`.
-const CARGO_BENCH_FLAG: &str = "--bench";
 /// Bytes in a MiB.
 const MIB: f64 = 1024.0 * 1024.0;
 
 fn main() -> Result<()> {
-    if !std::env::args().any(|arg| arg == CARGO_BENCH_FLAG) {
-        println!("snapshots bench: skipped (run it as root with `cargo bench --bench snapshots`)");
-        return Ok(());
-    }
-    let settings = Settings::from_env()?;
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("build the tokio runtime")?
-        .block_on(run(settings))
+    bench_main("snapshots", Settings::from_env, run)
 }
 
 /// Starts the fixtures, measures, cleans up, reports, and checks for leftovers.
 async fn run(settings: Settings) -> Result<()> {
     let env = TestEnv::new().await;
     let image = env.image_ref();
-    let machine = MachineFacts::collect(&env.containerd).await?;
-    let load_before = load_average()?;
-    println!("{}", machine.render());
-    println!("load average (1 min) before: {load_before:.2}");
-    println!("{}\n", settings.render(&image));
+    let (machine, load_before) = announce(&env.containerd, &settings.render(&image)).await?;
 
     let sandboxd = SandboxdSide::connect(&env, &image).await?;
-    let ctr = CtrSide::new(&env.containerd, &image)?;
-    ctr.pull().await?;
+    let ctr = CtrSide::pulled(&env.containerd, &image).await?;
 
     let mut made = Made::default();
     let measured = measure(&env, &sandboxd, &ctr, &settings, &mut made).await;
@@ -154,15 +138,10 @@ async fn run(settings: Settings) -> Result<()> {
     let cleaned = clean_up(&sandboxd, &ctr, &made).await;
     let measured = measured?;
     cleaned?;
-    let load = LoadAverages {
-        before: load_before,
-        after: load_average()?,
-    };
+    let load = LoadAverages::since(load_before)?;
 
     let report = Report::new(machine, load, &settings, &image, &measured);
-    println!("\n{}", report.render_tables());
-    let json_path = report.write_json()?;
-    println!("results written to {}", json_path.display());
+    publish(&report.render_tables(), &report, JSON_FILE_NAME)?;
 
     check_no_leftovers(&env, &sandboxd, &ctr).await
 }
@@ -252,20 +231,7 @@ struct SandboxdSide {
 impl SandboxdSide {
     /// Connects one channel and pulls `image` through ImageService (not timed).
     async fn connect(env: &TestEnv, image: &str) -> Result<SandboxdSide> {
-        let channel = env.channel().await;
-        let mut pull = ImageServiceClient::new(channel.clone())
-            .pull_image(pb::PullImageRequest {
-                image: image.to_owned(),
-            })
-            .await
-            .map_err(|s| status_error("PullImage", image, &s))?
-            .into_inner();
-        while pull
-            .message()
-            .await
-            .map_err(|s| status_error("PullImage stream", image, &s))?
-            .is_some()
-        {}
+        let channel = support::pulled_channel(env, image).await?;
         Ok(SandboxdSide {
             sandboxes: SandboxServiceClient::new(channel.clone()),
             snapshots: SnapshotServiceClient::new(channel),
@@ -482,167 +448,24 @@ fn parse_debug_duration(text: &str) -> Option<Duration> {
 
 // ---- ctr ----
 
-/// Raw containerd through the `ctr` CLI (one process per call) in a namespace of its own on the
-/// same containerd, with its FIFOs in a temp dir of its own. Containers it still tracks are
-/// force-deleted on drop.
-struct CtrSide<'a> {
-    containerd: &'a Containerd,
-    namespace: String,
-    image: String,
-    /// Parent of the containers' cgroups, as sandboxd has one; removed on drop.
-    cgroup: CgroupParent,
-    /// `--fifo-dir` of every `ctr task exec`; removed on drop.
-    fifo_dir: TempDir,
-    /// Containers created and not deleted yet.
-    live: Mutex<BTreeSet<String>>,
-}
-
-impl<'a> CtrSide<'a> {
-    fn new(containerd: &'a Containerd, image: &str) -> Result<CtrSide<'a>> {
-        let fifo_dir = tempfile::Builder::new()
-            .prefix("bench-ctr-fifo-")
-            .tempdir()
-            .context("create the ctr FIFO dir")?;
-        Ok(CtrSide {
-            containerd,
-            namespace: host::unique_name("bench-ctr"),
-            image: image.to_owned(),
-            cgroup: CgroupParent::new(),
-            fifo_dir,
-            live: Mutex::new(BTreeSet::new()),
-        })
-    }
-
-    /// Pulls (and unpacks) the image into the ctr namespace over plain HTTP (not timed).
-    async fn pull(&self) -> Result<()> {
-        self.ctr(&["images", "pull", "--plain-http", &self.image], false)
-            .await
-    }
-
-    /// Runs `ctr --address SOCK --namespace NS args...` to completion, its stdout on a pipe (read
-    /// and dropped) or, with `stdout_to_null`, on /dev/null; an error carries ctr's stderr.
-    async fn ctr(&self, args: &[&str], stdout_to_null: bool) -> Result<()> {
-        let mut command = tokio::process::Command::new(host::binary("ctr"));
-        command
-            .arg("--address")
-            .arg(self.containerd.address())
-            .args(["--namespace", &self.namespace])
-            .args(args)
-            .env("PATH", host::DAEMON_PATH)
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        if stdout_to_null {
-            command.stdout(File::create("/dev/null").context("open /dev/null")?);
-        }
-        let out = command
-            .output()
-            .await
-            .with_context(|| format!("spawn ctr {args:?}"))?;
-        ensure!(
-            out.status.success(),
-            "ctr {args:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        Ok(())
-    }
-
-    /// `ctr run -d --null-io` of the idle command.
-    async fn run_detached(&self, id: &str) -> Result<()> {
-        let cgroup = format!("{}/{id}", self.cgroup.path());
-        let runc_root = support::runc_root(self.containerd);
-        let mut args = vec![
-            "run",
-            "-d",
-            "--runc-root",
-            &runc_root,
-            "--null-io",
-            "--cgroup",
-            &cgroup,
-            &self.image,
-            id,
-        ];
-        args.extend_from_slice(CTR_IDLE_COMMAND);
-        self.live().insert(id.to_owned());
-        self.ctr(&args, false).await
-    }
-
-    /// `ctr task exec --exec-id EXEC_ID ID sh -c script`; fails unless it exits 0.
-    async fn sh(&self, id: &str, exec_id: &str, script: &str) -> Result<()> {
-        let fifo_dir = self.fifo_dir.path().to_str().unwrap_or("/tmp");
-        self.ctr(
-            &[
-                "task",
-                "exec",
-                "--fifo-dir",
-                fifo_dir,
-                "--exec-id",
-                exec_id,
-                id,
-                "sh",
-                "-c",
-                script,
-            ],
-            false,
-        )
-        .await
-    }
-
+/// What only this bench asks of the shared ctr side.
+impl CtrSide<'_> {
     /// The nearest equivalent of a commit of running container `id`: pause, diff its writable
     /// snapshot against its parent (uncompressed, to /dev/null), resume. Returns the total and the
     /// window from the pause command's exit to the resume command's exit.
     async fn pause_diff_resume(&self, id: &str) -> Result<(Duration, Duration)> {
         let start = Instant::now();
-        self.ctr(&["tasks", "pause", id], false).await?;
+        self.ctr(&["tasks", "pause", id]).await?;
         let paused = Instant::now();
         let diff = self
-            .ctr(
-                &["snapshots", "diff", "--media-type", CTR_DIFF_MEDIA_TYPE, id],
-                true,
-            )
+            .ctr_stdout_to_null(&["snapshots", "diff", "--media-type", CTR_DIFF_MEDIA_TYPE, id])
             .await;
         // Resume even when the diff failed: the container must not stay frozen.
-        let resumed = self.ctr(&["tasks", "resume", id], false).await;
+        let resumed = self.ctr(&["tasks", "resume", id]).await;
         let end = Instant::now();
         diff?;
         resumed?;
         Ok((end - start, end - paused))
-    }
-
-    /// Deletes container `id` with its task (force) and writable snapshot.
-    async fn delete(&self, id: &str) -> Result<()> {
-        self.ctr(&["tasks", "delete", "--force", id], false).await?;
-        self.ctr(&["containers", "delete", id], false).await?;
-        self.live().remove(id);
-        Ok(())
-    }
-
-    /// Containers still tracked as live.
-    fn live(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
-        self.live
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
-
-impl Drop for CtrSide<'_> {
-    fn drop(&mut self) {
-        let leftovers: Vec<String> = self.live().iter().cloned().collect();
-        for id in leftovers {
-            for args in [
-                ["tasks", "delete", "--force", id.as_str()].as_slice(),
-                ["containers", "delete", id.as_str()].as_slice(),
-            ] {
-                let out = self.containerd.ctr(&self.namespace, args);
-                if !out.status.success() {
-                    eprintln!(
-                        "bench cleanup: ctr {args:?} failed ({}): {}",
-                        out.status,
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    );
-                }
-            }
-        }
     }
 }
 
@@ -697,6 +520,17 @@ struct Measured {
     chain_layers: Vec<usize>,
 }
 
+impl Measured {
+    /// [`Measured::chain_layers`] for display, like "1 2 3 2".
+    fn chain_layers_text(&self) -> String {
+        self.chain_layers
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
 /// Runs the commit, restore and fork phases, recording in `made` what needs deleting.
 async fn measure(
     env: &TestEnv,
@@ -732,7 +566,8 @@ async fn measure_commits(
     made.sandboxes.insert(COMMIT_ID.to_owned());
     sandboxd.create(COMMIT_ID, None).await?;
     made.containers.insert(COMMIT_ID.to_owned());
-    ctr.run_detached(COMMIT_ID).await?;
+    ctr.run_detached(COMMIT_ID, DetachedIo::Null, CTR_IDLE_COMMAND)
+        .await?;
     let mut exec_serial = 0usize;
     for bytes in COMMIT_SIZES {
         println!(
@@ -761,7 +596,8 @@ async fn measure_commits(
             };
             let ctr_sample = async {
                 flush_host().await?;
-                ctr.sh(COMMIT_ID, &exec_id, &script).await?;
+                ctr.exec(COMMIT_ID, &exec_id, &["sh", "-c", &script], false)
+                    .await?;
                 ctr.pause_diff_resume(COMMIT_ID).await
             };
             let ((latency, pause), (ctr_latency, ctr_pause)) =
@@ -852,12 +688,7 @@ async fn build_snapshots(
     }
     println!(
         "lower layers after each generation: {}",
-        measured
-            .chain_layers
-            .iter()
-            .map(usize::to_string)
-            .collect::<Vec<_>>()
-            .join(" ")
+        measured.chain_layers_text()
     );
     Ok(())
 }
@@ -1048,7 +879,7 @@ async fn check_no_leftovers(
 ) -> Result<()> {
     let snapshots = sandboxd.snapshot_count().await?;
     let sandboxd_leaks = env.leaks().await;
-    let ctr_leaks = env.containerd.leaks(&ctr.namespace).await;
+    let ctr_leaks = ctr.leaks().await;
     ensure!(
         snapshots == 0 && sandboxd_leaks.is_empty() && ctr_leaks.is_empty(),
         "leftovers after the run:\nsandboxd: {snapshots} snapshots; {sandboxd_leaks}\nctr: {ctr_leaks}"
@@ -1252,25 +1083,16 @@ impl Report {
             out.push_str(&table.render());
             out.push('\n');
         }
-        out.push_str(&format!(
-            "load average (1 min): {:.2} before, {:.2} after (after includes the bench's own processes)\n",
-            self.load_average_1min.before, self.load_average_1min.after
-        ));
+        out.push_str(&self.load_average_1min.render());
         out
-    }
-
-    /// Writes the report as JSON to cargo's target directory; returns the path.
-    fn write_json(&self) -> Result<PathBuf> {
-        let path = target_dir().join(JSON_FILE_NAME);
-        let json = serde_json::to_string_pretty(self).context("serialize the report")?;
-        std::fs::write(&path, json + "\n").with_context(|| format!("write {}", path.display()))?;
-        Ok(path)
     }
 }
 
 /// The commit table: full CommitSnapshot and pause window per size, against ctr's capture.
 fn commit_table(measured: &Measured, fit: Option<CommitFit>) -> Table {
+    // All commit rows, then all pause-window rows.
     let mut rows = Vec::new();
+    let mut pause_rows = Vec::new();
     for samples in &measured.commits {
         let mib = samples.bytes as f64 / MIB;
         rows.extend(Row::new(
@@ -1279,16 +1101,14 @@ fn commit_table(measured: &Measured, fit: Option<CommitFit>) -> Table {
             &samples.ctr,
             None,
         ));
-    }
-    for samples in &measured.commits {
-        let mib = samples.bytes as f64 / MIB;
-        rows.extend(Row::new(
+        pause_rows.extend(Row::new(
             format!("pause window, {mib:.0} MiB"),
             &samples.sandboxd_pause,
             &samples.ctr_pause,
             None,
         ));
     }
+    rows.append(&mut pause_rows);
     let mut notes = vec![
         "commit: sbx = CommitSnapshot RPC (pause, syncfs, diff, resume, unpack into a committed \
          snapshot, image record); ctr = `ctr tasks pause` + `ctr snapshots diff` (uncompressed \
@@ -1321,7 +1141,7 @@ fn commit_table(measured: &Measured, fit: Option<CommitFit>) -> Table {
             } else {
                 f64::INFINITY
             },
-            if fit.meets_target { "met" } else { "MISSED" }
+            verdict(fit.meets_target)
         ),
         None => "target: commit ≤ 50 ms + proportional: needs both sizes measured".to_owned(),
     });
@@ -1369,12 +1189,7 @@ fn restore_table(measured: &Measured) -> Option<Table> {
             ),
             format!(
                 "lower layers after each generation of the chain: {}",
-                measured
-                    .chain_layers
-                    .iter()
-                    .map(usize::to_string)
-                    .collect::<Vec<_>>()
-                    .join(" ")
+                measured.chain_layers_text()
             ),
             format!("target: deep p50 ≤ {RESTORE_TARGET_RATIO}× shallow p50"),
         ],

@@ -276,6 +276,24 @@ async fn grpcurl_ok(env: &TestEnv, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Calls SandboxService's `method` with JSON `body` through grpcurl.
+async fn sandbox_rpc(env: &TestEnv, method: &str, body: &str) -> Output {
+    grpcurl(
+        env,
+        &["-d", body, &format!("sandboxd.v1.SandboxService/{method}")],
+    )
+    .await
+}
+
+/// Like [`sandbox_rpc`] for a call that must succeed; returns its stdout.
+async fn sandbox_rpc_ok(env: &TestEnv, method: &str, body: &str) -> String {
+    grpcurl_ok(
+        env,
+        &["-d", body, &format!("sandboxd.v1.SandboxService/{method}")],
+    )
+    .await
+}
+
 /// A field of grpcurl's JSON, whichever naming (proto or lowerCamel) it uses.
 fn json_field<'a>(value: &'a Value, proto_name: &str) -> Option<&'a Value> {
     value.get(proto_name).or_else(|| {
@@ -346,15 +364,7 @@ async fn grpcurl_lists_describes_and_calls_through_reflection() {
         "labels": { "client": "grpcurl" },
     })
     .to_string();
-    let created = grpcurl_ok(
-        &env,
-        &[
-            "-d",
-            &create_body,
-            "sandboxd.v1.SandboxService/CreateSandbox",
-        ],
-    )
-    .await;
+    let created = sandbox_rpc_ok(&env, "CreateSandbox", &create_body).await;
     let created = parse_json(&created, "CreateSandbox");
     let sandbox = json_field(&created, "sandbox")
         .unwrap_or_else(|| panic!("CreateSandbox response has no sandbox: {created}"));
@@ -364,15 +374,7 @@ async fn grpcurl_lists_describes_and_calls_through_reflection() {
         "{created}"
     );
 
-    let got_text = grpcurl_ok(
-        &env,
-        &[
-            "-d",
-            r#"{"sandbox_id":"via-grpcurl"}"#,
-            "sandboxd.v1.SandboxService/GetSandbox",
-        ],
-    )
-    .await;
+    let got_text = sandbox_rpc_ok(&env, "GetSandbox", r#"{"sandbox_id":"via-grpcurl"}"#).await;
     assert!(
         got_text.contains(r#""state": "SANDBOX_STATE_RUNNING""#),
         "GetSandbox via grpcurl does not show the RUNNING state:\n{got_text}"
@@ -385,39 +387,20 @@ async fn grpcurl_lists_describes_and_calls_through_reflection() {
         "{got}"
     );
 
-    let missing = grpcurl(
-        &env,
-        &[
-            "-d",
-            r#"{"sandbox_id":"no-such-sandbox"}"#,
-            "sandboxd.v1.SandboxService/GetSandbox",
-        ],
-    )
-    .await;
+    let missing = sandbox_rpc(&env, "GetSandbox", r#"{"sandbox_id":"no-such-sandbox"}"#).await;
     assert!(
         !missing.status.success() && String::from_utf8_lossy(&missing.stderr).contains("NotFound"),
         "GetSandbox of a missing id via grpcurl should fail with NotFound: {}",
         describe(&missing)
     );
 
-    grpcurl_ok(
+    sandbox_rpc_ok(
         &env,
-        &[
-            "-d",
-            r#"{"sandbox_id":"via-grpcurl","force":true}"#,
-            "sandboxd.v1.SandboxService/DeleteSandbox",
-        ],
+        "DeleteSandbox",
+        r#"{"sandbox_id":"via-grpcurl","force":true}"#,
     )
     .await;
-    let gone = grpcurl(
-        &env,
-        &[
-            "-d",
-            r#"{"sandbox_id":"via-grpcurl"}"#,
-            "sandboxd.v1.SandboxService/GetSandbox",
-        ],
-    )
-    .await;
+    let gone = sandbox_rpc(&env, "GetSandbox", r#"{"sandbox_id":"via-grpcurl"}"#).await;
     assert!(
         String::from_utf8_lossy(&gone.stderr).contains("NotFound"),
         "GetSandbox after DeleteSandbox via grpcurl should be NotFound: {}",

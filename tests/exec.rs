@@ -4,18 +4,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::TestEnv;
+use common::{Clients, TestEnv};
 use futures::StreamExt;
-use sandboxd::pb::sandbox_service_client::SandboxServiceClient;
-use sandboxd::pb::snapshot_service_client::SnapshotServiceClient;
 use sandboxd::pb::{self, exec_request, exec_response};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 use tonic::Code;
-
-type Client = SandboxServiceClient<Channel>;
 
 /// What one exec produced.
 #[derive(Debug, Default)]
@@ -42,7 +37,7 @@ fn msg(r: exec_request::Request) -> pb::ExecRequest {
 
 /// Runs an exec, sending `inputs` after the start message, and collects everything.
 async fn run(
-    c: &mut Client,
+    c: &mut Clients,
     start: pb::ExecStart,
     inputs: Vec<exec_request::Request>,
 ) -> Result<Outcome, tonic::Status> {
@@ -57,7 +52,7 @@ async fn run(
             }
         }
     });
-    let mut stream = c.exec(ReceiverStream::new(rx)).await?.into_inner();
+    let mut stream = c.sb.exec(ReceiverStream::new(rx)).await?.into_inner();
     let mut out = Outcome::default();
     while let Some(m) = stream.next().await {
         match m?.response.expect("response") {
@@ -80,15 +75,10 @@ async fn run(
     Ok(out)
 }
 
-async fn sandbox(env: &TestEnv, id: &str) -> Client {
-    let mut c = SandboxServiceClient::new(env.channel().await);
-    c.create_sandbox(pb::CreateSandboxRequest {
-        sandbox_id: id.into(),
-        image: env.image_ref(),
-        ..Default::default()
-    })
-    .await
-    .expect("create_sandbox");
+/// Clients of `env`'s sandboxd, with sandbox `id` created and running.
+async fn sandbox(env: &TestEnv, id: &str) -> Clients {
+    let mut c = env.clients().await;
+    c.create_running(id).await;
     c
 }
 
@@ -130,6 +120,14 @@ async fn assert_no_exec_leftovers(env: &TestEnv, id: &str) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The end of a test with one sandbox: no exec leftovers, then the sandbox deleted and nothing
+/// leaked.
+async fn finish(env: &TestEnv, c: &mut Clients, id: &str) {
+    assert_no_exec_leftovers(env, id).await;
+    c.force_delete(id).await;
+    env.leak_check().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -196,14 +194,7 @@ async fn exec_streams_output_exit_codes_and_signals() {
     let mut s = start("ex", &["id", "-un"]);
     s.user = "nobody".into();
     assert_eq!(run(&mut c, s, vec![]).await.unwrap().stdout, b"nobody\n");
-    assert_no_exec_leftovers(&env, "ex").await;
-    c.delete_sandbox(pb::DeleteSandboxRequest {
-        sandbox_id: "ex".into(),
-        force: true,
-    })
-    .await
-    .unwrap();
-    env.leak_check().await;
+    finish(&env, &mut c, "ex").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -254,11 +245,11 @@ async fn exec_errors_are_prompt_and_clear() {
     tx.send(msg(exec_request::Request::Stdin(b"x".to_vec())))
         .await
         .unwrap();
-    let err = c
-        .exec(ReceiverStream::new(rx))
-        .await
-        .map(|_| ())
-        .expect_err("not start first");
+    let err =
+        c.sb.exec(ReceiverStream::new(rx))
+            .await
+            .map(|_| ())
+            .expect_err("not start first");
     assert_eq!(err.code(), Code::InvalidArgument);
 
     // Bad messages after start end the stream with INVALID_ARGUMENT and kill the process.
@@ -280,24 +271,13 @@ async fn exec_errors_are_prompt_and_clear() {
     }
     assert_no_exec_leftovers(&env, "errs").await;
 
-    c.stop_sandbox(pb::StopSandboxRequest {
-        sandbox_id: "errs".into(),
-        force: true,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    c.force_stop("errs").await;
     let err = run(&mut c, start("errs", &["true"]), vec![])
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
     assert!(exec_dirs(&env).is_empty());
-    c.delete_sandbox(pb::DeleteSandboxRequest {
-        sandbox_id: "errs".into(),
-        force: true,
-    })
-    .await
-    .unwrap();
+    c.force_delete("errs").await;
     env.leak_check().await;
 }
 
@@ -337,18 +317,8 @@ async fn a_fifo_planted_at_etc_passwd_fails_user_lookups_fast() {
 
     // The sandbox's files are a snapshot's: a create from it looks the name up in the same
     // FIFO, through the snapshot mounted on the host, and refuses it as fast.
-    let mut snap = SnapshotServiceClient::new(env.channel().await);
-    let snapshot = snap
-        .commit_snapshot(pb::CommitSnapshotRequest {
-            sandbox_id: "fifo".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("commit_snapshot")
-        .into_inner()
-        .snapshot
-        .unwrap();
-    let create = c.create_sandbox(pb::CreateSandboxRequest {
+    let snapshot = c.commit("fifo").await;
+    let create = c.try_create(pb::CreateSandboxRequest {
         sandbox_id: "fifo-fork".into(),
         snapshot_id: snapshot.snapshot_id.clone(),
         user: "nobody".into(),
@@ -360,17 +330,8 @@ async fn a_fifo_planted_at_etc_passwd_fails_user_lookups_fast() {
     assert!(err.message().contains("/etc/passwd"), "{err}");
     assert!(took < Duration::from_secs(5), "took {took:?}");
 
-    c.delete_sandbox(pb::DeleteSandboxRequest {
-        sandbox_id: "fifo".into(),
-        force: true,
-    })
-    .await
-    .unwrap();
-    snap.delete_snapshot(pb::DeleteSnapshotRequest {
-        snapshot_id: snapshot.snapshot_id,
-    })
-    .await
-    .unwrap();
+    c.force_delete("fifo").await;
+    c.delete_snapshot(&snapshot.snapshot_id).await;
     env.leak_check().await;
 }
 
@@ -411,14 +372,7 @@ async fn stdin_round_trips_256_mib_through_cat_on_both_streams() {
         assert_eq!(hex::encode(Sha256::digest(got)), want, "{label}");
         assert_eq!(out.exited.unwrap().exit_code, 0);
     }
-    assert_no_exec_leftovers(&env, "cat").await;
-    c.delete_sandbox(pb::DeleteSandboxRequest {
-        sandbox_id: "cat".into(),
-        force: true,
-    })
-    .await
-    .unwrap();
-    env.leak_check().await;
+    finish(&env, &mut c, "cat").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -452,13 +406,7 @@ async fn sequential_and_concurrent_execs_are_all_exact() {
     }
     // 10 execs on each of 10 sandboxes at once.
     for i in 0..10 {
-        c.create_sandbox(pb::CreateSandboxRequest {
-            sandbox_id: format!("m{i}"),
-            image: env.image_ref(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        c.create_running(&format!("m{i}")).await;
     }
     let mut tasks = Vec::new();
     for i in 0..10 {
@@ -481,12 +429,7 @@ async fn sequential_and_concurrent_execs_are_all_exact() {
     }
     assert_no_exec_leftovers(&env, "many").await;
     for id in std::iter::once("many".to_string()).chain((0..10).map(|i| format!("m{i}"))) {
-        c.delete_sandbox(pb::DeleteSandboxRequest {
-            sandbox_id: id,
-            force: true,
-        })
-        .await
-        .unwrap();
+        c.force_delete(&id).await;
     }
     env.leak_check().await;
 }
@@ -517,7 +460,11 @@ async fn timeouts_and_cancellation_kill_the_process() {
     ))))
     .await
     .unwrap();
-    let mut stream = c.exec(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut stream =
+        c.sb.exec(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
     let mut pid = 0;
     while let Some(m) = stream.next().await {
         match m.unwrap().response.unwrap() {
@@ -544,7 +491,7 @@ async fn timeouts_and_cancellation_kill_the_process() {
     .unwrap();
     let mut req = tonic::Request::new(ReceiverStream::new(rx));
     req.set_timeout(Duration::from_secs(1));
-    let mut stream = c.exec(req).await.unwrap().into_inner();
+    let mut stream = c.sb.exec(req).await.unwrap().into_inner();
     let mut pid = 0;
     let mut err = None;
     while let Some(m) = stream.next().await {
@@ -564,14 +511,7 @@ async fn timeouts_and_cancellation_kill_the_process() {
         assert!(Instant::now() < deadline, "the exec outlived its deadline");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_no_exec_leftovers(&env, "kill").await;
-    c.delete_sandbox(pb::DeleteSandboxRequest {
-        sandbox_id: "kill".into(),
-        force: true,
-    })
-    .await
-    .unwrap();
-    env.leak_check().await;
+    finish(&env, &mut c, "kill").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -600,7 +540,11 @@ async fn tty_merges_output_and_follows_resize() {
     // Give the first stty a moment before the resize arrives.
     let (tx, rx) = mpsc::channel(4);
     tx.send(msg(exec_request::Request::Start(s))).await.unwrap();
-    let mut stream = c.exec(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut stream =
+        c.sb.exec(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
     let mut text = String::new();
     let mut exited = None;
     let mut sent = false;
@@ -623,14 +567,7 @@ async fn tty_merges_output_and_follows_resize() {
     assert!(text.contains("30 100"), "{text:?}");
     assert!(text.contains("50 132"), "{text:?}");
     assert_eq!(exited.unwrap().exit_code, 0);
-    assert_no_exec_leftovers(&env, "tty").await;
-    c.delete_sandbox(pb::DeleteSandboxRequest {
-        sandbox_id: "tty".into(),
-        force: true,
-    })
-    .await
-    .unwrap();
-    env.leak_check().await;
+    finish(&env, &mut c, "tty").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -642,19 +579,19 @@ async fn exec_sync_captures_truncates_and_times_out() {
         args: args.iter().map(|s| s.to_string()).collect(),
         ..Default::default()
     };
-    let r = c
-        .exec_sync(req(&["sh", "-c", "echo out; echo err >&2; exit 7"]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r =
+        c.sb.exec_sync(req(&["sh", "-c", "echo out; echo err >&2; exit 7"]))
+            .await
+            .unwrap()
+            .into_inner();
     assert_eq!(
         (r.stdout.as_slice(), r.stderr.as_slice(), r.exit_code),
         (&b"out\n"[..], &b"err\n"[..], 7)
     );
     assert!(!r.stdout_truncated && !r.timed_out);
 
-    let r = c
-        .exec_sync(pb::ExecSyncRequest {
+    let r =
+        c.sb.exec_sync(pb::ExecSyncRequest {
             stdin: b"piped input".to_vec(),
             ..req(&["cat"])
         })
@@ -664,8 +601,8 @@ async fn exec_sync_captures_truncates_and_times_out() {
     assert_eq!(r.stdout, b"piped input");
 
     // 8 MiB of output with a 1 KiB cap: the rest is drained, the process is not blocked.
-    let r = c
-        .exec_sync(pb::ExecSyncRequest {
+    let r =
+        c.sb.exec_sync(pb::ExecSyncRequest {
             max_output_bytes: 1024,
             ..req(&["sh", "-c", "head -c 8388608 /dev/zero; echo done >&2"])
         })
@@ -677,17 +614,17 @@ async fn exec_sync_captures_truncates_and_times_out() {
     assert_eq!(r.stderr, b"done\n");
     assert_eq!(r.exit_code, 0);
     // The default cap is 1 MiB.
-    let r = c
-        .exec_sync(req(&["head", "-c", "3000000", "/dev/zero"]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r =
+        c.sb.exec_sync(req(&["head", "-c", "3000000", "/dev/zero"]))
+            .await
+            .unwrap()
+            .into_inner();
     assert_eq!(r.stdout.len(), 1 << 20);
     assert!(r.stdout_truncated);
 
     let t = Instant::now();
-    let r = c
-        .exec_sync(pb::ExecSyncRequest {
+    let r =
+        c.sb.exec_sync(pb::ExecSyncRequest {
             timeout: Some(prost_types::Duration {
                 seconds: 1,
                 nanos: 0,
@@ -699,22 +636,15 @@ async fn exec_sync_captures_truncates_and_times_out() {
         .into_inner();
     assert!(r.timed_out);
     assert!(t.elapsed() < Duration::from_secs(10));
-    let err = c
-        .exec_sync(pb::ExecSyncRequest {
+    let err =
+        c.sb.exec_sync(pb::ExecSyncRequest {
             max_output_bytes: -1,
             ..req(&["true"])
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert_no_exec_leftovers(&env, "sync").await;
-    c.delete_sandbox(pb::DeleteSandboxRequest {
-        sandbox_id: "sync".into(),
-        force: true,
-    })
-    .await
-    .unwrap();
-    env.leak_check().await;
+    finish(&env, &mut c, "sync").await;
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -739,7 +669,11 @@ async fn slow_reader_of_1_gib_keeps_server_memory_bounded() {
     ))))
     .await
     .unwrap();
-    let mut stream = c.exec(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut stream =
+        c.sb.exec(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
     let mut total = 0usize;
     let mut peak = before;
     let mut n = 0u64;
@@ -767,12 +701,7 @@ async fn slow_reader_of_1_gib_keeps_server_memory_bounded() {
         growth_mib < 64,
         "server RSS grew by {growth_mib} MiB while streaming 1 GiB"
     );
-    c.delete_sandbox(pb::DeleteSandboxRequest {
-        sandbox_id: "slow".into(),
-        force: true,
-    })
-    .await
-    .unwrap();
+    c.force_delete("slow").await;
     env.leak_check().await;
 }
 
@@ -795,12 +724,7 @@ async fn children_holding_the_pipes_do_not_hold_the_exit_forever() {
         "exit held for {:?}",
         t.elapsed()
     );
-    c.delete_sandbox(pb::DeleteSandboxRequest {
-        sandbox_id: "bg".into(),
-        force: true,
-    })
-    .await
-    .unwrap();
+    c.force_delete("bg").await;
     env.leak_check().await;
 }
 
@@ -845,14 +769,7 @@ async fn output_comes_straight_from_the_process_pipes_through_the_relay() {
     ];
     let out = run(&mut c, with_stdin, input).await.unwrap();
     assert_eq!(out.stdout, b"typed");
-    assert_no_exec_leftovers(&env, "rl").await;
-    c.delete_sandbox(pb::DeleteSandboxRequest {
-        sandbox_id: "rl".into(),
-        force: true,
-    })
-    .await
-    .unwrap();
-    env.leak_check().await;
+    finish(&env, &mut c, "rl").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -866,30 +783,11 @@ async fn a_relay_binary_the_shim_cannot_run_falls_back_to_fifos() {
         assert_eq!(out.stdout, format!("{i}\n").as_bytes());
         assert_eq!(out.exited.unwrap().exit_code, 0);
     }
-    let sync = c
-        .exec_sync(pb::ExecSyncRequest {
-            sandbox_id: "fb".into(),
-            args: vec![
-                "sh".into(),
-                "-c".into(),
-                "echo o; echo e >&2; exit 3".into(),
-            ],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let sync = c.exec_sh("fb", "echo o; echo e >&2; exit 3").await;
     assert_eq!(
         (sync.stdout.as_slice(), sync.stderr.as_slice()),
         (&b"o\n"[..], &b"e\n"[..])
     );
     assert_eq!(sync.exit_code, 3);
-    assert_no_exec_leftovers(&env, "fb").await;
-    c.delete_sandbox(pb::DeleteSandboxRequest {
-        sandbox_id: "fb".into(),
-        force: true,
-    })
-    .await
-    .unwrap();
-    env.leak_check().await;
+    finish(&env, &mut c, "fb").await;
 }

@@ -7,88 +7,18 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::TestEnv;
+use common::{Clients, TestEnv};
 use futures::StreamExt;
-use sandboxd::pb::file_service_client::FileServiceClient;
-use sandboxd::pb::sandbox_service_client::SandboxServiceClient;
-use sandboxd::pb::snapshot_service_client::SnapshotServiceClient;
 use sandboxd::pb::{self, write_file_request, FileType};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 /// Size of the data messages the tests send.
 const SEND_CHUNK: usize = 1 << 20;
 /// Size of the large round-trip files.
 const LARGE: usize = 100 << 20;
-
-#[derive(Clone)]
-struct Clients {
-    sb: SandboxServiceClient<Channel>,
-    fs: FileServiceClient<Channel>,
-    snap: SnapshotServiceClient<Channel>,
-}
-
-async fn clients(env: &TestEnv) -> Clients {
-    let ch = env.channel().await;
-    Clients {
-        sb: SandboxServiceClient::new(ch.clone()),
-        fs: FileServiceClient::new(ch.clone()),
-        snap: SnapshotServiceClient::new(ch),
-    }
-}
-
-async fn create(c: &mut Clients, env: &TestEnv, id: &str, start: bool) {
-    c.sb.create_sandbox(pb::CreateSandboxRequest {
-        sandbox_id: id.into(),
-        image: env.image_ref(),
-        start: Some(start),
-        ..Default::default()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("create {id}: {e}"));
-}
-
-async fn stop(c: &mut Clients, id: &str) {
-    c.sb.stop_sandbox(pb::StopSandboxRequest {
-        sandbox_id: id.into(),
-        force: true,
-        ..Default::default()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("stop {id}: {e}"));
-}
-
-async fn delete(c: &mut Clients, id: &str) {
-    c.sb.delete_sandbox(pb::DeleteSandboxRequest {
-        sandbox_id: id.into(),
-        force: true,
-    })
-    .await
-    .unwrap_or_else(|e| panic!("delete {id}: {e}"));
-}
-
-/// Runs `script` with `sh -c` inside `id`, asserting success; returns stdout.
-async fn sh(c: &mut Clients, id: &str, script: &str) -> String {
-    let r =
-        c.sb.exec_sync(pb::ExecSyncRequest {
-            sandbox_id: id.into(),
-            args: vec!["sh".into(), "-c".into(), script.into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("exec in {id}: {e}"))
-        .into_inner();
-    assert_eq!(
-        r.exit_code,
-        0,
-        "{script}: {}",
-        String::from_utf8_lossy(&r.stderr)
-    );
-    String::from_utf8(r.stdout).unwrap()
-}
 
 fn header(id: &str, path: &str) -> pb::WriteFileHeader {
     pb::WriteFileHeader {
@@ -313,11 +243,15 @@ fn temp_files(entries: &[pb::FileEntry]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn large_files_round_trip_in_every_state() {
     let env = TestEnv::new().await;
-    let mut c = clients(&env).await;
-    create(&mut c, &env, "run", true).await;
-    create(&mut c, &env, "stopped", true).await;
-    stop(&mut c, "stopped").await;
-    create(&mut c, &env, "created", false).await;
+    let mut c = env.clients().await;
+    c.create_running("run").await;
+    c.create_running("stopped").await;
+    c.force_stop("stopped").await;
+    c.create(pb::CreateSandboxRequest {
+        start: Some(false),
+        ..c.request("created")
+    })
+    .await;
     let baseline = mounts(&env);
     for (seed, id) in [(1u64, "run"), (2, "stopped"), (3, "created")] {
         let written = write_chunks(&mut c, header(id, "/big.bin"), large_chunks(seed))
@@ -346,19 +280,15 @@ async fn large_files_round_trip_in_every_state() {
     wait_mounts(&env, baseline, "after the client dropped a read").await;
 
     // The files landed in the sandboxes' own filesystems.
-    let sum = sh(&mut c, "run", "sha256sum /big.bin").await;
+    let sum = c.sh_ok("run", "sha256sum /big.bin").await;
     assert!(sum.starts_with(&large_digest(1)), "{sum}");
     for (seed, id) in [(2u64, "stopped"), (3, "created")] {
-        c.sb.start_sandbox(pb::StartSandboxRequest {
-            sandbox_id: id.into(),
-        })
-        .await
-        .unwrap();
-        let sum = sh(&mut c, id, "sha256sum /big.bin").await;
+        c.start(id).await;
+        let sum = c.sh_ok(id, "sha256sum /big.bin").await;
         assert!(sum.starts_with(&large_digest(seed)), "{id}: {sum}");
     }
     for id in ["run", "stopped", "created"] {
-        delete(&mut c, id).await;
+        c.force_delete(id).await;
     }
     assert_eq!(mounts(&env), baseline);
     env.leak_check().await;
@@ -367,19 +297,19 @@ async fn large_files_round_trip_in_every_state() {
 #[tokio::test(flavor = "multi_thread")]
 async fn reads_writes_ranges_append_and_ownership() {
     let env = TestEnv::new().await;
-    let mut c = clients(&env).await;
-    create(&mut c, &env, "rw", true).await;
+    let mut c = env.clients().await;
+    c.create_running("rw").await;
 
     // Visible inside at once.
     write(&mut c, header("rw", "/tmp/hello"), b"hi from FileService\n")
         .await
         .unwrap();
     assert_eq!(
-        sh(&mut c, "rw", "cat /tmp/hello").await,
+        c.sh_ok("rw", "cat /tmp/hello").await,
         "hi from FileService\n"
     );
     // And the other way round.
-    sh(&mut c, "rw", "printf inside > /tmp/made-inside").await;
+    c.sh_ok("rw", "printf inside > /tmp/made-inside").await;
     assert_eq!(
         read(&mut c, "rw", "/tmp/made-inside").await.unwrap(),
         b"inside"
@@ -434,7 +364,7 @@ async fn reads_writes_ranges_append_and_ownership() {
         read(&mut c, "rw", "/tmp/digits").await.unwrap(),
         b"0123456789abc"
     );
-    assert_eq!(sh(&mut c, "rw", "cat /tmp/digits").await, "0123456789abc");
+    assert_eq!(c.sh_ok("rw", "cat /tmp/digits").await, "0123456789abc");
     write(&mut c, append("/tmp/new-by-append"), b"x")
         .await
         .unwrap();
@@ -446,7 +376,7 @@ async fn reads_writes_ranges_append_and_ownership() {
     write(&mut c, header("rw", "/tmp/digits"), b"xyz")
         .await
         .unwrap();
-    assert_eq!(sh(&mut c, "rw", "cat /tmp/digits").await, "xyz");
+    assert_eq!(c.sh_ok("rw", "cat /tmp/digits").await, "xyz");
 
     // Mode and owner of a new file; an existing file keeps both.
     let stat_inside = |p: &str| format!("stat -c '%a %u %g' {p}");
@@ -454,7 +384,7 @@ async fn reads_writes_ranges_append_and_ownership() {
         .await
         .unwrap();
     assert_eq!(
-        sh(&mut c, "rw", &stat_inside("/tmp/default")).await,
+        c.sh_ok("rw", &stat_inside("/tmp/default")).await,
         "644 0 0\n"
     );
     let owned = pb::WriteFileHeader {
@@ -465,7 +395,7 @@ async fn reads_writes_ranges_append_and_ownership() {
     };
     write(&mut c, owned, b"o").await.unwrap();
     assert_eq!(
-        sh(&mut c, "rw", &stat_inside("/tmp/owned")).await,
+        c.sh_ok("rw", &stat_inside("/tmp/owned")).await,
         "640 1234 5678\n"
     );
     write(&mut c, header("rw", "/tmp/owned"), b"again")
@@ -473,10 +403,10 @@ async fn reads_writes_ranges_append_and_ownership() {
         .unwrap();
     write(&mut c, append("/tmp/owned"), b"+").await.unwrap();
     assert_eq!(
-        sh(&mut c, "rw", &stat_inside("/tmp/owned")).await,
+        c.sh_ok("rw", &stat_inside("/tmp/owned")).await,
         "640 1234 5678\n"
     );
-    assert_eq!(sh(&mut c, "rw", "cat /tmp/owned").await, "again+");
+    assert_eq!(c.sh_ok("rw", "cat /tmp/owned").await, "again+");
     let setuid = pb::WriteFileHeader {
         mode: 0o4755,
         uid: Some(1000),
@@ -484,18 +414,18 @@ async fn reads_writes_ranges_append_and_ownership() {
     };
     write(&mut c, setuid, b"#!/bin/sh\n").await.unwrap();
     assert_eq!(
-        sh(&mut c, "rw", &stat_inside("/tmp/setuid")).await,
+        c.sh_ok("rw", &stat_inside("/tmp/setuid")).await,
         "4755 1000 0\n"
     );
     let entry = stat(&mut c, "rw", "/tmp/owned").await.unwrap();
     assert_eq!((entry.mode, entry.size), (0o640, 6));
 
     // A write through a symlink writes its target, inside.
-    sh(&mut c, "rw", "ln -s /tmp/target /tmp/link-to-target").await;
+    c.sh_ok("rw", "ln -s /tmp/target /tmp/link-to-target").await;
     write(&mut c, header("rw", "/tmp/link-to-target"), b"via link")
         .await
         .unwrap();
-    assert_eq!(sh(&mut c, "rw", "cat /tmp/target").await, "via link");
+    assert_eq!(c.sh_ok("rw", "cat /tmp/target").await, "via link");
     assert_eq!(
         stat(&mut c, "rw", "/tmp/link-to-target")
             .await
@@ -509,7 +439,7 @@ async fn reads_writes_ranges_append_and_ownership() {
     write(&mut c, header("rw", "/tmp/cancelled"), b"before")
         .await
         .unwrap();
-    let listed_before = sh(&mut c, "rw", "ls -a /tmp").await;
+    let listed_before = c.sh_ok("rw", "ls -a /tmp").await;
     let (tx, rx) = mpsc::channel(4);
     tx.send(header_msg(header("rw", "/tmp/cancelled")))
         .await
@@ -521,7 +451,7 @@ async fn reads_writes_ranges_append_and_ownership() {
     }
     wait_writing(&env, "/tmp/").await;
     assert!(temp_files(&list(&mut c, "rw", "/tmp", 1).await.unwrap()).is_empty());
-    assert_eq!(sh(&mut c, "rw", "ls -a /tmp").await, listed_before);
+    assert_eq!(c.sh_ok("rw", "ls -a /tmp").await, listed_before);
     // The sender stays open: the call ends by the client's reset, not by a finished stream.
     call.abort();
     let _ = call.await;
@@ -534,14 +464,14 @@ async fn reads_writes_ranges_append_and_ownership() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(temp_files(&list(&mut c, "rw", "/tmp", 1).await.unwrap()).is_empty());
-    assert_eq!(sh(&mut c, "rw", "ls -a /tmp").await, listed_before);
+    assert_eq!(c.sh_ok("rw", "ls -a /tmp").await, listed_before);
     assert_eq!(
         read(&mut c, "rw", "/tmp/cancelled").await.unwrap(),
         b"before"
     );
     drop(tx);
 
-    delete(&mut c, "rw").await;
+    c.force_delete("rw").await;
     env.leak_check().await;
 }
 
@@ -573,26 +503,16 @@ async fn open_write(
 #[tokio::test(flavor = "multi_thread")]
 async fn a_snapshot_taken_during_a_write_holds_none_of_it() {
     let env = TestEnv::new().await;
-    let mut c = clients(&env).await;
-    create(&mut c, &env, "w", true).await;
-    sh(&mut c, "w", "mkdir /data && echo old > /data/file").await;
+    let mut c = env.clients().await;
+    c.create_running("w").await;
+    c.sh_ok("w", "mkdir /data && echo old > /data/file").await;
 
     // Commit while a write of /data/file streams: the snapshot has the old file and nothing
     // else; the write then lands whole in the running sandbox.
     let (tx, call) = open_write(&c, header("w", "/data/file"), 21, 4).await;
     wait_writing(&env, "/data/").await;
-    assert_eq!(sh(&mut c, "w", "ls -a /data").await, ".\n..\nfile\n");
-    let snap = c
-        .snap
-        .commit_snapshot(pb::CommitSnapshotRequest {
-            sandbox_id: "w".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .snapshot
-        .unwrap();
+    assert_eq!(c.sh_ok("w", "ls -a /data").await, ".\n..\nfile\n");
+    let snap = c.commit("w").await;
     for i in 4..8 {
         tx.send(data_msg(chunk(21, i, SEND_CHUNK))).await.unwrap();
     }
@@ -600,53 +520,35 @@ async fn a_snapshot_taken_during_a_write_holds_none_of_it() {
     assert_eq!(call.await.unwrap().unwrap(), 8 * SEND_CHUNK as i64);
     let expected: Vec<u8> = (0..8).flat_map(|i| chunk(21, i, SEND_CHUNK)).collect();
     assert_eq!(read(&mut c, "w", "/data/file").await.unwrap(), expected);
-    assert_eq!(sh(&mut c, "w", "ls -a /data").await, ".\n..\nfile\n");
-    c.sb.create_sandbox(pb::CreateSandboxRequest {
-        sandbox_id: "fork".into(),
-        snapshot_id: snap.snapshot_id.clone(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    assert_eq!(sh(&mut c, "fork", "ls -a /data").await, ".\n..\nfile\n");
-    assert_eq!(sh(&mut c, "fork", "cat /data/file").await, "old\n");
+    assert_eq!(c.sh_ok("w", "ls -a /data").await, ".\n..\nfile\n");
+    c.create_from_snapshot("fork", &snap.snapshot_id).await;
+    assert_eq!(c.sh_ok("fork", "ls -a /data").await, ".\n..\nfile\n");
+    assert_eq!(c.sh_ok("fork", "cat /data/file").await, "old\n");
 
     // A restore while a write streams: the write lands nowhere (the filesystem it was made in
     // is gone) and says so.
     let (tx, call) = open_write(&c, header("w", "/data/other"), 22, 2).await;
     wait_writing(&env, "/data/").await;
-    c.snap
-        .restore_sandbox(pb::RestoreSandboxRequest {
-            sandbox_id: "w".into(),
-            snapshot_id: snap.snapshot_id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    c.try_restore("w", &snap.snapshot_id).await.unwrap();
     drop(tx);
     let err = call.await.unwrap().unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
     assert!(err.message().contains("restarted"), "{err}");
-    assert_eq!(sh(&mut c, "w", "ls -a /data").await, ".\n..\nfile\n");
-    assert_eq!(sh(&mut c, "w", "cat /data/file").await, "old\n");
+    assert_eq!(c.sh_ok("w", "ls -a /data").await, ".\n..\nfile\n");
+    assert_eq!(c.sh_ok("w", "cat /data/file").await, "old\n");
 
     for id in ["w", "fork"] {
-        delete(&mut c, id).await;
+        c.force_delete(id).await;
     }
-    c.snap
-        .delete_snapshot(pb::DeleteSnapshotRequest {
-            snapshot_id: snap.snapshot_id,
-        })
-        .await
-        .unwrap();
+    c.delete_snapshot(&snap.snapshot_id).await;
     env.leak_check().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn errors_follow_the_contract() {
     let env = TestEnv::new().await;
-    let mut c = clients(&env).await;
-    create(&mut c, &env, "errs", true).await;
+    let mut c = env.clients().await;
+    c.create_running("errs").await;
     let inv = &[Code::InvalidArgument];
 
     // Requests.
@@ -809,13 +711,13 @@ async fn errors_follow_the_contract() {
         fp,
         "replace a bind mount",
     );
-    let hostname = sh(&mut c, "errs", "cat /etc/hostname").await;
+    let hostname = c.sh_ok("errs", "cat /etc/hostname").await;
     assert_eq!(
         read(&mut c, "errs", "/etc/hostname").await.unwrap(),
         hostname.as_bytes()
     );
-    assert!(sh(&mut c, "errs", "ls /proc/1").await.contains("environ"));
-    assert!(sh(&mut c, "errs", "cat /etc/passwd").await.contains("root"));
+    assert!(c.sh_ok("errs", "ls /proc/1").await.contains("environ"));
+    assert!(c.sh_ok("errs", "cat /etc/passwd").await.contains("root"));
 
     // A recursive remove of a tree holding mounts removes the rest, like `rm -r`.
     let e = assert_code(
@@ -829,9 +731,9 @@ async fn errors_follow_the_contract() {
         nf,
         "removed around the mounts",
     );
-    assert_eq!(sh(&mut c, "errs", "cat /etc/hostname").await, hostname);
+    assert_eq!(c.sh_ok("errs", "cat /etc/hostname").await, hostname);
 
-    delete(&mut c, "errs").await;
+    c.force_delete("errs").await;
     assert_code(
         read(&mut c, "errs", "/etc/passwd").await,
         nf,
@@ -885,14 +787,10 @@ async fn tree_checks(c: &mut Clients, id: &str, running: bool) {
     assert!(age < Duration::from_secs(300), "modified {age:?} ago");
 
     if running {
-        sh(
-            c,
-            id,
-            "ln -s /t/a/f1 /t/link && ln -s missing /t/a/dangling",
-        )
-        .await;
+        c.sh_ok(id, "ln -s /t/a/f1 /t/link && ln -s missing /t/a/dangling")
+            .await;
         assert_eq!(
-            sh(c, id, "stat -c %a /t/private /t/sticky").await,
+            c.sh_ok(id, "stat -c %a /t/private /t/sticky").await,
             "700\n1777\n"
         );
     } else {
@@ -978,26 +876,25 @@ async fn tree_checks(c: &mut Clients, id: &str, running: bool) {
     assert_eq!(paths(list(c, id, "/t", 3).await.unwrap()), ["/t/sticky"]);
     remove(c, id, "/t", true).await.unwrap();
     if running {
-        sh(c, id, "test ! -e /t").await;
+        c.sh_ok(id, "test ! -e /t").await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn trees_list_stat_make_and_remove_in_running_and_stopped_sandboxes() {
     let env = TestEnv::new().await;
-    let mut c = clients(&env).await;
-    create(&mut c, &env, "tree", true).await;
+    let mut c = env.clients().await;
+    c.create_running("tree").await;
     tree_checks(&mut c, "tree", true).await;
 
     // The same on a stopped sandbox; its symlinks are planted while it runs.
-    create(&mut c, &env, "cold", true).await;
-    sh(
-        &mut c,
+    c.create_running("cold").await;
+    c.sh_ok(
         "cold",
         "mkdir -p /t/a && ln -s /t/a/f1 /t/link && ln -s missing /t/a/dangling",
     )
     .await;
-    stop(&mut c, "cold").await;
+    c.force_stop("cold").await;
     let baseline = mounts(&env);
     tree_checks(&mut c, "cold", false).await;
     assert_eq!(mounts(&env), baseline, "a temporary mount was left");
@@ -1018,8 +915,8 @@ async fn trees_list_stat_make_and_remove_in_running_and_stopped_sandboxes() {
         "a temporary mount was left after errors"
     );
 
-    delete(&mut c, "tree").await;
-    delete(&mut c, "cold").await;
+    c.force_delete("tree").await;
+    c.force_delete("cold").await;
     env.leak_check().await;
 }
 
@@ -1086,7 +983,7 @@ async fn plant(c: &mut Clients, id: &str, host: &HostDir) {
          ln -s /etc/shadow /shadowlink
          ln -s ../../../../../../etc/passwd /pwlink"
     );
-    sh(c, id, &script).await;
+    c.sh_ok(id, &script).await;
 }
 
 /// Every FileService RPC through every planted escape, on sandbox `id`.
@@ -1214,8 +1111,8 @@ async fn escape_checks(c: &mut Clients, id: &str, host: &HostDir, running: bool)
     let passwd = read(c, id, "/pwlink").await.unwrap();
     assert_eq!(passwd, read(c, id, "/etc/passwd").await.unwrap());
     if running {
-        assert_eq!(sh(c, id, "cat /etc/shadow").await, "sandbox shadow\n");
-        assert_eq!(sh(c, id, "cat /etc/passwd").await.as_bytes(), passwd);
+        assert_eq!(c.sh_ok(id, "cat /etc/shadow").await, "sandbox shadow\n");
+        assert_eq!(c.sh_ok(id, "cat /etc/passwd").await.as_bytes(), passwd);
     }
     assert_eq!(
         host_file_digest("/etc/shadow"),
@@ -1244,7 +1141,10 @@ async fn escape_checks(c: &mut Clients, id: &str, host: &HostDir, running: bool)
         b"sandbox's own"
     );
     if running {
-        assert_eq!(sh(c, id, &format!("cat {d}/secret")).await, "sandbox's own");
+        assert_eq!(
+            c.sh_ok(id, &format!("cat {d}/secret")).await,
+            "sandbox's own"
+        );
     }
     host.assert_intact();
 
@@ -1275,13 +1175,13 @@ async fn escape_checks(c: &mut Clients, id: &str, host: &HostDir, running: bool)
 #[tokio::test(flavor = "multi_thread")]
 async fn no_rpc_reaches_a_host_file_through_paths_or_symlinks() {
     let env = TestEnv::new().await;
-    let mut c = clients(&env).await;
+    let mut c = env.clients().await;
     let host = HostDir::new();
-    create(&mut c, &env, "esc-run", true).await;
-    create(&mut c, &env, "esc-stop", true).await;
+    c.create_running("esc-run").await;
+    c.create_running("esc-stop").await;
     plant(&mut c, "esc-run", &host).await;
     plant(&mut c, "esc-stop", &host).await;
-    stop(&mut c, "esc-stop").await;
+    c.force_stop("esc-stop").await;
 
     escape_checks(&mut c, "esc-run", &host, true).await;
     let baseline = mounts(&env);
@@ -1289,8 +1189,8 @@ async fn no_rpc_reaches_a_host_file_through_paths_or_symlinks() {
     assert_eq!(mounts(&env), baseline, "a temporary mount was left");
     host.assert_intact();
 
-    delete(&mut c, "esc-run").await;
-    delete(&mut c, "esc-stop").await;
+    c.force_delete("esc-run").await;
+    c.force_delete("esc-stop").await;
     host.assert_intact();
     drop(host);
     env.leak_check().await;

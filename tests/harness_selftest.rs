@@ -17,13 +17,9 @@ use sha2::{Digest, Sha256};
 /// The namespace the ctr-driven checks use.
 const NS: &str = "harness";
 
-/// `ctr run` arguments that keep runc state, FIFOs and the cgroup inside the test's own places.
-fn ctr_run(
-    containerd: &Containerd,
-    cgroup: &CgroupParent,
-    id: &str,
-    flags: &[&str],
-) -> Vec<String> {
+/// Runs `ctr run flags...` with runc state, FIFOs and the cgroup inside the test's own places;
+/// returns its stdout.
+fn ctr_run(containerd: &Containerd, cgroup: &CgroupParent, id: &str, flags: &[&str]) -> String {
     let dir = containerd.dir();
     let mut args: Vec<String> = vec![
         "run".into(),
@@ -35,7 +31,18 @@ fn ctr_run(
         format!("{}/{id}", cgroup.path()),
     ];
     args.extend(flags.iter().map(|f| f.to_string()));
-    args
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    containerd.ctr_ok(NS, &args)
+}
+
+/// Starts busybox `sleep 1000` from `reference` as container `id`, detached with no I/O.
+fn run_sleeper(containerd: &Containerd, cgroup: &CgroupParent, reference: &str, id: &str) {
+    ctr_run(
+        containerd,
+        cgroup,
+        id,
+        &["-d", "--null-io", reference, id, "sleep", "1000"],
+    );
 }
 
 /// Pushes `layout` as `name_tag` and pulls it into `containerd`; returns the reference.
@@ -51,8 +58,15 @@ fn push_and_pull(
     reference
 }
 
-fn strs(args: &[String]) -> Vec<&str> {
-    args.iter().map(String::as_str).collect()
+/// Pushes the busybox layout as `busybox:latest` and pulls it into `containerd`; returns the
+/// reference.
+fn pull_busybox(registry: &Registry, containerd: &Containerd) -> String {
+    push_and_pull(
+        registry,
+        containerd,
+        &image::busybox_layout(),
+        "busybox:latest",
+    )
 }
 
 /// The pid of task `id` according to `ctr task ls`.
@@ -244,20 +258,14 @@ async fn busybox_image_pulls_from_the_registry_and_runs() {
     let containerd = Containerd::start().await;
     let registry = Registry::start();
     let cgroup = CgroupParent::new();
-    let reference = push_and_pull(
-        &registry,
-        &containerd,
-        &image::busybox_layout(),
-        "busybox:latest",
-    );
+    let reference = pull_busybox(&registry, &containerd);
 
-    let args = ctr_run(
+    let out = ctr_run(
         &containerd,
         &cgroup,
         "t1",
         &["--rm", &reference, "t1", "/bin/echo", "hello"],
     );
-    let out = containerd.ctr_ok(NS, &strs(&args));
     assert_eq!(out.trim(), "hello");
 }
 
@@ -275,13 +283,13 @@ async fn extra_layer_files_are_visible_and_snapshots_follow_chain_ids() {
     ]);
     let reference = push_and_pull(&registry, &containerd, &layout, "layered:v1");
 
-    let args = ctr_run(
+    let out = ctr_run(
         &containerd,
         &cgroup,
         "t1",
         &["--rm", &reference, "t1", "greet"],
     );
-    assert_eq!(containerd.ctr_ok(NS, &strs(&args)), "hi from layer 2\n");
+    assert_eq!(out, "hi from layer 2\n");
 
     let info = LayoutInfo::read(&layout);
     assert_eq!(info.diff_ids.len(), 2);
@@ -301,24 +309,13 @@ async fn leaks_lists_what_a_namespace_still_holds() {
     let containerd = Containerd::start().await;
     let registry = Registry::start();
     let cgroup = CgroupParent::new();
-    let reference = push_and_pull(
-        &registry,
-        &containerd,
-        &image::busybox_layout(),
-        "busybox:latest",
-    );
+    let reference = pull_busybox(&registry, &containerd);
     assert!(
         containerd.leaks(NS).await.is_empty(),
         "a pulled image is not a leak"
     );
 
-    let args = ctr_run(
-        &containerd,
-        &cgroup,
-        "t2",
-        &["-d", "--null-io", &reference, "t2", "sleep", "1000"],
-    );
-    containerd.ctr_ok(NS, &strs(&args));
+    run_sleeper(&containerd, &cgroup, &reference, "t2");
     let leaks = containerd.leaks(NS).await;
     assert_eq!(leaks.containers, vec!["t2".to_owned()]);
     assert_eq!(leaks.tasks.len(), 1, "{leaks}");
@@ -353,19 +350,8 @@ async fn drop_kills_shims_and_containers_and_unmounts_everything() {
     let registry = Registry::start();
     let containerd = Containerd::start().await;
     let cgroup = CgroupParent::new();
-    let reference = push_and_pull(
-        &registry,
-        &containerd,
-        &image::busybox_layout(),
-        "busybox:latest",
-    );
-    let args = ctr_run(
-        &containerd,
-        &cgroup,
-        "t3",
-        &["-d", "--null-io", &reference, "t3", "sleep", "1000"],
-    );
-    containerd.ctr_ok(NS, &strs(&args));
+    let reference = pull_busybox(&registry, &containerd);
+    run_sleeper(&containerd, &cgroup, &reference, "t3");
 
     let dir: PathBuf = containerd.dir().to_path_buf();
     let shims = containerd.shim_pids();
@@ -402,19 +388,8 @@ fn a_panicking_test_still_cleans_up() {
             let containerd = Containerd::start().await;
             let cgroup = CgroupParent::new();
             let registry = Registry::start();
-            let reference = push_and_pull(
-                &registry,
-                &containerd,
-                &image::busybox_layout(),
-                "busybox:latest",
-            );
-            let args = ctr_run(
-                &containerd,
-                &cgroup,
-                "t4",
-                &["-d", "--null-io", &reference, "t4", "sleep", "1000"],
-            );
-            containerd.ctr_ok(NS, &strs(&args));
+            let reference = pull_busybox(&registry, &containerd);
+            run_sleeper(&containerd, &cgroup, &reference, "t4");
             let task = task_pid(&containerd, "t4");
             tx.send((containerd.dir().to_path_buf(), task, cgroup.dirs()))
                 .expect("send fixture facts");

@@ -5,56 +5,19 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::TestEnv;
-use sandboxd::pb::sandbox_service_client::SandboxServiceClient;
+use common::{Clients, TestEnv, SMALL_LIMITS};
 use sandboxd::pb::{self, SandboxState};
-use tonic::transport::Channel;
 use tonic::Code;
 
-type Client = SandboxServiceClient<Channel>;
-
-async fn client(env: &TestEnv) -> Client {
-    SandboxServiceClient::new(env.channel().await)
-}
-
-fn create_req(env: &TestEnv, id: &str) -> pb::CreateSandboxRequest {
-    pb::CreateSandboxRequest {
-        sandbox_id: id.into(),
-        image: env.image_ref(),
-        ..Default::default()
-    }
-}
-
-async fn create(c: &mut Client, req: pb::CreateSandboxRequest) -> pb::Sandbox {
-    c.create_sandbox(req)
-        .await
-        .expect("create_sandbox")
-        .into_inner()
-        .sandbox
-        .expect("sandbox")
-}
-
-async fn get(c: &mut Client, id: &str) -> Result<pb::Sandbox, tonic::Status> {
-    c.get_sandbox(pb::GetSandboxRequest {
-        sandbox_id: id.into(),
-    })
-    .await
-    .map(|r| r.into_inner().sandbox.expect("sandbox"))
-}
-
-async fn delete(c: &mut Client, id: &str, force: bool) -> Result<(), tonic::Status> {
-    c.delete_sandbox(pb::DeleteSandboxRequest {
-        sandbox_id: id.into(),
-        force,
-    })
-    .await
-    .map(|_| ())
-}
-
-async fn wait_state(c: &mut Client, id: &str, want: SandboxState, within: Duration) -> pb::Sandbox {
+async fn wait_state(
+    c: &mut Clients,
+    id: &str,
+    want: SandboxState,
+    within: Duration,
+) -> pb::Sandbox {
     let deadline = Instant::now() + within;
     loop {
-        let sb = get(c, id).await.expect("get_sandbox");
+        let sb = c.try_get(id).await.expect("get_sandbox");
         if sb.state() == want {
             return sb;
         }
@@ -75,16 +38,14 @@ fn read_proc_root(pid: u32, path: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn sandbox_walks_created_running_stopped_and_deleted() {
     let env = TestEnv::new().await;
-    let mut c = client(&env).await;
+    let mut c = env.clients().await;
     // The image is not pulled yet: create pulls it.
-    let sb = create(
-        &mut c,
-        pb::CreateSandboxRequest {
+    let sb = c
+        .create(pb::CreateSandboxRequest {
             hostname: "box1".into(),
-            ..create_req(&env, "life")
-        },
-    )
-    .await;
+            ..c.request("life")
+        })
+        .await;
     assert_eq!(sb.state(), SandboxState::Running);
     assert!(sb.pid > 0);
     assert_eq!(sb.image, env.image_ref());
@@ -97,11 +58,11 @@ async fn sandbox_walks_created_running_stopped_and_deleted() {
         .unwrap()
         .starts_with("/.sandboxd/init"));
 
-    let listed = c
-        .list_sandboxes(pb::ListSandboxesRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let listed =
+        c.sb.list_sandboxes(pb::ListSandboxesRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
     assert_eq!(
         listed
             .sandboxes
@@ -117,18 +78,15 @@ async fn sandbox_walks_created_running_stopped_and_deleted() {
     );
     assert_eq!(listed.sandboxes[0].pid, sb.pid);
 
-    let err = delete(&mut c, "life", false).await.unwrap_err();
+    let err = c.try_delete("life", false).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
 
     let stopped = c
-        .stop_sandbox(pb::StopSandboxRequest {
+        .try_stop(pb::StopSandboxRequest {
             sandbox_id: "life".into(),
             ..Default::default()
         })
         .await
-        .unwrap()
-        .into_inner()
-        .sandbox
         .unwrap();
     assert_eq!(stopped.state(), SandboxState::Stopped);
     assert_eq!(stopped.pid, 0);
@@ -136,47 +94,25 @@ async fn sandbox_walks_created_running_stopped_and_deleted() {
     assert!(stopped.exited_at.is_some());
     // Stopping a stopped sandbox is a no-op.
     let again = c
-        .stop_sandbox(pb::StopSandboxRequest {
+        .try_stop(pb::StopSandboxRequest {
             sandbox_id: "life".into(),
             ..Default::default()
         })
         .await
         .unwrap();
-    assert_eq!(
-        again.into_inner().sandbox.unwrap().state(),
-        SandboxState::Stopped
-    );
+    assert_eq!(again.state(), SandboxState::Stopped);
 
-    let started = c
-        .start_sandbox(pb::StartSandboxRequest {
-            sandbox_id: "life".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .sandbox
-        .unwrap();
+    let started = c.start("life").await;
     assert_eq!(started.state(), SandboxState::Running);
     assert!(started.pid > 0 && started.pid != sb.pid);
     // Starting a running sandbox is a no-op.
-    let same = c
-        .start_sandbox(pb::StartSandboxRequest {
-            sandbox_id: "life".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .sandbox
-        .unwrap();
+    let same = c.start("life").await;
     assert_eq!(same.pid, started.pid);
 
-    delete(&mut c, "life", true).await.expect("forced delete");
+    c.try_delete("life", true).await.expect("forced delete");
+    assert_eq!(c.try_get("life").await.unwrap_err().code(), Code::NotFound);
     assert_eq!(
-        get(&mut c, "life").await.unwrap_err().code(),
-        Code::NotFound
-    );
-    assert_eq!(
-        delete(&mut c, "life", true).await.unwrap_err().code(),
+        c.try_delete("life", true).await.unwrap_err().code(),
         Code::NotFound
     );
     env.leak_check().await;
@@ -185,26 +121,16 @@ async fn sandbox_walks_created_running_stopped_and_deleted() {
 #[tokio::test(flavor = "multi_thread")]
 async fn create_only_then_start_and_a_command_that_exits() {
     let env = TestEnv::new().await;
-    let mut c = client(&env).await;
-    let sb = create(
-        &mut c,
-        pb::CreateSandboxRequest {
+    let mut c = env.clients().await;
+    let sb = c
+        .create(pb::CreateSandboxRequest {
             start: Some(false),
-            ..create_req(&env, "later")
-        },
-    )
-    .await;
+            ..c.request("later")
+        })
+        .await;
     assert_eq!(sb.state(), SandboxState::Created);
     assert_eq!(sb.pid, 0);
-    let sb = c
-        .start_sandbox(pb::StartSandboxRequest {
-            sandbox_id: "later".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .sandbox
-        .unwrap();
+    let sb = c.start("later").await;
     assert_eq!(sb.state(), SandboxState::Running);
 
     let cmd = pb::CreateSandboxRequest {
@@ -214,9 +140,9 @@ async fn create_only_then_start_and_a_command_that_exits() {
             "echo $GREETING > /tmp/out; exit 3".into(),
         ],
         env: HashMap::from([("GREETING".to_string(), "hi".to_string())]),
-        ..create_req(&env, "exits")
+        ..c.request("exits")
     };
-    create(&mut c, cmd).await;
+    c.create(cmd).await;
     let done = wait_state(
         &mut c,
         "exits",
@@ -226,27 +152,27 @@ async fn create_only_then_start_and_a_command_that_exits() {
     .await;
     assert_eq!(done.exit_status, Some(3));
     // A stopped sandbox (exited by itself) deletes without force.
-    delete(&mut c, "exits", false).await.unwrap();
-    delete(&mut c, "later", true).await.unwrap();
+    c.try_delete("exits", false).await.unwrap();
+    c.try_delete("later", true).await.unwrap();
     env.leak_check().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn stop_without_force_times_out_and_force_kills() {
     let env = TestEnv::new().await;
-    let mut c = client(&env).await;
+    let mut c = env.clients().await;
     // PID 1 in its own pid namespace ignores SIGTERM unless it installs a handler.
     let req = pb::CreateSandboxRequest {
         command: vec!["/bin/sleep".into(), "1000".into()],
-        ..create_req(&env, "stubborn")
+        ..c.request("stubborn")
     };
-    create(&mut c, req).await;
+    c.create(req).await;
     let timeout = Some(prost_types::Duration {
         seconds: 1,
         nanos: 0,
     });
     let err = c
-        .stop_sandbox(pb::StopSandboxRequest {
+        .try_stop(pb::StopSandboxRequest {
             sandbox_id: "stubborn".into(),
             timeout,
             ..Default::default()
@@ -255,31 +181,28 @@ async fn stop_without_force_times_out_and_force_kills() {
         .unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
     assert_eq!(
-        get(&mut c, "stubborn").await.unwrap().state(),
+        c.try_get("stubborn").await.unwrap().state(),
         SandboxState::Running
     );
     let sb = c
-        .stop_sandbox(pb::StopSandboxRequest {
+        .try_stop(pb::StopSandboxRequest {
             sandbox_id: "stubborn".into(),
             timeout,
             force: true,
             ..Default::default()
         })
         .await
-        .unwrap()
-        .into_inner()
-        .sandbox
         .unwrap();
     assert_eq!(sb.state(), SandboxState::Stopped);
     assert_eq!(sb.exit_status, Some(137));
-    delete(&mut c, "stubborn", false).await.unwrap();
+    c.try_delete("stubborn", false).await.unwrap();
     env.leak_check().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn label_selector_and_pagination_cover_every_sandbox_once() {
     let env = TestEnv::new().await;
-    let mut c = client(&env).await;
+    let mut c = env.clients().await;
     let mut want = Vec::new();
     for i in 0..7 {
         let id = format!("page-{i}");
@@ -288,14 +211,11 @@ async fn label_selector_and_pagination_cover_every_sandbox_once() {
             ("team".to_string(), team.to_string()),
             ("n".to_string(), i.to_string()),
         ]);
-        create(
-            &mut c,
-            pb::CreateSandboxRequest {
-                labels,
-                start: Some(false),
-                ..create_req(&env, &id)
-            },
-        )
+        c.create(pb::CreateSandboxRequest {
+            labels,
+            start: Some(false),
+            ..c.request(&id)
+        })
         .await;
         want.push(id);
     }
@@ -303,8 +223,8 @@ async fn label_selector_and_pagination_cover_every_sandbox_once() {
     let mut token = String::new();
     let mut pages = 0;
     loop {
-        let resp = c
-            .list_sandboxes(pb::ListSandboxesRequest {
+        let resp =
+            c.sb.list_sandboxes(pb::ListSandboxesRequest {
                 page_size: 3,
                 page_token: token.clone(),
                 ..Default::default()
@@ -323,8 +243,8 @@ async fn label_selector_and_pagination_cover_every_sandbox_once() {
     assert_eq!(seen, want);
     assert_eq!(pages, 3);
 
-    let even = c
-        .list_sandboxes(pb::ListSandboxesRequest {
+    let even =
+        c.sb.list_sandboxes(pb::ListSandboxesRequest {
             label_selector: "team=even".into(),
             ..Default::default()
         })
@@ -342,8 +262,8 @@ async fn label_selector_and_pagination_cover_every_sandbox_once() {
         even.sandboxes[0].labels.get("team").map(String::as_str),
         Some("even")
     );
-    let one = c
-        .list_sandboxes(pb::ListSandboxesRequest {
+    let one =
+        c.sb.list_sandboxes(pb::ListSandboxesRequest {
             label_selector: "team=odd,n=3".into(),
             ..Default::default()
         })
@@ -352,8 +272,8 @@ async fn label_selector_and_pagination_cover_every_sandbox_once() {
         .into_inner();
     assert_eq!(one.sandboxes.len(), 1);
     assert_eq!(one.sandboxes[0].sandbox_id, "page-3");
-    let bad = c
-        .list_sandboxes(pb::ListSandboxesRequest {
+    let bad =
+        c.sb.list_sandboxes(pb::ListSandboxesRequest {
             label_selector: "novalue".into(),
             ..Default::default()
         })
@@ -361,8 +281,8 @@ async fn label_selector_and_pagination_cover_every_sandbox_once() {
         .unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);
     // A token only continues the query it came from.
-    let first = c
-        .list_sandboxes(pb::ListSandboxesRequest {
+    let first =
+        c.sb.list_sandboxes(pb::ListSandboxesRequest {
             page_size: 1,
             label_selector: "team=even".into(),
             ..Default::default()
@@ -370,8 +290,8 @@ async fn label_selector_and_pagination_cover_every_sandbox_once() {
         .await
         .unwrap()
         .into_inner();
-    let err = c
-        .list_sandboxes(pb::ListSandboxesRequest {
+    let err =
+        c.sb.list_sandboxes(pb::ListSandboxesRequest {
             page_size: 1,
             label_selector: "team=odd".into(),
             page_token: first.next_page_token,
@@ -380,8 +300,8 @@ async fn label_selector_and_pagination_cover_every_sandbox_once() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 
-    let bad = c
-        .list_sandboxes(pb::ListSandboxesRequest {
+    let bad =
+        c.sb.list_sandboxes(pb::ListSandboxesRequest {
             page_token: "not-a-token".into(),
             ..Default::default()
         })
@@ -389,7 +309,7 @@ async fn label_selector_and_pagination_cover_every_sandbox_once() {
         .unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);
     for id in &want {
-        delete(&mut c, id, false).await.unwrap();
+        c.try_delete(id, false).await.unwrap();
     }
     env.leak_check().await;
 }
@@ -397,28 +317,26 @@ async fn label_selector_and_pagination_cover_every_sandbox_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn ttl_expiry_deletes_the_sandbox_even_across_a_restart() {
     let env = TestEnv::new().await;
-    let mut c = client(&env).await;
+    let mut c = env.clients().await;
     let ttl = Some(prost_types::Duration {
         seconds: 3,
         nanos: 0,
     });
-    let sb = create(
-        &mut c,
-        pb::CreateSandboxRequest {
+    let sb = c
+        .create(pb::CreateSandboxRequest {
             ttl,
-            ..create_req(&env, "short")
-        },
-    )
-    .await;
+            ..c.request("short")
+        })
+        .await;
     let expires = sb.expires_at.expect("expires_at");
     let created = sb.created_at.expect("created_at");
     assert!((expires.seconds - created.seconds - 3).abs() <= 1);
     // The expiry is stored in containerd: a restarted service still honours it.
     env.sandboxd.restart().await;
-    let mut c = client(&env).await;
+    let mut c = env.clients().await;
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        match get(&mut c, "short").await {
+        match c.try_get("short").await {
             Err(s) if s.code() == Code::NotFound => break,
             Ok(_) => assert!(Instant::now() < deadline, "sandbox outlived its ttl"),
             Err(s) => panic!("get_sandbox: {s}"),
@@ -431,38 +349,35 @@ async fn ttl_expiry_deletes_the_sandbox_even_across_a_restart() {
 #[tokio::test(flavor = "multi_thread")]
 async fn restarted_sandboxd_sees_and_deletes_old_sandboxes() {
     let env = TestEnv::new().await;
-    let mut c = client(&env).await;
-    let running = create(&mut c, create_req(&env, "survivor")).await;
-    create(
-        &mut c,
-        pb::CreateSandboxRequest {
-            start: Some(false),
-            labels: HashMap::from([("k".into(), "v".into())]),
-            ..create_req(&env, "idle")
-        },
-    )
+    let mut c = env.clients().await;
+    let running = c.create(c.request("survivor")).await;
+    c.create(pb::CreateSandboxRequest {
+        start: Some(false),
+        labels: HashMap::from([("k".into(), "v".into())]),
+        ..c.request("idle")
+    })
     .await;
     env.sandboxd.restart().await;
-    let mut c = client(&env).await;
-    let after = get(&mut c, "survivor").await.unwrap();
+    let mut c = env.clients().await;
+    let after = c.try_get("survivor").await.unwrap();
     assert_eq!(after.state(), SandboxState::Running);
     assert_eq!(
         after.pid, running.pid,
         "the sandbox's processes survive a service restart"
     );
-    let idle = get(&mut c, "idle").await.unwrap();
+    let idle = c.try_get("idle").await.unwrap();
     assert_eq!(idle.state(), SandboxState::Created);
     assert_eq!(idle.labels.get("k").map(String::as_str), Some("v"));
-    delete(&mut c, "survivor", true).await.unwrap();
-    delete(&mut c, "idle", false).await.unwrap();
+    c.try_delete("survivor", true).await.unwrap();
+    c.try_delete("idle", false).await.unwrap();
     env.leak_check().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn health_follows_containerd_and_sandboxes_survive_its_restart() {
     let env = TestEnv::new().await;
-    let mut c = client(&env).await;
-    let sb = create(&mut c, create_req(&env, "steady")).await;
+    let mut c = env.clients().await;
+    let sb = c.create(c.request("steady")).await;
     assert_eq!(
         env.sandboxd.health().await.unwrap(),
         tonic_health::pb::health_check_response::ServingStatus::Serving
@@ -475,7 +390,7 @@ async fn health_follows_containerd_and_sandboxes_survive_its_restart() {
         assert!(Instant::now() < deadline, "health never went NOT_SERVING");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let err = get(&mut c, "steady").await.unwrap_err();
+    let err = c.try_get("steady").await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err}");
     env.containerd.restart().await;
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -488,35 +403,26 @@ async fn health_follows_containerd_and_sandboxes_survive_its_restart() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let after = get(&mut c, "steady").await.unwrap();
+    let after = c.try_get("steady").await.unwrap();
     assert_eq!(after.state(), SandboxState::Running);
     assert_eq!(after.pid, sb.pid);
-    delete(&mut c, "steady", true).await.unwrap();
+    c.try_delete("steady", true).await.unwrap();
     env.leak_check().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn resources_reach_the_cgroup() {
     let env = TestEnv::new().await;
-    let mut c = client(&env).await;
-    let resources = Some(pb::Resources {
-        cpu_millis: 500,
-        memory_bytes: 64 << 20,
-        pids_limit: 50,
-    });
-    let sb = create(
-        &mut c,
-        pb::CreateSandboxRequest {
+    let mut c = env.clients().await;
+    let resources = Some(SMALL_LIMITS);
+    let sb = c
+        .create(pb::CreateSandboxRequest {
             resources,
-            ..create_req(&env, "limited")
-        },
-    )
-    .await;
+            ..c.request("limited")
+        })
+        .await;
     assert_eq!(sb.resources, resources);
-    let (memory, pids, quota) = env.cgroup.limits("limited");
-    assert_eq!(memory.as_deref(), Some("67108864"));
-    assert_eq!(pids.as_deref(), Some("50"));
-    assert_eq!(quota.as_deref(), Some("50000"));
+    env.assert_small_limits("limited");
     // runc keeps the sandbox's state where sandboxd was told (the test's own directory),
     // not in the host's /run/containerd.
     let runc_state = env
@@ -535,18 +441,22 @@ async fn resources_reach_the_cgroup() {
         .join(&env.namespace)
         .exists());
     // The default pids limit applies when none is asked for.
-    let dflt = create(&mut c, create_req(&env, "default-limits")).await;
+    let dflt = c.create(c.request("default-limits")).await;
     assert_eq!(dflt.resources.unwrap().pids_limit, 1024);
-    delete(&mut c, "limited", true).await.unwrap();
-    delete(&mut c, "default-limits", true).await.unwrap();
+    c.try_delete("limited", true).await.unwrap();
+    c.try_delete("default-limits", true).await.unwrap();
     env.leak_check().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_create_requests_are_rejected_and_leave_nothing_behind() {
     let env = TestEnv::new().await;
-    let mut c = client(&env).await;
-    let base = create_req(&env, "ok");
+    let mut c = env.clients().await;
+    let base = c.request("ok");
+    let with_resources = |resources| pb::CreateSandboxRequest {
+        resources: Some(resources),
+        ..base.clone()
+    };
     let cases: Vec<(&str, pb::CreateSandboxRequest, Code, &str)> = vec![
         (
             "bad id",
@@ -605,37 +515,28 @@ async fn bad_create_requests_are_rejected_and_leave_nothing_behind() {
         ),
         (
             "negative cpu",
-            pb::CreateSandboxRequest {
-                resources: Some(pb::Resources {
-                    cpu_millis: -5,
-                    ..Default::default()
-                }),
-                ..base.clone()
-            },
+            with_resources(pb::Resources {
+                cpu_millis: -5,
+                ..Default::default()
+            }),
             Code::InvalidArgument,
             "cpu_millis",
         ),
         (
             "absurd memory",
-            pb::CreateSandboxRequest {
-                resources: Some(pb::Resources {
-                    memory_bytes: i64::MAX,
-                    ..Default::default()
-                }),
-                ..base.clone()
-            },
+            with_resources(pb::Resources {
+                memory_bytes: i64::MAX,
+                ..Default::default()
+            }),
             Code::InvalidArgument,
             "memory_bytes",
         ),
         (
             "negative pids",
-            pb::CreateSandboxRequest {
-                resources: Some(pb::Resources {
-                    pids_limit: -1,
-                    ..Default::default()
-                }),
-                ..base.clone()
-            },
+            with_resources(pb::Resources {
+                pids_limit: -1,
+                ..Default::default()
+            }),
             Code::InvalidArgument,
             "pids_limit",
         ),
@@ -698,33 +599,33 @@ async fn bad_create_requests_are_rejected_and_leave_nothing_behind() {
         ),
     ];
     for (what, req, code, needle) in cases {
-        let err = c.create_sandbox(req).await.expect_err(what);
+        let err = c.try_create(req).await.expect_err(what);
         assert_eq!(err.code(), code, "{what}: {err}");
         assert!(err.message().contains(needle), "{what}: {err}");
     }
     // Every rejected request left nothing: the namespace is empty.
-    let listed = c
-        .list_sandboxes(pb::ListSandboxesRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let listed =
+        c.sb.list_sandboxes(pb::ListSandboxesRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
     assert!(listed.sandboxes.is_empty(), "{:?}", listed.sandboxes);
     env.leak_check().await;
 
-    create(&mut c, base.clone()).await;
-    let dup = c.create_sandbox(base).await.unwrap_err();
+    c.create(base.clone()).await;
+    let dup = c.try_create(base).await.unwrap_err();
     assert_eq!(dup.code(), Code::AlreadyExists);
     assert_eq!(
-        get(&mut c, "ok").await.unwrap().state(),
+        c.try_get("ok").await.unwrap().state(),
         SandboxState::Running,
         "a duplicate create must not harm the original"
     );
     for (what, err) in [
-        ("get bad id", get(&mut c, "UPPER").await.unwrap_err()),
-        ("get missing", get(&mut c, "missing").await.unwrap_err()),
+        ("get bad id", c.try_get("UPPER").await.unwrap_err()),
+        ("get missing", c.try_get("missing").await.unwrap_err()),
         (
             "delete missing",
-            delete(&mut c, "missing", false).await.unwrap_err(),
+            c.try_delete("missing", false).await.unwrap_err(),
         ),
     ] {
         assert!(
@@ -732,6 +633,6 @@ async fn bad_create_requests_are_rejected_and_leave_nothing_behind() {
             "{what}: {err}"
         );
     }
-    delete(&mut c, "ok", true).await.unwrap();
+    c.try_delete("ok", true).await.unwrap();
     env.leak_check().await;
 }

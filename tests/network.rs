@@ -12,13 +12,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::netns::{run, run_in_netns, TestNamespace};
-use common::TestEnv;
-use sandboxd::pb::sandbox_service_client::SandboxServiceClient;
+use common::{Clients, TestEnv};
 use sandboxd::pb::{self, SandboxState};
-use tonic::transport::Channel;
 use tonic::Code;
-
-type Client = SandboxServiceClient<Channel>;
 
 const BRIDGE: &str = "sbxtest0";
 const SUBNET: &str = "10.213.7.0/24";
@@ -32,7 +28,7 @@ const SANDBOX_RESOLV: &str = "search test.example\nnameserver 10.99.0.53\noption
 struct NetEnv {
     env: TestEnv,
     dir: tempfile::TempDir,
-    c: Client,
+    c: Clients,
 }
 
 impl NetEnv {
@@ -59,7 +55,7 @@ impl NetEnv {
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let env = TestEnv::with_args(&args).await;
-        let c = SandboxServiceClient::new(env.channel().await);
+        let c = env.clients().await;
         NetEnv { env, dir, c }
     }
 
@@ -97,64 +93,21 @@ impl NetEnv {
         network: pb::NetworkSpec,
         command: &[&str],
     ) -> pb::Sandbox {
+        let request = pb::CreateSandboxRequest {
+            network: Some(network),
+            command: command.iter().map(|s| s.to_string()).collect(),
+            ..self.c.request(id)
+        };
         self.c
-            .create_sandbox(pb::CreateSandboxRequest {
-                sandbox_id: id.into(),
-                image: self.env.image_ref(),
-                network: Some(network),
-                command: command.iter().map(|s| s.to_string()).collect(),
-                ..Default::default()
-            })
+            .try_create(request)
             .await
             .unwrap_or_else(|e| panic!("create {id}: {e}\n{}", self.env.sandboxd.log_tail()))
-            .into_inner()
-            .sandbox
-            .unwrap()
-    }
-
-    async fn get(&mut self, id: &str) -> pb::Sandbox {
-        self.c
-            .get_sandbox(pb::GetSandboxRequest {
-                sandbox_id: id.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .sandbox
-            .unwrap()
-    }
-
-    async fn delete(&mut self, id: &str) {
-        self.c
-            .delete_sandbox(pb::DeleteSandboxRequest {
-                sandbox_id: id.into(),
-                force: true,
-            })
-            .await
-            .unwrap_or_else(|e| panic!("delete {id}: {e}"));
-    }
-
-    /// Runs a shell script in sandbox `id`: exit code and stdout + stderr.
-    async fn sh(&mut self, id: &str, script: &str) -> (i32, String) {
-        let r = self
-            .c
-            .exec_sync(pb::ExecSyncRequest {
-                sandbox_id: id.into(),
-                args: vec!["sh".into(), "-c".into(), script.into()],
-                ..Default::default()
-            })
-            .await
-            .unwrap_or_else(|e| panic!("exec in {id}: {e}"))
-            .into_inner();
-        (
-            r.exit_code,
-            String::from_utf8_lossy(&r.stdout).into_owned() + &String::from_utf8_lossy(&r.stderr),
-        )
     }
 
     /// Whether sandbox `id` can open a TCP connection to `addr`, and what it read.
     async fn connect(&mut self, id: &str, addr: &str, port: u16) -> Result<String, String> {
         let (code, out) = self
+            .c
             .sh(id, &format!("nc -w 3 {addr} {port} </dev/null"))
             .await;
         if code == 0 && !out.is_empty() {
@@ -341,19 +294,19 @@ fn bridge_sandboxes_connect_and_the_egress_policy_holds() {
             assert_ne!(net.ip_address, b_ip);
 
             // Inside: the address on eth0, /etc/hosts naming it, the filtered resolv.conf.
-            let (_, addrs) = n.sh("a", "ip -4 -o addr show dev eth0").await;
+            let (_, addrs) = n.c.sh("a", "ip -4 -o addr show dev eth0").await;
             assert!(addrs.contains(&format!("{a_ip}/24")), "{addrs}");
-            let (_, hosts) = n.sh("a", "cat /etc/hosts").await;
+            let (_, hosts) = n.c.sh("a", "cat /etc/hosts").await;
             assert!(hosts.contains(&format!("{a_ip}\ta\n")), "{hosts}");
-            assert_eq!(n.sh("a", "cat /etc/resolv.conf").await.1, SANDBOX_RESOLV);
+            assert_eq!(n.c.sh("a", "cat /etc/resolv.conf").await.1, SANDBOX_RESOLV);
             // IPv4 only: no IPv6 path around the egress rules.
             assert_eq!(
-                n.sh("a", "cat /proc/sys/net/ipv6/conf/eth0/disable_ipv6")
+                n.c.sh("a", "cat /proc/sys/net/ipv6/conf/eth0/disable_ipv6")
                     .await
                     .1,
                 "1\n"
             );
-            assert_eq!(n.sh("a", "ip -6 -o addr").await.1, "");
+            assert_eq!(n.c.sh("a", "ip -6 -o addr").await.1, "");
 
             // Servers on the host side: the bridge's gateway address and the metadata address.
             serve((GATEWAY, 18080).into(), "gw18080", None);
@@ -415,8 +368,8 @@ fn bridge_sandboxes_connect_and_the_egress_policy_holds() {
                 let r = n.connect("deny", addr, port).await;
                 assert!(r.is_err(), "deny-all reached {addr}:{port}: {r:?}");
             }
-            let (code, out) = n
-                .sh(
+            let (code, out) =
+                n.c.sh(
                     "deny",
                     "ip addr add 10.213.7.250/24 dev eth0 && ip route flush all",
                 )
@@ -506,15 +459,13 @@ fn bridge_sandboxes_connect_and_the_egress_policy_holds() {
                 n.connect("via", "10.213.7.1", 18300).await.unwrap(),
                 "published\n"
             );
-            let pub_ip = n.get("pub").await.network.unwrap().ip_address;
+            let pub_ip = n.c.get("pub").await.network.unwrap().ip_address;
             assert!(n.connect("via", &pub_ip, 8080).await.is_err());
             // The same host port twice is refused, naming the holder.
             let err =
-                n.c.create_sandbox(pb::CreateSandboxRequest {
-                    sandbox_id: "pub2".into(),
-                    image: n.env.image_ref(),
+                n.c.try_create(pb::CreateSandboxRequest {
                     network: Some(published),
-                    ..Default::default()
+                    ..n.c.request("pub2")
                 })
                 .await
                 .unwrap_err();
@@ -571,17 +522,20 @@ fn bridge_sandboxes_connect_and_the_egress_policy_holds() {
 
             // NONE has loopback only.
             n.create("none", pb::NetworkSpec::default(), &[]).await;
-            let (_, links) = n.sh("none", "ip -o link").await;
+            let (_, links) = n.c.sh("none", "ip -o link").await;
             assert_eq!(links.lines().count(), 1, "{links}");
             assert!(links.contains(": lo:"), "{links}");
-            assert_eq!(n.sh("none", "cat /etc/resolv.conf").await.1, SANDBOX_RESOLV);
-            let none = n.get("none").await.network.unwrap();
+            assert_eq!(
+                n.c.sh("none", "cat /etc/resolv.conf").await.1,
+                SANDBOX_RESOLV
+            );
+            let none = n.c.get("none").await.network.unwrap();
             assert!(none.ip_address.is_empty() && none.egress.is_none());
 
             for id in [
                 "a", "b", "deny", "list", "wide", "meta", "pub", "via", "none",
             ] {
-                n.delete(id).await;
+                n.c.force_delete(id).await;
             }
             n.assert_no_network_leftovers().await;
             n.env.leak_check().await;
@@ -616,7 +570,7 @@ fn network_is_torn_down_on_stop_delete_exit_and_adopted_after_restart() {
             let s = n.create("s", bridge(), &[]).await;
             assert!(!s.network.unwrap().ip_address.is_empty());
             let stopped =
-                n.c.stop_sandbox(pb::StopSandboxRequest {
+                n.c.try_stop(pb::StopSandboxRequest {
                     sandbox_id: "s".into(),
                     force: true,
                     timeout: Some(prost_types::Duration {
@@ -626,9 +580,6 @@ fn network_is_torn_down_on_stop_delete_exit_and_adopted_after_restart() {
                     ..Default::default()
                 })
                 .await
-                .unwrap()
-                .into_inner()
-                .sandbox
                 .unwrap();
             assert_eq!(stopped.state, SandboxState::Stopped as i32);
             assert!(
@@ -642,15 +593,7 @@ fn network_is_torn_down_on_stop_delete_exit_and_adopted_after_restart() {
                 n.netns_files()
             );
             assert_eq!(n.leased_ips().len(), 1);
-            let restarted =
-                n.c.start_sandbox(pb::StartSandboxRequest {
-                    sandbox_id: "s".into(),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .sandbox
-                .unwrap();
+            let restarted = n.c.start("s").await;
             let ip = restarted.network.unwrap().ip_address;
             assert!(n
                 .connect("s", "10.213.7.1", 18080)
@@ -662,7 +605,7 @@ fn network_is_torn_down_on_stop_delete_exit_and_adopted_after_restart() {
             n.create("brief", bridge(), &["sleep", "1"]).await;
             let deadline = Instant::now() + Duration::from_secs(15);
             loop {
-                let sb = n.get("brief").await;
+                let sb = n.c.get("brief").await;
                 let attached = n.netns_files().iter().any(|f| f.ends_with("-brief"));
                 // The namespace goes before the labels holding the address (they keep the
                 // cached CNI result until the teardown is done): wait for both.
@@ -689,8 +632,8 @@ fn network_is_torn_down_on_stop_delete_exit_and_adopted_after_restart() {
 
             // A restarted sandboxd adopts running sandboxes' networks as they are.
             n.env.sandboxd.restart().await;
-            n.c = SandboxServiceClient::new(n.env.channel().await);
-            assert_eq!(n.get("s").await.network.unwrap().ip_address, ip);
+            n.c = n.env.clients().await;
+            assert_eq!(n.c.get("s").await.network.unwrap().ip_address, ip);
             assert!(n.connect("s", "10.213.7.1", 18080).await.is_ok());
 
             // One that died while sandboxd was down is cleaned when it comes back.
@@ -711,7 +654,7 @@ fn network_is_torn_down_on_stop_delete_exit_and_adopted_after_restart() {
                 std::thread::sleep(Duration::from_millis(100));
             }
             n.env.sandboxd.restart().await;
-            n.c = SandboxServiceClient::new(n.env.channel().await);
+            n.c = n.env.clients().await;
             let deadline = Instant::now() + Duration::from_secs(10);
             while n.netns_files().iter().any(|f| f.ends_with("-first")) {
                 assert!(
@@ -723,7 +666,7 @@ fn network_is_torn_down_on_stop_delete_exit_and_adopted_after_restart() {
             assert_eq!(n.leased_ips().len(), 1, "{:?}", n.leased_ips());
 
             for id in ["first", "s", "brief"] {
-                n.delete(id).await;
+                n.c.force_delete(id).await;
             }
             n.assert_no_network_leftovers().await;
             n.env.leak_check().await;
@@ -760,7 +703,7 @@ fn cni_failures_fail_create_with_the_plugin_message_and_leave_nothing() {
                 ..Default::default()
             };
 
-            let err = n.c.create_sandbox(create("bad")).await.unwrap_err();
+            let err = n.c.try_create(create("bad")).await.unwrap_err();
             assert_eq!(err.code(), Code::Internal, "{err:?}");
             assert!(
                 err.message().contains("\"bridge\"") && err.message().contains("10.213.300.0"),
@@ -768,17 +711,18 @@ fn cni_failures_fail_create_with_the_plugin_message_and_leave_nothing() {
             );
 
             write(r#"{"type":"no-such-plugin"}"#);
-            let err = n.c.create_sandbox(create("bad")).await.unwrap_err();
+            let err = n.c.try_create(create("bad")).await.unwrap_err();
             assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
             assert!(err.message().contains("no-such-plugin"), "{err:?}");
 
             std::fs::write(&conflist, "{not json").unwrap();
-            let err = n.c.create_sandbox(create("bad")).await.unwrap_err();
+            let err = n.c.try_create(create("bad")).await.unwrap_err();
             assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
             assert!(err.message().contains("not JSON"), "{err:?}");
 
             let sandboxes =
-                n.c.list_sandboxes(pb::ListSandboxesRequest::default())
+                n.c.sb
+                    .list_sandboxes(pb::ListSandboxesRequest::default())
                     .await
                     .unwrap()
                     .into_inner()
@@ -794,16 +738,10 @@ fn cni_failures_fail_create_with_the_plugin_message_and_leave_nothing() {
             // Fixed, the operator's own conflist is used; the bridge the failed ADD left behind
             // (with no MAC address: see net::remove_unusable_bridge) does not get in the way.
             write(&bridge_plugin("10.213.9.0/24"));
-            let sb =
-                n.c.create_sandbox(create("good"))
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .sandbox
-                    .unwrap();
+            let sb = n.c.try_create(create("good")).await.unwrap();
             assert!(sb.network.unwrap().ip_address.starts_with("10.213.9."));
             assert!(run("ip", &["-o", "link"]).contains("sbxcustom0:"));
-            n.delete("good").await;
+            n.c.force_delete("good").await;
             assert!(veths().is_empty(), "{:?}", veths());
             assert!(n.netns_files().is_empty());
             n.env.leak_check().await;
@@ -822,7 +760,6 @@ fn five_hundred_bridge_sandboxes_come_and_go_without_a_trace() {
             let workers: Vec<_> = (0..2)
                 .map(|w| {
                     let mut c = n.c.clone();
-                    let image = n.env.image_ref();
                     tokio::spawn(async move {
                         for i in 0..250 {
                             let id = format!("cycle-{w}-{i}");
@@ -838,20 +775,12 @@ fn five_hundred_bridge_sandboxes_come_and_go_without_a_trace() {
                                     allow: vec![rule("10.0.0.0/8", &[443])],
                                 });
                             }
-                            c.create_sandbox(pb::CreateSandboxRequest {
-                                sandbox_id: id.clone(),
-                                image: image.clone(),
+                            c.create(pb::CreateSandboxRequest {
                                 network: Some(spec),
-                                ..Default::default()
+                                ..c.request(&id)
                             })
-                            .await
-                            .unwrap_or_else(|e| panic!("create {id}: {e}"));
-                            c.delete_sandbox(pb::DeleteSandboxRequest {
-                                sandbox_id: id.clone(),
-                                force: true,
-                            })
-                            .await
-                            .unwrap_or_else(|e| panic!("delete {id}: {e}"));
+                            .await;
+                            c.force_delete(&id).await;
                         }
                     })
                 })
@@ -889,21 +818,13 @@ async fn resolv_conf_comes_from_resolved_then_the_host_then_the_fallback() {
         "192.0.2.53,192.0.2.54",
     ])
     .await;
-    let ch = env.channel().await;
-    let mut c = SandboxServiceClient::new(ch.clone());
+    let mut c = env.clients().await;
     let resolv_of = |id: &'static str| {
-        let image = env.image_ref();
-        let mut c = SandboxServiceClient::new(ch.clone());
+        let mut c = c.clone();
         async move {
-            c.create_sandbox(pb::CreateSandboxRequest {
-                sandbox_id: id.into(),
-                image,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-            let out = c
-                .exec_sync(pb::ExecSyncRequest {
+            c.create_running(id).await;
+            let out =
+                c.sb.exec_sync(pb::ExecSyncRequest {
                     sandbox_id: id.into(),
                     args: vec!["cat".into(), "/etc/resolv.conf".into()],
                     ..Default::default()
@@ -929,12 +850,7 @@ async fn resolv_conf_comes_from_resolved_then_the_host_then_the_fallback() {
     std::fs::write(&host, "nameserver ::1\nnameserver 10.2.2.2\nsearch lan\n").unwrap();
     assert_eq!(resolv_of("host").await, "nameserver 10.2.2.2\nsearch lan\n");
     for id in ["resolved", "fallback", "host"] {
-        c.delete_sandbox(pb::DeleteSandboxRequest {
-            sandbox_id: id.into(),
-            force: true,
-        })
-        .await
-        .unwrap();
+        c.force_delete(id).await;
     }
     env.leak_check().await;
 }

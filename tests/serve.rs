@@ -8,10 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{host, CgroupParent, TestEnv};
+use common::{host, CgroupParent, Clients, TestEnv};
 use hyper_util::rt::TokioIo;
 use nix::sys::signal::Signal;
-use sandboxd::pb::sandbox_service_client::SandboxServiceClient;
 use sandboxd::pb::{self, SandboxState};
 use tempfile::TempDir;
 use tonic::transport::{Channel, Endpoint};
@@ -168,6 +167,32 @@ impl Daemon {
             .into_owned()
     }
 
+    /// `serve` arguments listening on `listen`, with this daemon's data dir and cgroup parent,
+    /// containerd at `containerd`, `namespace` and runc's state in `runc_root`.
+    fn serve_args(
+        &self,
+        listen: &Listen,
+        containerd: &Path,
+        namespace: &str,
+        runc_root: &Path,
+    ) -> Vec<String> {
+        vec![
+            "serve".into(),
+            "--listen".into(),
+            listen.flag(),
+            "--containerd-address".into(),
+            containerd.display().to_string(),
+            "--data-dir".into(),
+            self.data_dir().display().to_string(),
+            "--namespace".into(),
+            namespace.to_owned(),
+            "--cgroup-parent".into(),
+            self.cgroup.path().to_owned(),
+            "--runc-root".into(),
+            runc_root.display().to_string(),
+        ]
+    }
+
     /// Starts `sandboxd <args>`, output appended to the log.
     fn spawn(&mut self, args: &[String]) {
         assert!(self.child.is_none(), "sandboxd is already running");
@@ -250,6 +275,21 @@ impl Daemon {
         }
     }
 
+    /// [`Daemon::terminate`], asserting sandboxd exits 0 and logs [`STOPPED_LINE`] first.
+    fn terminate_cleanly(&mut self) {
+        let (status, took) = self.terminate();
+        assert!(
+            status.success(),
+            "sandboxd exited with {status} after SIGTERM; log:\n{}",
+            self.run_log()
+        );
+        assert!(
+            self.run_log().contains(STOPPED_LINE),
+            "no {STOPPED_LINE:?} in the log after SIGTERM ({took:?}):\n{}",
+            self.run_log()
+        );
+    }
+
     /// Live processes whose command line names our temp dir.
     fn processes_left(&self) -> Vec<String> {
         let root = self.root.to_string_lossy().into_owned();
@@ -294,24 +334,13 @@ impl Drop for Daemon {
     }
 }
 
-fn create_request(id: &str, image: &str) -> pb::CreateSandboxRequest {
-    pb::CreateSandboxRequest {
-        sandbox_id: id.into(),
-        image: image.into(),
-        ..Default::default()
-    }
-}
-
 /// Creates a sandbox, checks it runs, force-deletes it and checks it is gone.
 async fn create_and_delete(channel: Channel, id: &str, image: &str, log: impl Fn() -> String) {
-    let mut client = SandboxServiceClient::new(channel);
-    let sandbox = client
-        .create_sandbox(create_request(id, image))
+    let mut c = Clients::new(channel, image.to_owned());
+    let sandbox = c
+        .try_create(c.request(id))
         .await
-        .unwrap_or_else(|s| panic!("create_sandbox {id} from {image}: {s}\nlog:\n{}", log()))
-        .into_inner()
-        .sandbox
-        .expect("CreateSandboxResponse has a sandbox");
+        .unwrap_or_else(|s| panic!("create_sandbox {id} from {image}: {s}\nlog:\n{}", log()));
     assert_eq!(sandbox.state(), SandboxState::Running, "{sandbox:?}");
     assert!(sandbox.pid > 0, "{sandbox:?}");
     assert!(
@@ -319,19 +348,10 @@ async fn create_and_delete(channel: Channel, id: &str, image: &str, log: impl Fn
         "sandbox {id}'s PID 1 ({}) is not alive",
         sandbox.pid
     );
-    client
-        .delete_sandbox(pb::DeleteSandboxRequest {
-            sandbox_id: id.into(),
-            force: true,
-        })
+    c.try_delete(id, true)
         .await
         .unwrap_or_else(|s| panic!("delete_sandbox {id}: {s}\nlog:\n{}", log()));
-    let err = client
-        .get_sandbox(pb::GetSandboxRequest {
-            sandbox_id: id.into(),
-        })
-        .await
-        .expect_err("get_sandbox after delete");
+    let err = c.try_get(id).await.expect_err("get_sandbox after delete");
     assert_eq!(err.code(), Code::NotFound, "{err}");
 }
 
@@ -385,21 +405,7 @@ async fn embedded_containerd_starts_when_none_answers() {
     let mut listen = Listen::Tcp(String::new());
     for attempt in 1..=PORT_ATTEMPTS {
         listen = Listen::Tcp(format!("127.0.0.1:{}", common::registry::free_port()));
-        let args: Vec<String> = vec![
-            "serve".into(),
-            "--listen".into(),
-            listen.flag(),
-            "--containerd-address".into(),
-            nothing.display().to_string(),
-            "--data-dir".into(),
-            daemon.data_dir().display().to_string(),
-            "--namespace".into(),
-            namespace.clone(),
-            "--cgroup-parent".into(),
-            daemon.cgroup.path().to_owned(),
-            "--runc-root".into(),
-            daemon.root.join("runc").display().to_string(),
-        ];
+        let args = daemon.serve_args(&listen, &nothing, &namespace, &daemon.root.join("runc"));
         daemon.spawn(&args);
         match daemon.wait_serving(&listen).await {
             Ok(()) => break,
@@ -508,17 +514,7 @@ async fn embedded_containerd_starts_when_none_answers() {
     drop(channel);
 
     // SIGTERM stops sandboxd and its private containerd.
-    let (status, took) = daemon.terminate();
-    assert!(
-        status.success(),
-        "sandboxd exited with {status} after SIGTERM; log:\n{}",
-        daemon.run_log()
-    );
-    assert!(
-        daemon.run_log().contains(STOPPED_LINE),
-        "no {STOPPED_LINE:?} in the log after SIGTERM ({took:?}):\n{}",
-        daemon.run_log()
-    );
+    daemon.terminate_cleanly();
     let left = wait_empty(GONE_TIMEOUT, || daemon.processes_left());
     assert!(
         left.is_empty(),
@@ -541,15 +537,14 @@ async fn embedded_containerd_starts_when_none_answers() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_stops_gracefully_and_exit_code_is_zero() {
     let env = TestEnv::new().await;
-    let mut client = SandboxServiceClient::new(env.channel().await);
-    client
-        .create_sandbox(create_request("graceful", &env.image_ref()))
+    let mut c = env.clients().await;
+    c.try_create(c.request("graceful"))
         .await
         .unwrap_or_else(|s| panic!("create_sandbox: {s}\nlog:\n{}", env.sandboxd.log_tail()));
 
     // A unary call in flight when SIGTERM arrives still gets its answer: this one runs for a
     // second, and SIGTERM comes while it runs.
-    let mut exec_client = client.clone();
+    let mut exec_client = c.sb.clone();
     let in_flight = tokio::spawn(async move {
         exec_client
             .exec_sync(pb::ExecSyncRequest {
@@ -609,22 +604,13 @@ async fn sigterm_stops_gracefully_and_exit_code_is_zero() {
 
     // Nothing was left half-made: a new sandboxd finds the sandbox and deletes it cleanly.
     env.sandboxd.restart().await;
-    let mut client = SandboxServiceClient::new(env.channel().await);
-    let sandbox = client
-        .get_sandbox(pb::GetSandboxRequest {
-            sandbox_id: "graceful".into(),
-        })
+    let mut c = env.clients().await;
+    let sandbox = c
+        .try_get("graceful")
         .await
-        .expect("get_sandbox after restart")
-        .into_inner()
-        .sandbox
-        .expect("sandbox");
+        .expect("get_sandbox after restart");
     assert_eq!(sandbox.state(), SandboxState::Running, "{sandbox:?}");
-    client
-        .delete_sandbox(pb::DeleteSandboxRequest {
-            sandbox_id: "graceful".into(),
-            force: true,
-        })
+    c.try_delete("graceful", true)
         .await
         .expect("delete_sandbox after restart");
     env.leak_check().await;
@@ -792,23 +778,13 @@ async fn listens_on_a_unix_socket() {
     let socket = daemon.root.join("s.sock");
     let listen = Listen::Unix(socket.clone());
     let namespace = common::unique_name("sbx-unix");
-    let args: Vec<String> = vec![
-        "serve".into(),
-        "--listen".into(),
-        listen.flag(),
-        "--containerd-address".into(),
-        env.containerd.address().display().to_string(),
-        "--data-dir".into(),
-        daemon.data_dir().display().to_string(),
-        "--namespace".into(),
-        namespace.clone(),
-        "--cgroup-parent".into(),
-        daemon.cgroup.path().to_owned(),
-        "--embedded-containerd".into(),
-        "never".into(),
-        "--runc-root".into(),
-        env.containerd.dir().join("runc").display().to_string(),
-    ];
+    let mut args = daemon.serve_args(
+        &listen,
+        &env.containerd.address(),
+        &namespace,
+        &env.containerd.dir().join("runc"),
+    );
+    args.extend(["--embedded-containerd".into(), "never".into()]);
     daemon.spawn(&args);
     if let Err(log) = daemon.wait_serving(&listen).await {
         panic!("{log}");
@@ -844,17 +820,7 @@ async fn listens_on_a_unix_socket() {
     assert!(leaks.is_empty(), "resources leaked:\n{leaks}");
     drop(channel);
 
-    let (status, took) = daemon.terminate();
-    assert!(
-        status.success(),
-        "sandboxd exited with {status} after SIGTERM; log:\n{}",
-        daemon.run_log()
-    );
-    assert!(
-        daemon.run_log().contains(STOPPED_LINE),
-        "no {STOPPED_LINE:?} in the log after SIGTERM ({took:?}):\n{}",
-        daemon.run_log()
-    );
+    daemon.terminate_cleanly();
     assert!(
         !socket.exists(),
         "the unix socket {} is still there after sandboxd stopped",

@@ -9,7 +9,46 @@ use anyhow::{ensure, Context, Result};
 use containerd_client::services::v1::version_client::VersionClient;
 use serde::Serialize;
 
-use crate::common::{host, Containerd};
+use crate::common::{host, Containerd, TestEnv};
+
+pub mod ctr;
+
+/// The argument cargo passes to a `harness = false` bench target under `cargo bench`.
+const CARGO_BENCH_FLAG: &str = "--bench";
+
+/// A bench's `main`: without cargo bench's `--bench` flag (as under `cargo test --benches`) it only
+/// prints how to run bench `name`, so a bench never takes part in CI's pass/fail; with it, reads
+/// the settings and runs `run` on a multi-threaded runtime.
+pub fn bench_main<S, F>(
+    name: &str,
+    settings: impl FnOnce() -> Result<S>,
+    run: impl FnOnce(S) -> F,
+) -> Result<()>
+where
+    F: std::future::Future<Output = Result<()>>,
+{
+    if !std::env::args().any(|arg| arg == CARGO_BENCH_FLAG) {
+        println!("{name} bench: skipped (run it as root with `cargo bench --bench {name}`)");
+        return Ok(());
+    }
+    let settings = settings()?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("build the tokio runtime")?
+        .block_on(run(settings))
+}
+
+/// Collects the machine facts and the load average before the run and prints them with the
+/// bench's `settings`; returns both.
+pub async fn announce(containerd: &Containerd, settings: &str) -> Result<(MachineFacts, f64)> {
+    let machine = MachineFacts::collect(containerd).await?;
+    let load_before = load_average()?;
+    println!("{}", machine.render());
+    println!("load average (1 min) before: {load_before:.2}");
+    println!("{settings}\n");
+    Ok((machine, load_before))
+}
 
 /// A non-negative count from environment variable `name`, or `default` when it is unset.
 pub fn env_count(name: &str, default: usize) -> Result<usize> {
@@ -113,12 +152,83 @@ pub struct LoadAverages {
     pub after: f64,
 }
 
+impl LoadAverages {
+    /// The load average `before` the run and now.
+    pub fn since(before: f64) -> Result<LoadAverages> {
+        Ok(LoadAverages {
+            before,
+            after: load_average()?,
+        })
+    }
+
+    /// The report's load line.
+    pub fn render(&self) -> String {
+        format!(
+            "load average (1 min): {:.2} before, {:.2} after (after includes the bench's own processes)\n",
+            self.before, self.after
+        )
+    }
+}
+
 /// A gRPC failure as an error naming the call, the object and the exact status.
 pub fn status_error(call: &str, id: &str, status: &tonic::Status) -> anyhow::Error {
     anyhow::anyhow!(
         "{call} {id} failed: {:?}: {}",
         status.code(),
         status.message()
+    )
+}
+
+/// "met" or "MISSED".
+pub fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+/// The header, with its rule, of a table of latencies measured on both sides.
+pub fn latency_header() -> String {
+    let mut out = format!(
+        "{:<28} {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9} | {:>9} {:>10} {:>6}\n",
+        "operation (ms)",
+        "sbx p50",
+        "sbx p99",
+        "sbx mean",
+        "ctr p50",
+        "ctr p99",
+        "ctr mean",
+        "ratio p50",
+        "ratio mean",
+        "target"
+    );
+    out.push_str(&"-".repeat(out.chars().count() - 1));
+    out.push('\n');
+    out
+}
+
+/// One row of the table [`latency_header`] heads.
+pub fn latency_row(
+    operation: &str,
+    sandboxd: &Summary,
+    ctr: &Summary,
+    ratio_p50: f64,
+    ratio_mean: f64,
+    meets_target: bool,
+) -> String {
+    format!(
+        "{:<28} {:>9.1} {:>9.1} {:>9.1} | {:>9.1} {:>9.1} {:>9.1} | {:>8.2}x {:>9.2}x {:>6}\n",
+        operation,
+        sandboxd.p50_ms,
+        sandboxd.p99_ms,
+        sandboxd.mean_ms,
+        ctr.p50_ms,
+        ctr.p99_ms,
+        ctr.mean_ms,
+        ratio_p50,
+        ratio_mean,
+        verdict(meets_target)
     )
 }
 
@@ -160,6 +270,36 @@ pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+}
+
+/// A channel to `env`'s sandboxd, once `image` is pulled through ImageService (not timed).
+pub async fn pulled_channel(env: &TestEnv, image: &str) -> Result<tonic::transport::Channel> {
+    let channel = env.channel().await;
+    let mut pull = sandboxd::pb::image_service_client::ImageServiceClient::new(channel.clone())
+        .pull_image(sandboxd::pb::PullImageRequest {
+            image: image.to_owned(),
+        })
+        .await
+        .map_err(|s| status_error("PullImage", image, &s))?
+        .into_inner();
+    while pull
+        .message()
+        .await
+        .map_err(|s| status_error("PullImage stream", image, &s))?
+        .is_some()
+    {}
+    Ok(channel)
+}
+
+/// Prints a bench's `tables`, then writes its `report` as JSON to `file_name` in cargo's target
+/// directory and says where.
+pub fn publish(tables: &str, report: &impl Serialize, file_name: &str) -> Result<()> {
+    println!("\n{tables}");
+    let path = target_dir().join(file_name);
+    let json = serde_json::to_string_pretty(report).context("serialize the report")?;
+    std::fs::write(&path, json + "\n").with_context(|| format!("write {}", path.display()))?;
+    println!("results written to {}", path.display());
+    Ok(())
 }
 
 /// Sends `request` and fails unless the response says the sandbox is RUNNING.

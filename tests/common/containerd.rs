@@ -158,19 +158,25 @@ impl Containerd {
             .collect()
     }
 
-    /// What `namespace` still holds: containers, tasks, active overlayfs snapshots and leases.
-    /// The `cgroups` field is left empty (see `TestEnv::leaks`).
-    pub async fn leaks(&self, namespace: &str) -> Leaks {
-        let channel = self.channel().await;
-        let containers = ContainersClient::new(channel.clone())
-            .list(namespaced(namespace, ListContainersRequest::default()))
+    /// Ids of the containers in `namespace` that match any of containerd's `filters` (all of
+    /// them when there are none).
+    pub async fn container_ids(&self, namespace: &str, filters: Vec<String>) -> Vec<String> {
+        ContainersClient::new(self.channel().await)
+            .list(namespaced(namespace, ListContainersRequest { filters }))
             .await
             .expect("containerd Containers.List")
             .into_inner()
             .containers
             .into_iter()
             .map(|c| c.id)
-            .collect();
+            .collect()
+    }
+
+    /// What `namespace` still holds: containers, tasks, active overlayfs snapshots and leases.
+    /// The `cgroups` field is left empty (see `TestEnv::leaks`).
+    pub async fn leaks(&self, namespace: &str) -> Leaks {
+        let channel = self.channel().await;
+        let containers = self.container_ids(namespace, Vec::new()).await;
 
         let tasks = TasksClient::new(channel.clone())
             .list(namespaced(namespace, ListTasksRequest::default()))

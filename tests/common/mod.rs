@@ -8,6 +8,7 @@
 // Each test crate includes this module and uses a different part of it.
 #![allow(dead_code, unused_imports)]
 
+pub mod client;
 pub mod containerd;
 pub mod host;
 pub mod image;
@@ -15,6 +16,7 @@ pub mod netns;
 pub mod registry;
 pub mod sandboxd;
 
+pub use client::{Clients, SMALL_LIMITS};
 pub use containerd::{namespaced, Containerd, Leaks};
 pub use host::{unique_name, CgroupParent};
 pub use image::{
@@ -116,21 +118,10 @@ impl TestEnv {
 
     /// Ids of the unclaimed warm-pool sandboxes sandboxd keeps in containerd.
     pub async fn pooled(&self) -> std::collections::BTreeSet<String> {
-        use containerd_client::services::v1::containers_client::ContainersClient;
-        use containerd_client::services::v1::ListContainersRequest;
-        ContainersClient::new(self.containerd.channel().await)
-            .list(namespaced(
-                &self.namespace,
-                ListContainersRequest {
-                    filters: vec!["labels.\"sandboxd.io/pool\"".into()],
-                },
-            ))
+        self.containerd
+            .container_ids(&self.namespace, vec!["labels.\"sandboxd.io/pool\"".into()])
             .await
-            .expect("containerd Containers.List")
-            .into_inner()
-            .containers
             .into_iter()
-            .map(|c| c.id)
             .collect()
     }
 

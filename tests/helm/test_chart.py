@@ -132,6 +132,17 @@ def schema_refuses(values: dict[str, Any], needle: str) -> None:
         raise AssertionError(f"rendering with {values} was accepted")
 
 
+def template_refuses(values: dict[str, Any], needle: str, accepted: str) -> None:
+    """Asserts the chart's own checks refuse `values`, naming `needle`; `accepted` is the failure
+    message should they pass."""
+    try:
+        render(values)
+    except helm.HelmError as e:
+        assert needle in str(e), e
+    else:
+        raise AssertionError(accepted)
+
+
 def mount_and_volume(pod: dict[str, Any], container: dict[str, Any], mount_path: str):
     mounts = [m for m in container["volumeMounts"] if m["mountPath"] == mount_path]
     assert len(mounts) == 1, f"no single mount at {mount_path}: {container['volumeMounts']}"
@@ -261,12 +272,11 @@ def test_node_paths_are_mounted_with_the_propagation_sandboxd_needs():
     mount, volume = mount_and_volume(on_pod, sandboxd_container(on), on_toml["netns_dir"])
     assert volume["hostPath"] == {"path": on_toml["netns_dir"], "type": "DirectoryOrCreate"}
     assert mount["mountPropagation"] == "Bidirectional", mount
-    try:
-        render({"network": {"netnsDir": "/var/lib/sandboxd/"}})
-    except helm.HelmError as e:
-        assert "network.netnsDir (/var/lib/sandboxd) must differ from dataDir" in str(e), e
-    else:
-        raise AssertionError("a netns dir on the data dir (a duplicate mount path) was accepted")
+    template_refuses(
+        {"network": {"netnsDir": "/var/lib/sandboxd/"}},
+        "network.netnsDir (/var/lib/sandboxd) must differ from dataDir",
+        "a netns dir on the data dir (a duplicate mount path) was accepted",
+    )
 
 
 def test_privileges_are_set_and_each_one_says_why():
@@ -398,12 +408,11 @@ def test_idle_init_exists_on_the_node_where_runc_and_sandboxd_look():
     assert volume["hostPath"] == {"path": "/usr/local/bin/catatonit", "type": "File"}
     assert mount["readOnly"] is True
     schema_ok_but_refused = {"idleInit": {"path": "/opt/catatonit", "installFromImage": True}}
-    try:
-        render(schema_ok_but_refused)
-    except helm.HelmError as e:
-        assert "must be under dataDir" in str(e), e
-    else:
-        raise AssertionError("an idle init copied outside the data dir was accepted")
+    template_refuses(
+        schema_ok_but_refused,
+        "must be under dataDir",
+        "an idle init copied outside the data dir was accepted",
+    )
 
 
 def test_exec_io_relay_is_off_by_default_and_on_the_node_when_on():
@@ -439,24 +448,22 @@ def test_exec_io_relay_is_off_by_default_and_on_the_node_when_on():
     assert "/usr/local/bin/sandboxd" not in mounts, mounts
     # Schema-valid, but copied outside the data dir (not on the node) or over other files.
     outside = {"execIoRelay": {"enabled": True, "path": "/opt/sandboxd", "installFromImage": True}}
-    try:
-        render(outside)
-    except helm.HelmError as e:
-        assert "execIoRelay.path (/opt/sandboxd) must be under dataDir" in str(e), e
-    else:
-        raise AssertionError("an exec relay binary copied outside the data dir was accepted")
+    template_refuses(
+        outside,
+        "execIoRelay.path (/opt/sandboxd) must be under dataDir",
+        "an exec relay binary copied outside the data dir was accepted",
+    )
     disabled = {"execIoRelay": dict(outside["execIoRelay"], enabled=False)}
     assert config_toml(manifests(disabled))["exec_io_relay"] == "off"
     for path, other in (
         ("/var/lib/sandboxd/bin/catatonit", "idleInit.path"),
         ("/var/lib/sandboxd/exec-relay.sock", "the relay socket"),
     ):
-        try:
-            render({"execIoRelay": {"enabled": True, "path": path, "installFromImage": True}})
-        except helm.HelmError as e:
-            assert f"execIoRelay.path ({path}) must differ from {other}" in str(e), e
-        else:
-            raise AssertionError(f"an exec relay binary at {path} ({other}) was accepted")
+        template_refuses(
+            {"execIoRelay": {"enabled": True, "path": path, "installFromImage": True}},
+            f"execIoRelay.path ({path}) must differ from {other}",
+            f"an exec relay binary at {path} ({other}) was accepted",
+        )
 
 
 def test_services_reach_the_local_node_or_one_pod():
@@ -538,12 +545,11 @@ def test_servicemonitor_only_when_enabled_and_scrapes_the_metrics_port():
     assert port["port"] == 9464 and port["targetPort"] == "metrics"
     container = sandboxd_container(docs)
     assert {"name": "metrics", "containerPort": 9464, "protocol": "TCP"} in container["ports"]
-    try:
-        render({"serviceMonitor": {"enabled": True}, "metrics": {"enabled": False, "port": 9090}})
-    except helm.HelmError as e:
-        assert "serviceMonitor.enabled needs metrics.enabled" in str(e), e
-    else:
-        raise AssertionError("a ServiceMonitor without metrics was accepted")
+    template_refuses(
+        {"serviceMonitor": {"enabled": True}, "metrics": {"enabled": False, "port": 9090}},
+        "serviceMonitor.enabled needs metrics.enabled",
+        "a ServiceMonitor without metrics was accepted",
+    )
 
 
 def test_metrics_off_leaves_no_metrics_port_or_key():
