@@ -21,6 +21,15 @@ pub use types::*;
 
 use crate::error::Error;
 
+/// Whether a failed task create met another create of the same task that containerd is still
+/// carrying out or undoing, or that registered a task after its caller (a killed sandboxd)
+/// had gone: worth removing that task and trying again.
+pub fn create_in_progress(e: &Error) -> bool {
+    matches!(e, Error::Containerd { status, .. }
+        if status.code() == tonic::Code::AlreadyExists
+            || status.message().contains("file exists") && status.message().contains("shim"))
+}
+
 /// What a failed task or exec start says about the request, from containerd's message: runc's
 /// words are the only account of a bad program or working directory.
 #[derive(Debug, Clone, PartialEq, Eq)]

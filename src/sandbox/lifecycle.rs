@@ -15,6 +15,10 @@ use crate::runtime::{Container, ContainerUpdate, LaunchFault, Lease, Mount, Task
 
 /// How long a SIGKILLed sandbox may take to be reported gone.
 const KILL_WAIT: Duration = Duration::from_secs(10);
+/// The first wait for an interrupted task create to settle in containerd; doubled each try.
+const STALE_CREATE_BACKOFF: Duration = Duration::from_millis(50);
+/// Past this wait a task create that keeps finding the leftovers of another fails.
+const STALE_CREATE_WAIT: Duration = Duration::from_secs(5);
 
 impl Manager {
     // ---- start / stop ----
@@ -121,10 +125,31 @@ impl Manager {
 
     /// Creates and starts sandbox `id`'s task on `mounts`; returns PID 1's pid.
     async fn create_and_start_task(&self, id: &SandboxId, mounts: Vec<Mount>) -> Result<u32> {
-        self.cd
-            .create_task(id.as_str(), &mounts)
-            .await
-            .map_err(launch_error)?;
+        let mut backoff = STALE_CREATE_BACKOFF;
+        loop {
+            match self.cd.create_task(id.as_str(), &mounts).await {
+                Ok(()) => break,
+                // A create cut short by a killed sandboxd may still be running (or being undone)
+                // in containerd: wait for it to settle, remove a task it left, and try again.
+                Err(e) if crate::runtime::create_in_progress(&e) && backoff < STALE_CREATE_WAIT => {
+                    tracing::info!(sandbox_id = %id, "an earlier create of this task is still settling; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                    match self.task(id.as_str()).await? {
+                        Some(task) => self.kill_and_delete(id.as_str(), &task).await?,
+                        // Registered, but with no process behind it (the shim never ran runc):
+                        // Get says NOT_FOUND while Create says ALREADY_EXISTS. A delete clears
+                        // the registration.
+                        None => {
+                            if let Err(e) = self.cd.delete_task(id.as_str()).await {
+                                tracing::debug!(sandbox_id = %id, error = %e, "clearing a half-made task failed");
+                            }
+                        }
+                    }
+                }
+                Err(e) => return Err(launch_error(e)),
+            }
+        }
         self.cd.start(id.as_str(), None).await.map_err(launch_error)
     }
 
