@@ -258,19 +258,7 @@ pub(super) fn read_names(fd: &OwnedFd, path: &str) -> Result<Vec<CString>> {
 /// refused before it is opened, so no device or FIFO is ever opened.
 pub(super) fn reopen_regular(opath: &OwnedFd, flags: OFlag, path: &str) -> Result<File> {
     let st = nix::sys::stat::fstat(opath).map_err(|e| fail(path, e))?;
-    match file_type(&st) {
-        FileType::Regular => {}
-        FileType::Directory => {
-            return Err(Error::FailedPrecondition(format!(
-                "path {path:?} is a directory"
-            )))
-        }
-        _ => {
-            return Err(Error::FailedPrecondition(format!(
-                "path {path:?} is not a regular file"
-            )))
-        }
-    }
+    require_regular(&st, path)?;
     let fs = nix::sys::statfs::fstatfs(opath).map_err(|e| fail(path, e))?;
     if PSEUDO_FILESYSTEMS.contains(&fs.filesystem_type().0) {
         return Err(Error::PermissionDenied(format!(
@@ -293,6 +281,19 @@ pub(super) fn reopen_regular(opath: &OwnedFd, flags: OFlag, path: &str) -> Resul
         )));
     }
     Ok(file)
+}
+
+/// FAILED_PRECONDITION unless `st` is a regular file's, naming `path` and what it is instead.
+pub(super) fn require_regular(st: &nix::sys::stat::FileStat, path: &str) -> Result<()> {
+    match file_type(st) {
+        FileType::Regular => Ok(()),
+        FileType::Directory => Err(Error::FailedPrecondition(format!(
+            "path {path:?} is a directory"
+        ))),
+        _ => Err(Error::FailedPrecondition(format!(
+            "path {path:?} is not a regular file"
+        ))),
+    }
 }
 
 /// The type of a filesystem entry.

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::path::{cstring, join, normalize, split_last, SandboxPath, MAX_PATH_LEN};
 use super::root::{fail, is_mount_point, mount_point_error, reopen_regular, Root};
-use super::root::{file_type, FileType};
+use super::root::{file_type, require_regular, FileType};
 use crate::error::{Error, Result};
 
 /// Data messages a WriteFile stream runs ahead of the disk.
@@ -90,19 +90,7 @@ impl AtomicWriter {
             return Err(mount_point_error(&path));
         }
         if let Some(st) = &existing {
-            match file_type(st) {
-                FileType::Regular => {}
-                FileType::Directory => {
-                    return Err(Error::FailedPrecondition(format!(
-                        "path {path:?} is a directory"
-                    )))
-                }
-                _ => {
-                    return Err(Error::FailedPrecondition(format!(
-                        "path {path:?} is not a regular file"
-                    )))
-                }
-            }
+            require_regular(st, &path)?;
         }
         let (fd, temp) = create_temp(&dir).map_err(|e| fail(&path, e))?;
         // From here on, dropping `writer` removes a named temporary file.

@@ -340,6 +340,7 @@ async fn fetch_small_blob(
     Ok(out)
 }
 
+/// Stores a small blob with `labels`; one already there only gets the labels.
 async fn store_blob(
     cd: &dyn Backend,
     lease: &Lease,
@@ -350,9 +351,7 @@ async fn store_blob(
     if cd.has_blob(digest).await? {
         return cd.label_blob(digest, &labels).await;
     }
-    content::write_bytes(cd, lease, digest, data, labels.clone()).await?;
-    // A concurrent writer may have committed first without our labels.
-    cd.label_blob(digest, &labels).await
+    content::write_labelled(cd, lease, digest, data, labels).await
 }
 
 async fn fetch_layer(

@@ -30,6 +30,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Deadline of a containerd call: a hung containerd or shim fails the call (UNAVAILABLE, which
 /// a caller may retry) instead of holding the request, its locks and its lease forever.
 const CALL_DEADLINE: Duration = Duration::from_secs(60);
+/// Deadline of a call to a task (create, start, exec, kill, delete...): the shim runs runc for
+/// each in turn, so under a burst of execs one waits behind all the others.
+const TASK_DEADLINE: Duration = Duration::from_secs(300);
 /// Deadline of a diff or an apply, whose work grows with the size of the layer.
 const BULK_DEADLINE: Duration = Duration::from_secs(600);
 
@@ -108,6 +111,11 @@ impl Containerd {
     fn containers(&self) -> ContainersClient<Traced> {
         ContainersClient::new(Traced(self.channel.clone()))
     }
+    /// Like [`Self::req`] for a call that goes through a task's shim ([`TASK_DEADLINE`]).
+    fn task_req<T>(&self, msg: T) -> tonic::Request<T> {
+        self.req_for(msg, Some(TASK_DEADLINE))
+    }
+
     /// Tasks service.
     fn tasks(&self) -> TasksClient<Traced> {
         TasksClient::new(Traced(self.channel.clone()))

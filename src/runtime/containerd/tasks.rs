@@ -40,6 +40,26 @@ fn task_from(p: &Process) -> Task {
     }
 }
 
+/// Success, or a failure that says the process is gone or not in a state the call applies to
+/// (NOT_FOUND, FAILED_PRECONDITION): then there was nothing to do.
+fn ok_if_not_live<T>(
+    op: &'static str,
+    result: std::result::Result<tonic::Response<T>, tonic::Status>,
+) -> Result<()> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(s)
+            if matches!(
+                s.code(),
+                tonic::Code::NotFound | tonic::Code::FailedPrecondition
+            ) =>
+        {
+            Ok(())
+        }
+        Err(s) => Err(cd_error(op, s)),
+    }
+}
+
 /// containerd names PID 1 by an empty exec id.
 fn exec_id_of(exec_id: Option<&str>) -> String {
     exec_id.unwrap_or_default().to_string()
@@ -52,7 +72,7 @@ impl Tasks for Containerd {
             container_id: id.to_string(),
             exec_id: String::new(),
         };
-        let resp = self.tasks().get(self.req(req)).await;
+        let resp = self.tasks().get(self.task_req(req)).await;
         Ok(
             ok_if_missing("tasks.get", resp.map(|r| r.into_inner().process), None)?
                 .as_ref()
@@ -64,7 +84,7 @@ impl Tasks for Containerd {
         let req = ListTasksRequest {
             filter: String::new(),
         };
-        let resp = call("tasks.list", self.tasks().list(self.req(req)).await)?;
+        let resp = call("tasks.list", self.tasks().list(self.task_req(req)).await)?;
         Ok(resp
             .tasks
             .iter()
@@ -86,7 +106,11 @@ impl Tasks for Containerd {
             rootfs: mounts_to(rootfs),
             ..Default::default()
         };
-        call("tasks.create", self.tasks().create(self.req(req)).await).map(|_| ())
+        call(
+            "tasks.create",
+            self.tasks().create(self.task_req(req)).await,
+        )
+        .map(|_| ())
     }
 
     async fn start(&self, id: &str, exec_id: Option<&str>) -> Result<u32> {
@@ -94,7 +118,7 @@ impl Tasks for Containerd {
             container_id: id.to_string(),
             exec_id: exec_id_of(exec_id),
         };
-        Ok(call("tasks.start", self.tasks().start(self.req(req)).await)?.pid)
+        Ok(call("tasks.start", self.tasks().start(self.task_req(req)).await)?.pid)
     }
 
     async fn kill(&self, id: &str, exec_id: Option<&str>, signal: u32, all: bool) -> Result<()> {
@@ -104,44 +128,26 @@ impl Tasks for Containerd {
             signal,
             all,
         };
-        match self.tasks().kill(self.req(req)).await {
-            Ok(_) => Ok(()),
-            // Already gone (or exited, not yet deleted): nothing to signal.
-            Err(s)
-                if matches!(
-                    s.code(),
-                    tonic::Code::NotFound | tonic::Code::FailedPrecondition
-                ) =>
-            {
-                Ok(())
-            }
-            Err(s) => Err(cd_error("tasks.kill", s)),
-        }
+        // Already gone (or exited, not yet deleted): nothing to signal.
+        ok_if_not_live("tasks.kill", self.tasks().kill(self.task_req(req)).await)
     }
 
     async fn pause(&self, id: &str) -> Result<()> {
         let req = PauseTaskRequest {
             container_id: id.to_string(),
         };
-        call("tasks.pause", self.tasks().pause(self.req(req)).await).map(|_| ())
+        call("tasks.pause", self.tasks().pause(self.task_req(req)).await).map(|_| ())
     }
 
     async fn resume(&self, id: &str) -> Result<()> {
         let req = ResumeTaskRequest {
             container_id: id.to_string(),
         };
-        match self.tasks().resume(self.req(req)).await {
-            Ok(_) => Ok(()),
-            Err(s)
-                if matches!(
-                    s.code(),
-                    tonic::Code::NotFound | tonic::Code::FailedPrecondition
-                ) =>
-            {
-                Ok(())
-            }
-            Err(s) => Err(cd_error("tasks.resume", s)),
-        }
+        // Gone, or not paused: nothing to thaw.
+        ok_if_not_live(
+            "tasks.resume",
+            self.tasks().resume(self.task_req(req)).await,
+        )
     }
 
     async fn wait(&self, id: &str, exec_id: Option<&str>) -> Result<Option<Exit>> {
@@ -163,7 +169,7 @@ impl Tasks for Containerd {
         let req = DeleteTaskRequest {
             container_id: id.to_string(),
         };
-        let resp = self.tasks().delete(self.req(req)).await;
+        let resp = self.tasks().delete(self.task_req(req)).await;
         Ok(
             ok_if_missing("tasks.delete", resp.map(|r| Some(r.into_inner())), None)?.map(|d| {
                 Exit {
@@ -183,7 +189,11 @@ impl Tasks for Containerd {
             }),
             annotations: HashMap::new(),
         };
-        call("tasks.update", self.tasks().update(self.req(req)).await).map(|_| ())
+        call(
+            "tasks.update",
+            self.tasks().update(self.task_req(req)).await,
+        )
+        .map(|_| ())
     }
 
     async fn exec(&self, id: &str, exec: NewExec<'_>) -> Result<()> {
@@ -199,7 +209,7 @@ impl Tasks for Containerd {
             }),
             exec_id: exec.exec_id.to_string(),
         };
-        call("tasks.exec", self.tasks().exec(self.req(req)).await).map(|_| ())
+        call("tasks.exec", self.tasks().exec(self.task_req(req)).await).map(|_| ())
     }
 
     async fn delete_process(&self, id: &str, exec_id: &str) -> Result<()> {
@@ -207,7 +217,7 @@ impl Tasks for Containerd {
             container_id: id.to_string(),
             exec_id: exec_id.to_string(),
         };
-        let resp = self.tasks().delete_process(self.req(req)).await;
+        let resp = self.tasks().delete_process(self.task_req(req)).await;
         ok_if_missing("tasks.delete_process", resp.map(|_| ()), ())
     }
 
@@ -220,7 +230,7 @@ impl Tasks for Containerd {
         };
         call(
             "tasks.resize_pty",
-            self.tasks().resize_pty(self.req(req)).await,
+            self.tasks().resize_pty(self.task_req(req)).await,
         )
         .map(|_| ())
     }
@@ -231,7 +241,11 @@ impl Tasks for Containerd {
             exec_id: exec_id.to_string(),
             stdin: true,
         };
-        call("tasks.close_io", self.tasks().close_io(self.req(req)).await).map(|_| ())
+        call(
+            "tasks.close_io",
+            self.tasks().close_io(self.task_req(req)).await,
+        )
+        .map(|_| ())
     }
 
     async fn exits(&self) -> Result<ExitStream> {
