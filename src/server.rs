@@ -19,6 +19,7 @@ use crate::runtime::{supervisor, Containerd, Store};
 use crate::sandbox::{Manager, ManagerConfig};
 
 mod authority;
+mod hpack;
 mod ready;
 
 /// Services whose health is reported (besides the overall "").

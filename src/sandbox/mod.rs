@@ -1,5 +1,6 @@
 //! The sandbox domain: validated types and the lifecycle manager.
 
+mod commit;
 mod create;
 mod exec;
 mod lifecycle;
