@@ -100,6 +100,13 @@ async fn health_loop(
     }
 }
 
+/// How often an idle HTTP/2 connection is pinged.
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a ping may go unanswered before the connection is closed.
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Concurrent calls (streams) one client connection may have open.
+const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+
 /// How many TTL sweeps pass between two network sweeps: exit events tear networks down at
 /// once, this sweep only catches what they missed, and it lists every task.
 const NETWORK_SWEEP_EVERY: u32 = 10;
@@ -188,6 +195,11 @@ pub async fn serve(
     };
 
     let router = Server::builder()
+        // Dead peers (a client host that vanished, a dropped NAT entry) are noticed and their
+        // streams ended, instead of holding execs and file streams open for good.
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .layer(crate::metrics::RpcMetricsLayer)
         .layer(ready::ReadyLayer(ready))
         .trace_fn(crate::telemetry::rpc_span)

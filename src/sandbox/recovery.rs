@@ -13,6 +13,8 @@ use super::record::*;
 use crate::error::{Error, Result};
 use crate::runtime::{Container, TaskState};
 
+/// Scratch files are an earlier run's only when older than this run's start by this much.
+const SCRATCH_MARGIN: Duration = Duration::from_secs(2);
 /// Expired sandboxes deleted at once.
 const REAP_CONCURRENCY: usize = 8;
 /// How long the reaper waits for one delete before it moves on.
@@ -155,6 +157,7 @@ impl Manager {
                 }
             }
         }
+        self.remove_stale_scratch().await;
         // Leases made before this process started belong to operations that died with an
         // earlier one; what they kept alive and nothing else references goes to containerd's GC.
         for (lease, made) in leases {
@@ -166,6 +169,39 @@ impl Manager {
         }
         self.adopt_pool(&containers).await?;
         Ok(())
+    }
+
+    /// Removes the scratch an earlier run of sandboxd left: exec FIFO directories and
+    /// temporary snapshot mounts made before this process started (this process's own are in
+    /// use and newer).
+    async fn remove_stale_scratch(&self) {
+        // File times come from a coarse clock: a margin keeps this run's newest from looking
+        // older than its start. What an earlier run made within it waits for the next restart.
+        let started = self.started_at - SCRATCH_MARGIN;
+        let (exec_dir, mount_base) = (self.exec_dir(), self.mount_base());
+        let _ = crate::sys::blocking(move || {
+            for (dir, mounted) in [(exec_dir, false), (mount_base, true)] {
+                let Ok(entries) = std::fs::read_dir(&dir) else {
+                    continue;
+                };
+                for entry in entries.flatten() {
+                    let made = entry.metadata().and_then(|m| m.modified());
+                    if !made.is_ok_and(|t| t < started) {
+                        continue;
+                    }
+                    let path = entry.path();
+                    if mounted {
+                        let _ = nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH);
+                        let _ = std::fs::remove_dir(&path);
+                    } else {
+                        let _ = std::fs::remove_dir_all(&path);
+                    }
+                    tracing::info!(path = %path.display(), "removed scratch an earlier run left");
+                }
+            }
+            Ok(())
+        })
+        .await;
     }
 
     /// Finishes or undoes an interrupted operation on sandbox `id` (see [`Self::recover`]).

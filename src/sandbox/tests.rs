@@ -470,3 +470,20 @@ async fn a_retried_commit_returns_the_first_snapshot() {
         .unwrap_err();
     assert!(matches!(err, Error::InvalidArgument { .. }), "{err:?}");
 }
+
+#[tokio::test]
+async fn recovery_removes_exec_scratch_of_an_earlier_run_only() {
+    let f = Fixture::new();
+    let exec = f.dir.path().join("data/exec");
+    let (old, new) = (exec.join("box-1-exec-old"), exec.join("box-1-exec-new"));
+    std::fs::create_dir_all(&old).unwrap();
+    std::fs::create_dir_all(&new).unwrap();
+    let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    std::fs::File::open(&old)
+        .unwrap()
+        .set_modified(hour_ago)
+        .unwrap();
+    f.manager.recover().await.unwrap();
+    assert!(!old.exists(), "a dead run's FIFO directory is removed");
+    assert!(new.exists(), "this run's FIFO directory is left alone");
+}
