@@ -757,6 +757,55 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
+    /// Results as hostile or broken plugins might print them: every one parses or is refused
+    /// with a reason, and reading the sandbox's address never panics.
+    #[test]
+    fn any_result_json_parses_or_is_refused_without_panicking() {
+        let values = [
+            serde_json::json!(null),
+            serde_json::json!(7),
+            serde_json::json!(-1),
+            serde_json::json!(u64::MAX),
+            serde_json::json!("10.0.0.2/24"),
+            serde_json::json!("10.0.0.2/99"),
+            serde_json::json!("::1/200"),
+            serde_json::json!("10.0.0.2"),
+            serde_json::json!("/"),
+            serde_json::json!(""),
+            serde_json::json!("1.2.3.4/-1"),
+            serde_json::json!("é/é"),
+            serde_json::json!([]),
+            serde_json::json!({}),
+            serde_json::json!([{"name": "eth0", "sandbox": "/proc/1/ns/net"}]),
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut pick = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        for _ in 0..2000 {
+            let mut ip = serde_json::Map::new();
+            for key in ["address", "gateway", "interface"] {
+                if pick(3) != 0 {
+                    ip.insert(key.into(), values[pick(values.len())].clone());
+                }
+            }
+            let ips = match pick(4) {
+                0 => values[pick(values.len())].clone(),
+                _ => serde_json::Value::Array(vec![serde_json::Value::Object(ip)]),
+            };
+            let raw = serde_json::json!({
+                "interfaces": values[pick(values.len())].clone(),
+                "ips": ips,
+            });
+            if let Ok(result) = CniResult::parse(raw) {
+                let _ = result.sandbox_ip();
+            }
+        }
+    }
+
     /// Writes an executable shell plugin that logs its command and stdin to `log`, then runs
     /// `body`.
     fn fake_plugin(dir: &Path, name: &str, body: &str) {

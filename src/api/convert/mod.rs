@@ -3,6 +3,8 @@
 
 mod exec;
 mod file;
+#[cfg(test)]
+mod robust;
 
 pub use exec::*;
 pub use file::*;
