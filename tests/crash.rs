@@ -64,12 +64,7 @@ where
 /// Every sandbox the API lists works: a running one execs, any other starts and then execs.
 /// Returns their ids.
 async fn assert_all_whole(c: &mut Clients) -> BTreeSet<String> {
-    let listed =
-        c.sb.list_sandboxes(pb::ListSandboxesRequest::default())
-            .await
-            .expect("list after restart")
-            .into_inner()
-            .sandboxes;
+    let listed = c.list().await;
     let mut ids = BTreeSet::new();
     for s in listed {
         if s.state() != pb::SandboxState::Running {
@@ -89,13 +84,7 @@ async fn assert_all_whole(c: &mut Clients) -> BTreeSet<String> {
 
 /// Every snapshot the API lists forks into a working sandbox.
 async fn assert_snapshots_fork(c: &mut Clients) {
-    let snapshots = c
-        .snap
-        .list_snapshots(pb::ListSnapshotsRequest::default())
-        .await
-        .expect("list snapshots after restart")
-        .into_inner()
-        .snapshots;
+    let snapshots = c.list_snapshots().await;
     for (i, s) in snapshots.iter().enumerate() {
         let fork = format!("fork-check-{i}");
         c.create_from_snapshot(&fork, &s.snapshot_id).await;
@@ -112,13 +101,7 @@ async fn assert_nothing_hidden(env: &TestEnv, c: &mut Clients) {
     }
     // Children before their parents: each pass deletes the snapshots nothing builds on.
     for _ in 0..=ROUNDS + 1 {
-        let snapshots = c
-            .snap
-            .list_snapshots(pb::ListSnapshotsRequest::default())
-            .await
-            .expect("list snapshots")
-            .into_inner()
-            .snapshots;
+        let snapshots = c.list_snapshots().await;
         if snapshots.is_empty() {
             break;
         }

@@ -13,11 +13,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{host, CgroupParent, Containerd};
-use hyper_util::rt::TokioIo;
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use tempfile::TempDir;
-use tonic::transport::Endpoint;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -121,19 +119,7 @@ impl UnixSandboxd {
     }
 
     async fn tonic_health(&self) -> Result<ServingStatus, String> {
-        let path = self.socket.clone();
-        // The URI is a placeholder: every connection goes to the socket.
-        let channel = Endpoint::from_static("http://[::1]:0")
-            .connect_timeout(Duration::from_secs(1))
-            .connect_with_connector(tower::service_fn(move |_| {
-                let path = path.clone();
-                async move {
-                    let stream = tokio::net::UnixStream::connect(path).await?;
-                    Ok::<_, std::io::Error>(TokioIo::new(stream))
-                }
-            }))
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
+        let channel = host::unix_channel(self.socket.clone()).await?;
         let mut client = HealthClient::new(channel);
         let check = client.check(HealthCheckRequest {
             service: String::new(),
@@ -166,29 +152,6 @@ impl Drop for UnixSandboxd {
     }
 }
 
-/// Runs a client process to completion, killing it after [`CLIENT_TIMEOUT`].
-async fn run(mut command: tokio::process::Command, what: &str) -> Output {
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    match tokio::time::timeout(CLIENT_TIMEOUT, command.output()).await {
-        Ok(Ok(out)) => out,
-        Ok(Err(e)) => panic!("cannot run {what}: {e}"),
-        Err(_) => panic!("{what} did not finish within {CLIENT_TIMEOUT:?}"),
-    }
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 /// `grpcurl -plaintext -unix -max-time 30 [flags] SOCKET [rest]`: no `-authority`.
 async fn grpcurl(socket: &Path, flags: &[&str], rest: &[&str]) -> Output {
     let mut command = tokio::process::Command::new(host::binary("grpcurl"));
@@ -197,7 +160,12 @@ async fn grpcurl(socket: &Path, flags: &[&str], rest: &[&str]) -> Output {
         .args(flags)
         .arg(socket)
         .args(rest);
-    run(command, &format!("grpcurl {}", rest.join(" "))).await
+    host::run_client(
+        &mut command,
+        &format!("grpcurl {}", rest.join(" ")),
+        CLIENT_TIMEOUT,
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -209,14 +177,14 @@ async fn grpcurl_over_the_unix_socket_needs_no_authority_flag() {
     assert!(
         listed.status.success() && services.lines().any(|l| l == "sandboxd.v1.SandboxService"),
         "grpcurl -unix list (reflection): {}",
-        describe(&listed)
+        host::describe_output(&listed)
     );
 
     let health = grpcurl(&sandboxd.socket, &[], &["grpc.health.v1.Health/Check"]).await;
     assert!(
         health.status.success() && String::from_utf8_lossy(&health.stdout).contains("SERVING"),
         "grpcurl -unix health check: {}",
-        describe(&health)
+        host::describe_output(&health)
     );
 
     // One of our own services answers with its own status, not a transport error.
@@ -232,7 +200,7 @@ async fn grpcurl_over_the_unix_socket_needs_no_authority_flag() {
             && stderr.contains("NotFound")
             && stderr.contains("no-such-sandbox"),
         "grpcurl -unix GetSandbox of a missing id should be NotFound: {}",
-        describe(&missing)
+        host::describe_output(&missing)
     );
 }
 
@@ -244,17 +212,22 @@ async fn python_client(socket: &Path) -> Value {
         .arg(&script)
         .arg(socket)
         .env("PYTHONDONTWRITEBYTECODE", "1");
-    let out = run(command, "the Python unix-socket client").await;
+    let out = host::run_client(
+        &mut command,
+        "the Python unix-socket client",
+        CLIENT_TIMEOUT,
+    )
+    .await;
     assert!(
         out.status.success(),
         "{}: {}",
         script.display(),
-        describe(&out)
+        host::describe_output(&out)
     );
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "the Python client printed no JSON ({e}): {}",
-            describe(&out)
+            host::describe_output(&out)
         )
     })
 }

@@ -720,13 +720,7 @@ fn cni_failures_fail_create_with_the_plugin_message_and_leave_nothing() {
             assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
             assert!(err.message().contains("not JSON"), "{err:?}");
 
-            let sandboxes =
-                n.c.sb
-                    .list_sandboxes(pb::ListSandboxesRequest::default())
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .sandboxes;
+            let sandboxes = n.c.list().await;
             assert!(sandboxes.is_empty(), "a failed create left {sandboxes:?}");
             assert!(
                 n.network_leftovers().is_empty(),

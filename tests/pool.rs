@@ -41,12 +41,7 @@ async fn warm_pool_serves_plain_creates_refills_and_follows_its_configuration() 
     let mut c = env.clients().await;
 
     // Unclaimed, they are nobody's: invisible to every RPC.
-    let listed =
-        c.sb.list_sandboxes(pb::ListSandboxesRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .sandboxes;
+    let listed = c.list().await;
     assert!(listed.is_empty(), "{listed:?}");
     let hidden = before.iter().next().unwrap().clone();
     let err = c.try_get(&hidden).await.unwrap_err();

@@ -35,12 +35,7 @@ async fn a_retried_create_returns_the_first_sandbox_even_across_a_restart() {
     let mut c = env.clients().await;
     let after = c.create(request.clone()).await;
     assert_eq!(after.sandbox_id, first.sandbox_id);
-    let listed =
-        c.sb.list_sandboxes(pb::ListSandboxesRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .sandboxes;
+    let listed = c.list().await;
     assert_eq!(listed.len(), 1, "retries made no second sandbox");
 
     let changed = pb::CreateSandboxRequest {
@@ -79,13 +74,7 @@ async fn a_retried_commit_and_restore_do_the_work_once() {
     c.sh_ok("src", "echo two > /marker").await;
     let again = commit_once(&mut c).await.unwrap();
     assert_eq!(again.snapshot_id, first.snapshot_id);
-    let snapshots = c
-        .snap
-        .list_snapshots(pb::ListSnapshotsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .snapshots;
+    let snapshots = c.list_snapshots().await;
     assert_eq!(snapshots.len(), 1, "the retry made no second snapshot");
 
     let restore = pb::RestoreSandboxRequest {

@@ -9,7 +9,6 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{host, CgroupParent, Clients, TestEnv};
-use hyper_util::rt::TokioIo;
 use nix::sys::signal::Signal;
 use sandboxd::pb::{self, SandboxState};
 use tempfile::TempDir;
@@ -79,26 +78,9 @@ impl Listen {
                 .connect()
                 .await
                 .map_err(|e| format!("connect to {addr}: {e}")),
-            Listen::Unix(path) => unix_channel(path.clone()).await,
+            Listen::Unix(path) => common::host::unix_channel(path.clone()).await,
         }
     }
-}
-
-/// A channel over a unix socket, the way `containerd_client::connect` makes one.
-async fn unix_channel(path: PathBuf) -> Result<Channel, String> {
-    let shown = path.display().to_string();
-    // The URI is only a placeholder: every connection goes to the socket.
-    Endpoint::from_static("http://[::1]:0")
-        .connect_timeout(Duration::from_secs(1))
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(stream))
-            }
-        }))
-        .await
-        .map_err(|e| format!("connect to unix:{shown}: {e}"))
 }
 
 /// One gRPC health `Check(service)`.

@@ -271,6 +271,26 @@ impl Clients {
             })
     }
 
+    /// ListSandboxes with no filter: every sandbox the API shows.
+    pub async fn list(&mut self) -> Vec<pb::Sandbox> {
+        self.sb
+            .list_sandboxes(pb::ListSandboxesRequest::default())
+            .await
+            .unwrap_or_else(|e| panic!("list sandboxes: {e}"))
+            .into_inner()
+            .sandboxes
+    }
+
+    /// ListSnapshots with no filter: every snapshot the API shows.
+    pub async fn list_snapshots(&mut self) -> Vec<pb::Snapshot> {
+        self.snap
+            .list_snapshots(pb::ListSnapshotsRequest::default())
+            .await
+            .unwrap_or_else(|e| panic!("list snapshots: {e}"))
+            .into_inner()
+            .snapshots
+    }
+
     /// DeleteSnapshot; `Ok` or the status.
     pub async fn try_delete_snapshot(&mut self, snapshot_id: &str) -> Result<(), Status> {
         self.snap

@@ -471,3 +471,48 @@ fn rmdir_when_empty(dir: &Path) {
         }
     }
 }
+
+/// Runs a client process (grpcurl, a Python client) to completion with its output captured,
+/// killing it after `timeout`; panics, naming `what`, if it cannot run or does not finish.
+pub async fn run_client(
+    command: &mut tokio::process::Command,
+    what: &str,
+    timeout: Duration,
+) -> std::process::Output {
+    command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    match tokio::time::timeout(timeout, command.output()).await {
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => panic!("cannot run {what}: {e}"),
+        Err(_) => panic!("{what} did not finish within {timeout:?}"),
+    }
+}
+
+/// A process's exit status and both its outputs, for assertion messages.
+pub fn describe_output(out: &std::process::Output) -> String {
+    format!(
+        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A gRPC channel over the unix socket at `path` (the URI is a placeholder).
+pub async fn unix_channel(path: PathBuf) -> Result<tonic::transport::Channel, String> {
+    let shown = path.display().to_string();
+    tonic::transport::Endpoint::from_static("http://[::1]:0")
+        .connect_timeout(Duration::from_secs(1))
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+        .map_err(|e| format!("connect to unix:{shown}: {e}"))
+}
