@@ -125,6 +125,11 @@ impl Error {
         }
     }
 
+    /// Whether containerd could not be reached (the call may be retried once it is back).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Error::Unavailable { .. })
+    }
+
     /// Wraps an I/O error with what was being done.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {

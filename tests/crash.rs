@@ -3,6 +3,10 @@
 //! half-made, no task is left frozen, and once the API deletes what it shows, containerd holds
 //! nothing (no container, task, active snapshot or lease).
 //!
+//! containerd killed and restarted under a running sandboxd with BRIDGE sandboxes and open exec
+//! streams: the streams end UNAVAILABLE (their processes killed), and sandboxes, addresses and
+//! routes carry on once it is back.
+//!
 //! The kill lands at a pseudo-random instant of each round (the seed is printed, so a failure
 //! can be replayed with `CRASH_SEED`); the checks hold whatever the instant, so the rounds do
 //! not depend on timing to pass.
@@ -10,10 +14,17 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use common::{Clients, TestEnv};
+use common::bridge::{bridge, serve, server_cmd, NetEnv, GATEWAY};
+use common::netns::run_in_netns;
+use common::{host, Clients, TestEnv};
 use sandboxd::pb;
+use sandboxd::pb::exec_request::Request as ExecReq;
+use sandboxd::pb::exec_response::Response as ExecResp;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::Code;
 
 /// Kill-and-restart rounds per test.
 const ROUNDS: u64 = 8;
@@ -40,11 +51,15 @@ impl Instants {
     }
 
     fn next_delay(&mut self) -> Duration {
+        self.next_delay_below(MAX_KILL_DELAY_MS)
+    }
+
+    fn next_delay_below(&mut self, max_ms: u64) -> Duration {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         let r = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d);
-        Duration::from_millis(r % MAX_KILL_DELAY_MS)
+        Duration::from_millis(r % max_ms)
     }
 }
 
@@ -196,4 +211,232 @@ async fn a_kill_during_commits_and_restores_leaves_no_frozen_task_or_half_snapsh
     }
     let mut c = env.clients().await;
     assert_nothing_hidden(&env, &mut c).await;
+}
+
+/// The latest instant of a BRIDGE round at which sandboxd is killed: a BRIDGE create spends
+/// most of its time after the container exists (namespace, CNI plugins, firewall chain).
+const MAX_BRIDGE_KILL_DELAY_MS: u64 = 600;
+/// Where the test's gateway listener answers.
+const GATEWAY_PORT: u16 = 18090;
+
+/// Every listed BRIDGE sandbox works and, running, has an address from which it reaches the
+/// gateway (a half-attached network would have none, or no route).
+async fn assert_bridges_whole(n: &mut NetEnv) {
+    let ids = assert_all_whole(&mut n.c).await;
+    for id in ids {
+        let sb = n.c.get(&id).await;
+        let ip = sb.network.map(|net| net.ip_address).unwrap_or_default();
+        assert!(!ip.is_empty(), "running BRIDGE sandbox {id} has no address");
+        let reply = n
+            .connect(&id, &GATEWAY.to_string(), GATEWAY_PORT)
+            .await
+            .unwrap_or_else(|e| panic!("{id} ({ip}) cannot reach the gateway: {e}"));
+        assert!(reply.contains(&ip), "{id}: {reply}");
+    }
+}
+
+#[test]
+fn a_kill_during_bridge_creates_and_deletes_leaves_whole_networks_or_none() {
+    run_in_netns(
+        "a_kill_during_bridge_creates_and_deletes_leaves_whole_networks_or_none",
+        || async {
+            let mut n = NetEnv::start(&[]).await;
+            let mut instants = Instants::from_env();
+            // The first sandbox brings the bridge (and so the gateway address) up.
+            n.create("anchor", bridge(), &[]).await;
+            serve((GATEWAY, GATEWAY_PORT).into(), "gw", None);
+            for round in 0..ROUNDS {
+                let c = n.env.clients().await;
+                let previous: Vec<String> = (0..2)
+                    .map(|k| format!("b{}-{k}", round.wrapping_sub(1)))
+                    .collect();
+                let work = async move {
+                    let mut tasks = Vec::new();
+                    for k in 0..2 {
+                        let mut c = c.clone();
+                        let request = pb::CreateSandboxRequest {
+                            network: Some(bridge()),
+                            ..c.request(&format!("b{round}-{k}"))
+                        };
+                        tasks.push(tokio::spawn(async move {
+                            let _ = c.try_create(request).await;
+                        }));
+                    }
+                    for id in previous {
+                        let mut c = c.clone();
+                        tasks.push(tokio::spawn(async move {
+                            let _ = c.try_delete(&id, true).await;
+                        }));
+                    }
+                    for t in tasks {
+                        let _ = t.await;
+                    }
+                };
+                let delay = instants.next_delay_below(MAX_BRIDGE_KILL_DELAY_MS);
+                crash_during(&n.env, delay, work).await;
+                n.c = n.env.clients().await;
+                let prefix = format!("b{round}-");
+                let made =
+                    n.c.list()
+                        .await
+                        .iter()
+                        .filter(|s| s.sandbox_id.starts_with(&prefix))
+                        .count();
+                eprintln!("round {round}: killed after {delay:?}, {made} of 2 creates kept");
+                assert_bridges_whole(&mut n).await;
+            }
+            for s in n.c.list().await {
+                n.c.force_delete(&s.sandbox_id).await;
+            }
+            n.assert_no_network_leftovers().await;
+            n.env.leak_check().await;
+        },
+    );
+}
+
+/// An open exec stream: its input half (kept open) and its output.
+struct OpenExec {
+    _input: tokio::sync::mpsc::Sender<pb::ExecRequest>,
+    output: tonic::Streaming<pb::ExecResponse>,
+    pid: u32,
+}
+
+/// Starts `sh -c script` in `id` with stdin open and reads until it printed `ready`.
+async fn open_exec(c: &mut Clients, id: &str, script: &str) -> OpenExec {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let start = pb::ExecStart {
+        sandbox_id: id.into(),
+        args: vec!["sh".into(), "-c".into(), script.into()],
+        stdin: true,
+        ..Default::default()
+    };
+    tx.send(pb::ExecRequest {
+        request: Some(ExecReq::Start(start)),
+    })
+    .await
+    .unwrap();
+    let mut output =
+        c.sb.exec(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+    let mut pid = 0;
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("ready") {
+        match output.next().await {
+            Some(Ok(m)) => match m.response {
+                Some(ExecResp::Started(s)) => pid = s.pid,
+                Some(ExecResp::Stdout(d)) => seen.extend_from_slice(&d),
+                other => panic!("exec in {id} before ready: {other:?}"),
+            },
+            other => panic!("exec in {id} ended before ready: {other:?}"),
+        }
+    }
+    assert_ne!(pid, 0, "no Started message");
+    OpenExec {
+        _input: tx,
+        output,
+        pid,
+    }
+}
+
+#[test]
+fn a_containerd_restart_ends_open_execs_unavailable_and_bridge_sandboxes_carry_on() {
+    run_in_netns(
+        "a_containerd_restart_ends_open_execs_unavailable_and_bridge_sandboxes_carry_on",
+        || async {
+            let mut n = NetEnv::start(&[]).await;
+            let a = n.create("a", bridge(), &[]).await;
+            let server = server_cmd(8080, "from-b");
+            let server: Vec<&str> = server.iter().map(String::as_str).collect();
+            let b = n.create("b", bridge(), &server).await;
+            serve((GATEWAY, GATEWAY_PORT).into(), "gw", None);
+            let ip_a = a.network.unwrap().ip_address;
+            let ip_b = b.network.unwrap().ip_address;
+            // b's server may not listen yet.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while n.connect("a", &ip_b, 8080).await.is_err() {
+                assert!(Instant::now() < deadline, "a never reached b's server");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+
+            let mut execs = Vec::new();
+            for id in ["a", "b"] {
+                execs.push(open_exec(&mut n.c, id, "echo ready; exec sleep 1000").await);
+                execs.push(open_exec(&mut n.c, id, "echo ready; exec cat").await);
+            }
+
+            n.env.containerd.kill();
+            for (i, exec) in execs.iter_mut().enumerate() {
+                let end = tokio::time::timeout(Duration::from_secs(60), async {
+                    loop {
+                        match exec.output.next().await {
+                            Some(Ok(m)) => match m.response {
+                                Some(ExecResp::Exited(e)) => {
+                                    panic!("exec {i} reported an exit it cannot know: {e:?}")
+                                }
+                                _ => continue,
+                            },
+                            Some(Err(status)) => return status,
+                            None => panic!("exec {i} ended without a status"),
+                        }
+                    }
+                })
+                .await
+                .unwrap_or_else(|_| panic!("exec {i} still open a minute after containerd died"));
+                assert_eq!(end.code(), Code::Unavailable, "exec {i}: {end}");
+            }
+            // The processes were killed: a retry must not find the first attempt running.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let alive: Vec<u32> = execs
+                    .iter()
+                    .map(|e| e.pid)
+                    .filter(|&p| host::is_alive(p as i32))
+                    .collect();
+                if alive.is_empty() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "exec processes {alive:?} outlived their streams"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+
+            n.env.containerd.restart().await;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while n.env.sandboxd.health().await
+                != Ok(tonic_health::pb::health_check_response::ServingStatus::Serving)
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "health never came back to SERVING"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            for (id, ip) in [("a", &ip_a), ("b", &ip_b)] {
+                let sb = n.c.get(id).await;
+                assert_eq!(sb.state(), pb::SandboxState::Running, "{id}");
+                assert_eq!(&sb.network.unwrap().ip_address, ip, "{id} kept its address");
+            }
+            assert!(n
+                .connect("a", &ip_b, 8080)
+                .await
+                .unwrap()
+                .contains("from-b"));
+            assert!(n
+                .connect("b", &GATEWAY.to_string(), GATEWAY_PORT)
+                .await
+                .unwrap()
+                .contains(&ip_b));
+            let again = open_exec(&mut n.c, "a", "echo ready; exec sleep 1000").await;
+            drop(again);
+            for id in ["a", "b"] {
+                n.c.force_delete(id).await;
+            }
+            n.assert_no_network_leftovers().await;
+            n.env.leak_check().await;
+        },
+    );
 }

@@ -175,7 +175,7 @@ impl SandboxService for SandboxApi {
                 tokio::select! {
                     ev = ev_rx.recv() => match ev {
                         Some(ev) => {
-                            if out_tx.send(Ok(convert::exec_event(ev))).await.is_err() {
+                            if out_tx.send(convert::exec_event(ev)).await.is_err() {
                                 return;
                             }
                         }

@@ -8,6 +8,7 @@
 // Each test crate includes this module and uses a different part of it.
 #![allow(dead_code, unused_imports)]
 
+pub mod bridge;
 pub mod client;
 pub mod containerd;
 pub mod host;

@@ -188,8 +188,8 @@ pub(super) fn signal(field: &str, s: i32) -> Result<i32> {
     }
 }
 
-/// Domain exec event → proto.
-pub fn exec_event(ev: sandbox::ExecEvent) -> pb::ExecResponse {
+/// Domain exec event → proto; a failure ends the stream with its status.
+pub fn exec_event(ev: sandbox::ExecEvent) -> Result<pb::ExecResponse, tonic::Status> {
     use pb::exec_response::Response;
     let response = match ev {
         sandbox::ExecEvent::Stdout(d) => Response::Stdout(d),
@@ -200,8 +200,9 @@ pub fn exec_event(ev: sandbox::ExecEvent) -> pb::ExecResponse {
             timed_out: e.timed_out,
             oom_killed: e.oom_killed,
         }),
+        sandbox::ExecEvent::Failed(e) => return Err(e.into()),
     };
-    pb::ExecResponse {
+    Ok(pb::ExecResponse {
         response: Some(response),
-    }
+    })
 }

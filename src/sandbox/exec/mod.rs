@@ -75,7 +75,7 @@ pub enum ExecInput {
 }
 
 /// What the server sends.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 pub enum ExecEvent {
     /// Output of stdout (or the terminal).
     Stdout(Bytes),
@@ -83,6 +83,9 @@ pub enum ExecEvent {
     Stderr(Bytes),
     /// The last event.
     Exited(ExitInfo),
+    /// The last event when the exit could not be known (containerd went away): the call ends
+    /// with this error.
+    Failed(Error),
 }
 
 /// How an exec ended.
@@ -294,6 +297,11 @@ impl Manager {
                 ExecEvent::Exited(info) => {
                     result.exit = info;
                     break;
+                }
+                ExecEvent::Failed(e) => {
+                    drop(in_tx);
+                    let _ = runner.await;
+                    return Err(e);
                 }
             }
         }

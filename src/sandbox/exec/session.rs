@@ -9,6 +9,7 @@ use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use crate::error::Error;
 use crate::sandbox::observe::Observer;
 use crate::sys;
 
@@ -100,6 +101,16 @@ impl ExecSession {
                 }
             };
             drop(stdin);
+            // Without containerd the exit cannot be known: the process is killed (a client that
+            // retries must not find the first attempt still running) and the call fails.
+            let lost = match &wait_result {
+                Ok(Err(e)) if e.is_unavailable() => {
+                    tracing::warn!(error = %e, "containerd went away while waiting for the exec; killing it");
+                    kill_tree(self.pid, libc::SIGKILL);
+                    true
+                }
+                _ => false,
+            };
             let status = match wait_result {
                 Ok(Ok(Some(exit))) => exit.status,
                 Ok(Ok(None)) => {
@@ -117,7 +128,11 @@ impl ExecSession {
             };
             let delete = async {
                 if let Err(e) = cd.delete_process(&sandbox, &exec_id).await {
-                    tracing::warn!(error = %e, "deleting the exec process failed");
+                    if e.is_unavailable() {
+                        forget_later(cd.clone(), sandbox.clone(), exec_id.clone());
+                    } else {
+                        tracing::warn!(error = %e, "deleting the exec process failed");
+                    }
                 }
             };
             tokio::pin!(delete);
@@ -157,7 +172,15 @@ impl ExecSession {
             let signal = if status > 128 && status <= 128 + 64 { status as i32 - 128 } else { 0 };
             let oom_killed = signal == libc::SIGKILL && !timed_out && self.manager.oom_kills(&self.spec.sandbox_id) > self.oom_before;
             let info = ExitInfo { exit_code: status as i32, signal, timed_out, oom_killed };
-            let _ = output.send(ExecEvent::Exited(info)).await;
+            let last = if lost {
+                ExecEvent::Failed(Error::Unavailable {
+                    op: "tasks.wait",
+                    message: "the connection to containerd was lost while the exec ran; the process was killed".into(),
+                })
+            } else {
+                ExecEvent::Exited(info)
+            };
+            let _ = output.send(last).await;
             if !deleted {
                 delete.await;
             }
@@ -166,6 +189,30 @@ impl ExecSession {
         .instrument(span)
         .await
     }
+}
+
+/// How long a process whose delete met no containerd is retried for, and how often.
+const FORGET_FOR: std::time::Duration = std::time::Duration::from_secs(600);
+const FORGET_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Deletes an exec process from its task once containerd answers again, so the shim does not
+/// keep it (and its exit status) forever. Gives up after [`FORGET_FOR`]: the shim forgets it
+/// with the task at the latest.
+fn forget_later(cd: Arc<dyn crate::runtime::Backend>, sandbox: String, exec_id: String) {
+    tokio::spawn(async move {
+        let give_up = tokio::time::Instant::now() + FORGET_FOR;
+        while tokio::time::Instant::now() < give_up {
+            tokio::time::sleep(FORGET_EVERY).await;
+            match cd.delete_process(&sandbox, &exec_id).await {
+                Err(e) if e.is_unavailable() => continue,
+                Err(e) => {
+                    tracing::warn!(sandbox_id = %sandbox, %exec_id, error = %e, "deleting the exec process failed");
+                    return;
+                }
+                Ok(()) => return,
+            }
+        }
+    });
 }
 
 /// Copies one pipe into the output channel until EOF, or until it is empty once `finish` is
