@@ -157,3 +157,35 @@ async fn unknown_and_malformed_images_are_reported() {
     assert_eq!(err.code(), Code::NotFound);
     env.leak_check().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupt_layer_fails_the_pull_and_leaves_no_partial_content() {
+    let env = TestEnv::new().await;
+    let layout = common::build_layout_with(&[("/corrupt-me", b"a layer the registry spoils")]);
+    let info = common::LayoutInfo::read(&layout);
+    let image = env.push_image(&layout, "spoiled:1");
+    // Same size, other bytes: the registry serves it whole, the digest no longer matches.
+    let blob = env.registry.blob_path(info.layer_digests.last().unwrap());
+    let mut data = std::fs::read(&blob).unwrap();
+    let middle = data.len() / 2;
+    data[middle] ^= 0xff;
+    std::fs::write(&blob, data).unwrap();
+
+    let mut c = ImageServiceClient::new(env.channel().await);
+    let mut err = None;
+    match c.pull_image(pb::PullImageRequest { image }).await {
+        Ok(stream) => {
+            let mut stream = stream.into_inner();
+            while let Some(msg) = stream.next().await {
+                if let Err(e) = msg {
+                    err = Some(e);
+                }
+            }
+        }
+        Err(e) => err = Some(e),
+    }
+    let err = err.expect("a layer that does not match its digest fails the pull");
+    assert_ne!(err.code(), Code::Internal, "{err}");
+    // No partial blob stays in containerd's ingest area (leak_check lists unfinished writes).
+    env.leak_check().await;
+}

@@ -149,6 +149,11 @@ pub trait Store: Send + Sync + Debug + 'static {
     async fn write_blob(&self, blob: BlobWrite<'_>, lease: &Lease) -> Result<bool>;
     /// Sets `labels` on blob `digest`, leaving its others alone.
     async fn label_blob(&self, digest: &str, labels: &HashMap<String, String>) -> Result<()>;
+    /// Unfinished content writes in the namespace (a failed or interrupted pull, export or
+    /// commit; containerd's Diff service writes there too): their refs and when each last moved.
+    async fn ingests(&self) -> Result<Vec<(String, Option<std::time::SystemTime>)>>;
+    /// Abandons unfinished write `write_ref` and its partial data; gone already is fine.
+    async fn abort_ingest(&self, write_ref: &str) -> Result<()>;
     /// Image record `name`, or `None`.
     async fn image(&self, name: &str) -> Result<Option<ImageRecord>>;
     /// Every image record carrying label `key` (any value), or all with `None`.

@@ -39,6 +39,7 @@ struct State {
     blobs: HashMap<String, Vec<u8>>,
     images: HashMap<String, ImageRecord>,
     leases: HashSet<String>,
+    ingests: HashMap<String, std::time::SystemTime>,
     calls: Vec<String>,
     failing: HashSet<String>,
     next_pid: u32,
@@ -94,6 +95,18 @@ impl Fake {
     /// Takes a lease as an operation that died while holding it would leave it.
     pub fn add_lease(&self, id: &str) {
         self.state().leases.insert(id.to_string());
+    }
+
+    /// Adds an unfinished content write `write_ref` that last moved at `at`.
+    pub fn add_ingest(&self, write_ref: &str, at: std::time::SystemTime) {
+        self.state().ingests.insert(write_ref.to_string(), at);
+    }
+
+    /// Refs of unfinished content writes, sorted.
+    pub fn ingest_refs(&self) -> Vec<String> {
+        let mut refs: Vec<String> = self.state().ingests.keys().cloned().collect();
+        refs.sort();
+        refs
     }
 
     /// Adds an active snapshot as an interrupted operation would leave it.
@@ -493,6 +506,21 @@ impl Store for Fake {
 
     async fn label_blob(&self, digest: &str, _labels: &HashMap<String, String>) -> Result<()> {
         self.enter("content.update", digest).map(|_| ())
+    }
+
+    async fn ingests(&self) -> Result<Vec<(String, Option<std::time::SystemTime>)>> {
+        let s = self.enter("content.list_statuses", "")?;
+        Ok(s.ingests
+            .iter()
+            .map(|(r, t)| (r.clone(), Some(*t)))
+            .collect())
+    }
+
+    async fn abort_ingest(&self, write_ref: &str) -> Result<()> {
+        self.enter("content.abort", write_ref)?
+            .ingests
+            .remove(write_ref);
+        Ok(())
     }
 
     async fn image(&self, name: &str) -> Result<Option<ImageRecord>> {

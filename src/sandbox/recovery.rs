@@ -102,7 +102,8 @@ impl Manager {
     /// - a container whose writable snapshot is gone was being deleted: the delete finishes;
     /// - writable, view and unpack snapshots that no container uses are removed;
     /// - networks of sandboxes whose task is gone are torn down, firewall chains swept;
-    /// - files of gone sandboxes are removed; leases of operations of an earlier run released;
+    /// - files of gone sandboxes are removed; leases and unfinished content writes of
+    ///   operations of an earlier run released;
     /// - the warm pool is adopted or emptied.
     pub async fn recover(self: &Arc<Self>) -> Result<()> {
         let leases = self.cd.leases().await?;
@@ -158,6 +159,17 @@ impl Manager {
             }
         }
         self.remove_stale_scratch().await;
+        // Content writes of an earlier run (a pull, export or commit that died mid-blob) keep
+        // their partial data until aborted. One that has not moved since this process started
+        // belongs to no live operation.
+        for (write_ref, moved) in self.cd.ingests().await? {
+            if moved.is_some_and(|t| t < self.started_at) {
+                tracing::info!(%write_ref, "abandoning a content write left by an interrupted operation");
+                if let Err(e) = self.cd.abort_ingest(&write_ref).await {
+                    tracing::warn!(%write_ref, error = %e, "could not abandon a leftover content write");
+                }
+            }
+        }
         // Leases made before this process started belong to operations that died with an
         // earlier one; what they kept alive and nothing else references goes to containerd's GC.
         for (lease, made) in leases {

@@ -487,3 +487,20 @@ async fn recovery_removes_exec_scratch_of_an_earlier_run_only() {
     assert!(!old.exists(), "a dead run's FIFO directory is removed");
     assert!(new.exists(), "this run's FIFO directory is left alone");
 }
+
+#[tokio::test]
+async fn recovery_abandons_content_writes_of_an_earlier_run_only() {
+    let f = Fixture::new();
+    let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    f.fake.add_ingest("sandboxd-sha256-dead-0001", hour_ago);
+    f.fake.add_ingest(
+        "sandboxd-sha256-live-0002",
+        std::time::SystemTime::now() + Duration::from_secs(1),
+    );
+    f.manager.recover().await.unwrap();
+    assert_eq!(
+        f.fake.ingest_refs(),
+        ["sandboxd-sha256-live-0002"],
+        "only the earlier run's write is abandoned"
+    );
+}

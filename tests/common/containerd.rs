@@ -9,12 +9,15 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use containerd_client::services::v1::containers_client::ContainersClient;
+use containerd_client::services::v1::content_client::ContentClient;
 use containerd_client::services::v1::leases_client::LeasesClient;
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
 use containerd_client::services::v1::snapshots::{Kind, ListSnapshotsRequest};
 use containerd_client::services::v1::tasks_client::TasksClient;
 use containerd_client::services::v1::version_client::VersionClient;
-use containerd_client::services::v1::{ListContainersRequest, ListRequest, ListTasksRequest};
+use containerd_client::services::v1::{
+    ListContainersRequest, ListRequest, ListStatusesRequest, ListTasksRequest,
+};
 use tempfile::TempDir;
 use tonic::transport::Channel;
 use tonic::Request;
@@ -213,6 +216,16 @@ impl Containerd {
             );
         }
 
+        let ingests = ContentClient::new(channel.clone())
+            .list_statuses(namespaced(namespace, ListStatusesRequest::default()))
+            .await
+            .expect("containerd Content.ListStatuses")
+            .into_inner()
+            .statuses
+            .into_iter()
+            .map(|s| format!("{} ({} of {} bytes)", s.r#ref, s.offset, s.total))
+            .collect();
+
         let leases = LeasesClient::new(channel)
             .list(namespaced(namespace, ListRequest::default()))
             .await
@@ -228,6 +241,7 @@ impl Containerd {
             tasks,
             active_snapshots,
             leases,
+            ingests,
             cgroups: Vec::new(),
         }
     }
@@ -374,6 +388,8 @@ pub struct Leaks {
     pub active_snapshots: Vec<String>,
     /// Lease ids in the namespace.
     pub leases: Vec<String>,
+    /// Unfinished content writes in the namespace, as "ref (offset of total bytes)".
+    pub ingests: Vec<String>,
     /// Cgroup directories below the test's cgroup parent.
     pub cgroups: Vec<PathBuf>,
 }
@@ -385,6 +401,7 @@ impl Leaks {
             && self.tasks.is_empty()
             && self.active_snapshots.is_empty()
             && self.leases.is_empty()
+            && self.ingests.is_empty()
             && self.cgroups.is_empty()
     }
 }
@@ -394,11 +411,12 @@ impl fmt::Display for Leaks {
         if self.is_empty() {
             return write!(f, "no leaks");
         }
-        let lists: [(&str, Vec<String>); 5] = [
+        let lists: [(&str, Vec<String>); 6] = [
             ("containers", self.containers.clone()),
             ("tasks", self.tasks.clone()),
             ("active snapshots", self.active_snapshots.clone()),
             ("leases", self.leases.clone()),
+            ("unfinished content writes", self.ingests.clone()),
             (
                 "cgroups",
                 self.cgroups

@@ -3,7 +3,7 @@
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,17 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// Where the registry keeps blob `digest` ("sha256:<hex>") on disk: tests corrupt it there.
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");
+        let dir = self.dir.as_ref().expect("registry dir present");
+        dir.path()
+            .join("storage/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+
     /// Starts docker-registry and waits until `GET /v2/` answers 200.
     ///
     /// Panics with the registry's log if it cannot start within 20 s.

@@ -4,9 +4,10 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use containerd_client::services::v1::{
-    CreateImageRequest, CreateRequest, DeleteImageRequest, DeleteRequest, GetImageRequest,
-    Image as CdImage, Info, InfoRequest, ListImagesRequest, ListRequest, ReadContentRequest,
-    UpdateImageRequest, UpdateRequest, WriteAction, WriteContentRequest,
+    AbortRequest, CreateImageRequest, CreateRequest, DeleteImageRequest, DeleteRequest,
+    GetImageRequest, Image as CdImage, Info, InfoRequest, ListImagesRequest, ListRequest,
+    ListStatusesRequest, ReadContentRequest, UpdateImageRequest, UpdateRequest, WriteAction,
+    WriteContentRequest,
 };
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -21,6 +22,8 @@ use crate::runtime::types::{ImageRecord, Lease};
 const WRITE_QUEUE: usize = 8;
 /// What the id of every lease sandboxd makes starts with.
 const LEASE_PREFIX: &str = "sandboxd-";
+/// What the ref of every content write sandboxd makes starts with.
+const INGEST_PREFIX: &str = "sandboxd-";
 /// A lease that outlives a crash by at most this long, after which containerd's GC drops it.
 const LEASE_EXPIRY: Duration = Duration::from_secs(3600);
 
@@ -93,7 +96,41 @@ impl Store for Containerd {
     }
 
     async fn write_blob(&self, blob: BlobWrite<'_>, lease: &Lease) -> Result<bool> {
-        write_new(self, lease.id(), blob).await
+        // A unique ref keeps concurrent writers of one blob from locking each other out.
+        let write_ref = format!(
+            "{INGEST_PREFIX}{}-{}",
+            blob.digest.replace(':', "-"),
+            crate::util::random_hex(4)
+        );
+        let written = write_new(self, lease.id(), &write_ref, blob).await;
+        if written.is_err() {
+            // containerd keeps a failed write's partial data until it is aborted.
+            if let Err(e) = self.abort_ingest(&write_ref).await {
+                tracing::debug!(error = %e, %write_ref, "aborting a failed content write failed; recovery retries");
+            }
+        }
+        written
+    }
+
+    async fn ingests(&self) -> Result<Vec<(String, Option<SystemTime>)>> {
+        let req = ListStatusesRequest { filters: vec![] };
+        let resp = call(
+            "content.list_statuses",
+            self.content().list_statuses(self.req(req)).await,
+        )?;
+        Ok(resp
+            .statuses
+            .into_iter()
+            .map(|s| (s.r#ref, time_from(s.updated_at)))
+            .collect())
+    }
+
+    async fn abort_ingest(&self, write_ref: &str) -> Result<()> {
+        let req = AbortRequest {
+            r#ref: write_ref.to_string(),
+        };
+        let resp = self.content().abort(self.req(req)).await;
+        ok_if_missing("content.abort", resp.map(|_| ()), ())
     }
 
     async fn label_blob(&self, digest: &str, labels: &HashMap<String, String>) -> Result<()> {
@@ -218,7 +255,12 @@ impl Store for Containerd {
 
 /// Streams a blob into the content store under `lease`; containerd verifies size and digest
 /// at commit. True when this call committed it (false: it was there already).
-async fn write_new(cd: &Containerd, lease: &str, blob: BlobWrite<'_>) -> Result<bool> {
+async fn write_new(
+    cd: &Containerd,
+    lease: &str,
+    write_ref: &str,
+    blob: BlobWrite<'_>,
+) -> Result<bool> {
     let BlobWrite {
         digest,
         total,
@@ -226,16 +268,10 @@ async fn write_new(cd: &Containerd, lease: &str, blob: BlobWrite<'_>) -> Result<
         mut data,
         on_progress,
     } = blob;
-    // A unique ref keeps concurrent writers of one blob from locking each other out.
-    let write_ref = format!(
-        "sandboxd-{}-{}",
-        digest.replace(':', "-"),
-        crate::util::random_hex(4)
-    );
     let (tx, rx) = mpsc::channel(WRITE_QUEUE);
     let stat = WriteContentRequest {
         action: WriteAction::Stat as i32,
-        r#ref: write_ref.clone(),
+        r#ref: write_ref.to_string(),
         ..Default::default()
     };
     tx.send(stat)
@@ -273,7 +309,7 @@ async fn write_new(cd: &Containerd, lease: &str, blob: BlobWrite<'_>) -> Result<
         }
         let req = WriteContentRequest {
             action: WriteAction::Write as i32,
-            r#ref: write_ref.clone(),
+            r#ref: write_ref.to_string(),
             total,
             expected: digest.to_string(),
             offset,
@@ -291,7 +327,7 @@ async fn write_new(cd: &Containerd, lease: &str, blob: BlobWrite<'_>) -> Result<
     }
     let commit = WriteContentRequest {
         action: WriteAction::Commit as i32,
-        r#ref: write_ref,
+        r#ref: write_ref.to_string(),
         total,
         expected: digest.to_string(),
         offset,
