@@ -183,7 +183,7 @@ async fn take_over_leftover(private: &Private, namespace: &str) -> Result<Option
         let pid = process.ident().pid;
         if answers(&private.address, namespace, &process).await? {
             tracing::info!(pid, address = %private.address.display(), "reusing the private containerd left by an earlier run, pid {pid}");
-            // The file may have been lost, or named it under an older format.
+            // Found through /proc, the pid file was lost or stale: make it name this one.
             if let Err(e) = private.pid_file.write(process.ident()) {
                 tracing::warn!(error = %e, "cannot record the private containerd's pid");
             }

@@ -157,7 +157,8 @@ pub fn find(pid_file: &PidFile, config: &Path) -> Vec<Ident> {
         Ok(None) => {}
         Ok(Some(recorded)) => match ours(recorded.pid, config) {
             Some(ident) if ident == recorded => found.push(ident),
-            _ => tracing::warn!(
+            // Expected after a reboot, when the pid may name anything: informative only.
+            _ => tracing::info!(
                 pid = recorded.pid,
                 pid_file = %pid_file.path().display(),
                 "ignoring a stale pid file: the process it names is gone or is not our private containerd"
