@@ -272,6 +272,58 @@ impl Daemon {
         );
     }
 
+    /// SIGKILLs sandboxd, as a crash or the OOM killer would, and reaps it.
+    fn kill(&mut self) {
+        let mut child = self.child.take().expect("sandboxd is running");
+        child.kill().expect("SIGKILL sandboxd");
+        child.wait().expect("reap sandboxd");
+    }
+
+    /// Where the private containerd lives.
+    fn private_dir(&self) -> PathBuf {
+        self.data_dir().join("containerd")
+    }
+
+    /// The pid the private containerd's pid file names, if the file exists.
+    fn pid_file_pid(&self) -> Option<i32> {
+        let path = self.private_dir().join("containerd.pid");
+        let text = std::fs::read_to_string(&path).ok()?;
+        let pid = text.split_whitespace().next().and_then(|p| p.parse().ok());
+        Some(pid.unwrap_or_else(|| panic!("{} holds no pid: {text:?}", path.display())))
+    }
+
+    /// Live private containerds under this daemon's data dir.
+    fn private_containerds(&self) -> Vec<i32> {
+        let dir = self.private_dir().to_string_lossy().into_owned();
+        host::processes()
+            .into_iter()
+            .filter(|p| {
+                p.cmdline
+                    .first()
+                    .is_some_and(|argv0| argv0.ends_with("/containerd") || argv0 == "containerd")
+                    && p.cmdline.iter().any(|a| a.contains(&dir))
+            })
+            .map(|p| p.pid)
+            .collect()
+    }
+
+    /// Starts sandboxd with nothing answering at the configured socket (so it runs a private
+    /// containerd) on a free port, and waits until it serves; returns where it listens.
+    async fn serve_embedded(&mut self, namespace: &str) -> Listen {
+        let nothing = self.root.join("nothing.sock");
+        for attempt in 1..=PORT_ATTEMPTS {
+            let listen = Listen::Tcp(format!("127.0.0.1:{}", common::registry::free_port()));
+            let args = self.serve_args(&listen, &nothing, namespace, &self.root.join("runc"));
+            self.spawn(&args);
+            match self.wait_serving(&listen).await {
+                Ok(()) => return listen,
+                Err(log) if log.contains("ddress already in use") && attempt < PORT_ATTEMPTS => {}
+                Err(log) => panic!("{log}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
     /// Live processes whose command line names our temp dir.
     fn processes_left(&self) -> Vec<String> {
         let root = self.root.to_string_lossy().into_owned();
@@ -384,17 +436,7 @@ async fn embedded_containerd_starts_when_none_answers() {
 
     let mut daemon = Daemon::new("sandboxd-embedded-");
     let nothing = daemon.root.join("nothing.sock");
-    let mut listen = Listen::Tcp(String::new());
-    for attempt in 1..=PORT_ATTEMPTS {
-        listen = Listen::Tcp(format!("127.0.0.1:{}", common::registry::free_port()));
-        let args = daemon.serve_args(&listen, &nothing, &namespace, &daemon.root.join("runc"));
-        daemon.spawn(&args);
-        match daemon.wait_serving(&listen).await {
-            Ok(()) => break,
-            Err(log) if log.contains("ddress already in use") && attempt < PORT_ATTEMPTS => {}
-            Err(log) => panic!("{log}"),
-        }
-    }
+    let listen = daemon.serve_embedded(&namespace).await;
 
     // A private containerd runs with its socket under <data>/containerd/.
     let private_dir = daemon.data_dir().join("containerd");
@@ -407,21 +449,17 @@ async fn embedded_containerd_starts_when_none_answers() {
         "{} is not a socket",
         socket.display()
     );
-    let private_dir_text = private_dir.to_string_lossy().into_owned();
-    let containerds: Vec<i32> = host::processes()
-        .into_iter()
-        .filter(|p| {
-            p.cmdline
-                .first()
-                .is_some_and(|argv0| argv0.ends_with("/containerd") || argv0 == "containerd")
-                && p.cmdline.iter().any(|a| a.contains(&private_dir_text))
-        })
-        .map(|p| p.pid)
-        .collect();
+    let containerds = daemon.private_containerds();
     assert_eq!(
         containerds.len(),
         1,
-        "expected one private containerd under {private_dir_text}, found {containerds:?}"
+        "expected one private containerd under {}, found {containerds:?}",
+        private_dir.display()
+    );
+    assert_eq!(
+        daemon.pid_file_pid(),
+        Some(containerds[0]),
+        "the pid file does not name the private containerd"
     );
     assert!(
         daemon.run_log().contains("started a private containerd"),
@@ -472,13 +510,9 @@ async fn embedded_containerd_starts_when_none_answers() {
     host::wait_gone(&containerds);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let restarted = host::processes().into_iter().any(|p| {
-            p.cmdline
-                .first()
-                .is_some_and(|a| a.ends_with("/containerd") || a == "containerd")
-                && p.cmdline.iter().any(|a| a.contains(&private_dir_text))
-                && !containerds.contains(&p.pid)
-        });
+        let now = daemon.private_containerds();
+        let restarted = matches!(now.as_slice(), [pid] if !containerds.contains(pid))
+            && daemon.pid_file_pid() == now.first().copied();
         if restarted && health(channel.clone(), "").await == Ok(ServingStatus::Serving) {
             break;
         }
@@ -509,11 +543,197 @@ async fn embedded_containerd_starts_when_none_answers() {
             "the private containerd (pid {pid}) is still alive"
         );
     }
+    assert_eq!(
+        daemon.pid_file_pid(),
+        None,
+        "the pid file outlives shutdown"
+    );
     let mounts = host::mounts_under(&daemon.root);
     assert!(
         mounts.is_empty(),
         "mounts left under the data dir: {mounts:?}"
     );
+}
+
+/// Waits until sandboxd's private containerds are exactly one, other than `not`, that the pid
+/// file names; returns its pid.
+fn wait_one_private_containerd(daemon: &Daemon, not: Option<i32>) -> i32 {
+    let deadline = Instant::now() + GONE_TIMEOUT;
+    loop {
+        let now = daemon.private_containerds();
+        let recorded = daemon.pid_file_pid();
+        match now.as_slice() {
+            [pid] if Some(*pid) != not && recorded == Some(*pid) => return *pid,
+            _ => assert!(
+                Instant::now() < deadline,
+                "expected one private containerd (not {not:?}) named by the pid file; \
+                 running: {now:?}, pid file: {recorded:?}\nlog:\n{}",
+                daemon.run_log()
+            ),
+        }
+        std::thread::sleep(host::POLL_INTERVAL);
+    }
+}
+
+/// Asserts SIGTERM stops sandboxd, its private containerd (pid `containerd`) and removes the
+/// pid file.
+fn terminate_with_private_containerd(daemon: &mut Daemon, containerd: i32) {
+    daemon.terminate_cleanly();
+    let left = wait_empty(GONE_TIMEOUT, || daemon.private_containerds());
+    assert!(
+        left.is_empty() && !host::is_alive(containerd),
+        "private containerds survive sandboxd's exit: {left:?} (was {containerd})"
+    );
+    assert_eq!(
+        daemon.pid_file_pid(),
+        None,
+        "the pid file outlives shutdown"
+    );
+}
+
+/// Field 22 of /proc/PID/stat, the process's start time.
+fn start_time(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
+    let after_comm = &stat[stat.rfind(')').expect("stat has a command name") + 1..];
+    after_comm
+        .split_whitespace()
+        .nth(19)
+        .and_then(|t| t.parse().ok())
+        .expect("stat has a start time")
+}
+
+/// A child process killed (and reaped) on drop, whatever the test did.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn leftover_embedded_containerd_is_reused_after_sigkill() {
+    host::require_prerequisites();
+    let registry = common::Registry::start();
+    registry.push(&common::busybox_layout(), common::BUSYBOX_NAME_TAG);
+    let image = format!("{}/{}", registry.addr(), common::BUSYBOX_NAME_TAG);
+    let namespace = common::unique_name("sbx-reuse");
+    let mut daemon = Daemon::new("sandboxd-reuse-");
+    let listen = daemon.serve_embedded(&namespace).await;
+    let containerd = wait_one_private_containerd(&daemon, None);
+    let mut c = Clients::new(listen.channel().await.expect("connect"), image.clone());
+    let sandbox = c.create_running("survivor").await;
+    assert_eq!(sandbox.state(), SandboxState::Running, "{sandbox:?}");
+
+    // sandboxd dies without a chance to stop its containerd, which keeps running.
+    daemon.kill();
+    assert!(
+        host::is_alive(containerd),
+        "the private containerd (pid {containerd}) died with sandboxd"
+    );
+
+    // The next sandboxd on the same data dir uses it rather than starting a second one.
+    let listen = daemon.serve_embedded(&namespace).await;
+    assert_eq!(
+        daemon.private_containerds(),
+        vec![containerd],
+        "expected the earlier private containerd, and only it\nlog:\n{}",
+        daemon.run_log()
+    );
+    assert_eq!(daemon.pid_file_pid(), Some(containerd));
+    let reused = format!("reusing the private containerd left by an earlier run, pid {containerd}");
+    assert!(
+        daemon.run_log().contains(&reused),
+        "the log does not say {reused:?}:\n{}",
+        daemon.run_log()
+    );
+    let channel = listen.channel().await.expect("connect after restart");
+    for service in SERVICES {
+        assert_eq!(
+            health(channel.clone(), service).await,
+            Ok(ServingStatus::Serving),
+            "health of {service}"
+        );
+    }
+    let mut c = Clients::new(channel, image);
+    let listed: Vec<(String, SandboxState)> = c
+        .list()
+        .await
+        .iter()
+        .map(|s| (s.sandbox_id.clone(), s.state()))
+        .collect();
+    assert_eq!(listed, vec![("survivor".to_owned(), SandboxState::Running)]);
+    assert_eq!(c.sh_ok("survivor", "echo still here").await, "still here\n");
+    c.force_delete("survivor").await;
+    drop(c);
+
+    // SIGTERM stops the reused containerd too, and removes its pid file.
+    terminate_with_private_containerd(&mut daemon, containerd);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn leftover_pid_file_naming_an_unrelated_process_is_ignored() {
+    host::require_prerequisites();
+    let namespace = common::unique_name("sbx-stale-pid");
+    let mut daemon = Daemon::new("sandboxd-stale-pid-");
+    // The pid file names a live process, with its true start time: only its command line
+    // says it is no containerd of ours.
+    let sleeper = KillOnDrop(
+        Command::new(host::binary("sleep"))
+            .arg("1000")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn sleep"),
+    );
+    let sleep_pid = sleeper.0.id();
+    std::fs::create_dir_all(daemon.private_dir()).expect("create the private dir");
+    std::fs::write(
+        daemon.private_dir().join("containerd.pid"),
+        format!("{sleep_pid} {}\n", start_time(sleep_pid)),
+    )
+    .expect("write a stale pid file");
+
+    daemon.serve_embedded(&namespace).await;
+    let containerd = wait_one_private_containerd(&daemon, Some(sleep_pid as i32));
+    assert!(
+        daemon.run_log().contains("started a private containerd"),
+        "the log does not say a private containerd was started:\n{}",
+        daemon.run_log()
+    );
+    terminate_with_private_containerd(&mut daemon, containerd);
+    assert!(
+        host::is_alive(sleep_pid as i32),
+        "the unrelated process the stale pid file named (pid {sleep_pid}) was killed"
+    );
+    drop(sleeper);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn leftover_embedded_containerd_that_hangs_is_replaced() {
+    host::require_prerequisites();
+    let namespace = common::unique_name("sbx-hung");
+    let mut daemon = Daemon::new("sandboxd-hung-");
+    daemon.serve_embedded(&namespace).await;
+    let hung = wait_one_private_containerd(&daemon, None);
+
+    // sandboxd dies, and its containerd, left behind, stops answering.
+    daemon.kill();
+    host::send_signal(hung as u32, Signal::SIGSTOP);
+
+    daemon.serve_embedded(&namespace).await;
+    assert!(
+        !host::is_alive(hung),
+        "the hung private containerd (pid {hung}) still runs\nlog:\n{}",
+        daemon.run_log()
+    );
+    let containerd = wait_one_private_containerd(&daemon, Some(hung));
+    assert!(
+        daemon.run_log().contains("does not answer"),
+        "the log does not say the old containerd did not answer:\n{}",
+        daemon.run_log()
+    );
+    terminate_with_private_containerd(&mut daemon, containerd);
 }
 
 #[tokio::test(flavor = "multi_thread")]
