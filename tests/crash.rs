@@ -350,6 +350,8 @@ fn a_containerd_restart_ends_open_execs_unavailable_and_bridge_sandboxes_carry_o
             let server = server_cmd(8080, "from-b");
             let server: Vec<&str> = server.iter().map(String::as_str).collect();
             let b = n.create("b", bridge(), &server).await;
+            // c's PID 1 dies while containerd is away: nobody hears its exit event.
+            let c = n.create("c", bridge(), &[]).await;
             serve((GATEWAY, GATEWAY_PORT).into(), "gw", None);
             let ip_a = a.network.unwrap().ip_address;
             let ip_b = b.network.unwrap().ip_address;
@@ -367,6 +369,7 @@ fn a_containerd_restart_ends_open_execs_unavailable_and_bridge_sandboxes_carry_o
             }
 
             n.env.containerd.kill();
+            host::send_signal(c.pid, nix::sys::signal::Signal::SIGKILL);
             for (i, exec) in execs.iter_mut().enumerate() {
                 let end = tokio::time::timeout(Duration::from_secs(60), async {
                     loop {
@@ -430,9 +433,29 @@ fn a_containerd_restart_ends_open_execs_unavailable_and_bridge_sandboxes_carry_o
                 .await
                 .unwrap()
                 .contains(&ip_b));
+            // The exit missed during the outage is found: c is STOPPED and its network gone.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let sb = n.c.get("c").await;
+                let addressed = sb
+                    .network
+                    .as_ref()
+                    .is_some_and(|net| !net.ip_address.is_empty());
+                let attached = n.netns_files().iter().any(|f| f.ends_with("-c"));
+                if sb.state() == pb::SandboxState::Stopped && !addressed && !attached {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "c's exit during the outage was never noticed: {:?} {:?}",
+                    sb.state(),
+                    n.netns_files()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             let again = open_exec(&mut n.c, "a", "echo ready; exec sleep 1000").await;
             drop(again);
-            for id in ["a", "b"] {
+            for id in ["a", "b", "c"] {
                 n.c.force_delete(id).await;
             }
             n.assert_no_network_leftovers().await;
