@@ -4,8 +4,9 @@
 //! writable snapshot) behind [`Backend`]; the files under the data dir are derived and rebuilt
 //! as needed.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use super::locks::{KeyGuard, KeyedLocks};
 use super::model::*;
@@ -65,16 +66,20 @@ pub struct Manager {
     pub(super) observer: Arc<dyn Observer>,
     /// When this manager was made: leases older than this belong to an earlier run.
     pub(super) started_at: std::time::SystemTime,
+    /// Open file streams by sandbox, which a delete ends.
+    pub(super) streams: Arc<super::streams::FileStreams>,
+    /// The temporary mounts of stopped sandboxes, shared by the file accesses open on them.
+    mounts: Mutex<HashMap<String, Weak<SharedMount>>>,
 }
 
 /// A sandbox's root filesystem as seen from the host, for file access. A running sandbox is
 /// reached through its PID 1's root; a stopped one through a temporary mount of its writable
-/// snapshot, unmounted (and the sandbox unlocked) when this is dropped.
+/// snapshot, unmounted (and the sandbox unlocked) when the last access to it is dropped.
 pub enum SandboxRoot {
     /// `/proc/<pid>/root` of the running PID 1.
     Running(PathBuf),
-    /// A temporary mount; holds the sandbox's lock so it cannot start meanwhile.
-    Mounted(sys::MountGuard, KeyGuard),
+    /// A temporary mount, shared; holds the sandbox's lock so it cannot start meanwhile.
+    Mounted(Arc<SharedMount>),
 }
 
 impl SandboxRoot {
@@ -82,8 +87,25 @@ impl SandboxRoot {
     pub fn path(&self) -> &std::path::Path {
         match self {
             SandboxRoot::Running(p) => p,
-            SandboxRoot::Mounted(m, _) => m.path(),
+            SandboxRoot::Mounted(m) => m.mount.path(),
         }
+    }
+}
+
+/// A stopped sandbox's temporary mount with the sandbox's lock: no start, commit, restore or
+/// delete runs on it until the last file access using it drops it. Many streams on one stopped
+/// sandbox share one mount instead of queueing for the lock one after the other.
+pub struct SharedMount {
+    // Declared first: unmounted before the lock is released.
+    mount: sys::MountGuard,
+    _lock: KeyGuard,
+}
+
+impl std::fmt::Debug for SharedMount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedMount")
+            .field("path", &self.mount.path())
+            .finish()
     }
 }
 
@@ -112,6 +134,8 @@ impl Manager {
             cfg,
             net,
             locks: Arc::new(KeyedLocks::default()),
+            streams: Arc::default(),
+            mounts: Mutex::default(),
         })
     }
 
@@ -223,6 +247,11 @@ impl Manager {
         if let Some(root) = running(self.task(id.as_str()).await?) {
             return Ok(root);
         }
+        // One opener at a time per sandbox, so that the others find its mount and share it.
+        let _opening = self.locks.lock(&format!("mount:{id}")).await?;
+        if let Some(shared) = self.shared_mount(id) {
+            return Ok(SandboxRoot::Mounted(shared));
+        }
         let guard = self.locks.lock(id.as_str()).await?;
         // Re-check under the lock: it may have started while we waited.
         if let Some(root) = running(self.task(id.as_str()).await?) {
@@ -230,7 +259,25 @@ impl Manager {
         }
         let mounts = self.cd.mounts(&container.snapshot_key).await?;
         let mount = self.mount_snapshot(&mounts).await?;
-        Ok(SandboxRoot::Mounted(mount, guard))
+        let shared = Arc::new(SharedMount {
+            mount,
+            _lock: guard,
+        });
+        let mut map = self.mounts.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, m| m.strong_count() > 0);
+        map.insert(id.to_string(), Arc::downgrade(&shared));
+        Ok(SandboxRoot::Mounted(shared))
+    }
+
+    /// The mount of stopped sandbox `id` that open file accesses hold, to share. None when
+    /// there is none, or when another operation (a start, commit or delete) waits for the
+    /// sandbox's lock: new accesses then queue behind it instead of keeping it waiting.
+    fn shared_mount(&self, id: &SandboxId) -> Option<Arc<SharedMount>> {
+        if self.locks.contended(id.as_str()) {
+            return None;
+        }
+        let map = self.mounts.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(id.as_str()).and_then(Weak::upgrade)
     }
 
     /// Mounts a snapshot's `mounts` at a temporary directory, unmounted when the guard drops.
