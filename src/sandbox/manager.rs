@@ -36,6 +36,8 @@ pub struct ManagerConfig {
     pub exec_io_relay: Option<PathBuf>,
     /// runc's state directory, given to the shim with each sandbox.
     pub runc_root: PathBuf,
+    /// Bytes of output all ExecSync calls together may buffer.
+    pub exec_sync_memory: u64,
 }
 
 impl From<&Config> for ManagerConfig {
@@ -48,6 +50,7 @@ impl From<&Config> for ManagerConfig {
             warm_pool: c.warm_pool.clone(),
             exec_io_relay: c.exec_io_relay.clone(),
             runc_root: c.runc_root.clone(),
+            exec_sync_memory: c.exec_sync_memory,
         }
     }
 }
@@ -70,6 +73,8 @@ pub struct Manager {
     pub(super) streams: Arc<super::streams::FileStreams>,
     /// The temporary mounts of stopped sandboxes, shared by the file accesses open on them.
     mounts: Mutex<HashMap<String, Weak<SharedMount>>>,
+    /// What ExecSync calls buffer, in KiB (see `exec::ExecSyncBudget`).
+    pub(super) exec_sync_budget: super::exec::ExecSyncBudget,
 }
 
 /// A sandbox's root filesystem as seen from the host, for file access. A running sandbox is
@@ -125,6 +130,7 @@ impl Manager {
                 })
                 .ok()
         });
+        let exec_sync_budget = super::exec::ExecSyncBudget::new(cfg.exec_sync_memory);
         Arc::new(Manager {
             relay,
             observer,
@@ -136,6 +142,7 @@ impl Manager {
             locks: Arc::new(KeyedLocks::default()),
             streams: Arc::default(),
             mounts: Mutex::default(),
+            exec_sync_budget,
         })
     }
 
