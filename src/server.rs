@@ -207,7 +207,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(pb::sandbox_service_server::SandboxServiceServer::new(
-            SandboxApi::new(manager.clone()),
+            SandboxApi::new(manager.clone(), config.stream_idle_timeout),
         ))
         .add_service(pb::image_service_server::ImageServiceServer::new(
             ImageApi::new(cd.clone()),
@@ -216,7 +216,7 @@ pub async fn serve(
             SnapshotApi::new(manager.clone()),
         ))
         .add_service(pb::file_service_server::FileServiceServer::new(
-            FileApi::new(manager.clone()),
+            FileApi::new(manager.clone(), config.stream_idle_timeout),
         ));
 
     let (drain_tx, mut drain_rx) = watch::channel(false);
