@@ -21,6 +21,7 @@ use crate::sandbox::{Manager, ManagerConfig};
 mod authority;
 mod hpack;
 mod ready;
+mod streams;
 
 /// Services whose health is reported (besides the overall "").
 pub const SERVICE_NAMES: [&str; 4] = [
@@ -202,6 +203,10 @@ pub async fn serve(
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .layer(crate::metrics::RpcMetricsLayer)
         .layer(ready::ReadyLayer(ready))
+        .layer(streams::IdentifyLayer)
+        .layer(streams::StreamLimitLayer(streams::TenantStreams::new(
+            config.max_streams_per_tenant,
+        )))
         .trace_fn(crate::telemetry::rpc_span)
         .add_service(health_service)
         .add_service(reflection_v1)
