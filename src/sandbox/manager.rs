@@ -246,7 +246,8 @@ impl Manager {
 
     /// The root of sandbox `id` for file access (see [`SandboxRoot`]).
     pub async fn sandbox_root(&self, id: &SandboxId) -> Result<SandboxRoot> {
-        let container = self.existing(id).await?;
+        // A missing sandbox is NOT_FOUND at once, without waiting for any lock.
+        self.existing(id).await?;
         let running = |t: Option<Task>| {
             t.filter(|t| matches!(t.state, TaskState::Running | TaskState::Paused))
                 .map(|t| SandboxRoot::Running(PathBuf::from(format!("/proc/{}/root", t.pid))))
@@ -260,7 +261,8 @@ impl Manager {
             return Ok(SandboxRoot::Mounted(shared));
         }
         let guard = self.locks.lock(id.as_str()).await?;
-        // Re-check under the lock: it may have started while we waited.
+        // Re-read under the lock: it may have been started, restored or deleted meanwhile.
+        let container = self.existing(id).await?;
         if let Some(root) = running(self.task(id.as_str()).await?) {
             return Ok(root);
         }
