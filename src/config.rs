@@ -242,8 +242,8 @@ struct FileConfig {
     warm_pool: Option<String>,
     exec_io_relay: Option<String>,
     runc_root: Option<PathBuf>,
-    stream_idle_timeout: Option<String>,
-    // A count or a size may be written as a TOML number or a string.
+    // A duration (bare seconds), a count or a size may be a TOML number or a string.
+    stream_idle_timeout: Option<NumberOrString>,
     max_streams_per_tenant: Option<NumberOrString>,
     exec_sync_memory: Option<NumberOrString>,
 }
@@ -532,7 +532,9 @@ fn resolve_limits(
     let stream_idle_timeout = match pick(
         &args.stream_idle_timeout,
         "SANDBOXD_STREAM_IDLE_TIMEOUT",
-        file.stream_idle_timeout.clone(),
+        file.stream_idle_timeout
+            .clone()
+            .map(NumberOrString::into_string),
     ) {
         None => DEFAULT_STREAM_IDLE_TIMEOUT,
         Some(s) => match crate::util::parse_duration(&s) {
@@ -805,13 +807,14 @@ mod tests {
         // A byte count may be a TOML number too.
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");
-        std::fs::write(&file, "exec_sync_memory = 4096\n").unwrap();
+        std::fs::write(&file, "exec_sync_memory = 4096\nstream_idle_timeout = 45\n").unwrap();
         let args = ServeArgs {
             config: Some(file),
             ..Default::default()
         };
         let cfg = Config::resolve(&args, &env_of(&[])).unwrap();
         assert_eq!(cfg.exec_sync_memory, 4096);
+        assert_eq!(cfg.stream_idle_timeout, Duration::from_secs(45));
     }
 
     #[test]
