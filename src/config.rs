@@ -28,6 +28,12 @@ pub const DEFAULT_PIDS_LIMIT: i64 = 1024;
 pub const DEFAULT_IDLE_INIT: &str = "/usr/bin/catatonit";
 /// Default runc state directory (containerd's own default for the runc shim).
 pub const DEFAULT_RUNC_ROOT: &str = "/run/containerd/runc";
+/// Default of how long a stream may wait on an idle client (see [`Config::stream_idle_timeout`]).
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// Default of how many streaming calls one tenant may have open at once.
+pub const DEFAULT_MAX_STREAMS_PER_TENANT: usize = 1024;
+/// Default of how much output all ExecSync calls together may hold, in bytes.
+pub const DEFAULT_EXEC_SYNC_MEMORY: u64 = 512 << 20;
 
 /// Where the gRPC server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,6 +197,21 @@ pub struct ServeArgs {
     /// reboot [env: SANDBOXD_RUNC_ROOT] [default: /run/containerd/runc]
     #[arg(long, value_name = "DIR")]
     pub runc_root: Option<PathBuf>,
+    /// How long a stream may wait on an idle client before it ends with DEADLINE_EXCEEDED and
+    /// lets go of what it holds: WriteFile without a message, ReadFile and Exec with output the
+    /// client does not take, e.g. 30s, 5m [env: SANDBOXD_STREAM_IDLE_TIMEOUT] [default: 5m]
+    #[arg(long, value_name = "DURATION")]
+    pub stream_idle_timeout: Option<String>,
+    /// Streaming calls (Exec, ReadFile, WriteFile, PullImage, reflection) one tenant may have
+    /// open at once; past it RESOURCE_EXHAUSTED. Health is exempt
+    /// [env: SANDBOXD_MAX_STREAMS_PER_TENANT] [default: 1024]
+    #[arg(long, value_name = "COUNT")]
+    pub max_streams_per_tenant: Option<String>,
+    /// Output all running ExecSync calls together may hold in memory, e.g. 512Mi; a call that
+    /// would go past it is killed and ends with RESOURCE_EXHAUSTED
+    /// [env: SANDBOXD_EXEC_SYNC_MEMORY] [default: 512Mi]
+    #[arg(long, value_name = "BYTES")]
+    pub exec_sync_memory: Option<String>,
     /// Test-only fault injection: comma-separated steps that fail on purpose (see
     /// `sandbox::failpoint`). Hidden from --help; never set it in production.
     #[arg(long, hide = true, value_name = "STEPS")]
@@ -221,6 +242,27 @@ struct FileConfig {
     warm_pool: Option<String>,
     exec_io_relay: Option<String>,
     runc_root: Option<PathBuf>,
+    // A duration (bare seconds), a count or a size may be a TOML number or a string.
+    stream_idle_timeout: Option<NumberOrString>,
+    max_streams_per_tenant: Option<NumberOrString>,
+    exec_sync_memory: Option<NumberOrString>,
+}
+
+/// A TOML value that is a number (`1024`) or a string (`"512Mi"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum NumberOrString {
+    Number(i64),
+    String(String),
+}
+
+impl NumberOrString {
+    fn into_string(self) -> String {
+        match self {
+            NumberOrString::Number(n) => n.to_string(),
+            NumberOrString::String(s) => s,
+        }
+    }
 }
 
 /// The resolved configuration of `sandboxd serve`.
@@ -258,6 +300,13 @@ pub struct Config {
     pub exec_io_relay: Option<PathBuf>,
     /// runc's state directory for sandboxes.
     pub runc_root: PathBuf,
+    /// How long a stream waits on a client that neither sends (WriteFile) nor takes what it
+    /// is sent (ReadFile, Exec) before it ends and releases its sandbox.
+    pub stream_idle_timeout: Duration,
+    /// Streaming calls one tenant may have open at once.
+    pub max_streams_per_tenant: usize,
+    /// Bytes of output all ExecSync calls together may buffer.
+    pub exec_sync_memory: u64,
 }
 
 /// A configuration problem, naming the setting.
@@ -423,7 +472,11 @@ impl Config {
                 reason: format!("{} must be an absolute path", runc_root.display()),
             });
         }
+        let limits = resolve_limits(args, env, &file)?;
         Ok(Config {
+            stream_idle_timeout: limits.stream_idle_timeout,
+            max_streams_per_tenant: limits.max_streams_per_tenant,
+            exec_sync_memory: limits.exec_sync_memory,
             runc_root,
             exec_io_relay,
             warm_pool,
@@ -459,6 +512,94 @@ impl Config {
                 .collect(),
         })
     }
+}
+
+/// The limits that keep slow and hostile clients from holding resources.
+struct Limits {
+    stream_idle_timeout: Duration,
+    max_streams_per_tenant: usize,
+    exec_sync_memory: u64,
+}
+
+fn resolve_limits(
+    args: &ServeArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+    file: &FileConfig,
+) -> Result<Limits, ConfigError> {
+    let pick = |flag: &Option<String>, var: &str, file: Option<String>| {
+        flag.clone().or_else(|| env(var)).or(file)
+    };
+    let stream_idle_timeout = match pick(
+        &args.stream_idle_timeout,
+        "SANDBOXD_STREAM_IDLE_TIMEOUT",
+        file.stream_idle_timeout
+            .clone()
+            .map(NumberOrString::into_string),
+    ) {
+        None => DEFAULT_STREAM_IDLE_TIMEOUT,
+        Some(s) => match crate::util::parse_duration(&s) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                return Err(ConfigError {
+                    setting: "stream_idle_timeout",
+                    reason: format!("{s:?} must be longer than zero"),
+                })
+            }
+            Err(reason) => {
+                return Err(ConfigError {
+                    setting: "stream_idle_timeout",
+                    reason,
+                })
+            }
+        },
+    };
+    let max_streams_per_tenant = match pick(
+        &args.max_streams_per_tenant,
+        "SANDBOXD_MAX_STREAMS_PER_TENANT",
+        file.max_streams_per_tenant
+            .clone()
+            .map(NumberOrString::into_string),
+    ) {
+        None => DEFAULT_MAX_STREAMS_PER_TENANT,
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                return Err(ConfigError {
+                    setting: "max_streams_per_tenant",
+                    reason: format!("{s:?} is not a count of at least 1"),
+                })
+            }
+        },
+    };
+    let exec_sync_memory = match pick(
+        &args.exec_sync_memory,
+        "SANDBOXD_EXEC_SYNC_MEMORY",
+        file.exec_sync_memory
+            .clone()
+            .map(NumberOrString::into_string),
+    ) {
+        None => DEFAULT_EXEC_SYNC_MEMORY,
+        Some(s) => match crate::util::parse_size(&s) {
+            Ok(n) if n > 0 => n as u64,
+            Ok(_) => {
+                return Err(ConfigError {
+                    setting: "exec_sync_memory",
+                    reason: format!("{s:?} must be more than zero"),
+                })
+            }
+            Err(reason) => {
+                return Err(ConfigError {
+                    setting: "exec_sync_memory",
+                    reason,
+                })
+            }
+        },
+    };
+    Ok(Limits {
+        stream_idle_timeout,
+        max_streams_per_tenant,
+        exec_sync_memory,
+    })
 }
 
 /// Picks a setting: flag, then environment variable, then file, then default.
@@ -621,6 +762,59 @@ mod tests {
         assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/sandboxd"));
         assert_eq!(cfg.embedded_containerd, EmbeddedContainerd::Auto);
         assert_eq!(cfg.runc_root, PathBuf::from("/run/containerd/runc"));
+        assert_eq!(cfg.stream_idle_timeout, Duration::from_secs(300));
+        assert_eq!(cfg.max_streams_per_tenant, 1024);
+        assert_eq!(cfg.exec_sync_memory, 512 << 20);
+    }
+
+    #[test]
+    fn stream_and_memory_limits_come_from_flag_env_or_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "stream_idle_timeout = \"90s\"\nmax_streams_per_tenant = 7\nexec_sync_memory = \"64Mi\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(file.clone()),
+            ..Default::default()
+        };
+        let cfg = Config::resolve(&args, &env_of(&[])).unwrap();
+        assert_eq!(cfg.stream_idle_timeout, Duration::from_secs(90));
+        assert_eq!(cfg.max_streams_per_tenant, 7);
+        assert_eq!(cfg.exec_sync_memory, 64 << 20);
+        let env = env_of(&[
+            ("SANDBOXD_STREAM_IDLE_TIMEOUT", "2s"),
+            ("SANDBOXD_MAX_STREAMS_PER_TENANT", "3"),
+            ("SANDBOXD_EXEC_SYNC_MEMORY", "1048576"),
+        ]);
+        let cfg = Config::resolve(&args, &env).unwrap();
+        assert_eq!(cfg.stream_idle_timeout, Duration::from_secs(2));
+        assert_eq!(cfg.max_streams_per_tenant, 3);
+        assert_eq!(cfg.exec_sync_memory, 1 << 20);
+        let args = ServeArgs {
+            config: Some(file),
+            stream_idle_timeout: Some("500ms".into()),
+            max_streams_per_tenant: Some("2".into()),
+            exec_sync_memory: Some("1Gi".into()),
+            ..Default::default()
+        };
+        let cfg = Config::resolve(&args, &env).unwrap();
+        assert_eq!(cfg.stream_idle_timeout, Duration::from_millis(500));
+        assert_eq!(cfg.max_streams_per_tenant, 2);
+        assert_eq!(cfg.exec_sync_memory, 1 << 30);
+        // A byte count may be a TOML number too.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "exec_sync_memory = 4096\nstream_idle_timeout = 45\n").unwrap();
+        let args = ServeArgs {
+            config: Some(file),
+            ..Default::default()
+        };
+        let cfg = Config::resolve(&args, &env_of(&[])).unwrap();
+        assert_eq!(cfg.exec_sync_memory, 4096);
+        assert_eq!(cfg.stream_idle_timeout, Duration::from_secs(45));
     }
 
     #[test]
@@ -677,5 +871,28 @@ mod tests {
         let env = env_of(&[("SANDBOXD_RUNC_ROOT", "runc")]);
         let err = Config::resolve(&ServeArgs::default(), &env).unwrap_err();
         assert!(err.to_string().starts_with("runc_root:"), "{err}");
+        for (var, value, setting) in [
+            ("SANDBOXD_STREAM_IDLE_TIMEOUT", "0s", "stream_idle_timeout:"),
+            (
+                "SANDBOXD_STREAM_IDLE_TIMEOUT",
+                "soon",
+                "stream_idle_timeout:",
+            ),
+            (
+                "SANDBOXD_MAX_STREAMS_PER_TENANT",
+                "0",
+                "max_streams_per_tenant:",
+            ),
+            (
+                "SANDBOXD_MAX_STREAMS_PER_TENANT",
+                "-1",
+                "max_streams_per_tenant:",
+            ),
+            ("SANDBOXD_EXEC_SYNC_MEMORY", "0", "exec_sync_memory:"),
+            ("SANDBOXD_EXEC_SYNC_MEMORY", "lots", "exec_sync_memory:"),
+        ] {
+            let err = Config::resolve(&ServeArgs::default(), &env_of(&[(var, value)])).unwrap_err();
+            assert!(err.to_string().starts_with(setting), "{var}={value}: {err}");
+        }
     }
 }

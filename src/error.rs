@@ -30,6 +30,14 @@ pub enum Error {
     #[error("{0}")]
     DeadlineExceeded(String),
 
+    /// A limit that protects the node was reached; the message names the setting.
+    #[error("{0}")]
+    ResourceExhausted(String),
+
+    /// The operation was ended by a conflicting one (a stream whose sandbox is being deleted).
+    #[error("{0}")]
+    Aborted(String),
+
     /// containerd could not be reached.
     #[error("containerd is unavailable ({op}): {message}")]
     Unavailable { op: &'static str, message: String },

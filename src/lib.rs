@@ -1,6 +1,7 @@
 //! sandboxd: a gRPC service that manages fast, isolated sandboxes on one node over containerd.
 
 pub mod api;
+pub mod caller;
 pub mod cli;
 pub mod config;
 pub mod error;

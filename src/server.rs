@@ -21,6 +21,7 @@ use crate::sandbox::{Manager, ManagerConfig};
 mod authority;
 mod hpack;
 mod ready;
+mod streams;
 
 /// Services whose health is reported (besides the overall "").
 pub const SERVICE_NAMES: [&str; 4] = [
@@ -202,12 +203,16 @@ pub async fn serve(
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .layer(crate::metrics::RpcMetricsLayer)
         .layer(ready::ReadyLayer(ready))
+        .layer(streams::IdentifyLayer)
+        .layer(streams::StreamLimitLayer(streams::TenantStreams::new(
+            config.max_streams_per_tenant,
+        )))
         .trace_fn(crate::telemetry::rpc_span)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(pb::sandbox_service_server::SandboxServiceServer::new(
-            SandboxApi::new(manager.clone()),
+            SandboxApi::new(manager.clone(), config.stream_idle_timeout),
         ))
         .add_service(pb::image_service_server::ImageServiceServer::new(
             ImageApi::new(cd.clone()),
@@ -216,7 +221,7 @@ pub async fn serve(
             SnapshotApi::new(manager.clone()),
         ))
         .add_service(pb::file_service_server::FileServiceServer::new(
-            FileApi::new(manager.clone()),
+            FileApi::new(manager.clone(), config.stream_idle_timeout),
         ));
 
     let (drain_tx, mut drain_rx) = watch::channel(false);

@@ -24,6 +24,14 @@ pub async fn blocking<T: Send + 'static>(
         .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?
 }
 
+/// Drops `value` on a blocking thread and waits for it: for values whose drop makes system
+/// calls (closing a large file, unmounting a sandbox's root).
+pub async fn drop_blocking<T: Send + 'static>(value: T) {
+    if let Err(e) = tokio::task::spawn_blocking(move || drop(value)).await {
+        tracing::warn!(error = %e, "releasing a resource failed");
+    }
+}
+
 /// A mount description as containerd's snapshotter returns it.
 #[derive(Debug, Clone)]
 pub struct MountSpec {

@@ -1,31 +1,39 @@
 //! FileService handlers: take the request, convert, call the file domain, convert back.
+//!
+//! ReadFile and WriteFile are streams a client controls: neither holds a thread while it waits
+//! on the client (each chunk is read or written in a short blocking call), each ends after the
+//! idle timeout of a silent client (see [`super::stream`]), and each lets go of the sandbox
+//! when a delete of it begins.
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::Stream;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{self, FileTarget, MakeDirectorySpec, RemovePathSpec};
+use super::stream::{self, Outbound};
 use crate::error::{Error, Result};
 use crate::files::{self, AtomicWriter, FileReader, WriteInput, READ_QUEUE, WRITE_QUEUE};
 use crate::pb;
 use crate::pb::file_service_server::FileService;
-use crate::sandbox::{Manager, SandboxId};
+use crate::sandbox::{FileStream, Manager, SandboxId};
 use crate::sys;
 
 /// The FileService implementation.
 #[derive(Debug, Clone)]
 pub struct FileApi {
     manager: Arc<Manager>,
+    /// How long a stream waits on a client that sends or takes nothing.
+    idle: Duration,
 }
 
 impl FileApi {
-    /// Serves the files of `manager`'s sandboxes.
-    pub fn new(manager: Arc<Manager>) -> Self {
-        FileApi { manager }
+    /// Serves the files of `manager`'s sandboxes; streams end after `idle` of a silent client.
+    pub fn new(manager: Arc<Manager>, idle: Duration) -> Self {
+        FileApi { manager, idle }
     }
 
     /// Opens the root of sandbox `id` and runs blocking `op` on it. An `op` that changes files
@@ -53,6 +61,19 @@ impl FileApi {
         drop(held);
         result
     }
+
+    /// Opens the root of sandbox `id` for file stream `stream`, unless a delete of the sandbox
+    /// begins first.
+    async fn open_stream_root(
+        &self,
+        id: &SandboxId,
+        stream: &mut FileStream,
+    ) -> Result<files::Root, Status> {
+        tokio::select! {
+            root = self.manager.open_root(id) => Ok(root?),
+            () = stream.ended() => Err(deleting(id)),
+        }
+    }
 }
 
 /// Whether an operation reads a sandbox's files or changes them.
@@ -60,6 +81,65 @@ impl FileApi {
 enum Access {
     Read,
     Change,
+}
+
+/// The status of a file stream ended because its sandbox is being deleted.
+fn deleting(id: &SandboxId) -> Status {
+    Error::Aborted(format!(
+        "sandbox {id} is being deleted: its file streams were ended, and a write in progress \
+         was discarded"
+    ))
+    .into()
+}
+
+/// Streams `reader`'s chunks to `tx`, each read in a short blocking call, until the end of the
+/// range, a read error, the client going away or stalling, or a delete of the sandbox. The
+/// reader, and with it a stopped sandbox's mount, is released before the stream ends.
+async fn send_file(
+    reader: FileReader,
+    mut tx: Outbound<pb::ReadFileResponse>,
+    mut stream: FileStream,
+    id: SandboxId,
+) {
+    let mut reader = Some(reader);
+    let last = loop {
+        let Some(mut r) = reader.take() else {
+            break None;
+        };
+        let read = sys::blocking(move || {
+            let chunk = r.next_chunk();
+            Ok((r, chunk))
+        })
+        .await;
+        let chunk = match read {
+            Ok((r, chunk)) => {
+                reader = Some(r);
+                chunk
+            }
+            Err(e) => break Some(Status::from(e)),
+        };
+        let data = match chunk {
+            Ok(Some(data)) => data,
+            Ok(None) => break None,
+            Err(e) => break Some(Status::from(e)),
+        };
+        tokio::select! {
+            sent = tx.send(Ok(pb::ReadFileResponse { data })) => {
+                // Gone, or stalled (the stream is ended already): either way, stop here.
+                if sent.is_err() {
+                    break None;
+                }
+            }
+            () = stream.ended() => {
+                tx.abort(deleting(&id));
+                break None;
+            }
+        }
+    };
+    sys::drop_blocking(reader).await;
+    if let Some(status) = last {
+        let _ = tx.send(Err(status)).await;
+    }
 }
 
 // ---- handlers ----
@@ -73,31 +153,15 @@ impl FileService for FileApi {
         req: Request<pb::ReadFileRequest>,
     ) -> Result<Response<Self::ReadFileStream>, Status> {
         let (FileTarget { sandbox_id, path }, range) = convert::read_file_spec(req.into_inner())?;
-        let root = self.manager.open_root(&sandbox_id).await?;
+        let mut stream = self.manager.file_stream(&sandbox_id);
+        let root = self.open_stream_root(&sandbox_id, &mut stream).await?;
         // Opening errors (missing, not a file) are the call's status, not a stream item.
-        let mut reader = sys::blocking(move || FileReader::open(root, &path, range)).await?;
-        let (tx, rx) = mpsc::channel(READ_QUEUE);
+        let reader = sys::blocking(move || FileReader::open(root, &path, range)).await?;
+        let (tx, rx) = stream::outbound(READ_QUEUE, self.idle);
         // The reader owns the root: a stopped sandbox stays mounted until the stream ends, and
         // is unmounted before the client sees the end.
-        tokio::task::spawn_blocking(move || {
-            let last = loop {
-                match reader.next_chunk() {
-                    Ok(Some(data)) => {
-                        if tx.blocking_send(Ok(pb::ReadFileResponse { data })).is_err() {
-                            // The client went away.
-                            return;
-                        }
-                    }
-                    Ok(None) => break None,
-                    Err(e) => break Some(Status::from(e)),
-                }
-            };
-            drop(reader);
-            if let Some(status) = last {
-                let _ = tx.blocking_send(Err(status));
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        tokio::spawn(send_file(reader, tx, stream, sandbox_id));
+        Ok(Response::new(Box::pin(rx)))
     }
 
     async fn write_file(
@@ -105,15 +169,21 @@ impl FileService for FileApi {
         req: Request<Streaming<pb::WriteFileRequest>>,
     ) -> Result<Response<pb::WriteFileResponse>, Status> {
         let mut inbound = req.into_inner();
-        let (id, spec) = convert::write_file_first(inbound.message().await?)?;
-        let root = self.manager.open_root(&id).await?;
+        let first = stream::next_message(&mut inbound, self.idle).await?;
+        let (id, spec) = convert::write_file_first(first)?;
+        let mut stream = self.manager.file_stream(&id);
+        let root = self.open_stream_root(&id, &mut stream).await?;
         // Should this call be dropped from here on, dropping the writer removes its temporary
         // file; once `run` owns it, `run` does.
         let writer = sys::blocking(move || AtomicWriter::create(root, &spec)).await?;
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
-        let task = tokio::task::spawn_blocking(move || writer.run(rx));
+        let task = tokio::spawn(writer.run(rx));
         let stream_result = loop {
-            match inbound.message().await {
+            let message = tokio::select! {
+                message = stream::next_message(&mut inbound, self.idle) => message,
+                () = stream.ended() => break Err(deleting(&id)),
+            };
+            match message {
                 Ok(Some(msg)) => match convert::write_file_input(msg) {
                     Ok(Some(input)) => {
                         if tx.send(input).await.is_err() {
@@ -144,7 +214,13 @@ impl FileService for FileApi {
         stream_result?;
         let writer = synced?;
         // The content is on disk; only the rename into place waits for a commit to finish.
-        let held = self.manager.hold_still(&id, writer.root()).await?;
+        let held = match self.manager.hold_still(&id, writer.root()).await {
+            Ok(held) => held,
+            Err(e) => {
+                sys::drop_blocking(writer).await;
+                return Err(e.into());
+            }
+        };
         let written = sys::blocking(move || writer.publish()).await?;
         drop(held);
         Ok(Response::new(pb::WriteFileResponse {

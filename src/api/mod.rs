@@ -6,6 +6,7 @@ mod image;
 mod sandbox;
 mod snapshot;
 pub mod status;
+mod stream;
 
 pub use file::FileApi;
 pub use image::ImageApi;

@@ -8,10 +8,10 @@ use crate::metrics::{metrics, observe_since};
 
 use futures::Stream;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert;
+use super::stream;
 use crate::pb;
 use crate::pb::sandbox_service_server::SandboxService;
 use crate::sandbox::{
@@ -22,12 +22,14 @@ use crate::sandbox::{
 #[derive(Debug, Clone)]
 pub struct SandboxApi {
     manager: Arc<Manager>,
+    /// How long an Exec's output may wait on a client that takes none of it.
+    idle: Duration,
 }
 
 impl SandboxApi {
-    /// Serves `manager`.
-    pub fn new(manager: Arc<Manager>) -> Self {
-        SandboxApi { manager }
+    /// Serves `manager`; an Exec whose client takes no output for `idle` is ended.
+    pub fn new(manager: Arc<Manager>, idle: Duration) -> Self {
+        SandboxApi { manager, idle }
     }
 }
 
@@ -136,6 +138,8 @@ impl SandboxService for SandboxApi {
         tokio::spawn(session.run(in_rx, ev_tx));
         tokio::spawn(async move {
             loop {
+                // No idle timeout on input: it may rightly stay idle for as long as the
+                // process runs. The client ends this half (or the connection does).
                 match inbound.message().await {
                     Ok(Some(msg)) => match convert::exec_input(msg, stdin_allowed) {
                         Ok(Some(input)) => {
@@ -158,10 +162,11 @@ impl SandboxService for SandboxApi {
                 }
             }
         });
-        // Forward events to the client; end the stream early on a bad client message or on the
-        // call's deadline (tonic does not enforce it for streams). Either way dropping the
+        // Forward events to the client; end the stream early on a bad client message, on the
+        // call's deadline (tonic does not enforce it for streams), or when output has waited
+        // for the idle timeout on a client that takes none of it. Either way dropping the
         // events' receiver kills the process.
-        let (out_tx, out_rx) = mpsc::channel(EXEC_OUTPUT_QUEUE);
+        let (mut out_tx, out_rx) = stream::outbound(EXEC_OUTPUT_QUEUE, self.idle);
         let _ = out_tx.send(Ok(started)).await;
         tokio::spawn(async move {
             let expiry = async {
@@ -175,6 +180,8 @@ impl SandboxService for SandboxApi {
                 tokio::select! {
                     ev = ev_rx.recv() => match ev {
                         Some(ev) => {
+                            // Gone, or stalled (the stream is ended already): the process is
+                            // killed as the events' receiver drops.
                             if out_tx.send(convert::exec_event(ev)).await.is_err() {
                                 return;
                             }
@@ -182,7 +189,7 @@ impl SandboxService for SandboxApi {
                         None => return,
                     },
                     // The client went away: dropping the events' receiver kills the process.
-                    _ = out_tx.closed() => return,
+                    () = out_tx.closed() => return,
                     Some(status) = abort_rx.recv() => {
                         drop(ev_rx);
                         let _ = out_tx.send(Err(status)).await;
@@ -190,13 +197,13 @@ impl SandboxService for SandboxApi {
                     }
                     _ = &mut expiry => {
                         drop(ev_rx);
-                        let _ = out_tx.send(Err(Status::deadline_exceeded("the call's deadline expired; the process was killed"))).await;
+                        out_tx.abort(Status::deadline_exceeded("the call's deadline expired; the process was killed"));
                         return;
                     }
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+        Ok(Response::new(Box::pin(out_rx)))
     }
 
     async fn exec_sync(

@@ -34,6 +34,8 @@ fn code(e: &Error) -> Code {
         Error::FailedPrecondition(_) => Code::FailedPrecondition,
         Error::PermissionDenied(_) => Code::PermissionDenied,
         Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
+        Error::ResourceExhausted(_) => Code::ResourceExhausted,
+        Error::Aborted(_) => Code::Aborted,
         Error::Unavailable { .. } => {
             tracing::warn!(error = %e, "containerd unavailable");
             Code::Unavailable
@@ -178,6 +180,11 @@ mod tests {
             status(Error::DeadlineExceeded("x".into())).code(),
             Code::DeadlineExceeded
         );
+        assert_eq!(
+            status(Error::ResourceExhausted("x".into())).code(),
+            Code::ResourceExhausted
+        );
+        assert_eq!(status(Error::Aborted("x".into())).code(), Code::Aborted);
         assert_eq!(
             status(Error::containerd("x", Status::unavailable("down"))).code(),
             Code::Unavailable

@@ -16,57 +16,7 @@ pub fn to_map(pairs: Vec<(String, String)>) -> HashMap<String, String> {
     pairs.into_iter().collect()
 }
 
-/// A duration such as `30s`, `1500ms`, `5m`, `2h` or `1m30s`; a bare number is seconds.
-pub fn duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("expected a duration like 30s, 500ms, 5m or 1h, got {s:?}");
-    if s.is_empty() {
-        return Err(bad());
-    }
-    if let Ok(secs) = s.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit() && c != '.')
-            .ok_or_else(bad)?;
-        let (number, tail) = rest.split_at(digits);
-        let number: f64 = number.parse().map_err(|_| bad())?;
-        let unit_len = tail
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(tail.len());
-        let (unit, tail) = tail.split_at(unit_len);
-        let seconds = match unit {
-            "ms" => number / 1000.0,
-            "s" => number,
-            "m" => number * 60.0,
-            "h" => number * 3600.0,
-            "d" => number * 86400.0,
-            _ => return Err(bad()),
-        };
-        total += Duration::try_from_secs_f64(seconds).map_err(|_| bad())?;
-        rest = tail;
-    }
-    Ok(total)
-}
-
-/// A size in bytes: `268435456`, or with a binary suffix `512k`, `256Mi`, `1G`, `2GiB`.
-pub fn bytes(s: &str) -> Result<i64, String> {
-    let bad = || format!("expected a size like 268435456, 256Mi or 1G, got {s:?}");
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let number: i64 = number.parse().map_err(|_| bad())?;
-    let shift = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "ki" | "kib" | "kb" => 10,
-        "m" | "mi" | "mib" | "mb" => 20,
-        "g" | "gi" | "gib" | "gb" => 30,
-        "t" | "ti" | "tib" | "tb" => 40,
-        _ => return Err(bad()),
-    };
-    number.checked_mul(1 << shift).ok_or_else(bad)
-}
+pub use crate::util::{parse_duration as duration, parse_size as bytes};
 
 /// A signal given as a number (`9`) or a name with or without `SIG` (`KILL`, `SIGTERM`).
 pub fn signal(s: &str) -> Result<i32, String> {
@@ -161,30 +111,6 @@ pub fn port_mapping(s: &str) -> Result<crate::pb::PortMapping, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_accept_units_and_bare_seconds() {
-        assert_eq!(duration("30s").unwrap(), Duration::from_secs(30));
-        assert_eq!(duration("30").unwrap(), Duration::from_secs(30));
-        assert_eq!(duration("1500ms").unwrap(), Duration::from_millis(1500));
-        assert_eq!(duration("1m30s").unwrap(), Duration::from_secs(90));
-        assert_eq!(duration("2h").unwrap(), Duration::from_secs(7200));
-        assert_eq!(duration("0.5s").unwrap(), Duration::from_millis(500));
-        for bad in ["", "s", "10x", "-1s", "1s2", "abc"] {
-            assert!(duration(bad).is_err(), "{bad:?} was accepted");
-        }
-    }
-
-    #[test]
-    fn sizes_accept_binary_suffixes() {
-        assert_eq!(bytes("1024").unwrap(), 1024);
-        assert_eq!(bytes("256Mi").unwrap(), 256 << 20);
-        assert_eq!(bytes("1G").unwrap(), 1 << 30);
-        assert_eq!(bytes("512k").unwrap(), 512 << 10);
-        for bad in ["", "M", "1X", "-5", "99999999999T"] {
-            assert!(bytes(bad).is_err(), "{bad:?} was accepted");
-        }
-    }
 
     #[test]
     fn signals_accept_numbers_and_names() {

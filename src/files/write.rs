@@ -15,8 +15,10 @@ use super::path::{cstring, join, normalize, split_last, SandboxPath, MAX_PATH_LE
 use super::root::{fail, is_mount_point, mount_point_error, reopen_regular, Root};
 use super::root::{file_type, require_regular, FileType};
 use crate::error::{Error, Result};
+use crate::sys;
 
-/// Data messages a WriteFile stream runs ahead of the disk.
+/// Data messages a WriteFile stream runs ahead of the disk, and the most written in one
+/// blocking call.
 pub const WRITE_QUEUE: usize = 4;
 /// Mode of a file WriteFile creates when the request gives none.
 pub const DEFAULT_FILE_MODE: u32 = 0o644;
@@ -202,27 +204,57 @@ impl AtomicWriter {
         Ok(self.written)
     }
 
-    /// Writes and syncs what `input` brings until [`WriteInput::Finish`] (blocking), then returns
-    /// the writer for [`Self::publish`]. When the channel closes first (the stream failed or the
-    /// caller went away), nothing changes and the temporary file is removed.
-    pub fn run(mut self, mut input: mpsc::Receiver<WriteInput>) -> Result<AtomicWriter> {
+    /// Writes and syncs what `input` brings until [`WriteInput::Finish`], then returns the
+    /// writer for [`Self::publish`]. No thread waits on the client: the chunks that queued up
+    /// meanwhile (up to [`WRITE_QUEUE`]) are written in one short blocking call at a time. When
+    /// the channel closes first (the stream failed or the caller went away), nothing changes
+    /// and the temporary file is removed before this returns.
+    pub async fn run(self, mut input: mpsc::Receiver<WriteInput>) -> Result<AtomicWriter> {
+        let mut writer = self;
         loop {
-            match input.blocking_recv() {
-                Some(WriteInput::Data(data)) => self.write(&data)?,
-                Some(WriteInput::Finish) => {
-                    // Free the sender before the slow part.
-                    drop(input);
-                    self.sync()?;
-                    return Ok(self);
-                }
-                None => {
-                    return Err(Error::FailedPrecondition(format!(
-                        "the write of {:?} was abandoned before the stream ended",
-                        self.path
-                    )))
+            let Some(first) = input.recv().await else {
+                let path = writer.path.clone();
+                // Closing the file (and, for a stopped sandbox, unmounting) blocks.
+                sys::drop_blocking(writer).await;
+                return Err(Error::FailedPrecondition(format!(
+                    "the write of {path:?} was abandoned before the stream ended"
+                )));
+            };
+            let mut batch = vec![first];
+            while batch.len() < WRITE_QUEUE && !matches!(batch.last(), Some(WriteInput::Finish)) {
+                match input.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
                 }
             }
+            let finish = matches!(batch.last(), Some(WriteInput::Finish));
+            if finish {
+                // Nothing follows Finish: free the sender before the slow part.
+                drop(input);
+                return sys::blocking(move || {
+                    writer.write_batch(batch)?;
+                    writer.sync()?;
+                    Ok(writer)
+                })
+                .await;
+            }
+            // A failed write drops the writer (and its temporary file) on the blocking thread.
+            writer = sys::blocking(move || {
+                writer.write_batch(batch)?;
+                Ok(writer)
+            })
+            .await?;
         }
+    }
+
+    /// Writes the data of `batch` in order (blocking).
+    fn write_batch(&mut self, batch: Vec<WriteInput>) -> Result<()> {
+        for input in batch {
+            if let WriteInput::Data(data) = input {
+                self.write(&data)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -406,5 +438,55 @@ mod tests {
             write(f.root(), "/nodir/x", b"x", false),
             Err(Error::NotFound { .. })
         ));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn run_writes_queued_chunks_in_order_and_cleans_up_when_abandoned() {
+        let f = Fixture::new();
+        let r = f.root_dir.path().to_path_buf();
+        let spec = WriteSpec {
+            path: path("/etc/streamed"),
+            mode: DEFAULT_FILE_MODE,
+            append: false,
+            uid: 0,
+            gid: 0,
+        };
+        let w = AtomicWriter::create(f.root(), &spec).unwrap();
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        let run = tokio::spawn(w.run(rx));
+        for i in 0..10u8 {
+            tx.send(WriteInput::Data(bytes::Bytes::from(vec![i; 3])))
+                .await
+                .unwrap();
+        }
+        tx.send(WriteInput::Finish).await.unwrap();
+        let w = run.await.unwrap().unwrap();
+        assert!(!r.join("etc/streamed").exists(), "visible before publish");
+        assert_eq!(
+            tokio::task::spawn_blocking(|| w.publish())
+                .await
+                .unwrap()
+                .unwrap(),
+            30
+        );
+        let expected: Vec<u8> = (0..10u8).flat_map(|i| [i; 3]).collect();
+        assert_eq!(std::fs::read(r.join("etc/streamed")).unwrap(), expected);
+
+        // Abandoned after some data: an error, and the file as it was.
+        let w = AtomicWriter::create(f.root(), &spec).unwrap();
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        let run = tokio::spawn(w.run(rx));
+        tx.send(WriteInput::Data(bytes::Bytes::from_static(b"partial")))
+            .await
+            .unwrap();
+        drop(tx);
+        let err = run.await.unwrap().unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)), "{err:?}");
+        assert_eq!(std::fs::read(r.join("etc/streamed")).unwrap(), expected);
+        let names: Vec<_> = std::fs::read_dir(r.join("etc"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
     }
 }

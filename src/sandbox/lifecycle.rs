@@ -248,11 +248,14 @@ impl Manager {
     // ---- delete ----
 
     /// DeleteSandbox: task, writable snapshot, container, files. A running sandbox needs `force`.
+    /// The sandbox's open file streams are ended first (ABORTED), so that an idle one never
+    /// holds the delete up (a stopped sandbox's mount holds its lock).
     pub async fn delete(self: &Arc<Self>, id: SandboxId, force: bool) -> Result<()> {
         let this = self.clone();
         let span = tracing::info_span!("delete_sandbox", sandbox_id = %id);
         run_to_completion(
             async move {
+                let _deleting = this.streams.delete(id.as_str());
                 let _guard = this.locks.lock(id.as_str()).await?;
                 let container = this.existing(&id).await?;
                 this.delete_locked(&id, &container, force).await
@@ -265,6 +268,7 @@ impl Manager {
     /// Force-deletes sandbox `id` whatever it is, a warm-pool one included; a missing one is
     /// fine.
     pub(super) async fn delete_any(&self, id: SandboxId) -> Result<()> {
+        let _deleting = self.streams.delete(id.as_str());
         let _guard = self.locks.lock(id.as_str()).await?;
         match self.any_container(&id).await? {
             Some(container) => self.delete_locked(&id, &container, true).await,

@@ -52,6 +52,13 @@ impl KeyedLocks {
             }),
         }
     }
+
+    /// Whether anyone waits for the lock of `key` besides its holder.
+    pub fn contended(&self, key: &str) -> bool {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        // The map's own reference, the holder's, and one per waiter.
+        map.get(key).is_some_and(|m| Arc::strong_count(m) > 2)
+    }
 }
 
 impl Drop for KeyGuard {
@@ -80,6 +87,24 @@ mod tests {
             assert_eq!(locks.map.lock().unwrap().len(), 1);
         }
         assert!(locks.map.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn contention_counts_waiters_not_the_holder() {
+        let locks = Arc::new(KeyedLocks::default());
+        assert!(!locks.contended("a"));
+        let held = locks.lock("a").await.unwrap();
+        assert!(!locks.contended("a"));
+        let waiter = tokio::spawn({
+            let locks = locks.clone();
+            async move { locks.lock("a").await.map(drop) }
+        });
+        while !locks.contended("a") {
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        waiter.await.unwrap().unwrap();
+        assert!(!locks.contended("a"));
     }
 
     #[tokio::test]

@@ -4,8 +4,9 @@
 //! writable snapshot) behind [`Backend`]; the files under the data dir are derived and rebuilt
 //! as needed.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use super::locks::{KeyGuard, KeyedLocks};
 use super::model::*;
@@ -35,6 +36,8 @@ pub struct ManagerConfig {
     pub exec_io_relay: Option<PathBuf>,
     /// runc's state directory, given to the shim with each sandbox.
     pub runc_root: PathBuf,
+    /// Bytes of output all ExecSync calls together may buffer.
+    pub exec_sync_memory: u64,
 }
 
 impl From<&Config> for ManagerConfig {
@@ -47,6 +50,7 @@ impl From<&Config> for ManagerConfig {
             warm_pool: c.warm_pool.clone(),
             exec_io_relay: c.exec_io_relay.clone(),
             runc_root: c.runc_root.clone(),
+            exec_sync_memory: c.exec_sync_memory,
         }
     }
 }
@@ -65,16 +69,22 @@ pub struct Manager {
     pub(super) observer: Arc<dyn Observer>,
     /// When this manager was made: leases older than this belong to an earlier run.
     pub(super) started_at: std::time::SystemTime,
+    /// Open file streams by sandbox, which a delete ends.
+    pub(super) streams: Arc<super::streams::FileStreams>,
+    /// The temporary mounts of stopped sandboxes, shared by the file accesses open on them.
+    mounts: Mutex<HashMap<String, Weak<SharedMount>>>,
+    /// What ExecSync calls buffer, in KiB (see `exec::ExecSyncBudget`).
+    pub(super) exec_sync_budget: super::exec::ExecSyncBudget,
 }
 
 /// A sandbox's root filesystem as seen from the host, for file access. A running sandbox is
 /// reached through its PID 1's root; a stopped one through a temporary mount of its writable
-/// snapshot, unmounted (and the sandbox unlocked) when this is dropped.
+/// snapshot, unmounted (and the sandbox unlocked) when the last access to it is dropped.
 pub enum SandboxRoot {
     /// `/proc/<pid>/root` of the running PID 1.
     Running(PathBuf),
-    /// A temporary mount; holds the sandbox's lock so it cannot start meanwhile.
-    Mounted(sys::MountGuard, KeyGuard),
+    /// A temporary mount, shared; holds the sandbox's lock so it cannot start meanwhile.
+    Mounted(Arc<SharedMount>),
 }
 
 impl SandboxRoot {
@@ -82,8 +92,25 @@ impl SandboxRoot {
     pub fn path(&self) -> &std::path::Path {
         match self {
             SandboxRoot::Running(p) => p,
-            SandboxRoot::Mounted(m, _) => m.path(),
+            SandboxRoot::Mounted(m) => m.mount.path(),
         }
+    }
+}
+
+/// A stopped sandbox's temporary mount with the sandbox's lock: no start, commit, restore or
+/// delete runs on it until the last file access using it drops it. Many streams on one stopped
+/// sandbox share one mount instead of queueing for the lock one after the other.
+pub struct SharedMount {
+    // Declared first: unmounted before the lock is released.
+    mount: sys::MountGuard,
+    _lock: KeyGuard,
+}
+
+impl std::fmt::Debug for SharedMount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedMount")
+            .field("path", &self.mount.path())
+            .finish()
     }
 }
 
@@ -103,6 +130,7 @@ impl Manager {
                 })
                 .ok()
         });
+        let exec_sync_budget = super::exec::ExecSyncBudget::new(cfg.exec_sync_memory);
         Arc::new(Manager {
             relay,
             observer,
@@ -112,6 +140,9 @@ impl Manager {
             cfg,
             net,
             locks: Arc::new(KeyedLocks::default()),
+            streams: Arc::default(),
+            mounts: Mutex::default(),
+            exec_sync_budget,
         })
     }
 
@@ -215,7 +246,8 @@ impl Manager {
 
     /// The root of sandbox `id` for file access (see [`SandboxRoot`]).
     pub async fn sandbox_root(&self, id: &SandboxId) -> Result<SandboxRoot> {
-        let container = self.existing(id).await?;
+        // A missing sandbox is NOT_FOUND at once, without waiting for any lock.
+        self.existing(id).await?;
         let running = |t: Option<Task>| {
             t.filter(|t| matches!(t.state, TaskState::Running | TaskState::Paused))
                 .map(|t| SandboxRoot::Running(PathBuf::from(format!("/proc/{}/root", t.pid))))
@@ -223,14 +255,38 @@ impl Manager {
         if let Some(root) = running(self.task(id.as_str()).await?) {
             return Ok(root);
         }
+        // One opener at a time per sandbox, so that the others find its mount and share it.
+        let _opening = self.locks.lock(&format!("mount:{id}")).await?;
+        if let Some(shared) = self.shared_mount(id) {
+            return Ok(SandboxRoot::Mounted(shared));
+        }
         let guard = self.locks.lock(id.as_str()).await?;
-        // Re-check under the lock: it may have started while we waited.
+        // Re-read under the lock: it may have been started, restored or deleted meanwhile.
+        let container = self.existing(id).await?;
         if let Some(root) = running(self.task(id.as_str()).await?) {
             return Ok(root);
         }
         let mounts = self.cd.mounts(&container.snapshot_key).await?;
         let mount = self.mount_snapshot(&mounts).await?;
-        Ok(SandboxRoot::Mounted(mount, guard))
+        let shared = Arc::new(SharedMount {
+            mount,
+            _lock: guard,
+        });
+        let mut map = self.mounts.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, m| m.strong_count() > 0);
+        map.insert(id.to_string(), Arc::downgrade(&shared));
+        Ok(SandboxRoot::Mounted(shared))
+    }
+
+    /// The mount of stopped sandbox `id` that open file accesses hold, to share. None when
+    /// there is none, or when another operation (a start, commit or delete) waits for the
+    /// sandbox's lock: new accesses then queue behind it instead of keeping it waiting.
+    fn shared_mount(&self, id: &SandboxId) -> Option<Arc<SharedMount>> {
+        if self.locks.contended(id.as_str()) {
+            return None;
+        }
+        let map = self.mounts.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(id.as_str()).and_then(Weak::upgrade)
     }
 
     /// Mounts a snapshot's `mounts` at a temporary directory, unmounted when the guard drops.

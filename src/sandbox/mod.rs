@@ -16,6 +16,7 @@ mod relay;
 mod retry;
 mod root;
 mod snapshot;
+mod streams;
 #[cfg(test)]
 mod tests;
 
@@ -24,7 +25,7 @@ pub use exec::{
     EXEC_OUTPUT_QUEUE,
 };
 pub use locks::KeyGuard;
-pub use manager::{Manager, ManagerConfig, SandboxRoot};
+pub use manager::{Manager, ManagerConfig, SandboxRoot, SharedMount};
 pub use model::*;
 pub use observe::{Observer, Unobserved};
 pub use pool::parse_pool;
@@ -32,3 +33,4 @@ pub use record::{L_MANAGED, L_SNAPSHOT_OWNER};
 pub use relay::{helper_main as relay_helper_main, RELAY_ARG};
 pub use retry::{RequestKey, REQUEST_ID_TTL};
 pub use snapshot::{parse_snapshot_id, Snapshot, SNAPSHOT_IMAGE_PREFIX};
+pub use streams::FileStream;

@@ -12,8 +12,14 @@ use crate::files::{self, Root};
 use crate::sys;
 
 impl Manager {
+    /// Registers a file stream on sandbox `id`: [`super::FileStream::ended`] resolves when a
+    /// delete of the sandbox begins, and the stream must then let go of its root.
+    pub fn file_stream(&self, id: &SandboxId) -> super::FileStream {
+        self.streams.open(id.as_str())
+    }
+
     /// Opens the root of sandbox `id`, in any state. A stopped sandbox stays mounted and locked
-    /// (it cannot start) until the root is dropped.
+    /// (it cannot start) until every root open on its mount is dropped.
     pub async fn open_root(&self, id: &SandboxId) -> Result<Root> {
         let guard = self.sandbox_root(id).await?;
         let SandboxRoot::Running(root_path) = &guard else {

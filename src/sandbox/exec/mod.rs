@@ -3,8 +3,11 @@
 //! instead of growing our memory. This file holds the request and its start; `launch` makes
 //! the process and its plumbing, `session` drives it to its end.
 
+mod budget;
 mod launch;
 mod session;
+
+pub use budget::ExecSyncBudget;
 
 use launch::{ExecIo, LaunchError};
 
@@ -268,6 +271,8 @@ pub struct ExecSyncResult {
 impl Manager {
     /// ExecSync: runs to completion, feeding `stdin` then closing it, capturing up to `max_output`
     /// bytes of each stream and draining (discarding) the rest so the process never blocks.
+    /// What is captured counts against the budget all ExecSync calls share: a call that would
+    /// go past it is killed and fails with RESOURCE_EXHAUSTED.
     pub async fn exec_sync(
         self: &Arc<Self>,
         mut spec: ExecSpec,
@@ -285,15 +290,11 @@ impl Manager {
             let _ = in_tx.send(ExecInput::CloseStdin).await;
         }
         let mut result = ExecSyncResult::default();
-        let keep = |buf: &mut Vec<u8>, truncated: &mut bool, data: &[u8]| {
-            let room = max_output.saturating_sub(buf.len());
-            buf.extend_from_slice(&data[..room.min(data.len())]);
-            *truncated |= data.len() > room;
-        };
+        let mut share = self.exec_sync_budget.share();
         while let Some(ev) = out_rx.recv().await {
-            match ev {
-                ExecEvent::Stdout(d) => keep(&mut result.stdout, &mut result.stdout_truncated, &d),
-                ExecEvent::Stderr(d) => keep(&mut result.stderr, &mut result.stderr_truncated, &d),
+            let (buf, truncated, data) = match ev {
+                ExecEvent::Stdout(d) => (&mut result.stdout, &mut result.stdout_truncated, d),
+                ExecEvent::Stderr(d) => (&mut result.stderr, &mut result.stderr_truncated, d),
                 ExecEvent::Exited(info) => {
                     result.exit = info;
                     break;
@@ -303,7 +304,17 @@ impl Manager {
                     let _ = runner.await;
                     return Err(e);
                 }
+            };
+            let room = max_output.saturating_sub(buf.len());
+            let kept = room.min(data.len());
+            if !share.cover(share.bytes() + kept) {
+                // Dropping the output kills the process; the session then cleans it up.
+                drop((out_rx, in_tx));
+                let _ = runner.await;
+                return Err(self.exec_sync_budget.exhausted());
             }
+            buf.extend_from_slice(&data[..kept]);
+            *truncated |= data.len() > room;
         }
         drop(in_tx);
         let _ = runner.await;
