@@ -73,8 +73,8 @@ pub struct Manager {
     pub(super) streams: Arc<super::streams::FileStreams>,
     /// The temporary mounts of stopped sandboxes, shared by the file accesses open on them.
     mounts: Mutex<HashMap<String, Weak<SharedMount>>>,
-    /// What ExecSync calls buffer, in KiB (see `exec::ExecSyncBudget`).
-    pub(super) exec_sync_budget: super::exec::ExecSyncBudget,
+    /// What ExecSync calls buffer, in KiB (see `budget::ExecSyncBudget`).
+    pub(super) exec_sync_budget: super::budget::ExecSyncBudget,
 }
 
 /// A sandbox's root filesystem as seen from the host, for file access. A running sandbox is
@@ -130,7 +130,7 @@ impl Manager {
                 })
                 .ok()
         });
-        let exec_sync_budget = super::exec::ExecSyncBudget::new(cfg.exec_sync_memory);
+        let exec_sync_budget = super::budget::ExecSyncBudget::new(cfg.exec_sync_memory);
         Arc::new(Manager {
             relay,
             observer,

@@ -1,5 +1,6 @@
 //! The sandbox domain: validated types and the lifecycle manager.
 
+mod budget;
 mod commit;
 mod create;
 mod exec;

@@ -3,11 +3,9 @@
 //! instead of growing our memory. This file holds the request and its start; `launch` makes
 //! the process and its plumbing, `session` drives it to its end.
 
-mod budget;
 mod launch;
 mod session;
 
-pub use budget::ExecSyncBudget;
 
 use launch::{ExecIo, LaunchError};
 
