@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
@@ -58,7 +58,18 @@ pub async fn pull(
     sink: Option<ProgressSink>,
 ) -> Result<ImageInfo> {
     let lease = cd.lease("pull").await?;
-    let result = pull_leased(cd, image, &sink, &lease).await;
+    // The registry client (oci-client) panics on some answers, e.g. a token that is no valid
+    // header value: such a pull fails like any bad answer, and its lease is still released.
+    let result = std::panic::AssertUnwindSafe(pull_leased(cd, image, &sink, &lease))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| {
+            Err(Error::Registry(format!(
+                "{}: the registry client failed on the registry's answer: {}",
+                image.name(),
+                panic_message(panic.as_ref())
+            )))
+        });
     let released = cd.release(lease).await;
     match result {
         Ok(info) => {
@@ -67,6 +78,15 @@ pub async fn pull(
         }
         Err(e) => Err(e.with_cleanup(released)),
     }
+}
+
+/// What a caught panic says, when it says it as text.
+pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic")
 }
 
 fn registry_client(image: &ImageRef) -> oci_client::Client {

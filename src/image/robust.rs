@@ -1,7 +1,8 @@
 //! Registry answers as a broken or hostile registry might send them: mutated manifests, indexes
-//! and configs through the pull's own parsers, and pulls from a scripted registry on loopback
-//! whose documents lie about sizes. Every answer ends in an image or a clear error, never a
-//! panic, and a size a document declares is never allocated before the bytes arrive. A small deterministic generator (the seed
+//! and configs through the pull's own parsers, and whole pulls from a scripted registry on
+//! loopback (auth challenges, tokens, digest and length headers, bodies that lie about their
+//! size). Every answer ends in an image or a clear error, never a panic, and a size a document
+//! declares is never allocated before the bytes arrive. A small deterministic generator (the seed
 //! is in the failure message) keeps the tests dependency-free and repeatable.
 
 use std::collections::HashMap;
@@ -26,6 +27,8 @@ use crate::runtime::Store;
 
 /// Mutated documents per kind through the parsers.
 const CASES: usize = 3000;
+/// Whole pulls from a scripted registry.
+const PULL_CASES: usize = 300;
 /// A pull from the scripted registry, which always answers at once, ends within this.
 const PULL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest request head the scripted registry reads.
@@ -552,6 +555,94 @@ fn faithful_script(image: &Image, via_index: bool) -> HashMap<String, Answer> {
     script
 }
 
+/// A hostile WWW-Authenticate challenge, most of them pointing at the registry's /token.
+fn hostile_challenge(g: &mut Gen, addr: SocketAddr) -> String {
+    let realm = format!("http://{addr}/token");
+    let choices = [
+        format!("Bearer realm=\"{realm}\",service=\"registry\",scope=\"repository:x:pull\""),
+        format!("Bearer realm=\"{realm}\""),
+        format!("bearer REALM=\"{realm}\", service=\"{}\"", "s".repeat(4096)),
+        "Bearer realm=\"\"".to_owned(),
+        "Bearer realm=\"not a url\"".to_owned(),
+        "Bearer realm=\"ftp://127.0.0.1/\"".to_owned(),
+        "Bearer service=\"no realm\"".to_owned(),
+        "Bearer realm=\"unterminated".to_owned(),
+        "Bearer realm=".to_owned(),
+        "Bearer ,,,,,=,=".to_owned(),
+        "Basic realm=\"registry\"".to_owned(),
+        "Negotiate".to_owned(),
+        String::new(),
+        format!("Bearer realm=\"{realm}\", {}", "a=b, ".repeat(2000)),
+        format!("Digest nonce=\"1\", Bearer realm=\"{realm}\""),
+        "\u{e9}".to_owned(),
+    ];
+    g.pick(&choices)
+}
+
+/// A hostile token response.
+fn hostile_token(g: &mut Gen) -> Vec<u8> {
+    let choices: Vec<Vec<u8>> = vec![
+        br#"{"token":"abc"}"#.to_vec(),
+        br#"{"access_token":"abc","expires_in":-5}"#.to_vec(),
+        br#"{"token":"line\nbreak"}"#.to_vec(),
+        br#"{"token":"nul\u0000byte"}"#.to_vec(),
+        br#"{"token":"\u007f"}"#.to_vec(),
+        br#"{"token":""}"#.to_vec(),
+        br#"{"token":5}"#.to_vec(),
+        br#"{"token":null}"#.to_vec(),
+        br#"{}"#.to_vec(),
+        br#"[]"#.to_vec(),
+        b"not json".to_vec(),
+        format!("{{\"token\":\"{}\"}}", "t".repeat(1 << 20)).into_bytes(),
+        // A JWT whose payload is not base64, and one whose claims are nonsense.
+        br#"{"token":"a.!!!.c"}"#.to_vec(),
+        br#"{"token":"e30.eyJleHAiOi0xfQ.c"}"#.to_vec(),
+        br#"{"token":"e30.eyJleHAiOjE4NDQ2NzQ0MDczNzA5NTUxNjE1fQ.c"}"#.to_vec(),
+    ];
+    g.pick(&choices)
+}
+
+/// One way to spoil an answer: status, headers, body, or a Content-Length that lies.
+fn spoil(g: &mut Gen, answer: &mut Answer) {
+    match g.below(9) {
+        0 => {
+            answer.status = g.pick(&[
+                201, 204, 206, 301, 302, 304, 400, 401, 403, 404, 416, 429, 500, 503, 999,
+            ])
+        }
+        1 => answer.headers.push((
+            "Docker-Content-Digest".into(),
+            g.pick(&[
+                "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+                "sha256:zz",
+                "md5:00",
+                "",
+                "sha256:",
+            ])
+            .into(),
+        )),
+        2 => answer.content_length = Some(answer.body.len() + 1 + g.below(1 << 30) as usize),
+        3 => answer.content_length = Some(g.below(answer.body.len() as u64 + 1) as usize),
+        4 => answer.content_length = None,
+        5 => {
+            // A body far past what any descriptor declares, with no length to warn.
+            answer.content_length = None;
+            let n = 1 + g.below(4 << 20) as usize;
+            let extra = g.bytes(n);
+            answer.body.extend(extra);
+        }
+        6 => answer.headers.push((
+            "Content-Type".into(),
+            g.pick(&[MEDIA_DOCKER_LIST, MEDIA_OCI_INDEX, "text/html", "\u{1}"])
+                .into(),
+        )),
+        7 => answer.headers.push(("Content-Length".into(), "-1".into())),
+        _ => answer
+            .body
+            .truncate(g.below(answer.body.len() as u64 + 1) as usize),
+    }
+}
+
 /// Pulls `image_ref` from a registry following `script` into an empty fake backend; fails the
 /// test (naming `seed`) if the pull panics or hangs, or leaves a lease behind.
 async fn pull_from(
@@ -644,4 +735,139 @@ async fn a_config_longer_or_shorter_than_declared_is_refused() {
             "body {label} than declared: {err}"
         );
     }
+}
+
+/// A registry whose token is no valid header value: oci-client panics building the
+/// Authorization header; the pull must fail cleanly instead, its lease released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_that_is_no_header_value_fails_the_pull_cleanly() {
+    let image = valid_image(&mut Gen(19));
+    let (listener, addr) = ScriptedRegistry::bind().await;
+    let mut script = faithful_script(&image, false);
+    script.insert(
+        "GET /v2/".into(),
+        Answer {
+            status: 401,
+            headers: vec![(
+                "WWW-Authenticate".into(),
+                format!("Bearer realm=\"http://{addr}/token\",service=\"r\""),
+            )],
+            body: Vec::new(),
+            content_length: Some(0),
+        },
+    );
+    script.insert(
+        "GET /token".into(),
+        Answer::ok(br#"{"token":"line\nbreak"}"#.to_vec(), "application/json"),
+    );
+    let _registry = ScriptedRegistry::serve(listener, script);
+    let (result, _) = pull_from(0, &image_at(&addr.to_string())).await;
+    let err = result.unwrap_err();
+    assert!(err.contains("registry client failed"), "{err}");
+}
+
+/// The same registry as the target of a push (ExportSnapshot): the push fails cleanly too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_to_a_registry_whose_token_is_no_header_value_fails_cleanly() {
+    let image = valid_image(&mut Gen(23));
+    let fake = Fake::default();
+    let manifest = serde_json::to_vec(&image.manifest).unwrap();
+    let digest = digest_of(&manifest);
+    let lease = fake.lease("test").await.unwrap();
+    super::content::write_bytes(&fake, &lease, &digest, manifest.into(), HashMap::new())
+        .await
+        .unwrap();
+    let (listener, addr) = ScriptedRegistry::bind().await;
+    let challenge = Answer {
+        status: 401,
+        headers: vec![(
+            "WWW-Authenticate".into(),
+            format!("Bearer realm=\"http://{addr}/token\""),
+        )],
+        body: Vec::new(),
+        content_length: Some(0),
+    };
+    let script = HashMap::from([
+        ("GET /v2/".to_owned(), challenge),
+        (
+            "GET /token".to_owned(),
+            Answer::ok(br#"{"token":"line\nbreak"}"#.to_vec(), "application/json"),
+        ),
+    ]);
+    let _registry = ScriptedRegistry::serve(listener, script);
+    let target = image_at(&addr.to_string());
+    let pushed = tokio::spawn(async move { super::push(&fake, &digest, &target).await })
+        .await
+        .expect("the push does not panic");
+    let err = pushed.unwrap_err();
+    assert!(matches!(err, Error::Registry(_)), "{err:?}");
+    assert!(err.to_string().contains("registry client failed"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_from_a_hostile_registry_end_in_an_image_or_a_clear_error() {
+    let mut outcomes: HashMap<String, usize> = HashMap::new();
+    for case in 0..PULL_CASES {
+        let seed = 0x9011_0000 + case as u64 * 104_729;
+        let mut g = Gen(seed);
+        let image = valid_image(&mut g);
+        let (listener, addr) = ScriptedRegistry::bind().await;
+        let via_index = g.one_in(2);
+        let mut script = faithful_script(&image, via_index);
+        if g.one_in(3) {
+            script.insert(
+                "GET /v2/".into(),
+                Answer {
+                    status: g.pick(&[200, 401, 401, 403]),
+                    headers: vec![("WWW-Authenticate".into(), hostile_challenge(&mut g, addr))],
+                    body: Vec::new(),
+                    content_length: Some(0),
+                },
+            );
+            script.insert(
+                "GET /token".into(),
+                Answer::ok(hostile_token(&mut g), "application/json"),
+            );
+        }
+        // Rewrite some documents, then spoil some answers.
+        let config = serde_json::to_vec(&image.config).unwrap();
+        let manifest = serde_json::to_vec(&image.manifest).unwrap();
+        let documents = [
+            (
+                manifest_path(TAG),
+                if via_index {
+                    &image.index
+                } else {
+                    &image.manifest
+                },
+            ),
+            (manifest_path(&digest_of(&manifest)), &image.manifest),
+            (blob_path(&digest_of(&config)), &image.config),
+        ];
+        for (path, doc) in documents {
+            if g.one_in(3) {
+                let answer = script.get_mut(&path).unwrap();
+                answer.body = mutated(&mut g, doc);
+                answer.content_length = Some(answer.body.len());
+            }
+        }
+        let mut paths: Vec<String> = script.keys().cloned().collect();
+        paths.sort();
+        for path in paths {
+            if g.one_in(5) {
+                spoil(&mut g, script.get_mut(&path).unwrap());
+            }
+        }
+        let _registry = ScriptedRegistry::serve(listener, script);
+        let (result, _) = pull_from(seed, &image_at(&addr.to_string())).await;
+        let outcome = match result {
+            Ok(()) => "ok".to_owned(),
+            Err(e) => e.split(':').next().unwrap_or_default().to_owned(),
+        };
+        *outcomes.entry(outcome).or_default() += 1;
+    }
+    // Some cases stay faithful enough to pull, most do not: both paths ran.
+    assert!(outcomes.get("ok").copied().unwrap_or(0) > 0, "{outcomes:?}");
+    assert!(outcomes.len() > 1, "{outcomes:?}");
+    eprintln!("hostile pulls by outcome: {outcomes:?}");
 }
