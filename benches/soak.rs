@@ -30,19 +30,24 @@
 //! created sandbox that does not exec, and a deliberate misuse answered with the wrong code. A
 //! client never races itself, so a caller-class status outside the deliberate misuses is listed
 //! too (as "unprovoked"), though it does not fail the run. Each failure is printed as it happens
-//! and again at the end, with the client, the time, the call and the sandbox.
+//! and again at the end, with the client, the time, the call and the sandbox. A call still
+//! unanswered after 30 s gets a diagnosis while it hangs: the sandbox's freezer state, its
+//! processes with their state, wait channel and stdio, its shim, and sandboxd's log lines about
+//! it.
 //!
 //! sandboxd's and containerd's RSS (`VmRSS`), open fds and threads are sampled before the load,
 //! after `SOAK_WARMUP` (default 1 min, at most half the duration) and at the end, both times
 //! with every client held between sessions (nothing of theirs alive) and the shims gone, so the
 //! two figures compare like with like; the load's peak is sampled every 15 s. A figure is flat
-//! when end ≤ warm-up × 1.2 + slack (8 MiB of RSS, 8 fds, 4 threads). At the end it checks that
-//! sandboxd lists no sandbox or snapshot, that its containerd namespace holds no container, task,
-//! active snapshot or lease, that no cgroup, exec FIFO dir or shim remains.
+//! when end ≤ warm-up × 1.2 + slack (8 MiB of RSS, 8 fds); threads are shown, not judged, as
+//! tokio's blocking threads come and go with idle time. At the end it checks that sandboxd lists
+//! no sandbox or snapshot, that its containerd namespace holds no container, task, active
+//! snapshot or lease, and that no cgroup, exec FIFO dir or shim remains.
 //!
 //! It prints operation counts with p50/p99/max latencies, the errors, the resource table and the
 //! verdicts, writes them to `target/bench-soak.json`, and exits non-zero when a failure that is
-//! not the caller's happened, something was left behind, or a figure is not flat.
+//! not the caller's happened, something was left behind, or a figure is not flat; sandboxd's and
+//! containerd's logs are then kept in `target/soak-logs/`.
 //!
 //! Settings come from the environment or from arguments after `--`, which win:
 //! `cargo bench --bench soak -- --duration 2m --clients 16 --warmup 60s --seed 7`
@@ -58,7 +63,7 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -92,6 +97,14 @@ const DEFAULT_SEED: u64 = 0x50a4_2026;
 
 /// A call with no answer after this long is a failure (the server hung).
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// A call still without an answer after this long has its sandbox's processes and sandboxd's
+/// log lines about it recorded, while it still hangs.
+const DIAGNOSE_AFTER: Duration = Duration::from_secs(30);
+/// sandboxd log lines naming the sandbox kept in a hang's diagnosis.
+const DIAGNOSIS_LOG_LINES: usize = 40;
+/// Where sandboxd's and containerd's logs are copied when the verdict fails, below cargo's
+/// target directory (the fixtures remove their own directories).
+const LOGS_DIR: &str = "soak-logs";
 /// Pause with every client held before a resource figure, for shims and relays to exit.
 const SETTLE: Duration = Duration::from_secs(3);
 /// How long shims may take to exit, and containerd objects to go, before they count as left.
@@ -104,8 +117,6 @@ const FLAT_FACTOR: f64 = 1.2;
 const RSS_SLACK_KIB: u64 = 8 * 1024;
 /// Slack of the flatness rule for open fds.
 const FD_SLACK: u64 = 8;
-/// Slack of the flatness rule for threads.
-const THREAD_SLACK: u64 = 4;
 /// Caller-class statuses listed in full at the end (all are counted).
 const CALLER_EXAMPLES: usize = 20;
 /// Where the JSON results go, below cargo's target directory.
@@ -269,7 +280,7 @@ async fn run(settings: Settings) -> Result<()> {
     let (machine, load_before) = announce(&env.containerd, &settings.render(&image)).await?;
     support::pulled_channel(&env, &image).await?;
 
-    let shared = Arc::new(Shared::new());
+    let shared = Arc::new(Shared::new(Diagnostics::of(&env)));
     let mut resources = Resources {
         before: Some(Figures::sample(&env).await?),
         ..Default::default()
@@ -355,21 +366,27 @@ async fn run(settings: Settings) -> Result<()> {
         machine, load, settings, &image, ran, &shared, resources, leftovers,
     );
     publish(&report.render(), &report, JSON_FILE_NAME)?;
-    report.verdict()
+    let verdict = report.verdict();
+    if verdict.is_err() {
+        keep_logs(&env)?;
+    }
+    verdict
 }
 
 /// What all clients share: the statistics, and the lock that holds them between sessions.
 struct Shared {
     stats: Mutex<Stats>,
+    diagnostics: Diagnostics,
     /// Clients hold it for reading during a session; the controller takes it for writing to
     /// hold them all between sessions.
     hold: RwLock<()>,
 }
 
 impl Shared {
-    fn new() -> Shared {
+    fn new(diagnostics: Diagnostics) -> Shared {
         Shared {
             stats: Mutex::new(Stats::default()),
+            diagnostics,
             hold: RwLock::new(()),
         }
     }
@@ -537,10 +554,27 @@ impl Client {
         call: impl Future<Output = std::result::Result<T, Status>>,
     ) -> Step<T> {
         let start = Instant::now();
-        let result = tokio::time::timeout(CALL_TIMEOUT, call).await;
+        tokio::pin!(call);
+        let mut diagnosis = None;
+        let result = match tokio::time::timeout(DIAGNOSE_AFTER, &mut call).await {
+            Ok(result) => Ok(result),
+            Err(_) => {
+                diagnosis = Some(self.shared.diagnostics.describe(subject));
+                tokio::time::timeout(CALL_TIMEOUT - DIAGNOSE_AFTER, &mut call).await
+            }
+        };
         let took = start.elapsed();
         match result {
             Ok(Ok(value)) => {
+                if let Some(diagnosis) = diagnosis {
+                    eprintln!(
+                        "slow call: client {:02} {op} {subject} answered after {:.0} s; at {:.0} \
+                         s:\n{diagnosis}",
+                        self.n,
+                        took.as_secs_f64(),
+                        DIAGNOSE_AFTER.as_secs_f64()
+                    );
+                }
                 self.shared
                     .stats()
                     .ops
@@ -580,7 +614,14 @@ impl Client {
             }
             Err(_) => {
                 self.shared.stats().ops.entry(op).or_default().errors += 1;
-                Err(self.fail(op, subject, format!("no answer within {CALL_TIMEOUT:?}")))
+                let diagnosis = diagnosis.unwrap_or_default();
+                Err(self.fail(
+                    op,
+                    subject,
+                    format!(
+                        "no answer within {CALL_TIMEOUT:?}; after {DIAGNOSE_AFTER:?}:\n{diagnosis}"
+                    ),
+                ))
             }
         }
     }
@@ -1561,6 +1602,129 @@ fn dir_entries(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+// ---- diagnosis of a hang ----
+
+/// What is needed to describe a sandbox whose call hangs.
+struct Diagnostics {
+    /// The cgroup parent's path, as `--cgroup-parent` has it.
+    cgroup_parent: String,
+    sandboxd_log: PathBuf,
+    exec_dir: PathBuf,
+}
+
+impl Diagnostics {
+    fn of(env: &TestEnv) -> Diagnostics {
+        Diagnostics {
+            cgroup_parent: env.cgroup.path().trim_start_matches('/').to_owned(),
+            sandboxd_log: env.sandboxd.log_path(),
+            exec_dir: env.sandboxd.data_dir().join("exec"),
+        }
+    }
+
+    /// Sandbox `id`'s freezer state and processes (state, wait channel, stdio), its shim, the
+    /// exec FIFO dirs, and sandboxd's last log lines naming it.
+    fn describe(&self, id: &str) -> String {
+        let mut out = String::new();
+        let cgroup = |controller: &str| {
+            Path::new("/sys/fs/cgroup")
+                .join(controller)
+                .join(&self.cgroup_parent)
+                .join(id)
+        };
+        let freezer = std::fs::read_to_string(cgroup("freezer").join("freezer.state"))
+            .unwrap_or_else(|e| format!("unreadable ({e})"));
+        out.push_str(&format!("  freezer.state: {}\n", freezer.trim()));
+        let procs = ["pids", "memory", "freezer", ""]
+            .iter()
+            .find_map(|c| std::fs::read_to_string(cgroup(c).join("cgroup.procs")).ok())
+            .unwrap_or_default();
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+            out.push_str(&format!("  {}\n", describe_process(pid)));
+        }
+        for p in common::host::processes() {
+            let is_shim = p
+                .cmdline
+                .first()
+                .is_some_and(|a| a.contains("containerd-shim"));
+            if is_shim && p.cmdline.iter().any(|a| a == id) {
+                out.push_str(&format!("  shim {}\n", describe_process(p.pid as u32)));
+            }
+        }
+        out.push_str(&format!("  exec dirs: {:?}\n", dir_entries(&self.exec_dir)));
+        let log = std::fs::read_to_string(&self.sandboxd_log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(id)).collect();
+        out.push_str(&format!(
+            "  sandboxd's last {} of {} log lines naming it:\n",
+            lines.len().min(DIAGNOSIS_LOG_LINES),
+            lines.len()
+        ));
+        for line in &lines[lines.len().saturating_sub(DIAGNOSIS_LOG_LINES)..] {
+            out.push_str(&format!("    {}\n", strip_ansi(line)));
+        }
+        out
+    }
+}
+
+/// `pid comm state wchan [fd 0, 1, 2 targets] cmdline`, from /proc.
+fn describe_process(pid: u32) -> String {
+    let read =
+        |file: &str| std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap_or_default();
+    // The state follows the parenthesised comm, which may itself hold spaces.
+    let stat = read("stat");
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .unwrap_or("?")
+        .to_owned();
+    let fds: Vec<String> = (0..3)
+        .map(|fd| {
+            std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+                .map_or("-".to_owned(), |t| t.display().to_string())
+        })
+        .collect();
+    format!(
+        "{pid} {} state {state} wchan {} fds {:?} cmd {:?}",
+        read("comm").trim(),
+        read("wchan").trim(),
+        fds,
+        read("cmdline").replace('\0', " ").trim()
+    )
+}
+
+/// `line` without terminal colour codes.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Copies sandboxd's and containerd's logs below cargo's target directory and says where.
+fn keep_logs(env: &TestEnv) -> Result<()> {
+    let dir = support::target_dir().join(LOGS_DIR);
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    for (from, name) in [
+        (env.sandboxd.log_path(), "sandboxd.log"),
+        (env.containerd.log_path(), "containerd.log"),
+    ] {
+        let to = dir.join(name);
+        std::fs::copy(&from, &to)
+            .with_context(|| format!("copy {} to {}", from.display(), to.display()))?;
+    }
+    eprintln!("logs kept in {}", dir.display());
+    Ok(())
+}
+
 // ---- report ----
 
 /// Reads one figure of a sample.
@@ -1744,9 +1908,9 @@ impl Report {
             ));
         }
         out.push_str(&format!(
-            "flat: end ≤ warm-up × {FLAT_FACTOR} + slack ({} MiB RSS, {FD_SLACK} fds, \
-             {THREAD_SLACK} threads); warm-up and end are taken with every client held between \
-             sessions and no shim left\n",
+            "flat: end ≤ warm-up × {FLAT_FACTOR} + slack ({} MiB RSS, {FD_SLACK} fds); warm-up and \
+             end are taken with every client held between sessions and no shim left; threads \
+             are shown, not judged (tokio's blocking threads come and go with idle time)\n",
             RSS_SLACK_KIB / 1024
         ));
         for row in &self.flatness {
@@ -1821,12 +1985,6 @@ fn flatness(warm: &Figures, end: &Figures) -> Vec<FlatRow> {
             FD_SLACK,
         ),
         rule(
-            "sandboxd threads",
-            warm.sandboxd.threads,
-            end.sandboxd.threads,
-            THREAD_SLACK,
-        ),
-        rule(
             "containerd RSS (KiB)",
             warm.containerd.rss_kib,
             end.containerd.rss_kib,
@@ -1837,12 +1995,6 @@ fn flatness(warm: &Figures, end: &Figures) -> Vec<FlatRow> {
             warm.containerd.fds,
             end.containerd.fds,
             FD_SLACK,
-        ),
-        rule(
-            "containerd threads",
-            warm.containerd.threads,
-            end.containerd.threads,
-            THREAD_SLACK,
         ),
     ]
 }
