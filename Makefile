@@ -1,7 +1,7 @@
 # Entry points for developers and CI. `make test` is what CI runs (.ci/run).
 BUF := .tools/node_modules/.bin/buf
 
-.PHONY: deps run test bench
+.PHONY: deps run test bench soak
 
 deps:
 	bash scripts/install-deps.sh
@@ -20,3 +20,8 @@ bench: deps
 	cargo bench --bench lifecycle
 	cargo bench --bench exec
 	cargo bench --bench snapshots
+
+# Not part of `make test`: 16 clients of mixed work for 10 minutes (SOAK_DURATION, SOAK_CLIENTS,
+# SOAK_WARMUP, SOAK_SEED override); fails on errors that are not the caller's, leftovers or growth.
+soak: deps
+	cargo bench --bench soak

@@ -9,7 +9,7 @@ use crate::error::Result;
 use crate::runtime::{Backend, BlobWrite, Lease};
 
 /// Largest blob read whole into memory (manifests, indexes, configs).
-const MAX_METADATA_BLOB: i64 = 16 << 20;
+pub(super) const MAX_METADATA_BLOB: i64 = 16 << 20;
 
 /// Reads a small blob (manifest, index, config) whole; refused past [`MAX_METADATA_BLOB`].
 pub async fn read(cd: &dyn Backend, digest: &str) -> Result<Vec<u8>> {

@@ -4,6 +4,8 @@ mod content;
 mod pull;
 mod push;
 mod reference;
+#[cfg(test)]
+mod robust;
 
 use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
 use sha2::{Digest, Sha256};
@@ -140,12 +142,10 @@ async fn load_manifest(
     };
     let manifest: ImageManifest = serde_json::from_slice(&manifest_bytes)
         .map_err(|e| Error::Internal(format!("stored manifest is corrupt: {e}")))?;
-    size += manifest.config().size() as i64
-        + manifest
-            .layers()
-            .iter()
-            .map(|l| l.size() as i64)
-            .sum::<i64>();
+    // A size is only reported here: one that does not fit (or a sum that overflows) saturates.
+    let declared = |d: &oci_spec::image::Descriptor| i64::try_from(d.size()).unwrap_or(i64::MAX);
+    let blobs = std::iter::once(manifest.config()).chain(manifest.layers());
+    let size = blobs.fold(size, |sum, d| sum.saturating_add(declared(d)));
     Ok((manifest, manifest_digest, size))
 }
 

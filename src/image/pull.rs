@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
@@ -24,6 +24,8 @@ use crate::runtime::{
 
 /// How often a download reports progress at most.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+/// Largest image config fetched: it is held in memory whole, as containerd's own reads of it are.
+pub(super) const MAX_CONFIG_SIZE: u64 = content::MAX_METADATA_BLOB as u64;
 
 /// One step of a pull, as streamed to the caller.
 #[derive(Debug, Clone, Default)]
@@ -56,7 +58,18 @@ pub async fn pull(
     sink: Option<ProgressSink>,
 ) -> Result<ImageInfo> {
     let lease = cd.lease("pull").await?;
-    let result = pull_leased(cd, image, &sink, &lease).await;
+    // The registry client (oci-client) panics on some answers, e.g. a token that is no valid
+    // header value: such a pull fails like any bad answer, and its lease is still released.
+    let result = std::panic::AssertUnwindSafe(pull_leased(cd, image, &sink, &lease))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| {
+            Err(Error::Registry(format!(
+                "{}: the registry client failed on the registry's answer: {}",
+                image.name(),
+                panic_message(panic.as_ref())
+            )))
+        });
     let released = cd.release(lease).await;
     match result {
         Ok(info) => {
@@ -65,6 +78,15 @@ pub async fn pull(
         }
         Err(e) => Err(e.with_cleanup(released)),
     }
+}
+
+/// What a caught panic says, when it says it as text.
+pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic")
 }
 
 fn registry_client(image: &ImageRef) -> oci_client::Client {
@@ -128,8 +150,7 @@ async fn pull_leased(
 
     // For an index, pick this platform's manifest; the index stays the image's target.
     let (index, manifest_bytes, manifest_digest) = if is_index(&top_media, &top_bytes) {
-        let index: ImageIndex = serde_json::from_slice(&top_bytes)
-            .map_err(|e| Error::Registry(format!("{}: bad image index: {e}", image.name())))?;
+        let index = parse_index(image, &top_bytes)?;
         let chosen = select_platform(&index).ok_or_else(|| {
             Error::Registry(format!(
                 "{}: no manifest for linux/{}",
@@ -163,21 +184,10 @@ async fn pull_leased(
         },
     );
 
-    let manifest: ImageManifest = serde_json::from_slice(&manifest_bytes)
-        .map_err(|e| Error::Registry(format!("{}: bad image manifest: {e}", image.name())))?;
+    let (manifest, blobs_size) = parse_manifest(image, &manifest_bytes)?;
     let config_desc = manifest.config().clone();
     let config_bytes = fetch_small_blob(&client, image, &config_desc).await?;
-    let config: ImageConfiguration = serde_json::from_slice(&config_bytes)
-        .map_err(|e| Error::Registry(format!("{}: bad image config: {e}", image.name())))?;
-    let diff_ids = config.rootfs().diff_ids().clone();
-    if diff_ids.len() != manifest.layers().len() {
-        return Err(Error::Registry(format!(
-            "{}: manifest has {} layers but config lists {} diff ids",
-            image.name(),
-            manifest.layers().len(),
-            diff_ids.len()
-        )));
-    }
+    let diff_ids = parse_config(image, &config_bytes, &manifest)?;
     let chain = chain_ids(&diff_ids);
 
     // Layers first, then config, manifest and index: a blob's GC labels may only name what exists.
@@ -225,12 +235,7 @@ async fn pull_leased(
     )
     .await?;
 
-    let mut size = manifest_bytes.len() as i64 + config_desc.size() as i64;
-    size += manifest
-        .layers()
-        .iter()
-        .map(|l| l.size() as i64)
-        .sum::<i64>();
+    let mut size = blobs_size.saturating_add(manifest_bytes.len() as i64);
     let target = if let Some((index, bytes, digest)) = index {
         let mut labels = HashMap::new();
         for (i, m) in index.manifests().iter().enumerate() {
@@ -241,7 +246,7 @@ async fn pull_leased(
                 );
             }
         }
-        size += bytes.len() as i64;
+        size = size.saturating_add(bytes.len() as i64);
         let len = bytes.len() as i64;
         store_blob(cd, lease, &digest, bytes, labels).await?;
         CdDescriptor {
@@ -287,7 +292,66 @@ async fn pull_leased(
     })
 }
 
-fn media_type_of(bytes: &[u8]) -> String {
+/// Parses an image index from a registry.
+pub(super) fn parse_index(image: &ImageRef, bytes: &[u8]) -> Result<ImageIndex> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| Error::Registry(format!("{}: bad image index: {e}", image.name())))
+}
+
+/// Parses a registry's image manifest and checks what it declares before anything is fetched:
+/// the config small enough to hold in memory, every size and their sum within containerd's
+/// int64. Returns the manifest and the bytes its config and layers declare in all.
+pub(super) fn parse_manifest(image: &ImageRef, bytes: &[u8]) -> Result<(ImageManifest, i64)> {
+    let manifest: ImageManifest = serde_json::from_slice(bytes)
+        .map_err(|e| Error::Registry(format!("{}: bad image manifest: {e}", image.name())))?;
+    let config = manifest.config();
+    if config.size() > MAX_CONFIG_SIZE {
+        return Err(Error::Registry(format!(
+            "{}: the image config {} declares {} bytes, more than the {MAX_CONFIG_SIZE} a config \
+             may have",
+            image.name(),
+            config.digest(),
+            config.size()
+        )));
+    }
+    let mut total = config.size() as i64;
+    for layer in manifest.layers() {
+        total = i64::try_from(layer.size())
+            .ok()
+            .and_then(|size| total.checked_add(size))
+            .ok_or_else(|| {
+                Error::Registry(format!(
+                    "{}: layer {} declares {} bytes, more than an image may hold in all",
+                    image.name(),
+                    layer.digest(),
+                    layer.size()
+                ))
+            })?;
+    }
+    Ok((manifest, total))
+}
+
+/// Parses a registry's image config for `manifest`; returns its diff ids, one per layer.
+pub(super) fn parse_config(
+    image: &ImageRef,
+    bytes: &[u8],
+    manifest: &ImageManifest,
+) -> Result<Vec<String>> {
+    let config: ImageConfiguration = serde_json::from_slice(bytes)
+        .map_err(|e| Error::Registry(format!("{}: bad image config: {e}", image.name())))?;
+    let diff_ids = config.rootfs().diff_ids().clone();
+    if diff_ids.len() != manifest.layers().len() {
+        return Err(Error::Registry(format!(
+            "{}: manifest has {} layers but config lists {} diff ids",
+            image.name(),
+            manifest.layers().len(),
+            diff_ids.len()
+        )));
+    }
+    Ok(diff_ids)
+}
+
+pub(super) fn media_type_of(bytes: &[u8]) -> String {
     #[derive(serde::Deserialize)]
     struct Probe {
         #[serde(rename = "mediaType", default)]
@@ -298,7 +362,7 @@ fn media_type_of(bytes: &[u8]) -> String {
         .unwrap_or_default()
 }
 
-fn is_index(media_type: &str, bytes: &[u8]) -> bool {
+pub(super) fn is_index(media_type: &str, bytes: &[u8]) -> bool {
     if media_type == MEDIA_OCI_INDEX || media_type == MEDIA_DOCKER_LIST {
         return true;
     }
@@ -318,7 +382,7 @@ pub fn go_arch() -> &'static str {
     }
 }
 
-fn select_platform(index: &ImageIndex) -> Option<&Descriptor> {
+pub(super) fn select_platform(index: &ImageIndex) -> Option<&Descriptor> {
     index.manifests().iter().find(|m| {
         m.platform().as_ref().is_some_and(|p| {
             p.os().to_string() == "linux" && p.architecture().to_string() == go_arch()
@@ -326,17 +390,39 @@ fn select_platform(index: &ImageIndex) -> Option<&Descriptor> {
     })
 }
 
+/// Fetches a blob [`parse_manifest`] checked to be small (the config) into memory. Memory grows
+/// with the bytes that arrive, never with the size the descriptor claims, and a body longer than
+/// that size is cut off; the digest is checked at the end.
 async fn fetch_small_blob(
     client: &oci_client::Client,
     image: &ImageRef,
     desc: &Descriptor,
 ) -> Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(desc.size() as usize);
+    let declared = desc.size().min(MAX_CONFIG_SIZE) as usize;
     let digest = desc.digest().to_string();
-    client
-        .pull_blob(image.reference(), digest.as_str(), &mut out)
+    let mut stream = client
+        .pull_blob_stream(image.reference(), digest.as_str())
         .await
         .map_err(|e| registry_error(image, e))?;
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk =
+            chunk.map_err(|e| Error::Registry(format!("{}: blob {digest}: {e}", image.name())))?;
+        if out.len() + chunk.len() > declared {
+            return Err(Error::Registry(format!(
+                "{}: blob {digest} is longer than its descriptor's {declared} bytes",
+                image.name()
+            )));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    if out.len() != declared {
+        return Err(Error::Registry(format!(
+            "{}: blob {digest} has {} bytes, its descriptor says {declared}",
+            image.name(),
+            out.len()
+        )));
+    }
     Ok(out)
 }
 

@@ -1,7 +1,7 @@
 //! Pushing an image held in containerd to a registry (ExportSnapshot): each blob streamed from
 //! the content store unless the registry has it, then the manifest.
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
@@ -16,6 +16,23 @@ use crate::runtime::Backend;
 /// Pushes the single-platform image whose manifest is `manifest_digest` to `target`; returns the
 /// pushed manifest digest.
 pub async fn push(cd: &dyn Backend, manifest_digest: &str, target: &ImageRef) -> Result<String> {
+    // As in a pull: a registry answer the client panics on fails the push, not the caller's task.
+    std::panic::AssertUnwindSafe(push_unguarded(cd, manifest_digest, target))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| {
+            Err(Error::Registry(format!(
+                "pushing to {target}: the registry client failed on the registry's answer: {}",
+                super::pull::panic_message(panic.as_ref())
+            )))
+        })
+}
+
+async fn push_unguarded(
+    cd: &dyn Backend,
+    manifest_digest: &str,
+    target: &ImageRef,
+) -> Result<String> {
     let protocol = if target.is_local_registry() {
         ClientProtocol::Http
     } else {
