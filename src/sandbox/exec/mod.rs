@@ -6,7 +6,6 @@
 mod launch;
 mod session;
 
-
 use launch::{ExecIo, LaunchError};
 
 use std::collections::BTreeMap;
