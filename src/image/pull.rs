@@ -534,6 +534,9 @@ async fn unpack(
         } else {
             chain[i - 1].clone()
         };
+        // Held before it is looked at: a layer some other image unpacked stays while this
+        // pull builds on it, even if that image is deleted meanwhile.
+        cd.hold(chain_id, lease).await?;
         if cd.stat(chain_id).await?.is_some() {
             continue;
         }

@@ -124,6 +124,9 @@ pub trait Snapshots: Send + Sync + Debug + 'static {
     async fn mounts(&self, key: &str) -> Result<Vec<Mount>>;
     /// Snapshot `key`'s record, or `None`.
     async fn stat(&self, key: &str) -> Result<Option<SnapshotInfo>>;
+    /// Holds snapshot `key` under `lease` (whether or not it exists yet), so that garbage
+    /// collection keeps it while the lease lives: for a snapshot this operation did not make.
+    async fn hold(&self, key: &str, lease: &Lease) -> Result<()>;
     /// Commits active snapshot `key` as `name`; false when `name` exists already.
     async fn commit(&self, name: &str, key: &str, lease: &Lease) -> Result<bool>;
     /// Removes snapshot `key` (ok if missing).

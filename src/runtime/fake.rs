@@ -42,6 +42,8 @@ struct State {
     ingests: HashMap<String, std::time::SystemTime>,
     calls: Vec<String>,
     failing: HashSet<String>,
+    /// Calls that fail the next N times as a busy runtime does (UNKNOWN from containerd).
+    flaky: HashMap<String, u32>,
     next_pid: u32,
 }
 
@@ -51,9 +53,17 @@ impl Fake {
         self.state().failing.insert(op.to_string());
     }
 
+    /// Makes the next `times` calls of `op` fail as containerd relays a runtime's transient
+    /// failure (UNKNOWN, e.g. runc's "unable to freeze" under load).
+    pub fn fail_transiently(&self, op: &str, times: u32) {
+        self.state().flaky.insert(op.to_string(), times);
+    }
+
     /// Calls fail no more.
     pub fn heal(&self) {
-        self.state().failing.clear();
+        let mut s = self.state();
+        s.failing.clear();
+        s.flaky.clear();
     }
 
     /// The calls made so far, in order, as `op id`.
@@ -141,6 +151,11 @@ impl Fake {
         });
     }
 
+    /// The state of task `id`, if it has one.
+    pub fn task_state(&self, id: &str) -> Option<TaskState> {
+        self.state().tasks.get(id).map(|t| t.state)
+    }
+
     /// Sets the state containerd reports for `id`'s task (e.g. UNKNOWN, as a slow shim does).
     pub fn set_task_state(&self, id: &str, state: TaskState) {
         if let Some(t) = self.state().tasks.get_mut(id) {
@@ -158,6 +173,11 @@ impl Fake {
         s.calls.push(format!("{op} {id}"));
         if s.failing.contains(op) {
             return Err(Error::Internal(format!("fake: {op} fails on purpose")));
+        }
+        if let Some(left) = s.flaky.get_mut(op).filter(|n| **n > 0) {
+            *left -= 1;
+            let status = tonic::Status::unknown(format!("fake: {op} fails for now"));
+            return Err(Error::containerd("fake", status));
         }
         Ok(s)
     }
@@ -411,6 +431,10 @@ impl Snapshots for Fake {
             .snapshots
             .get(key)
             .cloned())
+    }
+
+    async fn hold(&self, key: &str, _lease: &Lease) -> Result<()> {
+        self.enter("leases.add_resource", key).map(|_| ())
     }
 
     async fn commit(&self, name: &str, key: &str, _lease: &Lease) -> Result<bool> {

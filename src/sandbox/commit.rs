@@ -21,6 +21,11 @@ use crate::image::{self, ImageRef, MEDIA_OCI_MANIFEST};
 use crate::runtime::{Container, Descriptor, ImageRecord, Lease, Mount, TaskState, SNAPSHOTTER};
 use crate::sys;
 
+/// How often a commit tries to freeze a sandbox, and the pause after the first failure
+/// (doubling after each).
+const PAUSE_ATTEMPTS: u32 = 4;
+const PAUSE_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
+
 impl Manager {
     /// CommitSnapshot: captures the sandbox's filesystem; a running sandbox is paused only for
     /// the diff and keeps running with its processes and memory untouched.
@@ -170,7 +175,7 @@ impl Manager {
         };
         let pause_started = Instant::now();
         let paused = match (&set_up, running) {
-            (Ok(_), true) => cd.pause(id.as_str()).await,
+            (Ok(_), true) => self.pause_for_commit(id).await,
             _ => Ok(()),
         };
         let (left, unpack_mounts, upper) = match set_up.and_then(|s| paused.map(|()| s)) {
@@ -272,6 +277,30 @@ impl Manager {
             .ok_or_else(|| Error::Internal("the snapshot record lost its labels".into()))
     }
 
+    /// Freezes the sandbox for the capture. Under heavy load the kernel's freezer may not settle
+    /// in the time runc gives it ("unable to freeze"; runc thaws the task again): that is tried
+    /// again a few times, and then reported as UNAVAILABLE, which clients retry.
+    async fn pause_for_commit(&self, id: &SandboxId) -> Result<()> {
+        let (mut attempt, mut backoff) = (1, PAUSE_BACKOFF);
+        loop {
+            let e = match self.cd.pause(id.as_str()).await {
+                Err(e) if e.containerd_code() == Some(tonic::Code::Unknown) => e,
+                other => return other,
+            };
+            if attempt == PAUSE_ATTEMPTS {
+                return Err(Error::Unavailable {
+                    op: "tasks.pause",
+                    message: format!(
+                        "sandbox {id} could not be frozen for the commit (the node is busy: {e}); retry"
+                    ),
+                });
+            }
+            tracing::info!(sandbox_id = %id, attempt, error = %e, "freezing for the commit failed; trying again");
+            tokio::time::sleep(backoff).await;
+            (attempt, backoff) = (attempt + 1, backoff * 2);
+        }
+    }
+
     /// After the capture: unpacks `layer` into `unpack_key` (prepared on the parent chain,
     /// removed on failure) as a committed snapshot named by its chain id, and, concurrently,
     /// writes the snapshot image's config and manifest (the source's layers plus this one).
@@ -299,16 +328,21 @@ impl Manager {
         let unpack = async {
             // The same layer may be unpacked already (an identical diff): then the prepared
             // snapshot is not needed. The check runs beside the apply, which it rarely saves.
-            let exists = async { matches!(cd.stat(&chain).await, Ok(Some(_))) };
+            // The chain is held under the lease first: one this commit did not make would
+            // otherwise be collected should the snapshot that made it be deleted meanwhile.
+            let exists = async {
+                cd.hold(&chain, lease).await?;
+                Ok::<_, Error>(matches!(cd.stat(&chain).await, Ok(Some(_))))
+            };
             let apply = async {
                 self.failpoint("commit.apply")?;
                 cd.apply(&layer, &unpack_mounts, lease).await.map(|_| ())
             };
             let (exists, applied) = tokio::join!(exists, apply);
-            let committed = match applied {
-                Err(e) => Err(e),
-                Ok(()) if exists => Ok(false),
-                Ok(()) => cd.commit(&chain, unpack_key, lease).await,
+            let committed = match (applied, exists) {
+                (Err(e), _) | (Ok(()), Err(e)) => Err(e),
+                (Ok(()), Ok(true)) => Ok(false),
+                (Ok(()), Ok(false)) => cd.commit(&chain, unpack_key, lease).await,
             };
             // Whatever did not become the chain's snapshot goes.
             if !matches!(committed, Ok(true)) {

@@ -504,3 +504,35 @@ async fn recovery_abandons_content_writes_of_an_earlier_run_only() {
         "only the earlier run's write is abandoned"
     );
 }
+
+#[tokio::test]
+async fn a_commit_tries_a_busy_freezer_again_then_answers_unavailable() {
+    let f = Fixture::new();
+    f.manager.create(spec("box-1")).await.unwrap();
+    let pauses = |f: &Fixture| {
+        f.fake
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("tasks.pause"))
+            .count()
+    };
+    // Two transient failures: the third try freezes and the commit succeeds.
+    f.fake.fail_transiently("tasks.pause", 2);
+    f.manager
+        .commit_snapshot(id("box-1"), HashMap::new(), None)
+        .await
+        .unwrap();
+    assert_eq!(pauses(&f), 3);
+    // Never settling: UNAVAILABLE naming the sandbox, and the task is left running.
+    f.fake.fail_transiently("tasks.pause", 100);
+    let err = f
+        .manager
+        .commit_snapshot(id("box-1"), HashMap::new(), None)
+        .await
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+    assert!(err.to_string().contains("box-1"), "{err}");
+    assert_eq!(pauses(&f), 3 + 4);
+    let task = f.fake.task_state("box-1");
+    assert_eq!(task, Some(TaskState::Running));
+}

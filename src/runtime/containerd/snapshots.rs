@@ -6,7 +6,7 @@ use containerd_client::services::v1::snapshots::{
     CommitSnapshotRequest, Kind as SnapshotKind, ListSnapshotsRequest, MountsRequest,
     PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest, ViewSnapshotRequest,
 };
-use containerd_client::services::v1::{ApplyRequest, DiffRequest};
+use containerd_client::services::v1::{AddResourceRequest, ApplyRequest, DiffRequest, Resource};
 use futures::StreamExt;
 
 use super::{
@@ -86,6 +86,21 @@ impl Snapshots for Containerd {
             ok_if_missing("snapshots.stat", resp.map(|r| r.into_inner().info), None)?
                 .map(info_from),
         )
+    }
+
+    async fn hold(&self, key: &str, lease: &Lease) -> Result<()> {
+        let req = AddResourceRequest {
+            id: lease.id().to_string(),
+            resource: Some(Resource {
+                id: key.to_string(),
+                r#type: format!("snapshots/{SNAPSHOTTER}"),
+            }),
+        };
+        call(
+            "leases.add_resource",
+            self.leases().add_resource(self.req(req)).await,
+        )
+        .map(|_| ())
     }
 
     async fn commit(&self, name: &str, key: &str, lease: &Lease) -> Result<bool> {
