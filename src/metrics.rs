@@ -21,6 +21,9 @@ pub struct RpcLabels {
     pub method: String,
     /// gRPC status code name.
     pub code: String,
+    /// The caller's tenant (`default` without authentication); empty for a call refused as
+    /// UNAUTHENTICATED. Tenants come from configuration, so the label stays bounded.
+    pub tenant: String,
 }
 
 /// Direction of exec bytes.
@@ -101,7 +104,7 @@ impl Metrics {
         };
         registry.register(
             "rpc_requests",
-            "gRPC requests by method and status code",
+            "gRPC requests by method, status code and tenant",
             m.rpcs.clone(),
         );
         registry.register(
@@ -221,7 +224,8 @@ pub async fn serve(
         .await
 }
 
-/// A tower layer counting RPCs by method and status code. The code is read from the response
+/// A tower layer counting RPCs by method, status code and tenant (the caller the auth layer
+/// inside it recorded in the response). The code is read from the response
 /// headers: errors returned before any message (the usual case) carry it there; a stream that
 /// fails after it started is counted by how it started.
 #[derive(Clone, Debug, Default)]
@@ -267,11 +271,17 @@ where
                 .and_then(|v| v.parse::<i32>().ok())
                 .map(tonic::Code::from_i32)
                 .unwrap_or(tonic::Code::Ok);
+            let tenant = resp
+                .extensions()
+                .get::<crate::caller::Caller>()
+                .map(|c| c.tenant().to_string())
+                .unwrap_or_default();
             metrics()
                 .rpcs
                 .get_or_create(&RpcLabels {
                     method,
                     code: format!("{code:?}"),
+                    tenant,
                 })
                 .inc();
             Ok(resp)
