@@ -209,16 +209,30 @@ fn state_name(s: State) -> &'static str {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+/// `GET /healthz`: 200 while sandboxd serves its API (containerd answers and it has
+/// reconciled), else 503. For probes that cannot speak gRPC over TLS, as Kubernetes' cannot.
+async fn healthz(serving: bool) -> (http::StatusCode, &'static str) {
+    if serving {
+        (http::StatusCode::OK, "SERVING\n")
+    } else {
+        (http::StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING\n")
+    }
+}
+
+/// Serves `GET /metrics` and `GET /healthz` (whether `serving()`) on `listener` until
+/// `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     manager: Arc<Manager>,
+    serving: impl Fn() -> bool + Clone + Send + Sync + 'static,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || render(manager.clone())),
-    );
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || render(manager.clone())),
+        )
+        .route("/healthz", axum::routing::get(move || healthz(serving())));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -314,9 +314,11 @@ pub async fn serve(
             let shutdown = async move {
                 let _ = stop.changed().await;
             };
+            let ready = ready.clone();
             Some(tokio::spawn(crate::metrics::serve(
                 listener,
                 manager.clone(),
+                move || ready.get(),
                 shutdown,
             )))
         }

@@ -302,7 +302,7 @@ async fn tonic_and_grpcurl_authenticate_by_token_client_certificate_or_forwarded
     ] {
         assert!(line.contains(field), "{field} missing: {line}");
     }
-    let text = scrape(&metrics).await;
+    let text = http_get(&metrics, "/metrics").await;
     assert!(
         text.lines()
             .any(|l| l.starts_with("sandboxd_rpc_requests_total{")
@@ -314,6 +314,13 @@ async fn tonic_and_grpcurl_authenticate_by_token_client_certificate_or_forwarded
         text.lines()
             .any(|l| l.contains("code=\"Unauthenticated\"") && l.contains("tenant=\"\"")),
         "{text}"
+    );
+
+    // Probes that cannot speak gRPC over TLS (Kubernetes') ask the metrics port.
+    let healthz = http_get(&metrics, "/healthz").await;
+    assert!(
+        healthz.starts_with("HTTP/1.1 200") && healthz.ends_with("SERVING\n"),
+        "{healthz}"
     );
 
     // grpcurl: reflection and calls with a token or a client certificate; nothing without.
@@ -387,14 +394,17 @@ async fn tonic_and_grpcurl_authenticate_by_token_client_certificate_or_forwarded
     env.leak_check().await;
 }
 
-/// The Prometheus text at `http://ADDR/metrics`.
-async fn scrape(addr: &str) -> String {
+/// The response (status line, headers and body) to `GET http://ADDR/PATH`.
+async fn http_get(addr: &str, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
         .expect("connect to /metrics");
     stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: sandboxd\r\nConnection: close\r\n\r\n")
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: sandboxd\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
         .await
         .unwrap();
     let mut out = String::new();
