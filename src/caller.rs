@@ -182,6 +182,11 @@ impl Authenticator {
         self.tenants.as_ref()
     }
 
+    /// Whether verified client certificates authenticate callers.
+    pub fn client_certificates(&self) -> bool {
+        self.client_certificates
+    }
+
     /// Decides who sent a request with `headers` over a connection that proved `peer`.
     ///
     /// Every credential presented must be valid, and all of them must name one tenant: a

@@ -176,7 +176,7 @@ impl Security {
                 tenants.current().entries().len()
             ));
         }
-        if self.tls.as_ref().is_some_and(|t| t.paths().len() > 2) {
+        if self.authenticator.client_certificates() {
             ways.push("client certificates".into());
         }
         if ways.is_empty() {
