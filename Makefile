@@ -20,3 +20,4 @@ bench: deps
 	cargo bench --bench lifecycle
 	cargo bench --bench exec
 	cargo bench --bench snapshots
+	cargo bench --bench auth
