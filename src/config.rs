@@ -212,6 +212,40 @@ pub struct ServeArgs {
     /// [env: SANDBOXD_EXEC_SYNC_MEMORY] [default: 512Mi]
     #[arg(long, value_name = "BYTES")]
     pub exec_sync_memory: Option<String>,
+    /// PEM certificate (chain) to serve gRPC over TLS with, together with --tls-key; both are
+    /// re-read when they change (new connections get the new certificate). TCP only
+    /// [env: SANDBOXD_TLS_CERT]
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert [env: SANDBOXD_TLS_KEY]
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): a client certificate signed by one authenticates its caller as
+    /// the tenant its Subject CN names; a certificate from another CA is refused at the
+    /// handshake. Needs --tls-cert [env: SANDBOXD_TLS_CLIENT_CA]
+    #[arg(long, value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// TOML file of tenants: `[tenants.NAME]` with `tokens_sha256 = ["<hex>"]` (callers send
+    /// `authorization: Bearer <token>`), optional `max_sandboxes`, `max_memory_bytes`,
+    /// `max_cpu_millis` and `spiffe_ids`; re-read when it changes and on SIGHUP
+    /// [env: SANDBOXD_TENANTS]
+    #[arg(long, value_name = "FILE")]
+    pub tenants: Option<PathBuf>,
+    /// Take the tenant of a call from a loopback peer's `x-forwarded-client-cert` header (a
+    /// mesh sidecar's): its URI SAN, mapped by the tenants file's `spiffe_ids`. Needs
+    /// --tenants; the header is ignored from any other peer
+    /// [env: SANDBOXD_TRUST_FORWARDED_CLIENT_CERT]
+    #[arg(long)]
+    pub trust_forwarded_client_cert: bool,
+    /// Serve a non-loopback --listen address with no authentication: anyone who can reach it
+    /// may do anything. Without it sandboxd refuses to start that way
+    /// [env: SANDBOXD_ALLOW_UNAUTHENTICATED]
+    #[arg(long)]
+    pub allow_unauthenticated: bool,
+    /// Test-only: how often the tenants and TLS files are looked at for changes (default 1s;
+    /// SIGHUP always reloads at once). Hidden from --help.
+    #[arg(long, hide = true, value_name = "DURATION")]
+    pub reload_interval: Option<String>,
     /// Test-only fault injection: comma-separated steps that fail on purpose (see
     /// `sandbox::failpoint`). Hidden from --help; never set it in production.
     #[arg(long, hide = true, value_name = "STEPS")]
@@ -246,6 +280,12 @@ struct FileConfig {
     stream_idle_timeout: Option<NumberOrString>,
     max_streams_per_tenant: Option<NumberOrString>,
     exec_sync_memory: Option<NumberOrString>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
+    tenants: Option<PathBuf>,
+    trust_forwarded_client_cert: Option<bool>,
+    allow_unauthenticated: Option<bool>,
 }
 
 /// A TOML value that is a number (`1024`) or a string (`"512Mi"`).
@@ -307,6 +347,41 @@ pub struct Config {
     pub max_streams_per_tenant: usize,
     /// Bytes of output all ExecSync calls together may buffer.
     pub exec_sync_memory: u64,
+    /// Who may call: TLS, client certificates, tenants.
+    pub auth: AuthConfig,
+    /// How often the tenants and TLS files are looked at for changes.
+    pub reload_interval: Duration,
+}
+
+/// Who may call, and over what.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuthConfig {
+    /// Serve gRPC over TLS with these files.
+    pub tls: Option<TlsConfig>,
+    /// The tenants file (bearer tokens, SPIFFE IDs, quotas).
+    pub tenants: Option<PathBuf>,
+    /// Believe a loopback peer's `x-forwarded-client-cert` (needs `tenants`).
+    pub trust_forwarded_client_cert: bool,
+    /// Serve a non-loopback address without authentication.
+    pub allow_unauthenticated: bool,
+}
+
+impl AuthConfig {
+    /// Whether callers must authenticate: a tenants file or client certificates are set up.
+    pub fn authenticates(&self) -> bool {
+        self.tenants.is_some() || self.tls.as_ref().is_some_and(|t| t.client_ca.is_some())
+    }
+}
+
+/// The files TLS is served with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM CA certificates client certificates are verified against.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// A configuration problem, naming the setting.
@@ -473,7 +548,20 @@ impl Config {
             });
         }
         let limits = resolve_limits(args, env, &file)?;
+        let auth = resolve_auth(args, env, &file, &listen)?;
+        let reload_interval = match &args.reload_interval {
+            None => crate::server::DEFAULT_RELOAD_INTERVAL,
+            Some(s) => crate::util::parse_duration(s)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| ConfigError {
+                    setting: "reload_interval",
+                    reason: format!("{s:?} is not a duration longer than zero"),
+                })?,
+        };
         Ok(Config {
+            auth,
+            reload_interval,
             stream_idle_timeout: limits.stream_idle_timeout,
             max_streams_per_tenant: limits.max_streams_per_tenant,
             exec_sync_memory: limits.exec_sync_memory,
@@ -600,6 +688,129 @@ fn resolve_limits(
         max_streams_per_tenant,
         exec_sync_memory,
     })
+}
+
+/// A boolean setting from an environment variable: `true`/`1`/`yes`/`on` or
+/// `false`/`0`/`no`/`off`/empty.
+fn parse_bool(setting: &'static str, value: &str) -> Result<bool, ConfigError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" | "" => Ok(false),
+        other => Err(ConfigError {
+            setting,
+            reason: format!("{other:?} is not true or false"),
+        }),
+    }
+}
+
+/// The authentication settings, checked against each other and against `listen`: TLS needs
+/// both files and TCP; nobody may listen beyond loopback unauthenticated unless told to.
+fn resolve_auth(
+    args: &ServeArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+    file: &FileConfig,
+    listen: &ListenAddr,
+) -> Result<AuthConfig, ConfigError> {
+    // An empty value (as a chart may render) is unset.
+    let path = |flag: &Option<PathBuf>, var: &str, file: &Option<PathBuf>| {
+        flag.clone()
+            .or_else(|| env(var).map(PathBuf::from))
+            .or_else(|| file.clone())
+            .filter(|p| !p.as_os_str().is_empty())
+    };
+    let flag = |flag: bool, setting: &'static str, var: &str, file: Option<bool>| {
+        if flag {
+            return Ok(true);
+        }
+        match env(var) {
+            Some(v) => parse_bool(setting, &v),
+            None => Ok(file.unwrap_or(false)),
+        }
+    };
+    let cert = path(&args.tls_cert, "SANDBOXD_TLS_CERT", &file.tls_cert);
+    let key = path(&args.tls_key, "SANDBOXD_TLS_KEY", &file.tls_key);
+    let client_ca = path(
+        &args.tls_client_ca,
+        "SANDBOXD_TLS_CLIENT_CA",
+        &file.tls_client_ca,
+    );
+    let tenants = path(&args.tenants, "SANDBOXD_TENANTS", &file.tenants);
+    let trust_forwarded_client_cert = flag(
+        args.trust_forwarded_client_cert,
+        "trust_forwarded_client_cert",
+        "SANDBOXD_TRUST_FORWARDED_CLIENT_CERT",
+        file.trust_forwarded_client_cert,
+    )?;
+    let allow_unauthenticated = flag(
+        args.allow_unauthenticated,
+        "allow_unauthenticated",
+        "SANDBOXD_ALLOW_UNAUTHENTICATED",
+        file.allow_unauthenticated,
+    )?;
+    let tls = match (cert, key) {
+        (Some(cert), Some(key)) => Some(TlsConfig {
+            cert,
+            key,
+            client_ca,
+        }),
+        (None, None) if client_ca.is_some() => {
+            return Err(ConfigError {
+                setting: "tls_client_ca",
+                reason: "client certificates need TLS: set --tls-cert and --tls-key too".into(),
+            })
+        }
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(ConfigError {
+                setting: "tls_key",
+                reason: "--tls-cert needs --tls-key (the certificate's private key)".into(),
+            })
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError {
+                setting: "tls_cert",
+                reason: "--tls-key needs --tls-cert (the certificate it belongs to)".into(),
+            })
+        }
+    };
+    if let (Some(_), ListenAddr::Unix(path)) = (&tls, listen) {
+        return Err(ConfigError {
+            setting: "tls_cert",
+            reason: format!(
+                "TLS is served on TCP only, not on the unix socket {}: the socket's file mode \
+                 already keeps its traffic on this host. Authenticate socket callers with \
+                 --tenants, or listen on HOST:PORT for TLS",
+                path.display()
+            ),
+        });
+    }
+    if trust_forwarded_client_cert && tenants.is_none() {
+        return Err(ConfigError {
+            setting: "trust_forwarded_client_cert",
+            reason: "needs --tenants: its spiffe_ids map a forwarded certificate to a tenant"
+                .into(),
+        });
+    }
+    let auth = AuthConfig {
+        tls,
+        tenants,
+        trust_forwarded_client_cert,
+        allow_unauthenticated,
+    };
+    if let ListenAddr::Tcp(addr) = listen {
+        if !addr.ip().is_loopback() && !auth.authenticates() && !allow_unauthenticated {
+            return Err(ConfigError {
+                setting: "listen",
+                reason: format!(
+                    "{addr} is reachable from other hosts and no caller authenticates: set \
+                     --tenants FILE (bearer tokens) and/or --tls-cert, --tls-key and \
+                     --tls-client-ca (client certificates), or --allow-unauthenticated to let \
+                     anyone who reaches it do anything"
+                ),
+            });
+        }
+    }
+    Ok(auth)
 }
 
 /// Picks a setting: flag, then environment variable, then file, then default.
@@ -893,6 +1104,159 @@ mod tests {
         ] {
             let err = Config::resolve(&ServeArgs::default(), &env_of(&[(var, value)])).unwrap_err();
             assert!(err.to_string().starts_with(setting), "{var}={value}: {err}");
+        }
+    }
+    #[test]
+    fn auth_settings_come_from_flag_env_or_file() {
+        let cfg = Config::resolve(&ServeArgs::default(), &env_of(&[])).unwrap();
+        assert_eq!(cfg.auth, AuthConfig::default());
+        assert!(!cfg.auth.authenticates());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "tls_cert = \"/f/cert.pem\"\ntls_key = \"/f/key.pem\"\ntls_client_ca = \"/f/ca.pem\"\n\
+             tenants = \"/f/tenants.toml\"\ntrust_forwarded_client_cert = true\n\
+             allow_unauthenticated = false\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(file),
+            ..Default::default()
+        };
+        let cfg = Config::resolve(&args, &env_of(&[])).unwrap();
+        assert_eq!(
+            cfg.auth,
+            AuthConfig {
+                tls: Some(TlsConfig {
+                    cert: "/f/cert.pem".into(),
+                    key: "/f/key.pem".into(),
+                    client_ca: Some("/f/ca.pem".into()),
+                }),
+                tenants: Some("/f/tenants.toml".into()),
+                trust_forwarded_client_cert: true,
+                allow_unauthenticated: false,
+            }
+        );
+        assert!(cfg.auth.authenticates());
+        let env = env_of(&[
+            ("SANDBOXD_TLS_CERT", "/e/cert.pem"),
+            ("SANDBOXD_TLS_CLIENT_CA", ""),
+            ("SANDBOXD_TENANTS", "/e/tenants.toml"),
+            ("SANDBOXD_TRUST_FORWARDED_CLIENT_CERT", "false"),
+            ("SANDBOXD_ALLOW_UNAUTHENTICATED", "yes"),
+        ]);
+        let cfg = Config::resolve(&args, &env).unwrap();
+        let tls = cfg.auth.tls.clone().unwrap();
+        assert_eq!(tls.cert, PathBuf::from("/e/cert.pem"));
+        assert_eq!(tls.key, PathBuf::from("/f/key.pem"));
+        // An empty value unsets: only the file's client CA would set it, and env wins.
+        assert_eq!(tls.client_ca, None);
+        assert_eq!(cfg.auth.tenants, Some("/e/tenants.toml".into()));
+        assert!(!cfg.auth.trust_forwarded_client_cert);
+        assert!(cfg.auth.allow_unauthenticated);
+        let args = ServeArgs {
+            tls_key: Some("/a/key.pem".into()),
+            trust_forwarded_client_cert: true,
+            ..args
+        };
+        let cfg = Config::resolve(&args, &env).unwrap();
+        assert_eq!(cfg.auth.tls.unwrap().key, PathBuf::from("/a/key.pem"));
+        assert!(cfg.auth.trust_forwarded_client_cert);
+    }
+
+    #[test]
+    fn tls_and_auth_settings_are_checked_against_each_other() {
+        for (pairs, setting, says) in [
+            (&[("SANDBOXD_TLS_CERT", "/c")][..], "tls_key:", "--tls-key"),
+            (&[("SANDBOXD_TLS_KEY", "/k")][..], "tls_cert:", "--tls-cert"),
+            (
+                &[("SANDBOXD_TLS_CLIENT_CA", "/ca")][..],
+                "tls_client_ca:",
+                "--tls-cert",
+            ),
+            (
+                &[
+                    ("SANDBOXD_TLS_CERT", "/c"),
+                    ("SANDBOXD_TLS_KEY", "/k"),
+                    ("SANDBOXD_LISTEN", "unix:/run/s.sock"),
+                ][..],
+                "tls_cert:",
+                "unix socket",
+            ),
+            (
+                &[("SANDBOXD_TRUST_FORWARDED_CLIENT_CERT", "1")][..],
+                "trust_forwarded_client_cert:",
+                "--tenants",
+            ),
+            (
+                &[("SANDBOXD_ALLOW_UNAUTHENTICATED", "maybe")][..],
+                "allow_unauthenticated:",
+                "true or false",
+            ),
+        ] {
+            let err = Config::resolve(&ServeArgs::default(), &env_of(pairs))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(setting), "{pairs:?}: {err}");
+            assert!(err.contains(says), "{pairs:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_non_loopback_listen_needs_authentication_or_an_explicit_opt_out() {
+        for listen in [
+            "127.0.0.1:7878",
+            "127.0.0.2:1",
+            "[::1]:7878",
+            "unix:/run/s.sock",
+        ] {
+            let env = env_of(&[("SANDBOXD_LISTEN", listen)]);
+            assert!(
+                Config::resolve(&ServeArgs::default(), &env).is_ok(),
+                "{listen}"
+            );
+        }
+        for listen in ["0.0.0.0:7878", "[::]:7878", "10.1.2.3:7878"] {
+            let env = env_of(&[("SANDBOXD_LISTEN", listen)]);
+            let err = Config::resolve(&ServeArgs::default(), &env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("listen:"), "{err}");
+            for hint in ["--tenants", "--tls-client-ca", "--allow-unauthenticated"] {
+                assert!(err.contains(hint), "{err}");
+            }
+            // TLS alone authenticates nobody.
+            let tls_only = env_of(&[
+                ("SANDBOXD_LISTEN", listen),
+                ("SANDBOXD_TLS_CERT", "/c"),
+                ("SANDBOXD_TLS_KEY", "/k"),
+            ]);
+            assert!(Config::resolve(&ServeArgs::default(), &tls_only).is_err());
+            for pairs in [
+                &[("SANDBOXD_LISTEN", listen), ("SANDBOXD_TENANTS", "/t")][..],
+                &[
+                    ("SANDBOXD_LISTEN", listen),
+                    ("SANDBOXD_TLS_CERT", "/c"),
+                    ("SANDBOXD_TLS_KEY", "/k"),
+                    ("SANDBOXD_TLS_CLIENT_CA", "/ca"),
+                ][..],
+                &[
+                    ("SANDBOXD_LISTEN", listen),
+                    ("SANDBOXD_ALLOW_UNAUTHENTICATED", "true"),
+                ][..],
+            ] {
+                assert!(
+                    Config::resolve(&ServeArgs::default(), &env_of(pairs)).is_ok(),
+                    "{pairs:?}"
+                );
+            }
+            let args = ServeArgs {
+                listen: Some(listen.into()),
+                allow_unauthenticated: true,
+                ..Default::default()
+            };
+            assert!(Config::resolve(&args, &env_of(&[])).is_ok());
         }
     }
 }

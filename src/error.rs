@@ -22,6 +22,11 @@ pub enum Error {
     #[error("{0}")]
     FailedPrecondition(String),
 
+    /// The caller presented no credentials, or credentials that are not valid. The message
+    /// never echoes a secret.
+    #[error("{0}")]
+    Unauthenticated(String),
+
     /// The operation would reach outside what the caller may touch (a path leaving a sandbox).
     #[error("{0}")]
     PermissionDenied(String),

@@ -15,4 +15,7 @@ pub mod sandbox;
 pub mod server;
 pub mod sys;
 pub mod telemetry;
+pub mod tenants;
+pub mod tls;
 pub mod util;
+pub mod watched;

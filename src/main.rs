@@ -46,6 +46,13 @@ fn main() -> std::process::ExitCode {
                     return std::process::ExitCode::from(2);
                 }
             };
+            let security = match sandboxd::server::Security::load(&config.auth) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("sandboxd: invalid configuration: {e}");
+                    return std::process::ExitCode::from(2);
+                }
+            };
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -67,7 +74,7 @@ fn main() -> std::process::ExitCode {
                         return std::process::ExitCode::FAILURE;
                     }
                 };
-                let result = sandboxd::server::serve(config, shutdown_signal()).await;
+                let result = sandboxd::server::serve(config, security, shutdown_signal()).await;
                 telemetry.shutdown();
                 match result {
                     Ok(()) => std::process::ExitCode::SUCCESS,

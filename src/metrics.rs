@@ -21,6 +21,9 @@ pub struct RpcLabels {
     pub method: String,
     /// gRPC status code name.
     pub code: String,
+    /// The caller's tenant (`default` without authentication); empty for a call refused as
+    /// UNAUTHENTICATED. Tenants come from configuration, so the label stays bounded.
+    pub tenant: String,
 }
 
 /// Direction of exec bytes.
@@ -101,7 +104,7 @@ impl Metrics {
         };
         registry.register(
             "rpc_requests",
-            "gRPC requests by method and status code",
+            "gRPC requests by method, status code and tenant",
             m.rpcs.clone(),
         );
         registry.register(
@@ -206,22 +209,37 @@ fn state_name(s: State) -> &'static str {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+/// `GET /healthz`: 200 while sandboxd serves its API (containerd answers and it has
+/// reconciled), else 503. For probes that cannot speak gRPC over TLS, as Kubernetes' cannot.
+async fn healthz(serving: bool) -> (http::StatusCode, &'static str) {
+    if serving {
+        (http::StatusCode::OK, "SERVING\n")
+    } else {
+        (http::StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING\n")
+    }
+}
+
+/// Serves `GET /metrics` and `GET /healthz` (whether `serving()`) on `listener` until
+/// `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     manager: Arc<Manager>,
+    serving: impl Fn() -> bool + Clone + Send + Sync + 'static,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || render(manager.clone())),
-    );
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || render(manager.clone())),
+        )
+        .route("/healthz", axum::routing::get(move || healthz(serving())));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }
 
-/// A tower layer counting RPCs by method and status code. The code is read from the response
+/// A tower layer counting RPCs by method, status code and tenant (the caller the auth layer
+/// inside it recorded in the response). The code is read from the response
 /// headers: errors returned before any message (the usual case) carry it there; a stream that
 /// fails after it started is counted by how it started.
 #[derive(Clone, Debug, Default)]
@@ -267,11 +285,17 @@ where
                 .and_then(|v| v.parse::<i32>().ok())
                 .map(tonic::Code::from_i32)
                 .unwrap_or(tonic::Code::Ok);
+            let tenant = resp
+                .extensions()
+                .get::<crate::caller::Caller>()
+                .map(|c| c.tenant().to_string())
+                .unwrap_or_default();
             metrics()
                 .rpcs
                 .get_or_create(&RpcLabels {
                     method,
                     code: format!("{code:?}"),
+                    tenant,
                 })
                 .inc();
             Ok(resp)

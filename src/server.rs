@@ -4,24 +4,29 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
-use tokio_stream::StreamExt;
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::api::{FileApi, ImageApi, SandboxApi, SnapshotApi};
-use crate::config::{Config, ListenAddr};
+use crate::caller::Authenticator;
+use crate::config::{AuthConfig, Config, ListenAddr};
 use crate::net::Network;
 use crate::pb;
 use crate::runtime::{supervisor, Containerd, Store};
 use crate::sandbox::{Manager, ManagerConfig};
+use crate::tls::ServerTls;
+use crate::watched::Reload;
 
+mod audit;
+mod auth;
 mod authority;
 mod hpack;
 mod ready;
 mod streams;
+mod transport;
 
 /// Services whose health is reported (besides the overall "").
 pub const SERVICE_NAMES: [&str; 4] = [
@@ -129,11 +134,124 @@ async fn ttl_loop(manager: Arc<Manager>, interval: Duration, mut stop: watch::Re
     }
 }
 
+/// How often the tenants file and the TLS files are looked at for changes.
+pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Who may call, as loaded at start: the authenticator and the TLS certificate, both re-read
+/// when their files change.
+pub struct Security {
+    authenticator: Arc<Authenticator>,
+    tls: Option<Arc<ServerTls>>,
+}
+
+impl Security {
+    /// Reads the tenants file and the TLS files. A file that cannot be read or used is an
+    /// error naming it (sandboxd then exits 2, as for any bad setting).
+    pub fn load(config: &AuthConfig) -> Result<Security, String> {
+        let tenants = match &config.tenants {
+            Some(path) => Some(Arc::new(crate::tenants::load(path)?)),
+            None => None,
+        };
+        let tls = match &config.tls {
+            Some(files) => Some(Arc::new(crate::tls::load_server(files)?)),
+            None => None,
+        };
+        let client_certificates = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        Ok(Security {
+            authenticator: Arc::new(Authenticator::new(
+                tenants,
+                client_certificates,
+                config.trust_forwarded_client_cert,
+            )),
+            tls,
+        })
+    }
+
+    /// One line on how callers authenticate, for the log.
+    fn describe(&self) -> String {
+        let mut ways = Vec::new();
+        if let Some(tenants) = self.authenticator.tenants() {
+            ways.push(format!(
+                "bearer tokens of {} tenants",
+                tenants.current().entries().len()
+            ));
+        }
+        if self.authenticator.client_certificates() {
+            ways.push("client certificates".into());
+        }
+        if ways.is_empty() {
+            "none: every caller is tenant default".into()
+        } else {
+            ways.join(" or ")
+        }
+    }
+}
+
+/// Re-reads the tenants file and the TLS files when they change (looked at every `interval`)
+/// and at once on SIGHUP. A version that cannot be used is logged and the previous one kept.
+async fn reload_loop(
+    security: (
+        Option<Arc<crate::tenants::Registry>>,
+        Option<Arc<ServerTls>>,
+    ),
+    mut hangup: Signal,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let signalled = tokio::select! {
+            _ = tokio::time::sleep(interval) => false,
+            _ = hangup.recv() => true,
+            _ = stop.changed() => return,
+        };
+        if signalled {
+            tracing::info!("SIGHUP: re-reading the tenants file and the TLS files");
+        }
+        let (tenants, tls) = security.clone();
+        let reloaded = tokio::task::spawn_blocking(move || {
+            (
+                tenants.map(|t| (t.paths().to_vec(), t.reload())),
+                tls.map(|t| (t.paths().to_vec(), t.reload())),
+            )
+        })
+        .await;
+        let Ok((tenants, tls)) = reloaded else {
+            continue;
+        };
+        for (what, outcome) in [("tenants file", tenants), ("TLS certificate", tls)] {
+            let Some((paths, outcome)) = outcome else {
+                continue;
+            };
+            let files = paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            match outcome {
+                Reload::Unchanged if signalled => {
+                    tracing::info!(files = %files, "{what} unchanged")
+                }
+                Reload::Unchanged => {}
+                Reload::Reloaded => tracing::info!(files = %files, "{what} reloaded"),
+                Reload::Rejected(why) => tracing::warn!(
+                    files = %files,
+                    error = %why,
+                    "{what} not reloaded: keeping the previous version"
+                ),
+            }
+        }
+    }
+}
+
 /// Runs the server until `shutdown` resolves, then stops gracefully.
 pub async fn serve(
     config: Config,
+    security: Security,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Registered before anything else: from here on SIGHUP reloads instead of killing us.
+    let hangup = signal(SignalKind::hangup())
+        .map_err(|e| anyhow::anyhow!("cannot listen for SIGHUP: {e}"))?;
     std::fs::create_dir_all(&config.data_dir).map_err(|e| {
         anyhow::anyhow!("cannot create data dir {}: {e}", config.data_dir.display())
     })?;
@@ -175,6 +293,15 @@ pub async fn serve(
         config.ttl_sweep_interval,
         stop_rx.clone(),
     ));
+    let reload_task = tokio::spawn(reload_loop(
+        (
+            security.authenticator.tenants().cloned(),
+            security.tls.clone(),
+        ),
+        hangup,
+        config.reload_interval,
+        stop_rx.clone(),
+    ));
 
     let metrics_task = match config.metrics_listen {
         None => None,
@@ -187,9 +314,11 @@ pub async fn serve(
             let shutdown = async move {
                 let _ = stop.changed().await;
             };
+            let ready = ready.clone();
             Some(tokio::spawn(crate::metrics::serve(
                 listener,
                 manager.clone(),
+                move || ready.get(),
                 shutdown,
             )))
         }
@@ -201,9 +330,12 @@ pub async fn serve(
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        // Outermost first: metrics and the audit log see every call, refused ones included,
+        // and read the caller the auth layer inside them decided.
         .layer(crate::metrics::RpcMetricsLayer)
+        .layer(audit::AuditLayer)
+        .layer(auth::AuthLayer(security.authenticator.clone()))
         .layer(ready::ReadyLayer(ready))
-        .layer(streams::IdentifyLayer)
         .layer(streams::StreamLimitLayer(streams::TenantStreams::new(
             config.max_streams_per_tenant,
         )))
@@ -232,35 +364,38 @@ pub async fn serve(
         set_health(&reporter_for_shutdown, ServingStatus::NotServing).await;
         let _ = drain_tx.send(true);
     };
+    let auth = security.describe();
     let server = async {
         match &config.listen {
             ListenAddr::Tcp(addr) => {
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
-                tracing::info!(listen = %listener.local_addr()?, containerd = %address.display(), namespace = %config.namespace, "sandboxd ready");
-                let incoming = TcpListenerStream::new(listener).map(|s| {
-                    if let Ok(s) = &s {
-                        let _ = s.set_nodelay(true);
+                let local = listener.local_addr()?;
+                tracing::info!(listen = %local, tls = security.tls.is_some(), auth = %auth, containerd = %address.display(), namespace = %config.namespace, "sandboxd ready");
+                match &security.tls {
+                    Some(tls) => {
+                        router
+                            .serve_with_incoming_shutdown(
+                                transport::tls(listener, tls.clone()),
+                                signalled,
+                            )
+                            .await?
                     }
-                    s
-                });
-                router
-                    .serve_with_incoming_shutdown(incoming, signalled)
-                    .await?;
+                    None => {
+                        router
+                            .serve_with_incoming_shutdown(transport::tcp(listener), signalled)
+                            .await?
+                    }
+                }
             }
             ListenAddr::Unix(path) => {
-                let _ = std::fs::remove_file(path);
-                let listener = tokio::net::UnixListener::bind(path).map_err(|e| {
+                let listener = transport::bind_unix(path).map_err(|e| {
                     anyhow::anyhow!("cannot listen on unix:{}: {e}", path.display())
                 })?;
-                tracing::info!(listen = %config.listen, containerd = %address.display(), namespace = %config.namespace, "sandboxd ready");
-                // Unix-socket clients often send the socket's path as :authority, which h2
-                // rejects; each connection gets a valid one in its place.
-                let incoming = UnixListenerStream::new(listener)
-                    .map(|s| s.map(authority::NormalizeAuthority::new));
+                tracing::info!(listen = %config.listen, tls = false, auth = %auth, containerd = %address.display(), namespace = %config.namespace, "sandboxd ready");
                 router
-                    .serve_with_incoming_shutdown(incoming, signalled)
+                    .serve_with_incoming_shutdown(transport::unix(listener), signalled)
                     .await?;
             }
         }
@@ -280,6 +415,7 @@ pub async fn serve(
     let _ = stop_tx.send(true);
     let _ = health_task.await;
     let _ = ttl_task.await;
+    let _ = reload_task.await;
     let _ = exits_task.await;
     if let Some(task) = metrics_task {
         let _ = task.await;

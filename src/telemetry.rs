@@ -81,9 +81,10 @@ impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
     }
 }
 
-/// The span of one RPC: named after its method, child of the caller's `traceparent` if any.
+/// The span of one RPC: named after its method (with the caller's tenant), child of the caller's `traceparent` if any.
 pub fn rpc_span<B>(req: &http::Request<B>) -> tracing::Span {
-    let span = tracing::info_span!("rpc", method = %req.uri().path(), otel.name = %req.uri().path(), otel.kind = "server");
+    // The auth layer records the caller's tenant once it is decided.
+    let span = tracing::info_span!("rpc", method = %req.uri().path(), tenant = tracing::field::Empty, otel.name = %req.uri().path(), otel.kind = "server");
     let parent = opentelemetry::global::get_text_map_propagator(|p| {
         p.extract(&HeaderExtractor(req.headers()))
     });

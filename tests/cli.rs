@@ -287,7 +287,8 @@ async fn cli_reports_an_unreachable_or_malformed_server() {
         assert_eq!(run.stderr.lines().count(), 1, "{server}: {run:?}");
         assert!(run.stdout.is_empty(), "{server}: {run:?}");
     }
-    let bad = run_with("https://127.0.0.1:7878", &["sandbox", "ls"], None, &[]);
+    // https:// is TLS now (tests/auth.rs); another scheme is still a usage error.
+    let bad = run_with("ftp://127.0.0.1:7878", &["sandbox", "ls"], None, &[]);
     assert_eq!(bad.code, Some(2), "{bad:?}");
     assert!(bad.stderr.contains("invalid --server"), "{bad:?}");
     // The good server still answers.

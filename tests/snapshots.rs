@@ -229,6 +229,7 @@ async fn exported_snapshot_forks_on_a_second_node() {
         cgroup_parent: cgroup2.path().to_owned(),
         extra_args: vec![],
         extra_env: vec![],
+        tls: None,
     })
     .await;
     let mut c2 = Clients::new(node2.channel().await, target.clone());

@@ -32,6 +32,7 @@ fn code(e: &Error) -> Code {
         Error::NotFound { .. } => Code::NotFound,
         Error::AlreadyExists { .. } => Code::AlreadyExists,
         Error::FailedPrecondition(_) => Code::FailedPrecondition,
+        Error::Unauthenticated(_) => Code::Unauthenticated,
         Error::PermissionDenied(_) => Code::PermissionDenied,
         Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
         Error::ResourceExhausted(_) => Code::ResourceExhausted,
@@ -185,6 +186,10 @@ mod tests {
             Code::ResourceExhausted
         );
         assert_eq!(status(Error::Aborted("x".into())).code(), Code::Aborted);
+        assert_eq!(
+            status(Error::Unauthenticated("x".into())).code(),
+            Code::Unauthenticated
+        );
         assert_eq!(
             status(Error::containerd("x", Status::unavailable("down"))).code(),
             Code::Unavailable

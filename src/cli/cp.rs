@@ -5,10 +5,10 @@ use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use super::Transport;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 use tonic::Code;
 
 use super::stdio;
@@ -87,7 +87,7 @@ impl Drop for AbortOnDrop {
 }
 
 /// Copies the file.
-pub async fn run(channel: Channel, args: Args) -> Result<()> {
+pub async fn run(channel: Transport, args: Args) -> Result<()> {
     let src = Location::parse(&args.src)?;
     let dst = Location::parse(&args.dst)?;
     let mut client = FileServiceClient::new(channel);
@@ -112,7 +112,7 @@ fn file_name(path: &str) -> Option<&str> {
 }
 
 async fn upload(
-    client: &mut FileServiceClient<Channel>,
+    client: &mut FileServiceClient<Transport>,
     src: Location,
     id: &str,
     dst: &str,
@@ -185,7 +185,7 @@ async fn upload(
 
 /// Where an upload lands: `dst` itself, or `dst/NAME` when `dst` is a directory.
 async fn remote_target(
-    client: &mut FileServiceClient<Channel>,
+    client: &mut FileServiceClient<Transport>,
     id: &str,
     dst: &str,
     name: Option<&str>,
@@ -219,7 +219,7 @@ fn is_dir(entry: Option<&pb::FileEntry>) -> bool {
 }
 
 async fn download(
-    client: &mut FileServiceClient<Channel>,
+    client: &mut FileServiceClient<Transport>,
     id: &str,
     src: &str,
     dst: Location,

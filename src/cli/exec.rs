@@ -7,11 +7,11 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
+use super::Transport;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 use super::{parse, stdio, term};
 use super::{Error, Result};
@@ -79,7 +79,7 @@ impl Drop for Helpers {
 }
 
 /// Runs the command and returns its exit code (128 + N when signal N killed it).
-pub async fn run(channel: Channel, args: Args) -> Result<u8> {
+pub async fn run(channel: Transport, args: Args) -> Result<u8> {
     let raw_wanted = args.tty && std::io::stdin().is_terminal();
     // Registered before the size is read, so a resize in between is not lost.
     let winch = if args.tty {

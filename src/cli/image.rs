@@ -4,9 +4,9 @@ use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
+use super::Transport;
 use clap::Subcommand;
 use serde_json::{json, Value};
-use tonic::transport::Channel;
 
 use super::output::{self, Table};
 use super::{Error, Format, Result};
@@ -44,7 +44,7 @@ pub enum Command {
 }
 
 /// Runs one `image` subcommand.
-pub async fn run(channel: Channel, format: Format, command: Command) -> Result<()> {
+pub async fn run(channel: Transport, format: Format, command: Command) -> Result<()> {
     let mut client = ImageServiceClient::new(channel);
     match command {
         Command::Pull { image } => {

@@ -15,11 +15,12 @@ mod snapshot;
 mod stdio;
 mod term;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Subcommand, ValueEnum};
 
-pub use connect::Server;
+pub use connect::{Credentials, Server, Transport};
 
 /// The server client commands talk to when neither `--server` nor `SANDBOXD_SERVER` is set.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7878";
@@ -27,7 +28,8 @@ pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7878";
 /// Options shared by every client command (ignored by `serve`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ClientArgs {
-    /// The sandboxd server of client commands: http://HOST:PORT, HOST:PORT or unix:/path.sock.
+    /// The sandboxd server of client commands: http://HOST:PORT, HOST:PORT, https://HOST:PORT
+    /// (TLS) or unix:/path.sock.
     #[arg(
         long,
         global = true,
@@ -36,6 +38,26 @@ pub struct ClientArgs {
         value_name = "URL"
     )]
     pub server: String,
+    /// Bearer token client commands send (`authorization: Bearer <token>`)
+    #[arg(
+        long,
+        global = true,
+        env = "SANDBOXD_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+    /// CA certificate(s), PEM, that an https:// server's certificate must chain to
+    /// [default: the system's trusted roots]
+    #[arg(long, global = true, env = "SANDBOXD_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) client commands present to an https:// server; its CN is
+    /// the tenant. Needs --tls-key
+    #[arg(long, global = true, env = "SANDBOXD_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert
+    #[arg(long, global = true, env = "SANDBOXD_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
     /// Output of client commands: human-readable tables, or JSON for scripts.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]
     pub output: Format,
@@ -115,6 +137,21 @@ pub fn main(args: ClientArgs, command: Command) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let identity = match (args.tls_cert.clone(), args.tls_key.clone()) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        _ => {
+            eprintln!("sandboxd: --tls-cert and --tls-key go together");
+            return ExitCode::from(2);
+        }
+    };
+    let credentials = Credentials {
+        token: args.token.clone().filter(|t| !t.is_empty()),
+        tls: crate::tls::ClientFiles {
+            ca: args.tls_ca.clone(),
+            identity,
+        },
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -125,7 +162,7 @@ pub fn main(args: ClientArgs, command: Command) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(run(&server, args.output, command));
+    let result = runtime.block_on(run(&server, &credentials, args.output, command));
     // A stdin reader may still be blocked in read(2); it must not keep the process alive.
     runtime.shutdown_background();
     match result {
@@ -170,8 +207,13 @@ fn describe(e: &Error, server: &Server) -> String {
     line
 }
 
-async fn run(server: &Server, format: Format, command: Command) -> Result<u8> {
-    let channel = server.channel();
+async fn run(
+    server: &Server,
+    credentials: &Credentials,
+    format: Format,
+    command: Command,
+) -> Result<u8> {
+    let channel = server.channel(credentials).map_err(Error::Usage)?;
     match command {
         Command::Sandbox(c) => sandbox::run(channel, format, c).await.map(|()| 0),
         Command::Exec(a) => exec::run(channel, a).await,

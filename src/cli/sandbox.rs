@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
+use super::Transport;
 use clap::{Subcommand, ValueEnum};
 use serde_json::{json, Value};
-use tonic::transport::Channel;
 
 use super::output::{self, Table};
 use super::parse;
@@ -137,7 +137,7 @@ pub enum Network {
 }
 
 /// Runs one `sandbox` subcommand.
-pub async fn run(channel: Channel, format: Format, command: Command) -> Result<()> {
+pub async fn run(channel: Transport, format: Format, command: Command) -> Result<()> {
     let mut client = SandboxServiceClient::new(channel);
     match command {
         Command::Create(args) => {

@@ -1,8 +1,8 @@
 //! `sandboxd snapshot commit|ls|get|restore|rm|export`.
 
+use super::Transport;
 use clap::Subcommand;
 use serde_json::{json, Value};
-use tonic::transport::Channel;
 
 use super::output::{self, Table};
 use super::{parse, sandbox};
@@ -66,7 +66,7 @@ pub enum Command {
 }
 
 /// Runs one `snapshot` subcommand.
-pub async fn run(channel: Channel, format: Format, command: Command) -> Result<()> {
+pub async fn run(channel: Transport, format: Format, command: Command) -> Result<()> {
     let mut client = SnapshotServiceClient::new(channel);
     match command {
         Command::Commit { sandbox, labels } => {

@@ -1,6 +1,6 @@
-//! Who calls, and how many streams each tenant may hold open.
+//! How many streams each tenant may hold open.
 //!
-//! [`IdentifyLayer`] records the [`Caller`] of every request in its extensions. Then
+//! After the auth layer has recorded the [`Caller`] of a request in its extensions,
 //! [`StreamLimitLayer`] counts the open streaming calls of each tenant: a stream holds its
 //! slot from the moment the request arrives until its response body is finished or dropped
 //! (the client went away), and the call past the limit is answered RESOURCE_EXHAUSTED at once.
@@ -24,42 +24,6 @@ pub const STREAMING_METHODS: [&str; 6] = [
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 ];
-
-/// A tower layer putting the request's [`Caller`] into its extensions.
-#[derive(Clone, Debug, Default)]
-pub struct IdentifyLayer;
-
-impl<S> tower::Layer<S> for IdentifyLayer {
-    type Service = Identify<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        Identify { inner }
-    }
-}
-
-/// See [`IdentifyLayer`].
-#[derive(Clone, Debug)]
-pub struct Identify<S> {
-    inner: S,
-}
-
-impl<S, B> tower::Service<http::Request<B>> for Identify<S>
-where
-    S: tower::Service<http::Request<B>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let caller = Caller::identify(&req);
-        req.extensions_mut().insert(caller);
-        self.inner.call(req)
-    }
-}
 
 /// Open streaming calls by tenant, against one limit for each.
 #[derive(Debug)]

@@ -14,6 +14,7 @@ pub mod containerd;
 pub mod host;
 pub mod image;
 pub mod netns;
+pub mod pki;
 pub mod registry;
 pub mod sandboxd;
 
@@ -62,6 +63,20 @@ impl TestEnv {
 
     /// Like [`TestEnv::with_args`], also setting environment variables for sandboxd.
     pub async fn with_args_env(extra_args: &[&str], extra_env: &[(&str, &str)]) -> TestEnv {
+        TestEnv::start(extra_args, extra_env, None).await
+    }
+
+    /// Like [`TestEnv::with_args`] for a sandboxd serving TLS (`--tls-cert` and `--tls-key` among
+    /// `extra_args`) whose certificate chains to `tls`'s CA.
+    pub async fn with_tls(extra_args: &[&str], tls: ::sandboxd::tls::ClientFiles) -> TestEnv {
+        TestEnv::start(extra_args, &[], Some(tls)).await
+    }
+
+    async fn start(
+        extra_args: &[&str],
+        extra_env: &[(&str, &str)],
+        tls: Option<::sandboxd::tls::ClientFiles>,
+    ) -> TestEnv {
         host::require_prerequisites();
         let layout = busybox_layout();
         let containerd = Containerd::start().await;
@@ -78,6 +93,7 @@ impl TestEnv {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            tls,
         })
         .await;
         TestEnv {

@@ -40,6 +40,9 @@ pub struct SandboxdOptions {
     pub extra_args: Vec<String>,
     /// Environment variables set for sandboxd (e.g. OTEL_EXPORTER_OTLP_ENDPOINT).
     pub extra_env: Vec<(String, String)>,
+    /// When sandboxd serves TLS (`--tls-cert` among the extra arguments): the CA its
+    /// certificate chains to, with which the harness checks health over `https://`.
+    pub tls: Option<::sandboxd::tls::ClientFiles>,
 }
 
 /// A running `sandboxd serve` with a private data dir and a free loopback port, its output
@@ -85,9 +88,26 @@ impl Sandboxd {
         unreachable!("the last attempt either returns or panics")
     }
 
-    /// `http://127.0.0.1:PORT`, for tonic clients.
+    /// `http://127.0.0.1:PORT`, for tonic clients (`https://` when it serves TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.options().tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// A channel to sandboxd that presents `credentials` (a token, TLS files), built the way
+    /// the CLI builds its own; it connects on first use.
+    pub fn transport(
+        &self,
+        credentials: &::sandboxd::cli::Credentials,
+    ) -> ::sandboxd::cli::Transport {
+        self.endpoint()
+            .parse::<::sandboxd::cli::Server>()
+            .and_then(|server| server.channel(credentials))
+            .unwrap_or_else(|e| panic!("a channel to {}: {e}", self.endpoint()))
     }
 
     /// The address sandboxd listens on.
@@ -326,6 +346,27 @@ impl Sandboxd {
     /// One gRPC health `Check("")` (the whole server), on a connection closed on return.
     pub async fn health(&self) -> Result<ServingStatus, String> {
         let endpoint = self.endpoint();
+        if let Some(tls) = self.options().tls {
+            // Health needs no credentials, only trust in the server's certificate.
+            let credentials = ::sandboxd::cli::Credentials { token: None, tls };
+            let attempt = async move {
+                let transport = endpoint
+                    .parse::<::sandboxd::cli::Server>()
+                    .and_then(|s| s.channel(&credentials))?;
+                let response = HealthClient::new(transport)
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .map_err(|s| format!("health check: {s}"))?;
+                Ok(response.into_inner().status())
+            };
+            return harness_runtime()
+                .spawn(tokio::time::timeout(Duration::from_secs(2), attempt))
+                .await
+                .expect("health check task panicked")
+                .unwrap_or_else(|_| Err("health check timed out".to_owned()));
+        }
         let attempt = async move {
             let channel = Endpoint::from_shared(endpoint)
                 .map_err(|e| e.to_string())?

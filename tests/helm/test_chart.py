@@ -51,6 +51,9 @@ ALTERNATIVE = {
     "network": {"bridgeName": "", "bridgeSubnet": "", "dnsFallback": []},
 }
 HOST_NETWORK = {"network": {"hostNetwork": True}}
+# The one choice the chart makes its user make: how callers authenticate (it refuses to render a
+# listen on every address without). Merged into every render unless the values name `auth`.
+AUTH = {"auth": {"tenants": {"secretName": "sandboxd-tenants", "key": "tenants.toml"}}}
 
 
 def kube_version() -> str:
@@ -64,9 +67,17 @@ def all_on_values() -> dict[str, Any]:
     return yaml.safe_load(ALL_ON.read_text())
 
 
-def render(values: dict[str, Any] | None = None) -> dict[str, str]:
-    """Template path -> rendered text, like `helm template` (schema checked)."""
+def with_auth(values: dict[str, Any] | None) -> dict[str, Any]:
+    """`values` with [AUTH] unless they say how callers authenticate themselves."""
+    values = dict(values or {})
+    return values if "auth" in values else {**AUTH, **values}
+
+
+def render(values: dict[str, Any] | None = None, auth: bool = True) -> dict[str, str]:
+    """Template path -> rendered text, like `helm template` (schema checked); with [AUTH] merged
+    in unless `auth` is false."""
     chart = helm.Chart.load(str(CHART))
+    values = with_auth(values) if auth else values
     return chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
 
 
@@ -132,11 +143,13 @@ def schema_refuses(values: dict[str, Any], needle: str) -> None:
         raise AssertionError(f"rendering with {values} was accepted")
 
 
-def template_refuses(values: dict[str, Any], needle: str, accepted: str) -> None:
+def template_refuses(
+    values: dict[str, Any], needle: str, accepted: str, auth: bool = True
+) -> None:
     """Asserts the chart's own checks refuse `values`, naming `needle`; `accepted` is the failure
     message should they pass."""
     try:
-        render(values)
+        render(values, auth)
     except helm.HelmError as e:
         assert needle in str(e), e
     else:
@@ -165,7 +178,9 @@ def preceding_comment(lines: list[str], index: int) -> str:
 
 def test_lint_passes_strict_with_defaults_and_all_on():
     for name, values in (("defaults", None), ("all-on", all_on_values()), ("alt", ALTERNATIVE)):
-        report = helm.lint(str(CHART), values, strict=True, kube_version="v" + kube_version())
+        report = helm.lint(
+            str(CHART), with_auth(values), strict=True, kube_version="v" + kube_version()
+        )
         assert report["total_charts_linted"] == 1, report
         problems = [m for m in report["messages"] if m["severity"] >= 2]
         assert not report["errors"] and not problems, f"{name}: {report}"
@@ -201,12 +216,17 @@ def test_values_files_pass_yamllint():
 
 
 def test_grpc_probes_ask_the_health_service_on_7878():
-    for values in (None, all_on_values()):
+    for values in (None, ALTERNATIVE):
         container = sandboxd_container(manifests(values))
         for probe in ("livenessProbe", "readinessProbe"):
             assert container[probe]["grpc"] == {"port": GRPC_PORT, "service": ""}, container[probe]
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["grpc"] == GRPC_PORT, ports
+    # Kubernetes' gRPC probes cannot speak TLS: with TLS on they ask /healthz on the metrics port.
+    container = sandboxd_container(manifests(all_on_values()))
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}, probe
+        assert "grpc" not in container[probe]
 
 
 def test_sandboxd_listens_where_probes_and_services_point():
@@ -367,13 +387,14 @@ def test_configmap_toml_parses_and_holds_only_keys_sandboxd_accepts():
         "exec_io_relay",
     }
     network_keys = {"bridge_name", "bridge_subnet", "dns_fallback"}
+    auth_keys = {"tls_cert", "tls_key", "tls_client_ca", "tenants", "trust_forwarded_client_cert"}
     cases = (
-        (None, chart_keys | network_keys | {"metrics_listen"}),
+        (None, chart_keys | network_keys | {"metrics_listen", "tenants"}),
         (
             all_on_values(),
-            chart_keys | network_keys | {"metrics_listen", "cni_conflist", "warm_pool"},
+            chart_keys | network_keys | auth_keys | {"metrics_listen", "cni_conflist", "warm_pool"},
         ),
-        (ALTERNATIVE, chart_keys),
+        (ALTERNATIVE, chart_keys | {"tenants"}),
     )
     for values, expected in cases:
         toml = config_toml(manifests(values))
@@ -381,7 +402,9 @@ def test_configmap_toml_parses_and_holds_only_keys_sandboxd_accepts():
         unknown = set(toml) - accepted
         assert not unknown, f"config.rs rejects {sorted(unknown)}; it accepts {sorted(accepted)}"
         assert toml["embedded_containerd"] == "never"
-        assert all(isinstance(v, str) for v in toml.values()), toml
+        flags = {"trust_forwarded_client_cert", "allow_unauthenticated"}
+        assert all(isinstance(v, bool) for k, v in toml.items() if k in flags), toml
+        assert all(isinstance(v, str) for k, v in toml.items() if k not in flags), toml
     default = config_toml(manifests())
     assert default["containerd_address"] == "/run/containerd/containerd.sock"
     assert default["namespace"] == "sandboxd" and default["data_dir"] == "/var/lib/sandboxd"
@@ -517,13 +540,75 @@ def test_networkpolicy_admits_only_the_client_label_by_default():
     assert not any(d["kind"] == "NetworkPolicy" for d in manifests(ALTERNATIVE))
 
 
-def test_notes_and_readme_say_callers_are_not_authenticated():
+def test_notes_and_readme_say_how_callers_authenticate():
     notes = render()["sandboxd/templates/NOTES.txt"]
-    assert "does not authenticate callers" in notes and "sandboxd.io/client" in notes, notes
-    open_notes = render({"networkPolicy": {"enabled": False}})["sandboxd/templates/NOTES.txt"]
-    assert "WARNING: networkPolicy.enabled is false" in open_notes, open_notes
+    assert "bearer tokens" in notes and "sandboxd-tenants" in notes, notes
+    assert "second wall" in notes and "sandboxd.io/client" in notes, notes
+    tls_notes = render(all_on_values())["sandboxd/templates/NOTES.txt"]
+    assert "client certificates" in tls_notes and "(TLS, certificate from Secret sandboxd-tls" in tls_notes, tls_notes
+    open_values = {"auth": {**AUTH["auth"], "tenants": {"secretName": "", "key": "t.toml"},
+                            "allowUnauthenticated": True}}
+    open_notes = render(open_values)["sandboxd/templates/NOTES.txt"]
+    assert "WARNING: auth.allowUnauthenticated is true" in open_notes, open_notes
+    unwalled = render({"networkPolicy": {"enabled": False}})["sandboxd/templates/NOTES.txt"]
+    assert "WARNING: networkPolicy.enabled is false" in unwalled, unwalled
     readme = (CHART / "README.md").read_text()
-    assert "does not authenticate callers" in readme and "NetworkPolicy" in readme
+    for needle in ("auth.tls.secretName", "auth.tenants.secretName", "cert-manager",
+                   "trustForwardedClientCert", "allowUnauthenticated", "NetworkPolicy"):
+        assert needle in readme, needle
+
+
+def test_chart_refuses_to_render_an_unauthenticated_listen_unless_told():
+    # The bare defaults: sandboxd would listen on every address with nobody authenticating.
+    template_refuses({}, "auth.allowUnauthenticated", "the bare defaults rendered", auth=False)
+    # TLS alone authenticates nobody.
+    tls_only = {"auth": {"tls": {"secretName": "sandboxd-tls", "clientCA": False},
+                         "tenants": {"secretName": "", "key": "tenants.toml"},
+                         "trustForwardedClientCert": False, "allowUnauthenticated": False}}
+    template_refuses(tls_only, "auth.tenants.secretName", "TLS alone rendered")
+    said_so = {"auth": {**tls_only["auth"], "allowUnauthenticated": True}}
+    toml = config_toml(manifests(said_so))
+    assert toml["allow_unauthenticated"] is True and "tenants" not in toml, toml
+    client_certs = {"auth": {**tls_only["auth"], "tls": {"secretName": "t", "clientCA": True}}}
+    assert "allow_unauthenticated" not in config_toml(manifests(client_certs))
+    # Settings that only make sense together.
+    template_refuses(
+        {"auth": {**AUTH["auth"], "tls": {"secretName": "", "clientCA": True}}},
+        "auth.tls.clientCA needs auth.tls.secretName", "clientCA without TLS rendered",
+    )
+    template_refuses(
+        {"auth": {**said_so["auth"], "trustForwardedClientCert": True}},
+        "auth.trustForwardedClientCert needs auth.tenants.secretName",
+        "a trusted sidecar without a tenants file rendered",
+    )
+    template_refuses(
+        {**client_certs, "metrics": {"enabled": False, "port": 9090}},
+        "needs metrics.enabled", "TLS without the /healthz probe port rendered",
+    )
+
+
+def test_tls_and_tenants_come_from_secrets_mounted_whole():
+    docs = manifests(all_on_values())
+    pod = one(docs, "DaemonSet")["spec"]["template"]["spec"]
+    container = sandboxd_container(docs)
+    toml = config_toml(docs)
+    auth = all_on_values()["auth"]
+    # cert-manager's key names, in a Secret mounted whole (a subPath mount never sees renewals).
+    assert (toml["tls_cert"], toml["tls_key"], toml["tls_client_ca"]) == (
+        "/etc/sandboxd-tls/tls.crt", "/etc/sandboxd-tls/tls.key", "/etc/sandboxd-tls/ca.crt"
+    ), toml
+    assert toml["tenants"] == f"/etc/sandboxd-tenants/{auth['tenants']['key']}"
+    assert toml["trust_forwarded_client_cert"] is True
+    for path, secret in (("/etc/sandboxd-tls", auth["tls"]["secretName"]),
+                         ("/etc/sandboxd-tenants", auth["tenants"]["secretName"])):
+        mount, volume = mount_and_volume(pod, container, path)
+        assert mount.get("readOnly") is True and "subPath" not in mount, mount
+        assert volume["secret"]["secretName"] == secret, volume
+    # Without TLS nothing of it is there.
+    default = manifests()
+    assert not any(k.startswith("tls_") for k in config_toml(default))
+    volumes = [v["name"] for v in one(default, "DaemonSet")["spec"]["template"]["spec"]["volumes"]]
+    assert "tls" not in volumes and "tenants" in volumes, volumes
 
 
 def test_servicemonitor_only_when_enabled_and_scrapes_the_metrics_port():
@@ -617,6 +702,11 @@ def test_schema_refuses_bad_values():
         schema_refuses({"network": {"dnsFallback": [resolver]}}, "/network/dnsFallback/0")
     schema_refuses({"network": {"dnsFallback": "1.1.1.1"}}, "/network/dnsFallback")
     schema_refuses({"replicas": 3}, "replicas")  # a DaemonSet has none: typos are refused too
+    schema_refuses({"auth": {**AUTH["auth"], "allowUnauthenticated": "yes"}},
+                   "/auth/allowUnauthenticated")
+    schema_refuses({"auth": {"tenants": {"secretName": "Not_A_Name", "key": "t"}}},
+                   "/auth/tenants/secretName")
+    schema_refuses({"auth": {**AUTH["auth"], "token": "x"}}, "token")
     report = helm.lint(str(CHART), {"config": {"logFormat": "yaml"}})
     assert any("/config/logFormat" in e for e in report["errors"]), report
 

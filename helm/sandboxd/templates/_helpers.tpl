@@ -88,4 +88,22 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if eq (int .Values.metrics.port) (int (include "sandboxd.grpcPort" .)) }}
 {{- fail (printf "metrics.port must differ from the gRPC port %s" (include "sandboxd.grpcPort" .)) }}
 {{- end }}
+{{- $auth := .Values.auth }}
+{{- if and $auth.tls.clientCA (not $auth.tls.secretName) }}
+{{- fail "auth.tls.clientCA needs auth.tls.secretName: client certificates come with TLS" }}
+{{- end }}
+{{- if and $auth.trustForwardedClientCert (not $auth.tenants.secretName) }}
+{{- fail "auth.trustForwardedClientCert needs auth.tenants.secretName: its spiffe_ids map a forwarded certificate to a tenant" }}
+{{- end }}
+{{- if and $auth.tls.secretName (not .Values.metrics.enabled) }}
+{{- fail "auth.tls.secretName needs metrics.enabled: Kubernetes' gRPC probes cannot speak TLS, so the probes ask the metrics port's /healthz" }}
+{{- end }}
+{{- if not (or (include "sandboxd.authenticates" .) $auth.allowUnauthenticated) }}
+{{- fail (printf "sandboxd listens on 0.0.0.0:%s (every address of the pod) and no caller would authenticate: set auth.tenants.secretName (bearer tokens) and/or auth.tls.secretName with auth.tls.clientCA (client certificates), or auth.allowUnauthenticated=true to rely on the NetworkPolicy alone" (include "sandboxd.grpcPort" .)) }}
+{{- end }}
+{{- end }}
+
+{{/* Non-empty when callers must authenticate: a tenants file or client certificates. */}}
+{{- define "sandboxd.authenticates" -}}
+{{- if or .Values.auth.tenants.secretName (and .Values.auth.tls.secretName .Values.auth.tls.clientCA) }}true{{- end }}
 {{- end }}
