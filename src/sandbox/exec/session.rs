@@ -74,7 +74,7 @@ impl ExecSession {
                         }
                         Some(ExecInput::CloseStdin) => {
                             if stdin.take().is_some() {
-                                let _ = cd.close_stdin(&sandbox, &exec_id).await;
+                                close_stdin(cd.as_ref(), &sandbox, &exec_id).await;
                             }
                         }
                         Some(ExecInput::Resize(rows, cols)) => {
@@ -94,7 +94,7 @@ impl ExecSession {
                             // The client half-closed: that ends its input.
                             input_open = false;
                             if stdin.take().is_some() {
-                                let _ = cd.close_stdin(&sandbox, &exec_id).await;
+                                close_stdin(cd.as_ref(), &sandbox, &exec_id).await;
                             }
                         }
                     },
@@ -188,6 +188,18 @@ impl ExecSession {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// Ends the process's input. The shim holds a writer of the stdin FIFO until told to close it,
+/// so a lost CloseIO leaves the process waiting for EOF: it is tried again once, and a failure
+/// is logged (the exec's timeout, the client or a delete still end it).
+async fn close_stdin(cd: &dyn crate::runtime::Backend, sandbox: &str, exec_id: &str) {
+    if let Err(first) = cd.close_stdin(sandbox, exec_id).await {
+        tracing::info!(error = %first, "closing the exec's stdin failed; trying again");
+        if let Err(e) = cd.close_stdin(sandbox, exec_id).await {
+            tracing::warn!(error = %e, "closing the exec's stdin failed: it gets no end of input");
+        }
     }
 }
 
