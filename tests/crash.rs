@@ -463,3 +463,40 @@ fn a_containerd_restart_ends_open_execs_unavailable_and_bridge_sandboxes_carry_o
         },
     );
 }
+
+#[test]
+fn a_namespace_file_with_no_namespace_on_it_does_not_stop_a_restart() {
+    run_in_netns(
+        "a_namespace_file_with_no_namespace_on_it_does_not_stop_a_restart",
+        || async {
+            let mut n = NetEnv::start(&[]).await;
+            n.create("anchor", bridge(), &[]).await;
+            serve((GATEWAY, GATEWAY_PORT).into(), "gw", None);
+            // What a sandboxd killed between making a namespace file and mounting the namespace
+            // on it leaves: a plain file named like a sandbox's namespace, for a sandbox with no
+            // running task.
+            let anchor = n
+                .netns_files()
+                .into_iter()
+                .next()
+                .expect("anchor's namespace");
+            let prefix = anchor
+                .strip_suffix("anchor")
+                .expect("named after the sandbox");
+            n.env.sandboxd.kill();
+            let ghost = n.netns_dir().join(format!("{prefix}ghost"));
+            std::fs::write(&ghost, b"").unwrap();
+            n.env.sandboxd.restart().await;
+            n.c = n.env.clients().await;
+            assert!(
+                !ghost.exists(),
+                "the empty namespace file is left:\n{}",
+                n.env.sandboxd.log_tail()
+            );
+            assert_bridges_whole(&mut n).await;
+            n.c.force_delete("anchor").await;
+            n.assert_no_network_leftovers().await;
+            n.env.leak_check().await;
+        },
+    );
+}

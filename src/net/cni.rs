@@ -284,6 +284,15 @@ pub struct Attachment {
 }
 
 impl Attachment {
+    /// The same attachment with no namespace, for a DEL after the namespace is gone (the CNI
+    /// spec lets DEL run without one; plugins then release only what lives outside it).
+    pub fn without_netns(self) -> Self {
+        Attachment {
+            netns: PathBuf::new(),
+            ..self
+        }
+    }
+
     /// Validates the container ID (alphanumerics, `_`, `.`, `-`; alphanumeric first) and the
     /// interface name (at most 15 bytes, no `/`, `:` or whitespace).
     pub fn new(

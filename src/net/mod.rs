@@ -368,10 +368,17 @@ impl Network {
         let rc = RuntimeConfig {
             port_mappings: ports.to_vec(),
         };
-        self.runner
-            .del(&conflist, &self.attachment(id)?, &rc, cached)
-            .await?;
-        NetNs::at(self.netns_path(id)).remove().await
+        let netns = NetNs::at(self.netns_path(id));
+        let mut attachment = self.attachment(id)?;
+        if !netns.is_mounted().await {
+            // A file with no namespace on it (a daemon killed mid-attach or mid-detach): the
+            // plugins are told there is no namespace, as the CNI spec allows for DEL, and
+            // release what lives outside it (the address, host-side rules).
+            tracing::info!(sandbox_id = %id, "the network namespace file holds no namespace; detaching without it");
+            attachment = attachment.without_netns();
+        }
+        self.runner.del(&conflist, &attachment, &rc, cached).await?;
+        netns.remove().await
     }
 
     /// Removes the egress chains of sandboxes other than `live` (a crash's leftovers).

@@ -67,6 +67,19 @@ impl NetNs {
         &self.path
     }
 
+    /// Whether a namespace is mounted at the path. A plain file there is what a daemon killed
+    /// between making the file and mounting the namespace on it leaves (or one killed between
+    /// the unmount and the unlink): it names no namespace.
+    pub async fn is_mounted(&self) -> bool {
+        let path = self.path.clone();
+        blocking(move || {
+            Ok(nix::sys::statfs::statfs(&path)
+                .is_ok_and(|st| st.filesystem_type() == nix::sys::statfs::NSFS_MAGIC))
+        })
+        .await
+        .unwrap_or(false)
+    }
+
     /// Unmounts and deletes the namespace file. Idempotent: a missing mount or file is fine.
     /// The namespace itself lives on while a process still runs in it.
     pub async fn remove(&self) -> Result<()> {
@@ -148,6 +161,17 @@ mod tests {
             assert!(validate_name(bad).is_err(), "{bad:?} was accepted");
         }
         validate_name("sandbox-1").unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_plain_file_is_no_mounted_namespace() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("half-made");
+        std::fs::write(&path, b"").unwrap();
+        assert!(!NetNs::at(&path).is_mounted().await);
+        assert!(!NetNs::at(dir.path().join("missing")).is_mounted().await);
+        // This process's own namespace file is one.
+        assert!(NetNs::at("/proc/self/ns/net").is_mounted().await);
     }
 
     #[tokio::test]

@@ -135,15 +135,22 @@ impl Manager {
             return Ok(());
         }
         let live = self.live_task_ids().await?;
+        // Each sandbox on its own: one that fails does not keep the others' networks up.
+        let mut failed = None;
         for id in attached.iter().filter(|id| !live.contains(*id)) {
             match SandboxId::parse("sandbox_id", id) {
-                Ok(id) => self.settle_network(&id).await?,
+                Ok(id) => {
+                    if let Err(e) = self.settle_network(&id).await {
+                        tracing::warn!(sandbox_id = %id, error = %e, "tearing down a network failed; the sweep retries");
+                        failed.get_or_insert(e);
+                    }
+                }
                 Err(_) => {
                     tracing::warn!(netns = %id, "a network namespace with a malformed sandbox id; left alone")
                 }
             }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     /// Ids of sandboxes whose PID 1 may be alive (running, paused, or not known to be dead).

@@ -144,7 +144,11 @@ impl Manager {
                 tracing::warn!(snapshot = %key, error = %e, "could not remove a leftover snapshot");
             }
         }
-        self.reconcile_networks().await?;
+        // One sandbox's network that cannot be torn down must not keep every other sandbox from
+        // being served: the periodic sweep tries it again.
+        if let Err(e) = self.reconcile_networks().await {
+            tracing::warn!(error = %e, "reconciling networks after a restart failed; the sweep retries");
+        }
         let attached = self.net.attached_ids();
         if let Err(e) = self.net.sweep_firewall(&attached).await {
             tracing::debug!(error = %e, "no egress chains swept");
