@@ -10,6 +10,8 @@ pub mod image;
 pub mod metrics;
 pub mod net;
 pub mod pb;
+#[cfg(test)]
+mod robust;
 pub mod runtime;
 pub mod sandbox;
 pub mod server;

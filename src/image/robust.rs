@@ -22,6 +22,7 @@ use super::pull::{
 };
 use super::{go_arch, ImageRef, MEDIA_DOCKER_LIST, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST};
 use crate::error::Error;
+use crate::robust::Gen;
 use crate::runtime::fake::Fake;
 use crate::runtime::Store;
 
@@ -39,21 +40,12 @@ const TAG: &str = "t";
 const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 
-/// xorshift64*: deterministic, good enough to spread inputs.
-struct Gen(u64);
+/// Runs `check` on `cases` seeds, naming the seed of a case that panics.
+fn each_case(name: &str, cases: usize, check: impl Fn(&mut Gen) + std::panic::RefUnwindSafe) {
+    crate::robust::each_case(name, cases, 0x1a6e_0000, check);
+}
 
 impl Gen {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
     fn pick<T: Clone>(&mut self, items: &[T]) -> T {
         items[self.below(items.len() as u64) as usize].clone()
     }
@@ -64,15 +56,6 @@ impl Gen {
 
     fn bytes(&mut self, n: usize) -> Vec<u8> {
         (0..n).map(|_| self.next() as u8).collect()
-    }
-}
-
-/// Runs `check` on `cases` seeds, naming the seed of a case that panics.
-fn each_case(name: &str, cases: usize, check: impl Fn(&mut Gen) + std::panic::RefUnwindSafe) {
-    for case in 0..cases {
-        let seed = 0x1a6e_0000 + case as u64 * 7919 + name.len() as u64;
-        let result = std::panic::catch_unwind(|| check(&mut Gen(seed)));
-        assert!(result.is_ok(), "{name}: case with seed {seed:#x} panicked");
     }
 }
 

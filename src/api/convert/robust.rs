@@ -9,25 +9,17 @@ use tonic::Status;
 
 use super::*;
 use crate::pb;
+use crate::robust::Gen;
 
 /// Cases per conversion.
 const CASES: usize = 400;
 
-/// xorshift64*: deterministic, good enough to spread inputs.
-struct Gen(u64);
+/// Runs `check` on `CASES` generated inputs, naming the seed of a case that panics.
+fn each_case(name: &str, check: impl Fn(&mut Gen) + std::panic::RefUnwindSafe) {
+    crate::robust::each_case(name, CASES, 0x5eed_0000, check);
+}
 
 impl Gen {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
     /// A string that is often hostile: empty, huge, NULs, `..`, separators, non-ASCII.
     fn string(&mut self) -> String {
         const PIECES: &[&str] = &[
@@ -99,15 +91,6 @@ impl Gen {
             seconds: self.i64(),
             nanos: self.i32(),
         })
-    }
-}
-
-/// Runs `check` on `CASES` generated inputs, naming the seed of a case that panics.
-fn each_case(name: &str, check: impl Fn(&mut Gen) + std::panic::RefUnwindSafe) {
-    for case in 0..CASES {
-        let seed = 0x5eed_0000 + case as u64 * 7919 + name.len() as u64;
-        let result = std::panic::catch_unwind(|| check(&mut Gen(seed)));
-        assert!(result.is_ok(), "{name}: case with seed {seed:#x} panicked");
     }
 }
 
