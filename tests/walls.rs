@@ -411,3 +411,57 @@ async fn default_limits_contain_a_fork_bomb_and_report_a_memory_bomb() {
     c.force_delete("calm").await;
     env.leak_check().await;
 }
+
+/// The parent cgroup's memory limit and CPU quota as the kernel shows them (v1 or v2).
+fn parent_limits(env: &TestEnv) -> (String, String) {
+    let parent = env.cgroup.path();
+    let read = |path: String| std::fs::read_to_string(&path).map(|s| s.trim().to_string());
+    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        let cpu = read(format!("/sys/fs/cgroup{parent}/cpu.max")).unwrap();
+        return (
+            read(format!("/sys/fs/cgroup{parent}/memory.max")).unwrap(),
+            cpu.split(' ').next().unwrap().to_string(),
+        );
+    }
+    let quota = read(format!(
+        "/sys/fs/cgroup/cpu,cpuacct{parent}/cpu.cfs_quota_us"
+    ))
+    .or_else(|_| read(format!("/sys/fs/cgroup/cpu{parent}/cpu.cfs_quota_us")))
+    .unwrap();
+    (
+        read(format!(
+            "/sys/fs/cgroup/memory{parent}/memory.limit_in_bytes"
+        ))
+        .unwrap(),
+        quota,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn total_limits_cap_all_sandboxes_together() {
+    let env = TestEnv::with_args(&["--total-memory", "128Mi", "--total-cpu-millis", "1500"]).await;
+    let mut c = env.clients().await;
+    assert_eq!(
+        parent_limits(&env),
+        ((128u64 << 20).to_string(), "150000".to_string())
+    );
+    // A sandbox allowed 1 GiB still cannot take more than the total.
+    c.create(pb::CreateSandboxRequest {
+        resources: Some(pb::Resources {
+            memory_bytes: 1 << 30,
+            ..Default::default()
+        }),
+        ..c.request("big")
+    })
+    .await;
+    let exited = exec_exit(
+        &mut c,
+        "big",
+        &["dd", "if=/dev/zero", "of=/dev/null", "bs=256M", "count=1"],
+    )
+    .await;
+    assert_eq!(exited.signal, libc::SIGKILL, "{exited:?}");
+    assert_eq!(c.sh_ok("big", "echo still").await, "still\n");
+    c.force_delete("big").await;
+    env.leak_check().await;
+}
