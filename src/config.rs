@@ -246,6 +246,8 @@ pub struct ServeArgs {
     /// SIGHUP always reloads at once). Hidden from --help.
     #[arg(long, hide = true, value_name = "DURATION")]
     pub reload_interval: Option<String>,
+    #[command(flatten)]
+    pub walls: WallArgs,
     /// Test-only fault injection: comma-separated steps that fail on purpose (see
     /// `sandbox::failpoint`). Hidden from --help; never set it in production.
     #[arg(long, hide = true, value_name = "STEPS")]
@@ -286,6 +288,14 @@ struct FileConfig {
     tenants: Option<PathBuf>,
     trust_forwarded_client_cert: Option<bool>,
     allow_unauthenticated: Option<bool>,
+    // The walls of every sandbox (see `WallArgs`).
+    seccomp_profile: Option<String>,
+    oom_score_adj: Option<NumberOrString>,
+    default_memory: Option<NumberOrString>,
+    default_cpu_millis: Option<NumberOrString>,
+    default_pids: Option<NumberOrString>,
+    total_memory: Option<NumberOrString>,
+    total_cpu_millis: Option<NumberOrString>,
 }
 
 /// A TOML value that is a number (`1024`) or a string (`"512Mi"`).
@@ -382,6 +392,8 @@ pub struct TlsConfig {
     pub key: PathBuf,
     /// PEM CA certificates client certificates are verified against.
     pub client_ca: Option<PathBuf>,
+    /// What confines every sandbox (seccomp, OOM priority, default and total limits).
+    pub walls: Walls,
 }
 
 /// A configuration problem, naming the setting.
@@ -559,9 +571,11 @@ impl Config {
                     reason: format!("{s:?} is not a duration longer than zero"),
                 })?,
         };
+        let walls = resolve_walls(&args.walls, env, &file)?;
         Ok(Config {
             auth,
             reload_interval,
+            walls,
             stream_idle_timeout: limits.stream_idle_timeout,
             max_streams_per_tenant: limits.max_streams_per_tenant,
             exec_sync_memory: limits.exec_sync_memory,
@@ -812,6 +826,229 @@ fn resolve_auth(
     }
     Ok(auth)
 }
+
+// ---- The walls of every sandbox: seccomp, OOM priority, default and total limits ----
+
+/// Default `oom_score_adj` of sandbox processes: the kernel kills them before node daemons.
+pub const DEFAULT_OOM_SCORE_ADJ: i32 = 500;
+/// Default memory limit of a sandbox that asks for none.
+pub const DEFAULT_MEMORY: i64 = 1 << 30;
+/// Default CPU limit, in millicores, of a sandbox that asks for none.
+pub const DEFAULT_CPU_MILLIS: i64 = 1000;
+
+/// Flags of the walls around every sandbox.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct WallArgs {
+    /// Seccomp profile of every sandbox and exec: `default` (Docker's default profile: an
+    /// allow-list, everything else EPERM), `unconfined`, or the path of an OCI seccomp JSON
+    /// file (the `linux.seccomp` object of a runtime spec) [env: SANDBOXD_SECCOMP_PROFILE]
+    /// [default: default]
+    #[arg(long, value_name = "default|unconfined|FILE")]
+    pub seccomp_profile: Option<String>,
+    /// oom_score_adj of sandbox processes (-1000 to 1000): positive makes the kernel's OOM
+    /// killer pick them before the node's daemons [env: SANDBOXD_OOM_SCORE_ADJ] [default: 500]
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    pub oom_score_adj: Option<String>,
+    /// Memory limit of a sandbox that asks for none, e.g. 512Mi; 0 for none
+    /// [env: SANDBOXD_DEFAULT_MEMORY] [default: 1Gi]
+    #[arg(long, value_name = "BYTES")]
+    pub default_memory: Option<String>,
+    /// CPU limit in millicores of a sandbox that asks for none; 0 for none
+    /// [env: SANDBOXD_DEFAULT_CPU_MILLIS] [default: 1000]
+    #[arg(long, value_name = "MILLIS")]
+    pub default_cpu_millis: Option<String>,
+    /// Most processes of a sandbox that asks for no pids limit
+    /// [env: SANDBOXD_DEFAULT_PIDS] [default: 1024]
+    #[arg(long, value_name = "COUNT")]
+    pub default_pids: Option<String>,
+    /// Memory all sandboxes together may use (a limit on the parent cgroup), e.g. 8Gi
+    /// [env: SANDBOXD_TOTAL_MEMORY] [default: none]
+    #[arg(long, value_name = "BYTES")]
+    pub total_memory: Option<String>,
+    /// CPU all sandboxes together may use, in millicores (a limit on the parent cgroup)
+    /// [env: SANDBOXD_TOTAL_CPU_MILLIS] [default: none]
+    #[arg(long, value_name = "MILLIS")]
+    pub total_cpu_millis: Option<String>,
+}
+
+/// Which seccomp filter sandboxes run under.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SeccompProfile {
+    /// Docker's default profile, for the sandbox's capabilities and the running kernel.
+    Default,
+    /// None at all.
+    Unconfined,
+    /// An operator's profile, read at startup.
+    Custom(Box<oci_spec::runtime::LinuxSeccomp>),
+}
+
+/// What confines every sandbox beyond its namespaces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Walls {
+    /// Seccomp filter of every sandbox and exec.
+    pub seccomp: SeccompProfile,
+    /// oom_score_adj of every sandbox process.
+    pub oom_score_adj: i32,
+    /// Memory limit of sandboxes that ask for none.
+    pub default_memory: Option<i64>,
+    /// CPU limit (millicores) of sandboxes that ask for none.
+    pub default_cpu_millis: Option<i64>,
+    /// pids limit of sandboxes that ask for none.
+    pub default_pids: i64,
+    /// Memory limit of the parent cgroup.
+    pub total_memory: Option<i64>,
+    /// CPU limit (millicores) of the parent cgroup.
+    pub total_cpu_millis: Option<i64>,
+}
+
+impl Default for Walls {
+    fn default() -> Self {
+        Walls {
+            seccomp: SeccompProfile::Default,
+            oom_score_adj: DEFAULT_OOM_SCORE_ADJ,
+            default_memory: Some(DEFAULT_MEMORY),
+            default_cpu_millis: Some(DEFAULT_CPU_MILLIS),
+            default_pids: DEFAULT_PIDS_LIMIT,
+            total_memory: None,
+            total_cpu_millis: None,
+        }
+    }
+}
+
+fn resolve_walls(
+    args: &WallArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+    file: &FileConfig,
+) -> Result<Walls, ConfigError> {
+    let pick = |flag: &Option<String>, var: &str, file: &Option<NumberOrString>| {
+        flag.clone()
+            .or_else(|| env(var))
+            .or_else(|| file.clone().map(NumberOrString::into_string))
+    };
+    let bad = |setting: &'static str| move |reason: String| ConfigError { setting, reason };
+    // A limit in [min, max]; 0 (or absent with no default) means none.
+    let limit = |setting: &'static str,
+                 value: Option<String>,
+                 default: Option<i64>,
+                 size: bool,
+                 (min, max): (i64, i64)|
+     -> Result<Option<i64>, ConfigError> {
+        let Some(s) = value else { return Ok(default) };
+        let n = if size {
+            crate::util::parse_size(&s).map_err(bad(setting))?
+        } else {
+            s.parse::<i64>()
+                .map_err(|_| bad(setting)(format!("{s:?} is not a whole number")))?
+        };
+        match n {
+            0 => Ok(None),
+            n if (min..=max).contains(&n) => Ok(Some(n)),
+            n => Err(bad(setting)(format!(
+                "{n} is not 0 or between {min} and {max}"
+            ))),
+        }
+    };
+    use crate::sandbox::{MAX_CPU_MILLIS, MAX_MEMORY_BYTES, MAX_PIDS, MIN_MEMORY_BYTES};
+    let seccomp = match args
+        .seccomp_profile
+        .clone()
+        .or_else(|| env("SANDBOXD_SECCOMP_PROFILE"))
+        .or_else(|| file.seccomp_profile.clone())
+        .as_deref()
+    {
+        None | Some("default") => SeccompProfile::Default,
+        Some("unconfined") => SeccompProfile::Unconfined,
+        Some(path) if Path::new(path).is_absolute() => SeccompProfile::Custom(Box::new(
+            crate::runtime::seccomp::load_profile(Path::new(path))
+                .map_err(bad("seccomp_profile"))?,
+        )),
+        Some(other) => {
+            return Err(bad("seccomp_profile")(format!(
+                "{other:?} is not default, unconfined or an absolute path"
+            )))
+        }
+    };
+    let oom = pick(
+        &args.oom_score_adj,
+        "SANDBOXD_OOM_SCORE_ADJ",
+        &file.oom_score_adj,
+    );
+    let oom_score_adj = match oom {
+        None => DEFAULT_OOM_SCORE_ADJ,
+        Some(s) => match s.parse::<i32>() {
+            Ok(n) if (-1000..=1000).contains(&n) => n,
+            _ => {
+                return Err(bad("oom_score_adj")(format!(
+                    "{s:?} is not a whole number from -1000 to 1000"
+                )))
+            }
+        },
+    };
+    let memory_range = (MIN_MEMORY_BYTES, MAX_MEMORY_BYTES);
+    let cpu_range = (10, MAX_CPU_MILLIS);
+    Ok(Walls {
+        seccomp,
+        oom_score_adj,
+        default_memory: limit(
+            "default_memory",
+            pick(
+                &args.default_memory,
+                "SANDBOXD_DEFAULT_MEMORY",
+                &file.default_memory,
+            ),
+            Some(DEFAULT_MEMORY),
+            true,
+            memory_range,
+        )?,
+        default_cpu_millis: limit(
+            "default_cpu_millis",
+            pick(
+                &args.default_cpu_millis,
+                "SANDBOXD_DEFAULT_CPU_MILLIS",
+                &file.default_cpu_millis,
+            ),
+            Some(DEFAULT_CPU_MILLIS),
+            false,
+            cpu_range,
+        )?,
+        default_pids: limit(
+            "default_pids",
+            pick(
+                &args.default_pids,
+                "SANDBOXD_DEFAULT_PIDS",
+                &file.default_pids,
+            ),
+            Some(DEFAULT_PIDS_LIMIT),
+            false,
+            (1, MAX_PIDS),
+        )?
+        .ok_or_else(|| bad("default_pids")("0: a sandbox needs a pids limit".into()))?,
+        total_memory: limit(
+            "total_memory",
+            pick(
+                &args.total_memory,
+                "SANDBOXD_TOTAL_MEMORY",
+                &file.total_memory,
+            ),
+            None,
+            true,
+            memory_range,
+        )?,
+        total_cpu_millis: limit(
+            "total_cpu_millis",
+            pick(
+                &args.total_cpu_millis,
+                "SANDBOXD_TOTAL_CPU_MILLIS",
+                &file.total_cpu_millis,
+            ),
+            None,
+            false,
+            cpu_range,
+        )?,
+    })
+}
+
+// ---- end of the walls ----
 
 /// Picks a setting: flag, then environment variable, then file, then default.
 type PickFn<'a, T> = &'a dyn Fn(&Option<T>, &str, &Option<T>, &str) -> T;
@@ -1257,6 +1494,106 @@ mod tests {
                 ..Default::default()
             };
             assert!(Config::resolve(&args, &env_of(&[])).is_ok());
+        }
+    }
+
+    #[test]
+    fn walls_default_to_docker_seccomp_oom_500_and_limits() {
+        let cfg = Config::resolve(&ServeArgs::default(), &env_of(&[])).unwrap();
+        assert_eq!(cfg.walls, Walls::default());
+        assert_eq!(cfg.walls.seccomp, SeccompProfile::Default);
+        assert_eq!(cfg.walls.oom_score_adj, 500);
+        assert_eq!(cfg.walls.default_memory, Some(1 << 30));
+        assert_eq!(cfg.walls.default_cpu_millis, Some(1000));
+        assert_eq!(cfg.walls.default_pids, 1024);
+        assert_eq!(cfg.walls.total_memory, None);
+    }
+
+    #[test]
+    fn walls_come_from_flag_env_or_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let profile = dir.path().join("seccomp.json");
+        std::fs::write(
+            &profile,
+            r#"{"defaultAction":"SCMP_ACT_LOG","syscalls":[{"names":["read"],"action":"SCMP_ACT_ALLOW"}]}"#,
+        )
+        .unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "seccomp_profile = {:?}\noom_score_adj = -10\ndefault_memory = \"256Mi\"\n\
+                 default_cpu_millis = 250\ndefault_pids = 64\ntotal_memory = \"4Gi\"\n\
+                 total_cpu_millis = 1500\n",
+                profile.display().to_string()
+            ),
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(file),
+            ..Default::default()
+        };
+        let cfg = Config::resolve(&args, &env_of(&[])).unwrap();
+        let SeccompProfile::Custom(p) = &cfg.walls.seccomp else {
+            panic!("{:?}", cfg.walls.seccomp)
+        };
+        assert_eq!(
+            p.default_action(),
+            oci_spec::runtime::LinuxSeccompAction::ScmpActLog
+        );
+        assert_eq!(cfg.walls.oom_score_adj, -10);
+        assert_eq!(cfg.walls.default_memory, Some(256 << 20));
+        assert_eq!(cfg.walls.default_cpu_millis, Some(250));
+        assert_eq!(cfg.walls.default_pids, 64);
+        assert_eq!(cfg.walls.total_memory, Some(4 << 30));
+        assert_eq!(cfg.walls.total_cpu_millis, Some(1500));
+        let env = env_of(&[
+            ("SANDBOXD_SECCOMP_PROFILE", "unconfined"),
+            ("SANDBOXD_OOM_SCORE_ADJ", "900"),
+            ("SANDBOXD_DEFAULT_MEMORY", "0"),
+            ("SANDBOXD_DEFAULT_PIDS", "10"),
+        ]);
+        let cfg = Config::resolve(&args, &env).unwrap();
+        assert_eq!(cfg.walls.seccomp, SeccompProfile::Unconfined);
+        assert_eq!(cfg.walls.oom_score_adj, 900);
+        assert_eq!(cfg.walls.default_memory, None, "0 turns the default off");
+        assert_eq!(cfg.walls.default_pids, 10);
+        let args = ServeArgs {
+            walls: WallArgs {
+                seccomp_profile: Some("default".into()),
+                oom_score_adj: Some("-1000".into()),
+                default_cpu_millis: Some("0".into()),
+                ..Default::default()
+            },
+            ..args
+        };
+        let cfg = Config::resolve(&args, &env).unwrap();
+        assert_eq!(cfg.walls.seccomp, SeccompProfile::Default);
+        assert_eq!(cfg.walls.oom_score_adj, -1000);
+        assert_eq!(cfg.walls.default_cpu_millis, None);
+    }
+
+    #[test]
+    fn bad_walls_name_the_setting() {
+        for (var, value, setting) in [
+            ("SANDBOXD_SECCOMP_PROFILE", "strict", "seccomp_profile:"),
+            (
+                "SANDBOXD_SECCOMP_PROFILE",
+                "/nonexistent.json",
+                "seccomp_profile:",
+            ),
+            ("SANDBOXD_OOM_SCORE_ADJ", "1001", "oom_score_adj:"),
+            ("SANDBOXD_OOM_SCORE_ADJ", "high", "oom_score_adj:"),
+            ("SANDBOXD_DEFAULT_MEMORY", "1Ki", "default_memory:"),
+            ("SANDBOXD_DEFAULT_MEMORY", "lots", "default_memory:"),
+            ("SANDBOXD_DEFAULT_CPU_MILLIS", "5", "default_cpu_millis:"),
+            ("SANDBOXD_DEFAULT_PIDS", "0", "default_pids:"),
+            ("SANDBOXD_DEFAULT_PIDS", "-3", "default_pids:"),
+            ("SANDBOXD_TOTAL_MEMORY", "x", "total_memory:"),
+            ("SANDBOXD_TOTAL_CPU_MILLIS", "1.5", "total_cpu_millis:"),
+        ] {
+            let err = Config::resolve(&ServeArgs::default(), &env_of(&[(var, value)])).unwrap_err();
+            assert!(err.to_string().starts_with(setting), "{var}={value}: {err}");
         }
     }
 }

@@ -133,3 +133,59 @@ pub fn process_parents() -> Vec<(i32, i32)> {
         })
         .collect()
 }
+
+/// Where the kernel's cgroup hierarchies are mounted.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+/// CPU CFS period of the parent cgroup's quota, as for sandboxes.
+const PARENT_CPU_PERIOD_US: i64 = 100_000;
+
+/// Caps the cgroup `parent` (an absolute cgroup path, made if missing) at `memory` bytes and
+/// `cpu_millis` millicores, on cgroup v2 or v1's memory and cpu hierarchies; `None` leaves a
+/// limit as it is. Every sandbox's cgroup is below it, so together they cannot go past it.
+pub fn limit_cgroup(parent: &str, memory: Option<i64>, cpu_millis: Option<i64>) -> Result<()> {
+    let relative = parent.trim_start_matches('/');
+    let write = |dir: PathBuf, file: &str, value: String| -> Result<()> {
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(dir.join(file), &value))
+            .map_err(|e| {
+                Error::Internal(format!(
+                    "setting {file} of the cgroup parent {} to {value}: {e}",
+                    dir.display()
+                ))
+            })
+    };
+    let root = Path::new(CGROUP_ROOT);
+    let quota = cpu_millis.map(|m| (m * PARENT_CPU_PERIOD_US / 1000).max(1000));
+    if root.join("cgroup.controllers").exists() {
+        let dir = root.join(relative);
+        if let Some(bytes) = memory {
+            write(dir.clone(), "memory.max", bytes.to_string())?;
+        }
+        if let Some(quota) = quota {
+            write(dir, "cpu.max", format!("{quota} {PARENT_CPU_PERIOD_US}"))?;
+        }
+        return Ok(());
+    }
+    if let Some(bytes) = memory {
+        write(
+            root.join("memory").join(relative),
+            "memory.limit_in_bytes",
+            bytes.to_string(),
+        )?;
+    }
+    if let Some(quota) = quota {
+        let cpu = ["cpu,cpuacct", "cpu"]
+            .iter()
+            .map(|c| root.join(c))
+            .find(|c| c.join("cpu.cfs_quota_us").exists())
+            .ok_or_else(|| Error::Internal("no cgroup v1 cpu hierarchy is mounted".into()))?;
+        let dir = cpu.join(relative);
+        write(
+            dir.clone(),
+            "cpu.cfs_period_us",
+            PARENT_CPU_PERIOD_US.to_string(),
+        )?;
+        write(dir, "cpu.cfs_quota_us", quota.to_string())?;
+    }
+    Ok(())
+}

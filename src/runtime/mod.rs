@@ -8,6 +8,7 @@ mod backend;
 mod containerd;
 #[cfg(test)]
 pub mod fake;
+pub mod seccomp;
 pub mod spec;
 pub mod supervisor;
 pub mod types;

@@ -3,9 +3,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::Spec;
+use std::sync::Arc;
+
+use oci_spec::runtime::{LinuxSeccomp, Spec};
 use serde_json::json;
 
+use super::seccomp;
+use crate::config::SeccompProfile;
 use crate::error::{Error, Result};
 pub use crate::sys::User;
 
@@ -21,14 +25,15 @@ const CPU_PERIOD_US: u64 = 100_000;
 /// Size of the /dev, /run and /dev/shm tmpfs mounts.
 const TMPFS_SIZE: &str = "size=65536k";
 
-/// Docker's default capability set, which containerd's default spec also uses.
-pub const DEFAULT_CAPABILITIES: [&str; 14] = [
+/// Docker's default capability set without CAP_NET_RAW: raw sockets would let a sandbox forge
+/// frames on the shared bridge, and ping works without it (see [`PING_GROUP_RANGE`]).
+/// Inheritable and ambient sets stay empty, as Docker keeps them.
+pub const DEFAULT_CAPABILITIES: [&str; 13] = [
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
     "CAP_FSETID",
     "CAP_FOWNER",
     "CAP_MKNOD",
-    "CAP_NET_RAW",
     "CAP_SETGID",
     "CAP_SETUID",
     "CAP_SETFCAP",
@@ -38,6 +43,10 @@ pub const DEFAULT_CAPABILITIES: [&str; 14] = [
     "CAP_KILL",
     "CAP_AUDIT_WRITE",
 ];
+
+/// Every group may open ICMP echo ("ping") sockets, which need no capability; set in the
+/// sandbox's own network namespace, so it changes nothing on the node.
+pub const PING_GROUP_RANGE: &str = "0 2147483647";
 
 /// /proc and /sys paths hidden from sandboxes.
 const MASKED_PATHS: [&str; 11] = [
@@ -90,6 +99,23 @@ pub struct SandboxSpec {
     pub idle_init: Option<PathBuf>,
     /// A network namespace to join; `None` makes a new one with loopback only.
     pub netns_path: Option<PathBuf>,
+    /// The seccomp filter of every process; `None` for none.
+    pub seccomp: Option<Arc<LinuxSeccomp>>,
+    /// oom_score_adj of PID 1 (and, through [`process`], of exec'd processes).
+    pub oom_score_adj: i32,
+}
+
+/// The seccomp filter `profile` asks for, for processes holding [`DEFAULT_CAPABILITIES`] on
+/// the running kernel; `None` when unconfined.
+pub fn seccomp_of(profile: &SeccompProfile) -> Option<Arc<LinuxSeccomp>> {
+    match profile {
+        SeccompProfile::Default => Some(Arc::new(seccomp::default_profile(
+            &DEFAULT_CAPABILITIES,
+            seccomp::kernel_version(),
+        ))),
+        SeccompProfile::Unconfined => None,
+        SeccompProfile::Custom(p) => Some(Arc::new((**p).clone())),
+    }
 }
 
 fn bind(dest: &str, source: &Path, ro: bool) -> serde_json::Value {
@@ -111,9 +137,11 @@ pub fn build(s: &SandboxSpec) -> Result<Vec<u8>> {
         json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
         json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}),
         json!({"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", TMPFS_SIZE]}),
-        bind("/etc/hosts", &s.etc_dir.join("hosts"), false),
-        bind("/etc/hostname", &s.etc_dir.join("hostname"), false),
-        bind("/etc/resolv.conf", &s.etc_dir.join("resolv.conf"), false),
+        // Read-only: these files live in sandboxd's data dir on the node's disk, outside the
+        // sandbox's writable layer, so a sandbox that could write them could fill that disk.
+        bind("/etc/hosts", &s.etc_dir.join("hosts"), true),
+        bind("/etc/hostname", &s.etc_dir.join("hostname"), true),
+        bind("/etc/resolv.conf", &s.etc_dir.join("resolv.conf"), true),
     ];
     if let Some(init) = &s.idle_init {
         mounts.push(bind(IDLE_INIT_PATH, init, true));
@@ -123,6 +151,8 @@ pub fn build(s: &SandboxSpec) -> Result<Vec<u8>> {
     resources["devices"] = json!([{"allow": false, "access": "rwm"}]);
     let mut netns = json!({"type": "network"});
     let mut sysctl = serde_json::Map::new();
+    // Every sandbox has a network namespace of its own (NONE makes one, BRIDGE joins its own).
+    sysctl.insert("net.ipv4.ping_group_range".into(), json!(PING_GROUP_RANGE));
     if let Some(path) = &s.netns_path {
         netns["path"] = json!(path);
         // The bridge network is IPv4 only and its egress rules are iptables (IPv4) rules:
@@ -135,7 +165,7 @@ pub fn build(s: &SandboxSpec) -> Result<Vec<u8>> {
         }
     }
 
-    let spec = json!({
+    let mut spec = json!({
         "ociVersion": "1.0.2",
         "process": {
             "terminal": false,
@@ -149,6 +179,7 @@ pub fn build(s: &SandboxSpec) -> Result<Vec<u8>> {
                 "permitted": DEFAULT_CAPABILITIES,
             },
             "noNewPrivileges": true,
+            "oomScoreAdj": s.oom_score_adj,
         },
         "root": {"path": "rootfs", "readonly": false},
         "hostname": s.hostname,
@@ -156,12 +187,19 @@ pub fn build(s: &SandboxSpec) -> Result<Vec<u8>> {
         "linux": {
             "cgroupsPath": s.cgroups_path,
             "resources": resources,
-            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, netns],
+            // A cgroup namespace: the sandbox sees its own cgroup as the root, nothing of the
+            // node's or other sandboxes' cgroups.
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "cgroup"}, netns],
             "sysctl": sysctl,
             "maskedPaths": MASKED_PATHS,
             "readonlyPaths": READONLY_PATHS,
         },
     });
+    if let Some(filter) = &s.seccomp {
+        // runc applies the container's filter to exec'd processes too.
+        spec["linux"]["seccomp"] = serde_json::to_value(filter.as_ref())
+            .map_err(|e| Error::Internal(format!("seccomp profile: {e}")))?;
+    }
     // Round-trip through oci-spec so that a malformed spec fails here, not inside runc.
     let typed: Spec =
         serde_json::from_value(spec).map_err(|e| Error::Internal(format!("runtime spec: {e}")))?;
@@ -277,6 +315,7 @@ pub fn process(
     user: User,
     terminal: bool,
     console_size: Option<(u32, u32)>,
+    oom_score_adj: i32,
 ) -> Result<Vec<u8>> {
     let mut process = json!({
         "terminal": terminal,
@@ -290,6 +329,7 @@ pub fn process(
             "permitted": DEFAULT_CAPABILITIES,
         },
         "noNewPrivileges": true,
+        "oomScoreAdj": oom_score_adj,
     });
     if let Some((rows, cols)) = console_size {
         process["consoleSize"] = json!({"height": rows, "width": cols});
@@ -320,6 +360,8 @@ mod tests {
             etc_dir: PathBuf::from("/var/lib/sandboxd/sandboxes/box"),
             idle_init: Some(PathBuf::from("/usr/bin/catatonit")),
             netns_path: None,
+            seccomp: seccomp_of(&SeccompProfile::Default),
+            oom_score_adj: 500,
         }
     }
 
@@ -386,8 +428,18 @@ mod tests {
         let caps = spec["process"]["capabilities"]["bounding"]
             .as_array()
             .unwrap();
-        assert_eq!(caps.len(), 14);
-        assert!(!caps.iter().any(|c| c == "CAP_SYS_ADMIN"));
+        assert_eq!(caps.len(), 13);
+        assert!(!caps
+            .iter()
+            .any(|c| c == "CAP_SYS_ADMIN" || c == "CAP_NET_RAW"));
+        assert_eq!(spec["process"]["oomScoreAdj"], 500);
+        assert_eq!(
+            spec["linux"]["sysctl"]["net.ipv4.ping_group_range"],
+            PING_GROUP_RANGE
+        );
+        let seccomp = &spec["linux"]["seccomp"];
+        assert_eq!(seccomp["defaultAction"], "SCMP_ACT_ERRNO");
+        assert_eq!(seccomp["defaultErrnoRet"], libc::EPERM);
         let dests: Vec<&str> = spec["mounts"]
             .as_array()
             .unwrap()
@@ -409,7 +461,7 @@ mod tests {
             .iter()
             .map(|n| n["type"].as_str().unwrap())
             .collect();
-        assert_eq!(ns, ["pid", "ipc", "uts", "mount", "network"]);
+        assert_eq!(ns, ["pid", "ipc", "uts", "mount", "cgroup", "network"]);
         assert!(spec["linux"]["maskedPaths"]
             .as_array()
             .unwrap()
@@ -426,5 +478,30 @@ mod tests {
         let spec: serde_json::Value = serde_json::from_slice(&build(&s).unwrap()).unwrap();
         assert!(spec["linux"]["resources"].get("memory").is_none());
         assert!(spec["linux"]["resources"].get("cpu").is_none());
+    }
+
+    #[test]
+    fn unconfined_means_no_seccomp_section_and_execs_get_the_oom_priority() {
+        let mut s = sample();
+        s.seccomp = seccomp_of(&SeccompProfile::Unconfined);
+        let spec: serde_json::Value = serde_json::from_slice(&build(&s).unwrap()).unwrap();
+        assert!(spec["linux"].get("seccomp").is_none());
+        let p = process(
+            &["true".into()],
+            &[],
+            "/",
+            User { uid: 0, gid: 0 },
+            false,
+            None,
+            300,
+        )
+        .unwrap();
+        let p: serde_json::Value = serde_json::from_slice(&p).unwrap();
+        assert_eq!(p["oomScoreAdj"], 300);
+        assert!(!p["capabilities"]["effective"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c == "CAP_NET_RAW"));
     }
 }

@@ -70,7 +70,9 @@ impl Manager {
         Ok(None)
     }
 
-    async fn create_inner(&self, spec: CreateSpec) -> Result<Sandbox> {
+    async fn create_inner(&self, mut spec: CreateSpec) -> Result<Sandbox> {
+        // The limits recorded (and reported) are the ones that apply, defaults included.
+        spec.resources = self.applied_limits(spec.resources);
         let _guard = self.locks.lock(spec.id.as_str()).await?;
         // The id check and the source's resolution are independent: one round trip. A snapshot
         // is resolved from its image record alone; a missing image is pulled only once the id
@@ -204,6 +206,8 @@ impl Manager {
             etc_dir: files.clone(),
             idle_init: idle.then(|| self.cfg.idle_init.clone()),
             netns_path: bridge.then(|| self.net.netns_path(id.as_str())),
+            seccomp: self.seccomp.clone(),
+            oom_score_adj: self.cfg.walls.oom_score_adj,
         })?;
         if idle && !self.cfg.idle_init.is_file() {
             return Err(Error::FailedPrecondition(format!(

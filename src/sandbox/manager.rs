@@ -38,6 +38,8 @@ pub struct ManagerConfig {
     pub runc_root: PathBuf,
     /// Bytes of output all ExecSync calls together may buffer.
     pub exec_sync_memory: u64,
+    /// Seccomp, OOM priority and default limits of every sandbox.
+    pub walls: crate::config::Walls,
 }
 
 impl From<&Config> for ManagerConfig {
@@ -51,6 +53,7 @@ impl From<&Config> for ManagerConfig {
             exec_io_relay: c.exec_io_relay.clone(),
             runc_root: c.runc_root.clone(),
             exec_sync_memory: c.exec_sync_memory,
+            walls: c.walls.clone(),
         }
     }
 }
@@ -75,6 +78,8 @@ pub struct Manager {
     mounts: Mutex<HashMap<String, Weak<SharedMount>>>,
     /// What ExecSync calls buffer, in KiB (see `budget::ExecSyncBudget`).
     pub(super) exec_sync_budget: super::budget::ExecSyncBudget,
+    /// The seccomp filter of every sandbox, built once from `cfg.walls`.
+    pub(super) seccomp: Option<Arc<oci_spec::runtime::LinuxSeccomp>>,
 }
 
 /// A sandbox's root filesystem as seen from the host, for file access. A running sandbox is
@@ -131,7 +136,9 @@ impl Manager {
                 .ok()
         });
         let exec_sync_budget = super::budget::ExecSyncBudget::new(cfg.exec_sync_memory);
+        let seccomp = crate::runtime::spec::seccomp_of(&cfg.walls.seccomp);
         Arc::new(Manager {
+            seccomp,
             relay,
             observer,
             started_at: std::time::SystemTime::now(),
@@ -162,6 +169,16 @@ impl Manager {
     /// Sandbox `id`'s cgroup path (below each controller's mount on v1).
     pub(super) fn sandbox_cgroup(&self, id: &str) -> String {
         format!("{}/{}", self.cfg.cgroup_parent.trim_end_matches('/'), id)
+    }
+
+    /// `r` with the configured default of each limit it leaves unset: what applies to it.
+    pub(super) fn applied_limits(&self, r: Resources) -> Resources {
+        let w = &self.cfg.walls;
+        Resources {
+            cpu_millis: r.cpu_millis.or(w.default_cpu_millis),
+            memory_bytes: r.memory_bytes.or(w.default_memory),
+            pids_limit: r.pids_limit.or(Some(w.default_pids)),
+        }
     }
 
     pub(super) fn mount_base(&self) -> PathBuf {

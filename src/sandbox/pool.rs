@@ -214,7 +214,7 @@ impl super::Manager {
             }
         };
         if spec.resources != Resources::default() {
-            let limits = resource_labels(&spec.resources);
+            let limits = resource_labels(&self.applied_limits(spec.resources));
             changes.extend(limits.into_iter().map(|(k, v)| (k, Some(v))));
         }
         self.update_container(id.as_str(), &changes, new_spec)
@@ -232,12 +232,14 @@ impl super::Manager {
         spec: &'a CreateSpec,
         pid: u32,
     ) -> std::result::Result<Option<Overrides<'a>>, Claim> {
-        let r = &spec.resources;
+        // Limits left unset get the defaults, which the pooled sandbox was made with.
+        let r = &self.applied_limits(spec.resources);
         let mut o = Overrides {
             env: (!spec.env.is_empty()).then_some(&spec.env),
             cwd: spec.working_dir.as_deref(),
             user: None,
-            limits: (*r != Resources::default()).then(|| (r.cpu_millis, r.memory_bytes, r.pids())),
+            limits: (spec.resources != Resources::default())
+                .then(|| (r.cpu_millis, r.memory_bytes, r.pids())),
         };
         if spec.working_dir.is_some() || spec.user.is_some() {
             // The pooled sandbox's files are its image's, untouched: what a cold create finds

@@ -106,6 +106,16 @@ impl Manager {
     ///   operations of an earlier run released;
     /// - the warm pool is adopted or emptied.
     pub async fn recover(self: &Arc<Self>) -> Result<()> {
+        // The cap on all sandboxes together is in place before any sandbox starts.
+        let walls = &self.cfg.walls;
+        if walls.total_memory.is_some() || walls.total_cpu_millis.is_some() {
+            let (parent, memory, cpu) = (
+                self.cfg.cgroup_parent.clone(),
+                walls.total_memory,
+                walls.total_cpu_millis,
+            );
+            crate::sys::blocking(move || crate::sys::limit_cgroup(&parent, memory, cpu)).await?;
+        }
         let leases = self.cd.leases().await?;
         let open: HashSet<&str> = leases.iter().map(|(l, _)| l.id()).collect();
         for c in self.all_containers().await? {

@@ -197,6 +197,7 @@ impl Manager {
             user,
             spec.tty,
             spec.tty.then_some(size),
+            self.cfg.walls.oom_score_adj,
         )?;
 
         // The relay reads the process's own pipes (no copy in the shim); the shim offers it no
