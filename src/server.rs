@@ -257,9 +257,16 @@ pub async fn serve(
     })?;
     let (address, supervisor) = supervisor::ensure(&config).await?;
     let cd = Containerd::new(&address, &config.namespace)?;
+    let registries = std::sync::Arc::new(
+        crate::image::Registries::new(config.registries.clone())
+            .map_err(|e| anyhow::anyhow!("invalid registry settings: {e}"))?,
+    );
     let manager = Manager::new(
         std::sync::Arc::new(cd.clone()),
-        ManagerConfig::from(&config),
+        ManagerConfig {
+            registries: registries.clone(),
+            ..ManagerConfig::from(&config)
+        },
         Network::new(config.network.clone()),
         std::sync::Arc::new(crate::metrics::Prometheus),
     );
@@ -347,7 +354,7 @@ pub async fn serve(
             SandboxApi::new(manager.clone(), config.stream_idle_timeout),
         ))
         .add_service(pb::image_service_server::ImageServiceServer::new(
-            ImageApi::new(cd.clone()),
+            ImageApi::new(cd.clone(), registries.clone()),
         ))
         .add_service(pb::snapshot_service_server::SnapshotServiceServer::new(
             SnapshotApi::new(manager.clone()),

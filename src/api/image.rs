@@ -9,7 +9,9 @@ use tonic::{Request, Response, Status};
 
 use super::convert;
 use crate::error::Error;
-use crate::image::{self, ImageRef, Progress};
+use std::sync::Arc;
+
+use crate::image::{self, ImageRef, Progress, Registries};
 use crate::pb;
 use crate::pb::image_service_server::ImageService;
 use crate::runtime::Containerd;
@@ -21,12 +23,13 @@ const PULL_PROGRESS_QUEUE: usize = 64;
 #[derive(Debug, Clone)]
 pub struct ImageApi {
     cd: Containerd,
+    registries: Arc<Registries>,
 }
 
 impl ImageApi {
-    /// Serves images of `cd`.
-    pub fn new(cd: Containerd) -> Self {
-        ImageApi { cd }
+    /// Serves images of `cd`, pulled through `registries`.
+    pub fn new(cd: Containerd, registries: Arc<Registries>) -> Self {
+        ImageApi { cd, registries }
     }
 }
 
@@ -53,8 +56,12 @@ impl ImageService for ImageApi {
         let (progress_tx, mut progress_rx) = mpsc::channel::<Progress>(PULL_PROGRESS_QUEUE);
         let (out_tx, out_rx) = mpsc::channel(PULL_PROGRESS_QUEUE);
         let cd = self.cd.clone();
+        // The caller's tenant's own registry credentials go here once tenants carry them.
+        let access = self.registries.access(None);
         // The pull runs on its own task: a client that disconnects does not leave it half-done.
-        let pull = tokio::spawn(async move { image::pull(&cd, &image, Some(progress_tx)).await });
+        let pull = tokio::spawn(async move {
+            image::pull(&access, &cd, &image, Some(progress_tx)).await
+        });
         tokio::spawn(async move {
             while let Some(p) = progress_rx.recv().await {
                 if out_tx.send(Ok(progress_msg(p))).await.is_err() {

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use oci_client::Reference;
+use oci_spec::distribution::Reference;
 
 use crate::error::{Error, Result};
 
