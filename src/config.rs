@@ -1151,15 +1151,13 @@ fn resolve_registries(
             .or_else(|| env(var))
             .or_else(|| file.clone().map(NumberOrString::into_string))
     };
-    let duration = |setting: &'static str, value: Option<String>, default: Duration| {
-        match value {
-            None => Ok(default),
-            Some(s) => match crate::util::parse_duration(&s) {
-                Ok(d) if !d.is_zero() => Ok(d),
-                Ok(_) => Err(bad(setting)(format!("{s:?} must be longer than zero"))),
-                Err(reason) => Err(bad(setting)(reason)),
-            },
-        }
+    let duration = |setting: &'static str, value: Option<String>, default: Duration| match value {
+        None => Ok(default),
+        Some(s) => match crate::util::parse_duration(&s) {
+            Ok(d) if !d.is_zero() => Ok(d),
+            Ok(_) => Err(bad(setting)(format!("{s:?} must be longer than zero"))),
+            Err(reason) => Err(bad(setting)(reason)),
+        },
     };
     let auth_file = args
         .registry_auth
@@ -1183,10 +1181,14 @@ fn resolve_registries(
     .iter()
     .map(|m| registry::parse_mirror(m).map_err(bad("registry_mirror")))
     .collect::<Result<Vec<_>, _>>()?;
-    let cas = list(&args.registry_ca, "SANDBOXD_REGISTRY_CAS", &file.registry_ca)
-        .iter()
-        .map(|c| registry::parse_host_file(c).map_err(bad("registry_ca")))
-        .collect::<Result<Vec<_>, _>>()?;
+    let cas = list(
+        &args.registry_ca,
+        "SANDBOXD_REGISTRY_CAS",
+        &file.registry_ca,
+    )
+    .iter()
+    .map(|c| registry::parse_host_file(c).map_err(bad("registry_ca")))
+    .collect::<Result<Vec<_>, _>>()?;
     let insecure = list(
         &args.insecure_registry,
         "SANDBOXD_INSECURE_REGISTRIES",
@@ -1237,7 +1239,11 @@ fn resolve_registries(
         None => registry::DEFAULT_MAX_LAYER_SIZE,
         Some(s) => match crate::util::parse_size(&s) {
             Ok(n) if n > 0 => n as u64,
-            Ok(_) => return Err(bad("registry_max_layer_size")(format!("{s:?} must be more than zero"))),
+            Ok(_) => {
+                return Err(bad("registry_max_layer_size")(format!(
+                    "{s:?} must be more than zero"
+                )))
+            }
             Err(reason) => return Err(bad("registry_max_layer_size")(reason)),
         },
     };

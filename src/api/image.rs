@@ -59,9 +59,8 @@ impl ImageService for ImageApi {
         // The caller's tenant's own registry credentials go here once tenants carry them.
         let access = self.registries.access(None);
         // The pull runs on its own task: a client that disconnects does not leave it half-done.
-        let pull = tokio::spawn(async move {
-            image::pull(&access, &cd, &image, Some(progress_tx)).await
-        });
+        let pull =
+            tokio::spawn(async move { image::pull(&access, &cd, &image, Some(progress_tx)).await });
         tokio::spawn(async move {
             while let Some(p) = progress_rx.recv().await {
                 if out_tx.send(Ok(progress_msg(p))).await.is_err() {

@@ -103,7 +103,10 @@ pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
 /// a containerd key, and only sha256 is verified.
 pub(super) fn check_digest(image: &ImageRef, digest: &str) -> Result<()> {
     let ok = digest.strip_prefix("sha256:").is_some_and(|hex| {
-        hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        hex.len() == 64
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     });
     if ok {
         Ok(())
@@ -546,6 +549,7 @@ async fn store_blob(
     data: Bytes,
     labels: HashMap<String, String>,
 ) -> Result<()> {
+    cd.hold_blob(digest, lease).await?;
     if cd.has_blob(digest).await? {
         return cd.label_blob(digest, &labels).await;
     }
@@ -669,6 +673,9 @@ async fn fetch_layer(
         diff_id.to_string(),
     )]
     .into();
+    // Held before it is looked at: a blob another pull wrote (and may see collected when
+    // that pull fails) stays while this one unpacks it.
+    cd.hold_blob(&digest, lease).await?;
     if cd.has_blob(&digest).await? {
         report(
             sink,
@@ -735,11 +742,7 @@ async fn fetch_layer(
 }
 
 /// `GET` of blob `digest` of image `image_name`: the answer whose body is the blob.
-async fn get_blob(
-    session: &Session,
-    image_name: &str,
-    digest: &str,
-) -> Result<reqwest::Response> {
+async fn get_blob(session: &Session, image_name: &str, digest: &str) -> Result<reqwest::Response> {
     let url = session.url(&format!("blobs/{digest}"));
     let response = session.send(&|c| c.get(url.clone())).await?;
     if response.status() == StatusCode::NOT_FOUND {
@@ -749,7 +752,9 @@ async fn get_blob(
         )));
     }
     if !response.status().is_success() {
-        return Err(session.unexpected(response, &format!("blob {digest}")).await);
+        return Err(session
+            .unexpected(response, &format!("blob {digest}"))
+            .await);
     }
     Ok(response)
 }

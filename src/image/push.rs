@@ -86,7 +86,9 @@ async fn blob_exists(session: &Session, digest: &str) -> Result<bool> {
     match response.status() {
         s if s.is_success() => Ok(true),
         StatusCode::NOT_FOUND => Ok(false),
-        _ => Err(session.unexpected(response, &format!("blob {digest}")).await),
+        _ => Err(session
+            .unexpected(response, &format!("blob {digest}"))
+            .await),
     }
 }
 

@@ -635,11 +635,8 @@ async fn pull_from(
     let fake = Arc::new(Fake::default());
     let (cd, image) = (fake.clone(), reference.clone());
     let access = super::Registries::anonymous().access(None);
-    let task = tokio::spawn(async move {
-        pull(&access, cd.as_ref(), &image, None)
-            .await
-            .map(|_| ())
-    });
+    let task =
+        tokio::spawn(async move { pull(&access, cd.as_ref(), &image, None).await.map(|_| ()) });
     let joined = tokio::time::timeout(PULL_TIMEOUT, task)
         .await
         .unwrap_or_else(|_| panic!("seed {seed:#x}: the pull did not end within {PULL_TIMEOUT:?}"));

@@ -68,8 +68,8 @@ impl AuthFile {
             #[serde(default)]
             identitytoken: Option<String>,
         }
-        let file: File = serde_json::from_slice(bytes)
-            .map_err(|e| format!("not a Docker config.json ({e})"))?;
+        let file: File =
+            serde_json::from_slice(bytes).map_err(|e| format!("not a Docker config.json ({e})"))?;
         let mut by_host = HashMap::new();
         for (key, entry) in file.auths {
             let host = host_of_key(&key)?;
@@ -168,7 +168,11 @@ fn parse_params(s: &str) -> HashMap<String, String> {
         let Some((key, after)) = rest.split_once('=') else {
             break;
         };
-        let key = key.trim().trim_start_matches(',').trim().to_ascii_lowercase();
+        let key = key
+            .trim()
+            .trim_start_matches(',')
+            .trim()
+            .to_ascii_lowercase();
         let after = after.trim_start();
         let (value, next) = if let Some(quoted) = after.strip_prefix('"') {
             // A quoted string: backslash escapes one character.
@@ -268,7 +272,11 @@ mod tests {
             br#"{"auths": {"r": {"auth": "bm9jb2xvbg=="}}}"#,
             br#"{"auths": {"a b": {"username": "u", "password": "p"}}}"#,
         ] {
-            assert!(AuthFile::parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                AuthFile::parse(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
         assert!(AuthFile::parse(b"{}").unwrap().is_empty());
     }
@@ -297,7 +305,13 @@ mod tests {
                 scope: None,
             })
         );
-        for bad in ["", "Negotiate", "Bearer service=\"x\"", "Bearer realm=\"", "Bearer realm=\"\""] {
+        for bad in [
+            "",
+            "Negotiate",
+            "Bearer service=\"x\"",
+            "Bearer realm=\"",
+            "Bearer realm=\"\"",
+        ] {
             assert_eq!(parse_challenge(bad), None, "{bad:?}");
         }
     }

@@ -22,7 +22,11 @@ const METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x025
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why sandboxd never sends a registry request to `ip`, if it does not.
-pub(super) fn refused_ip(ip: IpAddr, loopback_ok: bool, denied: &[Ipv4Net]) -> Option<&'static str> {
+pub(super) fn refused_ip(
+    ip: IpAddr,
+    loopback_ok: bool,
+    denied: &[Ipv4Net],
+) -> Option<&'static str> {
     match ip {
         IpAddr::V4(v4) => {
             if v4 == METADATA_V4 || v4 == Ipv4Addr::new(169, 254, 169, 254) {
@@ -81,7 +85,9 @@ pub(super) async fn check_realm(
         return Err(format!("{realm:?} carries credentials"));
     }
     let host = url_host(&url);
-    let name = host_part(&host).trim_start_matches('[').trim_end_matches(']');
+    let name = host_part(&host)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
     let addrs: Vec<IpAddr> = match name.parse::<IpAddr>() {
         Ok(ip) => vec![ip],
         Err(_) => {
@@ -104,7 +110,11 @@ pub(super) async fn check_realm(
 
 /// Refuses a redirect or upload location that names a refused address literally (names are
 /// covered by [`GuardedResolver`]).
-pub(super) fn check_literal(url: &Url, loopback_ok: bool, denied: &[Ipv4Net]) -> Result<(), String> {
+pub(super) fn check_literal(
+    url: &Url,
+    loopback_ok: bool,
+    denied: &[Ipv4Net],
+) -> Result<(), String> {
     let ip = match url.host() {
         Some(url::Host::Ipv4(v4)) => IpAddr::V4(v4),
         Some(url::Host::Ipv6(v6)) => IpAddr::V6(v6),
@@ -126,9 +136,8 @@ impl Resolve for GuardedResolver {
     fn resolve(&self, name: Name) -> Resolving {
         let host = name.as_str().to_owned();
         Box::pin(async move {
-            let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .collect();
+            let found: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             let kept: Vec<SocketAddr> = found
                 .iter()
                 .copied()
@@ -178,12 +187,16 @@ mod tests {
         let local = registry("http://127.0.0.1:5000");
         let remote = registry("https://registry.example.com");
         // The registry's own host over http, and https to a public address, are fine.
-        assert!(check_realm(&local, true, "http://127.0.0.1:5000/token", &[])
-            .await
-            .is_ok());
-        assert!(check_realm(&remote, false, "https://93.184.216.34/token", &[])
-            .await
-            .is_ok());
+        assert!(
+            check_realm(&local, true, "http://127.0.0.1:5000/token", &[])
+                .await
+                .is_ok()
+        );
+        assert!(
+            check_realm(&remote, false, "https://93.184.216.34/token", &[])
+                .await
+                .is_ok()
+        );
         for realm in [
             "http://169.254.169.254/latest/meta-data",
             "https://169.254.169.254/token",

@@ -15,11 +15,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 pub use auth::{AuthFile, Credential};
+pub(super) use session::{declared_length, BlobBody, Session};
 pub use settings::{
     is_loopback_host, normalize_host, parse_host_file, parse_mirror, Mirror, RegistrySettings,
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_LAYER_SIZE, DEFAULT_READ_TIMEOUT, DOCKER_HUB,
 };
-pub(super) use session::{declared_length, BlobBody, Session};
 
 use crate::error::{Error, Result};
 use crate::watched::{Reload, Watched};
@@ -168,12 +168,12 @@ impl Registries {
     /// PERMISSION_DENIED unless `host` is on the allow-list (or there is none).
     fn check_allowed(&self, host: &str, what: &str) -> Result<()> {
         match &self.settings.allow {
-            Some(allow) if !allow.iter().any(|h| h == host) => Err(Error::PermissionDenied(
-                format!(
+            Some(allow) if !allow.iter().any(|h| h == host) => {
+                Err(Error::PermissionDenied(format!(
                     "{what}: registry {host} is not in --registry-allow ({})",
                     allow.join(",")
-                ),
-            )),
+                )))
+            }
             _ => Ok(()),
         }
     }
@@ -181,7 +181,10 @@ impl Registries {
     /// The endpoint of registry `host` itself.
     fn host_endpoint(&self, host: &str) -> Endpoint {
         let loopback = is_loopback_host(host);
-        let plain = loopback || self.settings.insecure.iter().any(|h| h == host);
+        // Loopback speaks plain HTTP, as Docker and containerd assume, unless a CA is given
+        // for it: then it is a TLS registry like any other.
+        let plain = (loopback && !self.ca_clients.contains_key(host))
+            || self.settings.insecure.iter().any(|h| h == host);
         let api = if host == DOCKER_HUB {
             DOCKER_HUB_API
         } else {

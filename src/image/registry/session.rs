@@ -169,7 +169,10 @@ impl Session {
     /// checked like a redirect.
     pub fn location(&self, location: &str) -> Result<Url> {
         let url = self.endpoint.base.join(location).map_err(|e| {
-            Error::Registry(format!("{}: bad upload location {location:?}: {e}", self.what))
+            Error::Registry(format!(
+                "{}: bad upload location {location:?}: {e}",
+                self.what
+            ))
         })?;
         check_literal(&url, self.endpoint.loopback, &self.denied)
             .map_err(|why| Error::PermissionDenied(format!("{}: {why}", self.what)))?;
@@ -342,7 +345,12 @@ impl Session {
 
     /// Reads a whole body of at most `max` bytes: a longer declared length is refused before
     /// reading, a longer body when it goes past; memory grows only with what arrives.
-    pub async fn read_bounded(&self, mut response: Response, max: u64, what: &str) -> Result<Vec<u8>> {
+    pub async fn read_bounded(
+        &self,
+        mut response: Response,
+        max: u64,
+        what: &str,
+    ) -> Result<Vec<u8>> {
         let too_long = || {
             Error::Registry(format!(
                 "{}: {what} is longer than the {max} bytes sandboxd reads",
@@ -417,24 +425,26 @@ impl Session {
                 self.what
             ))
         })?;
-        *self
-            .authorization
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(value);
+        *self.authorization.lock().unwrap_or_else(|p| p.into_inner()) = Some(value);
         Ok(())
     }
 
     /// A bearer token from `realm` for this repository, traded for the session's credential
     /// (none: anonymous). Returns the `Authorization` value.
     async fn fetch_token(&self, realm: &str, service: Option<&str>) -> Result<String> {
-        let mut url = check_realm(&self.endpoint.base, self.endpoint.loopback, realm, &self.denied)
-            .await
-            .map_err(|why| {
-                Error::PermissionDenied(format!(
-                    "{}: registry {}'s token realm is refused: {why}",
-                    self.what, self.endpoint.host
-                ))
-            })?;
+        let mut url = check_realm(
+            &self.endpoint.base,
+            self.endpoint.loopback,
+            realm,
+            &self.denied,
+        )
+        .await
+        .map_err(|why| {
+            Error::PermissionDenied(format!(
+                "{}: registry {}'s token realm is refused: {why}",
+                self.what, self.endpoint.host
+            ))
+        })?;
         let scope = format!(
             "repository:{}:{}",
             self.repository,
@@ -580,14 +590,14 @@ impl BlobBody {
         let chunk = match next {
             Ok(Ok(Some(chunk))) => chunk,
             Ok(Ok(None)) => return self.verify().map(|()| None),
-            Ok(Err(e)) => {
+            Ok(Err(e)) if !e.is_timeout() => {
                 return Err(format!(
                     "{what}: blob {digest} from {}: {}",
                     self.host,
                     error_chain(&e)
                 ))
             }
-            Err(_) => {
+            Ok(Err(_)) | Err(_) => {
                 return Err(format!(
                     "{what}: blob {digest}: {} sent nothing for {:?} (--registry-read-timeout)",
                     self.host, self.read_timeout

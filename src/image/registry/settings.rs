@@ -78,7 +78,9 @@ pub fn normalize_host(input: &str) -> Result<String, String> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-.:[]_".contains(c));
     if !valid {
-        return Err(format!("{input:?} is not a registry host (HOST or HOST:PORT)"));
+        return Err(format!(
+            "{input:?} is not a registry host (HOST or HOST:PORT)"
+        ));
     }
     Ok(match host.as_str() {
         "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
@@ -120,7 +122,9 @@ pub fn parse_mirror(input: &str) -> Result<Mirror, String> {
     let host = normalize_host(host)?;
     let mut url = Url::parse(url.trim()).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(format!("{url} must be an http:// or https:// URL with a host"));
+        return Err(format!(
+            "{url} must be an http:// or https:// URL with a host"
+        ));
     }
     if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
         return Err(format!(
@@ -179,7 +183,12 @@ mod tests {
 
     #[test]
     fn loopback_hosts_are_told_apart() {
-        for h in ["localhost:5000", "127.0.0.1:5000", "127.1.2.3", "[::1]:5000"] {
+        for h in [
+            "localhost:5000",
+            "127.0.0.1:5000",
+            "127.1.2.3",
+            "[::1]:5000",
+        ] {
             assert!(is_loopback_host(h), "{h}");
         }
         for h in ["docker.io", "10.0.0.1:5000", "registry.example.com"] {
@@ -210,7 +219,10 @@ mod tests {
     fn cas_need_a_host_and_an_absolute_file() {
         assert_eq!(
             parse_host_file("Reg.example.com:443=/etc/ca.pem").unwrap(),
-            ("reg.example.com:443".to_string(), PathBuf::from("/etc/ca.pem"))
+            (
+                "reg.example.com:443".to_string(),
+                PathBuf::from("/etc/ca.pem")
+            )
         );
         for bad in ["reg=ca.pem", "reg", "=/ca.pem"] {
             assert!(parse_host_file(bad).is_err(), "{bad:?}");
