@@ -47,7 +47,7 @@ pub(super) fn build_client(
             .previous()
             .first()
             .and_then(|u| u.host_str())
-            .is_some_and(|h| super::is_loopback_host(h));
+            .is_some_and(super::is_loopback_host);
         match check_literal(attempt.url(), from_loopback, &denied) {
             Ok(()) => attempt.follow(),
             Err(why) => attempt.error(format!("redirect refused: {why}")),
