@@ -1810,4 +1810,124 @@ mod tests {
             assert!(err.to_string().starts_with(setting), "{var}={value}: {err}");
         }
     }
+
+    #[test]
+    fn registry_settings_come_from_flags_env_and_file_in_that_order() {
+        let cfg = Config::resolve(&ServeArgs::default(), &env_of(&[])).unwrap();
+        let r = &cfg.registries;
+        assert!(r.auth_file.is_none() && r.mirrors.is_empty() && r.allow.is_none());
+        assert_eq!(r.read_timeout, crate::image::registry::DEFAULT_READ_TIMEOUT);
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sandboxd.toml");
+        std::fs::write(
+            &file,
+            "registry_auth = \"/etc/sandboxd/auth.json\"\n\
+             registry_mirror = [\"docker.io=https://a.example.com\", \"docker.io=http://10.0.0.5:5000\"]\n\
+             registry_ca = \"reg.internal:5000=/etc/ca.pem\"\n\
+             insecure_registry = [\"10.0.0.5:5000\"]\n\
+             registry_allow = \"docker.io, Reg.Internal:5000\"\n\
+             registry_read_timeout = 5\n\
+             registry_max_layer_size = \"1Gi\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(file),
+            ..Default::default()
+        };
+        let cfg = Config::resolve(&args, &env_of(&[])).unwrap();
+        let r = &cfg.registries;
+        assert_eq!(
+            r.auth_file.as_deref(),
+            Some(Path::new("/etc/sandboxd/auth.json"))
+        );
+        let mirrors: Vec<(&str, &str)> = r
+            .mirrors
+            .iter()
+            .map(|m| (m.host.as_str(), m.url.as_str()))
+            .collect();
+        assert_eq!(
+            mirrors,
+            [
+                ("docker.io", "https://a.example.com/"),
+                ("docker.io", "http://10.0.0.5:5000/")
+            ]
+        );
+        assert_eq!(
+            r.cas,
+            [(
+                "reg.internal:5000".to_string(),
+                PathBuf::from("/etc/ca.pem")
+            )]
+        );
+        assert_eq!(r.insecure, ["10.0.0.5:5000"]);
+        assert_eq!(
+            r.allow.as_deref(),
+            Some(&["docker.io".to_string(), "reg.internal:5000".to_string()][..])
+        );
+        assert_eq!(r.read_timeout, Duration::from_secs(5));
+        assert_eq!(r.max_layer_size, 1 << 30);
+
+        // The variable (comma-separated) over the file, a repeated flag over both.
+        let env = env_of(&[("SANDBOXD_REGISTRY_MIRRORS", "ghcr.io=https://b.example.com")]);
+        let cfg = Config::resolve(&args, &env).unwrap();
+        assert_eq!(cfg.registries.mirrors.len(), 1);
+        assert_eq!(cfg.registries.mirrors[0].host, "ghcr.io");
+        let flags = ServeArgs {
+            registry: RegistryArgs {
+                registry_mirror: vec![
+                    "index.docker.io=https://c.example.com".into(),
+                    "quay.io=https://d.example.com".into(),
+                ],
+                ..Default::default()
+            },
+            ..args.clone()
+        };
+        let cfg = Config::resolve(&flags, &env).unwrap();
+        let hosts: Vec<&str> = cfg
+            .registries
+            .mirrors
+            .iter()
+            .map(|m| m.host.as_str())
+            .collect();
+        assert_eq!(hosts, ["docker.io", "quay.io"]);
+    }
+
+    #[test]
+    fn bad_registry_settings_name_the_setting() {
+        for (var, value, setting) in [
+            ("SANDBOXD_REGISTRY_AUTH", "relative.json", "registry_auth:"),
+            ("SANDBOXD_REGISTRY_MIRRORS", "docker.io", "registry_mirror:"),
+            (
+                "SANDBOXD_REGISTRY_MIRRORS",
+                "docker.io=ftp://x",
+                "registry_mirror:",
+            ),
+            ("SANDBOXD_REGISTRY_CAS", "reg=ca.pem", "registry_ca:"),
+            ("SANDBOXD_INSECURE_REGISTRIES", "a b", "insecure_registry:"),
+            (
+                "SANDBOXD_REGISTRY_ALLOW",
+                "docker.io,x/y",
+                "registry_allow:",
+            ),
+            (
+                "SANDBOXD_REGISTRY_READ_TIMEOUT",
+                "0s",
+                "registry_read_timeout:",
+            ),
+            (
+                "SANDBOXD_REGISTRY_CONNECT_TIMEOUT",
+                "soon",
+                "registry_connect_timeout:",
+            ),
+            (
+                "SANDBOXD_REGISTRY_MAX_LAYER_SIZE",
+                "0",
+                "registry_max_layer_size:",
+            ),
+        ] {
+            let err = Config::resolve(&ServeArgs::default(), &env_of(&[(var, value)])).unwrap_err();
+            assert!(err.to_string().starts_with(setting), "{var}={value}: {err}");
+        }
+    }
 }

@@ -71,6 +71,8 @@ pub(super) async fn check_realm(
     denied: &[Ipv4Net],
 ) -> Result<Url, String> {
     let url = Url::parse(realm).map_err(|e| format!("{realm:?} is not a URL ({e})"))?;
+    // An address named outright is judged first: the worst reason is the one reported.
+    check_literal(&url, registry_loopback, denied).map_err(|why| format!("the realm {why}"))?;
     let same_host = url.host_str() == registry.host_str();
     match url.scheme() {
         "https" => {}

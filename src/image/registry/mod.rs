@@ -10,6 +10,8 @@ mod auth;
 mod guard;
 mod session;
 mod settings;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::sync::Arc;
