@@ -263,3 +263,114 @@ async fn hosts_off_the_allow_list_are_refused_before_any_connection() {
     }
     assert!(access.pull_endpoints("docker.io", "test").await.is_ok());
 }
+
+/// ExportSnapshot's push through a bearer registry: the token is asked for `pull,push` before
+/// the first upload, and every request after carries it.
+#[tokio::test]
+async fn a_push_negotiates_a_pull_and_push_token_before_its_uploads() {
+    use crate::runtime::{fake::Fake, Store};
+    let layer = b"layer bytes".to_vec();
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#
+            .to_vec();
+    let digest = |b: &[u8]| {
+        format!(
+            "sha256:{}",
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b))
+        )
+    };
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": crate::image::MEDIA_OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest(&config), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest(&layer), "size": layer.len()}],
+    }))
+    .unwrap();
+    let fake = Fake::default();
+    let lease = fake.lease("test").await.unwrap();
+    for blob in [&layer, &config, &manifest] {
+        crate::image::content::write_bytes(
+            &fake,
+            &lease,
+            &digest(blob),
+            blob.clone().into(),
+            HashMap::new(),
+        )
+        .await
+        .unwrap();
+    }
+    let uploaded: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen_uploads = uploaded.clone();
+    let handler: Arc<Handler> = Arc::new(move |req: &Seen, own: &str| {
+        let auth = req
+            .headers
+            .get("authorization")
+            .cloned()
+            .unwrap_or_default();
+        if req.target.starts_with("/token") {
+            return if auth == basic("alice", "pw")
+                && req
+                    .target
+                    .contains("scope=repository%3Ateam%2Fapp%3Apull%2Cpush")
+            {
+                (200, vec![], r#"{"token":"push-token"}"#.into())
+            } else {
+                (
+                    401,
+                    vec![],
+                    r#"{"errors":[{"code":"DENIED","message":"no"}]}"#.into(),
+                )
+            };
+        }
+        if auth != "Bearer push-token" {
+            return unauthorized(format!(
+                "Bearer realm=\"http://{own}/token\",service=\"reg\""
+            ));
+        }
+        let path = req.target.split('?').next().unwrap_or_default();
+        match (req.method.as_str(), path) {
+            ("GET", "/v2/") => (200, vec![], "{}".into()),
+            ("HEAD", _) => (404, vec![], String::new()),
+            ("POST", "/v2/team/app/blobs/uploads/") => (
+                202,
+                vec![("Location".into(), "/v2/team/app/blobs/uploads/u1".into())],
+                String::new(),
+            ),
+            ("PUT", "/v2/team/app/blobs/uploads/u1") => {
+                seen_uploads.lock().unwrap().push(req.body.clone());
+                (201, vec![], String::new())
+            }
+            ("PUT", "/v2/team/app/manifests/v1") => (201, vec![], String::new()),
+            _ => (
+                400,
+                vec![],
+                format!("unexpected {} {}", req.method, req.target),
+            ),
+        }
+    });
+    let (host, log) = serve(handler).await;
+    let auth = tenant_file(
+        &host,
+        serde_json::json!({"username": "alice", "password": "pw"}),
+    );
+    let access = Registries::anonymous().access(Some(auth));
+    let target = crate::image::ImageRef::parse("image", &format!("{host}/team/app:v1")).unwrap();
+    let pushed = crate::image::push(&access, &fake, &digest(&manifest), &target)
+        .await
+        .unwrap();
+    assert_eq!(pushed, digest(&manifest));
+    let mut bodies = uploaded.lock().unwrap().clone();
+    bodies.sort();
+    // Sorted: the layer's bytes, then the config's JSON.
+    let expected = [
+        String::from_utf8(layer).unwrap(),
+        String::from_utf8(config).unwrap(),
+    ];
+    assert_eq!(bodies, expected);
+    let manifest_put = log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|s| s.method == "PUT" && s.target == "/v2/team/app/manifests/v1");
+    assert!(manifest_put);
+}
