@@ -252,15 +252,16 @@ pub async fn serve(
     // Registered before anything else: from here on SIGHUP reloads instead of killing us.
     let hangup = signal(SignalKind::hangup())
         .map_err(|e| anyhow::anyhow!("cannot listen for SIGHUP: {e}"))?;
+    // The auth file and CA files are read before anything starts: a bad one stops the start.
+    let registries = std::sync::Arc::new(
+        crate::image::Registries::new(config.registries.clone())
+            .map_err(|e| anyhow::anyhow!("invalid registry settings: {e}"))?,
+    );
     std::fs::create_dir_all(&config.data_dir).map_err(|e| {
         anyhow::anyhow!("cannot create data dir {}: {e}", config.data_dir.display())
     })?;
     let (address, supervisor) = supervisor::ensure(&config).await?;
     let cd = Containerd::new(&address, &config.namespace)?;
-    let registries = std::sync::Arc::new(
-        crate::image::Registries::new(config.registries.clone())
-            .map_err(|e| anyhow::anyhow!("invalid registry settings: {e}"))?,
-    );
     let manager = Manager::new(
         std::sync::Arc::new(cd.clone()),
         ManagerConfig {

@@ -461,3 +461,44 @@ async fn a_hostile_registry_ends_each_pull_with_a_clear_status_and_frees_the_san
     c.force_delete("hostile").await;
     env.leak_check().await;
 }
+
+#[test]
+fn bad_registry_settings_stop_the_start_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_json = dir.path().join("auth.json");
+    std::fs::write(&not_json, b"{\"auths\": {\"r\": {\"auth\": \"!!\"}}}").unwrap();
+    let not_pem = dir.path().join("ca.pem");
+    std::fs::write(&not_pem, b"not a certificate").unwrap();
+    let cases: [(&[&str], i32, &str); 4] = [
+        (&["--registry-mirror", "docker.io"], 2, "registry_mirror"),
+        (&["--registry-allow", "a b"], 2, "registry_allow"),
+        (
+            &["--registry-auth", not_json.to_str().unwrap()],
+            1,
+            "registry_auth",
+        ),
+        (
+            &[
+                "--registry-ca",
+                &format!("reg.example.com={}", not_pem.display()),
+            ],
+            1,
+            "registry_ca",
+        ),
+    ];
+    for (args, code, setting) in cases {
+        let out = std::process::Command::new(common::sandboxd::sandboxd_binary())
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--embedded-containerd", "never"])
+            .args(["--containerd-address", "/nonexistent/containerd.sock"])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+        assert!(stderr.contains(setting), "{args:?}: {stderr}");
+    }
+}
