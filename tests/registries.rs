@@ -66,6 +66,7 @@ async fn a_private_registry_pulls_and_exports_with_credentials_and_refuses_witho
     let private = Registry::start_with(RegistryOptions {
         user: Some((USER.into(), PASSWORD.into())),
         tls: None,
+        token: None,
     });
     private.push(&common::busybox_layout(), "team/busybox:1");
     let host = private.addr();
@@ -153,6 +154,7 @@ async fn a_registry_with_its_own_ca_is_trusted_for_its_host_only() {
     let registry = Registry::start_with(RegistryOptions {
         user: None,
         tls: Some((server.cert.clone(), server.key.clone())),
+        token: None,
     });
     registry.push(&common::busybox_layout(), "tls/busybox:1");
     let port = registry.addr().rsplit(':').next().unwrap().to_string();
@@ -501,4 +503,205 @@ fn bad_registry_settings_stop_the_start_naming_the_setting() {
         assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
         assert!(stderr.contains(setting), "{args:?}: {stderr}");
     }
+}
+
+// ---- a registry with bearer tokens, and the token service of a few lines it trusts ----
+
+/// A token service on loopback: for `user:password` (Basic) it signs an RS256 JWT granting the
+/// scopes asked for, with the certificate that signs it in `x5c`; anything else is 401.
+struct TokenService {
+    realm: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TokenService {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn openssl(args: &[&str]) -> Vec<u8> {
+    let out = std::process::Command::new(common::host::binary("openssl"))
+        .args(args)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+impl TokenService {
+    async fn start(dir: &Path, issuer: &str, service: &str, user: &str, password: &str) -> Self {
+        let (key, cert) = (dir.join("token.key"), dir.join("token.pem"));
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=token-issuer",
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            cert.to_str().unwrap(),
+        ]);
+        let der = openssl(&["x509", "-in", cert.to_str().unwrap(), "-outform", "DER"]);
+        let x5c = base64::engine::general_purpose::STANDARD.encode(der);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let realm = format!("http://{}/token", listener.local_addr().unwrap());
+        let basic = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+        );
+        let (issuer, service, user) = (issuer.to_string(), service.to_string(), user.to_string());
+        let task = tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                let target = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                let authorized = head
+                    .lines()
+                    .filter_map(|l| l.split_once(':'))
+                    .any(|(k, v)| k.eq_ignore_ascii_case("authorization") && v.trim() == basic);
+                let (status, body) = if authorized {
+                    let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
+                    let access: Vec<serde_json::Value> = url::form_urlencoded::parse(query.as_bytes())
+                        .filter(|(k, _)| k == "scope")
+                        .filter_map(|(_, scope)| {
+                            let mut parts = scope.splitn(3, ':');
+                            let (kind, name, actions) = (parts.next()?, parts.next()?, parts.next()?);
+                            Some(json!({"type": kind, "name": name, "actions": actions.split(',').collect::<Vec<_>>()}))
+                        })
+                        .collect();
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .as_secs();
+                    let b64 = |v: &serde_json::Value| {
+                        base64::engine::general_purpose::URL_SAFE_NO_PAD
+                            .encode(serde_json::to_vec(v).unwrap())
+                    };
+                    let header = json!({"typ": "JWT", "alg": "RS256", "x5c": [x5c]});
+                    let claims = json!({
+                        "iss": issuer, "sub": user, "aud": service, "exp": now + 600,
+                        "nbf": now - 60, "iat": now, "jti": format!("t{now}"), "access": access,
+                    });
+                    let input = format!("{}.{}", b64(&header), b64(&claims));
+                    let mut sign = std::process::Command::new(common::host::binary("openssl"))
+                        .args(["dgst", "-sha256", "-sign", key.to_str().unwrap()])
+                        .stdin(std::process::Stdio::piped())
+                        .stdout(std::process::Stdio::piped())
+                        .spawn()
+                        .unwrap();
+                    use std::io::Write as _;
+                    sign.stdin
+                        .take()
+                        .unwrap()
+                        .write_all(input.as_bytes())
+                        .unwrap();
+                    let signature = sign.wait_with_output().unwrap().stdout;
+                    let jwt = format!(
+                        "{input}.{}",
+                        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(signature)
+                    );
+                    (200, json!({"token": jwt, "expires_in": 600}).to_string())
+                } else {
+                    (
+                        401,
+                        r#"{"errors":[{"code":"UNAUTHORIZED","message":"bad or no credentials"}]}"#
+                            .to_string(),
+                    )
+                };
+                let out = format!(
+                    "HTTP/1.1 {status} Token\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(out.as_bytes()).await;
+            }
+        });
+        TokenService { realm, task }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bearer_token_registry_pulls_and_exports_with_credentials_and_refuses_without() {
+    let dir = tempfile::tempdir().unwrap();
+    let (issuer, service) = ("sandboxd-test-issuer", "sandboxd-test-registry");
+    let tokens = TokenService::start(dir.path(), issuer, service, USER, PASSWORD).await;
+    let registry = Registry::start_with(RegistryOptions {
+        user: Some((USER.into(), PASSWORD.into())),
+        tls: None,
+        token: Some(common::registry::TokenAuth {
+            realm: tokens.realm.clone(),
+            service: service.into(),
+            issuer: issuer.into(),
+            root_cert: dir.path().join("token.pem"),
+        }),
+    });
+    registry.push(&common::busybox_layout(), "team/busybox:1");
+    let host = registry.addr();
+    let image = format!("{host}/team/busybox:1");
+    let auth = dir.path().join("config.json");
+    write_auth(
+        &auth,
+        json!({ host.clone(): {"username": USER, "password": PASSWORD} }),
+    );
+    let env = TestEnv::with_args(&["--registry-auth", auth.to_str().unwrap()]).await;
+    let mut c = env.clients().await;
+
+    let mut request = c.request("bearer-1");
+    request.image = image.clone();
+    c.create(request).await;
+    assert_eq!(c.sh_ok("bearer-1", "echo bearer").await.trim(), "bearer");
+    let snap = c.commit("bearer-1").await;
+    let target = format!("{host}/team/exported:v1");
+    c.snap
+        .export_snapshot(pb::ExportSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            image: target.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    pull(&env, &target).await.unwrap();
+
+    // The token service refuses a wrong password, and no credentials at all.
+    for auths in [
+        json!({ host.clone(): {"username": USER, "password": "wrong"} }),
+        json!({}),
+    ] {
+        write_auth(&auth, auths.clone());
+        let err = pull(&env, &format!("{host}/team/busybox:2"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{auths}: {err}");
+        assert!(err.message().contains("bad or no credentials"), "{err}");
+        let err = c
+            .snap
+            .export_snapshot(pb::ExportSnapshotRequest {
+                snapshot_id: snap.snapshot_id.clone(),
+                image: format!("{host}/team/exported:v2"),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{auths}: {err}");
+    }
+
+    c.force_delete("bearer-1").await;
+    c.delete_snapshot(&snap.snapshot_id).await;
+    env.leak_check().await;
 }

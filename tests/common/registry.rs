@@ -30,10 +30,27 @@ pub struct Registry {
 /// How a [`Registry`] guards itself.
 #[derive(Debug, Clone, Default)]
 pub struct RegistryOptions {
-    /// One htpasswd user (bcrypt, as `htpasswd -B` makes it): Basic auth for every request.
+    /// The one user, whose credentials `push` sends: an htpasswd user (bcrypt, as `htpasswd
+    /// -B` makes it, Basic auth for every request), or with `token` the account the token
+    /// service knows.
     pub user: Option<(String, String)>,
     /// Serve TLS with this certificate and key (PEM) instead of plain HTTP.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Bearer tokens instead: issued at a realm, signed by a certificate the registry trusts.
+    pub token: Option<TokenAuth>,
+}
+
+/// The registry's `auth: token` settings: where clients get tokens, and whom it trusts.
+#[derive(Debug, Clone)]
+pub struct TokenAuth {
+    /// URL clients fetch tokens from.
+    pub realm: String,
+    /// The `service` (token audience).
+    pub service: String,
+    /// The `iss` tokens carry.
+    pub issuer: String,
+    /// PEM certificate(s) token signatures chain to.
+    pub root_cert: PathBuf,
 }
 
 impl Registry {
@@ -221,7 +238,7 @@ fn config_yaml(dir: &Path, addr: &str, options: &RegistryOptions) -> String {
             key.display()
         ));
     }
-    if let Some((user, password)) = &options.user {
+    if let (Some((user, password)), None) = (&options.user, &options.token) {
         let htpasswd = dir.join("htpasswd");
         let out = Command::new(host::binary("htpasswd"))
             .args(["-Bbn", user, password])
@@ -236,6 +253,16 @@ fn config_yaml(dir: &Path, addr: &str, options: &RegistryOptions) -> String {
         yaml.push_str(&format!(
             "auth:\n  htpasswd:\n    realm: sandboxd-test\n    path: {}\n",
             htpasswd.display()
+        ));
+    }
+    if let Some(token) = &options.token {
+        yaml.push_str(&format!(
+            "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    \
+             rootcertbundle: {}\n",
+            token.realm,
+            token.service,
+            token.issuer,
+            token.root_cert.display()
         ));
     }
     yaml.push_str("health:\n  storagedriver:\n    enabled: false\n");
