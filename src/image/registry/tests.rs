@@ -374,3 +374,35 @@ async fn a_push_negotiates_a_pull_and_push_token_before_its_uploads() {
         .any(|s| s.method == "PUT" && s.target == "/v2/team/app/manifests/v1");
     assert!(manifest_put);
 }
+
+/// A self-signed CA certificate (its key thrown away): only ever parsed here.
+const UNIT_CA_PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIBmDCCAT2gAwIBAgIUN4LO1qu+Xn7ggcNv6dKK6mdUMJowCgYIKoZIzj0EAwIw\nIDEeMBwGA1UEAwwVc2FuZGJveGQtdW5pdC10ZXN0LWNhMCAXDTI2MTIwODAzNDQw\nM1oYDzIxMjYxMTE0MDM0NDAzWjAgMR4wHAYDVQQDDBVzYW5kYm94ZC11bml0LXRl\nc3QtY2EwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAATRlfURMtOAIvmB+rMKfl/9\neeM++TCMaRzGi8aT2dgi9OLSYyAbyBsq/MWXa3YorESotn0+icub5Y0OrBelxOlg\no1MwUTAdBgNVHQ4EFgQULJVZ201yTh9/JdAOxshfYoXW1xMwHwYDVR0jBBgwFoAU\nLJVZ201yTh9/JdAOxshfYoXW1xMwDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQD\nAgNJADBGAiEA6rwpW7b2/Y6MnF33xKiwflH9+i1buPM3lJnxf5yBcBACIQDRPyt0\nBEtrolCtvurSQTuWEXDLqxXAbsFtjkzpzSdOtQ==\n-----END CERTIFICATE-----\n";
+
+#[tokio::test]
+async fn plain_http_is_for_insecure_hosts_and_loopback_without_a_ca_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, UNIT_CA_PEM).unwrap();
+    let settings = super::RegistrySettings {
+        insecure: vec!["10.0.0.5:5000".into()],
+        cas: vec![("127.0.0.1:5443".into(), ca)],
+        ..Default::default()
+    };
+    let access = Arc::new(Registries::new(settings).unwrap()).access(None);
+    let base = |host: &'static str| {
+        let access = access.clone();
+        async move {
+            let endpoints = access.pull_endpoints(host, "test").await.unwrap();
+            endpoints.last().unwrap().base.to_string()
+        }
+    };
+    assert_eq!(base("10.0.0.5:5000").await, "http://10.0.0.5:5000/");
+    assert_eq!(base("127.0.0.1:5000").await, "http://127.0.0.1:5000/");
+    assert_eq!(base("localhost:5000").await, "http://localhost:5000/");
+    assert_eq!(base("127.0.0.1:5443").await, "https://127.0.0.1:5443/");
+    assert_eq!(
+        base("registry.example.com").await,
+        "https://registry.example.com/"
+    );
+    assert_eq!(base("docker.io").await, "https://registry-1.docker.io/");
+}
