@@ -20,6 +20,9 @@ use super::{Actions, Endpoint, RegistrySettings};
 use crate::error::{Error, Result};
 use crate::net::policy::Ipv4Net;
 
+/// Bytes a blob's stream gathers before it yields them: each chunk is one round trip of
+/// containerd's content write, and the network hands over a few KiB at a time.
+const BLOB_CHUNK: usize = 1 << 20;
 /// Most redirects followed for one request.
 const MAX_REDIRECTS: usize = 10;
 /// Largest token answer read.
@@ -545,6 +548,8 @@ pub(crate) struct BlobBody {
     seen: u64,
     hasher: Sha256,
     cancel: watch::Receiver<bool>,
+    /// The body has ended; only the verification is left.
+    ended: bool,
 }
 
 impl BlobBody {
@@ -566,6 +571,7 @@ impl BlobBody {
             seen: 0,
             hasher: Sha256::new(),
             cancel,
+            ended: false,
         };
         Box::pin(futures::stream::unfold(Some(body), |state| async move {
             let mut body = state?;
@@ -577,8 +583,36 @@ impl BlobBody {
         }))
     }
 
-    /// The next chunk; None at a verified end.
+    /// The next chunk of about [`BLOB_CHUNK`] bytes; None at a verified end.
     async fn next_chunk(&mut self) -> std::result::Result<Option<Bytes>, String> {
+        if self.ended {
+            return self.verify().map(|()| None);
+        }
+        let mut gathered = bytes::BytesMut::new();
+        loop {
+            match self.read_some().await? {
+                Some(chunk) if gathered.is_empty() && chunk.len() >= BLOB_CHUNK => {
+                    return Ok(Some(chunk))
+                }
+                Some(chunk) => {
+                    gathered.extend_from_slice(&chunk);
+                    if gathered.len() >= BLOB_CHUNK {
+                        return Ok(Some(gathered.freeze()));
+                    }
+                }
+                None => {
+                    self.ended = true;
+                    if gathered.is_empty() {
+                        return self.verify().map(|()| None);
+                    }
+                    return Ok(Some(gathered.freeze()));
+                }
+            }
+        }
+    }
+
+    /// What the connection has next, counted and hashed; None at the body's end.
+    async fn read_some(&mut self) -> std::result::Result<Option<Bytes>, String> {
         let (what, digest) = (&self.what, &self.digest);
         let next = tokio::select! {
             biased;
@@ -589,7 +623,7 @@ impl BlobBody {
         };
         let chunk = match next {
             Ok(Ok(Some(chunk))) => chunk,
-            Ok(Ok(None)) => return self.verify().map(|()| None),
+            Ok(Ok(None)) => return Ok(None),
             Ok(Err(e)) if !e.is_timeout() => {
                 return Err(format!(
                     "{what}: blob {digest} from {}: {}",
