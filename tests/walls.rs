@@ -408,7 +408,54 @@ async fn default_limits_contain_a_fork_bomb_and_report_a_memory_bomb() {
     assert_eq!(exited.signal, libc::SIGKILL, "{exited:?}");
     // The sandbox lives on.
     assert_eq!(c.sh_ok("calm", "echo still").await, "still\n");
+    // Its cgroup has counted an OOM kill, yet a SIGKILL that StopSandbox sends is not one.
+    let stopped = c
+        .try_stop(pb::StopSandboxRequest {
+            sandbox_id: "calm".into(),
+            signal: libc::SIGKILL,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(stopped.exit_status, Some(137));
+    assert!(!stopped.oom_killed, "{stopped:?}");
     c.force_delete("calm").await;
+
+    // A PID 1 that blows its memory limit ends the sandbox, and the sandbox says why: first
+    // from the kept task's cgroup, then, once StopSandbox has removed the task, from what was
+    // recorded.
+    let mut hog = c.request("hog");
+    hog.command = vec![
+        "dd".into(),
+        "if=/dev/zero".into(),
+        "of=/dev/null".into(),
+        "bs=256M".into(),
+        "count=1".into(),
+    ];
+    c.create(hog).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exited = loop {
+        let s = c.get("hog").await;
+        if s.state() == pb::SandboxState::Stopped {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "PID 1 still runs: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(exited.exit_status, Some(137), "{exited:?}");
+    assert!(exited.oom_killed, "{exited:?}");
+    let stopped = c
+        .try_stop(pb::StopSandboxRequest {
+            sandbox_id: "hog".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(stopped.oom_killed, "{stopped:?}");
+    assert!(c.get("hog").await.oom_killed);
+    let listed = c.list().await;
+    assert!(listed.iter().any(|s| s.sandbox_id == "hog" && s.oom_killed));
+    c.force_delete("hog").await;
     env.leak_check().await;
 }
 

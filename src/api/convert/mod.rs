@@ -307,6 +307,7 @@ pub fn sandbox(s: sandbox::Sandbox) -> pb::Sandbox {
         state: state as i32,
         pid: s.pid,
         exit_status: s.exit_status,
+        oom_killed: s.oom_killed,
         labels: s.labels,
         resources: Some(pb::Resources {
             cpu_millis: s.resources.cpu_millis.unwrap_or(0),
