@@ -162,6 +162,8 @@ impl Manager {
             .prepare(&key, &image.top_chain_id, owner, Some(lease))
             .await?;
         undo.snapshot = Some(key.clone());
+        // The new sandbox will write to the disk this layer is on.
+        self.disk_room(Some(&mounts))?;
 
         let config = &image.run_config;
         let user_spec = spec

@@ -329,9 +329,13 @@ impl Manager {
         lease: &Lease,
     ) -> Result<()> {
         let owner = [(L_SNAPSHOT_OWNER.to_string(), id.to_string())].into();
-        self.cd
+        let mounts = self
+            .cd
             .prepare(new_key, parent_chain, owner, Some(lease))
             .await?;
+        // The restored sandbox writes to the disk this layer is on (the caller undoes the
+        // prepare).
+        self.disk_room(Some(&mounts))?;
         self.kill_and_delete_task(id.as_str(), Some(container))
             .await?;
         self.failpoint("restore.swap")?;

@@ -80,6 +80,9 @@ pub struct Manager {
     pub(super) exec_sync_budget: super::budget::ExecSyncBudget,
     /// The seccomp filter of every sandbox, built once from `cfg.walls`.
     pub(super) seccomp: Option<Arc<oci_spec::runtime::LinuxSeccomp>>,
+    /// The snapshotter's snapshots directory, once a writable layer has shown it (for the
+    /// free-space guard, see `disk`).
+    pub(super) snapshots_dir: std::sync::OnceLock<PathBuf>,
 }
 
 /// A sandbox's root filesystem as seen from the host, for file access. A running sandbox is
@@ -150,6 +153,7 @@ impl Manager {
             streams: Arc::default(),
             mounts: Mutex::default(),
             exec_sync_budget,
+            snapshots_dir: std::sync::OnceLock::new(),
         })
     }
 

@@ -3,6 +3,7 @@
 mod budget;
 mod commit;
 mod create;
+mod disk;
 mod exec;
 mod lifecycle;
 mod locks;
