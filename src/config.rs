@@ -1092,7 +1092,7 @@ fn parse_min_free(s: &str) -> Result<Option<MinFree>, String> {
     let s = s.trim();
     if let Some(p) = s.strip_suffix('%') {
         return match p.trim().parse::<f64>() {
-            Ok(p) if p == 0.0 => Ok(None),
+            Ok(0.0) => Ok(None),
             Ok(p) if p > 0.0 && p < 100.0 => Ok(Some(MinFree::Percent(p))),
             _ => Err(format!("{s:?} is not a percentage from 0% to below 100%")),
         };
