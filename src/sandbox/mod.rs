@@ -18,6 +18,7 @@ mod relay;
 mod retry;
 mod root;
 mod snapshot;
+pub mod stats;
 mod streams;
 #[cfg(test)]
 mod tests;
