@@ -35,8 +35,8 @@ pub struct MemoryStats {
     pub working_set_bytes: u64,
     /// The limit; `None` when there is none.
     pub limit_bytes: Option<u64>,
-    /// Times the sandbox reached its limit and the kernel had to reclaim or kill.
-    pub oom_events: u64,
+    /// Times the sandbox hit its limit (v1 `memory.failcnt`, v2 `memory.events` oom).
+    pub limit_hits: u64,
     /// Processes the OOM killer killed.
     pub oom_kills: u64,
 }
@@ -209,7 +209,7 @@ fn memory_v1(read: CgroupReader<'_>) -> MemoryStats {
         usage_bytes: usage,
         working_set_bytes: usage.saturating_sub(inactive),
         limit_bytes: limit(read(Controller::Memory, "memory.limit_in_bytes")),
-        oom_events: number(read(Controller::Memory, "memory.failcnt")).unwrap_or(0),
+        limit_hits: number(read(Controller::Memory, "memory.failcnt")).unwrap_or(0),
         oom_kills: oom.get("oom_kill").copied().unwrap_or(0),
     }
 }
@@ -225,7 +225,7 @@ fn memory_v2(read: CgroupReader<'_>) -> MemoryStats {
         usage_bytes: usage,
         working_set_bytes: usage.saturating_sub(inactive),
         limit_bytes: limit(read(Controller::Memory, "memory.max")),
-        oom_events: events.get("oom").copied().unwrap_or(0),
+        limit_hits: events.get("oom").copied().unwrap_or(0),
         oom_kills: events.get("oom_kill").copied().unwrap_or(0),
     }
 }
@@ -389,7 +389,7 @@ mod tests {
                 usage_bytes: 100 << 20,
                 working_set_bytes: 96 << 20,
                 limit_bytes: None,
-                oom_events: 3,
+                limit_hits: 3,
                 oom_kills: 2,
             }
         );
@@ -443,7 +443,7 @@ mod tests {
                 usage_bytes: 64 << 20,
                 working_set_bytes: 63 << 20,
                 limit_bytes: Some(128 << 20),
-                oom_events: 4,
+                limit_hits: 4,
                 oom_kills: 1,
             }
         );
@@ -497,6 +497,20 @@ mod tests {
     }
 
     #[test]
+    fn disk_usage_counts_blocks_and_each_inode_once() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        std::fs::write(dir.path().join("d/a"), vec![1u8; 64 << 10]).unwrap();
+        std::fs::hard_link(dir.path().join("d/a"), dir.path().join("b")).unwrap();
+        let used = disk_usage(dir.path());
+        assert!(
+            (64 << 10..(64 << 10) + (64 << 10)).contains(&used),
+            "{used}"
+        );
+        assert_eq!(disk_usage(&dir.path().join("missing")), 0);
+    }
+
+    #[test]
     fn the_layout_is_found_on_disk() {
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(root.path().join("memory/sbx/a")).unwrap();
@@ -524,5 +538,73 @@ mod tests {
             read(Controller::Memory, "memory.current").as_deref(),
             Some("5\n")
         );
+    }
+}
+
+/// Bytes the files below `dir` take on disk (allocated blocks, each inode once), as `du`
+/// and containerd's snapshot usage count them; entries that vanish meanwhile are skipped.
+pub fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0u64;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(entry.path());
+            }
+            if seen.insert((meta.dev(), meta.ino())) {
+                total += meta.blocks() * 512;
+            }
+        }
+    }
+    total
+}
+
+impl super::manager::Manager {
+    /// GetSandboxStats: one reading of running (or paused) sandbox `id`.
+    pub async fn stats(&self, id: &super::model::SandboxId) -> crate::error::Result<Stats> {
+        use crate::error::Error;
+        use crate::runtime::TaskState;
+        let container = self.existing(id).await?;
+        let (task, mounts) = tokio::join!(
+            self.task(id.as_str()),
+            self.cd.mounts(&container.snapshot_key)
+        );
+        let task = match task? {
+            Some(t) if matches!(t.state, TaskState::Running | TaskState::Paused) => t,
+            other => {
+                let state = other.map_or("STOPPED".to_owned(), |t| {
+                    format!("{:?}", t.state).to_uppercase()
+                });
+                return Err(Error::FailedPrecondition(format!(
+                    "sandbox {id} is not running ({state}): only a running or paused sandbox has a cgroup to read"
+                )));
+            }
+        };
+        let layer = super::disk::writable_dir(&mounts?);
+        let cgroup = self.sandbox_cgroup(id.as_str());
+        let pid = task.pid;
+        crate::sys::blocking(move || {
+            let read = reader_for(Path::new("/sys/fs/cgroup"), &cgroup);
+            let (cpu, memory, pids, io) = cgroup_stats(&read);
+            let network = std::fs::read_to_string(format!("/proc/{pid}/net/dev"))
+                .map(|t| net_dev(&t))
+                .unwrap_or_default();
+            Ok(Stats {
+                at: SystemTime::now(),
+                cpu,
+                memory,
+                pids,
+                io,
+                network,
+                writable_layer_bytes: layer.as_deref().map_or(0, disk_usage),
+            })
+        })
+        .await
     }
 }
