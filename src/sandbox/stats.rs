@@ -318,6 +318,74 @@ pub fn net_dev(text: &str) -> NetStats {
     n
 }
 
+/// Bytes the files below `dir` take on disk (allocated blocks, each inode once), as `du`
+/// and containerd's snapshot usage count them; entries that vanish meanwhile are skipped.
+pub fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0u64;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(entry.path());
+            }
+            if seen.insert((meta.dev(), meta.ino())) {
+                total += meta.blocks() * 512;
+            }
+        }
+    }
+    total
+}
+
+impl super::manager::Manager {
+    /// GetSandboxStats: one reading of running (or paused) sandbox `id`.
+    pub async fn stats(&self, id: &super::model::SandboxId) -> crate::error::Result<Stats> {
+        use crate::error::Error;
+        use crate::runtime::TaskState;
+        let container = self.existing(id).await?;
+        let (task, mounts) = tokio::join!(
+            self.task(id.as_str()),
+            self.cd.mounts(&container.snapshot_key)
+        );
+        let task = match task? {
+            Some(t) if matches!(t.state, TaskState::Running | TaskState::Paused) => t,
+            other => {
+                let state = other.map_or("STOPPED".to_owned(), |t| {
+                    format!("{:?}", t.state).to_uppercase()
+                });
+                return Err(Error::FailedPrecondition(format!(
+                    "sandbox {id} is not running ({state}): only a running or paused sandbox has a cgroup to read"
+                )));
+            }
+        };
+        let layer = super::disk::writable_dir(&mounts?);
+        let cgroup = self.sandbox_cgroup(id.as_str());
+        let pid = task.pid;
+        crate::sys::blocking(move || {
+            let read = reader_for(Path::new("/sys/fs/cgroup"), &cgroup);
+            let (cpu, memory, pids, io) = cgroup_stats(&read);
+            let network = std::fs::read_to_string(format!("/proc/{pid}/net/dev"))
+                .map(|t| net_dev(&t))
+                .unwrap_or_default();
+            Ok(Stats {
+                at: SystemTime::now(),
+                cpu,
+                memory,
+                pids,
+                io,
+                network,
+                writable_layer_bytes: layer.as_deref().map_or(0, disk_usage),
+            })
+        })
+        .await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -538,73 +606,5 @@ mod tests {
             read(Controller::Memory, "memory.current").as_deref(),
             Some("5\n")
         );
-    }
-}
-
-/// Bytes the files below `dir` take on disk (allocated blocks, each inode once), as `du`
-/// and containerd's snapshot usage count them; entries that vanish meanwhile are skipped.
-pub fn disk_usage(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let mut seen = std::collections::HashSet::new();
-    let mut total = 0u64;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let Ok(meta) = entry.metadata() else { continue };
-            if meta.is_dir() {
-                stack.push(entry.path());
-            }
-            if seen.insert((meta.dev(), meta.ino())) {
-                total += meta.blocks() * 512;
-            }
-        }
-    }
-    total
-}
-
-impl super::manager::Manager {
-    /// GetSandboxStats: one reading of running (or paused) sandbox `id`.
-    pub async fn stats(&self, id: &super::model::SandboxId) -> crate::error::Result<Stats> {
-        use crate::error::Error;
-        use crate::runtime::TaskState;
-        let container = self.existing(id).await?;
-        let (task, mounts) = tokio::join!(
-            self.task(id.as_str()),
-            self.cd.mounts(&container.snapshot_key)
-        );
-        let task = match task? {
-            Some(t) if matches!(t.state, TaskState::Running | TaskState::Paused) => t,
-            other => {
-                let state = other.map_or("STOPPED".to_owned(), |t| {
-                    format!("{:?}", t.state).to_uppercase()
-                });
-                return Err(Error::FailedPrecondition(format!(
-                    "sandbox {id} is not running ({state}): only a running or paused sandbox has a cgroup to read"
-                )));
-            }
-        };
-        let layer = super::disk::writable_dir(&mounts?);
-        let cgroup = self.sandbox_cgroup(id.as_str());
-        let pid = task.pid;
-        crate::sys::blocking(move || {
-            let read = reader_for(Path::new("/sys/fs/cgroup"), &cgroup);
-            let (cpu, memory, pids, io) = cgroup_stats(&read);
-            let network = std::fs::read_to_string(format!("/proc/{pid}/net/dev"))
-                .map(|t| net_dev(&t))
-                .unwrap_or_default();
-            Ok(Stats {
-                at: SystemTime::now(),
-                cpu,
-                memory,
-                pids,
-                io,
-                network,
-                writable_layer_bytes: layer.as_deref().map_or(0, disk_usage),
-            })
-        })
-        .await
     }
 }
