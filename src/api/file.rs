@@ -171,6 +171,7 @@ impl FileService for FileApi {
         let mut inbound = req.into_inner();
         let first = stream::next_message(&mut inbound, self.idle).await?;
         let (id, spec) = convert::write_file_first(first)?;
+        self.manager.disk_room_for(&id).await?;
         let mut stream = self.manager.file_stream(&id);
         let root = self.open_stream_root(&id, &mut stream).await?;
         // Should this call be dropped from here on, dropping the writer removes its temporary

@@ -113,6 +113,62 @@ impl SandboxService for SandboxApi {
         Ok(Response::new(pb::DeleteSandboxResponse {}))
     }
 
+    async fn get_sandbox_stats(
+        &self,
+        req: Request<pb::GetSandboxStatsRequest>,
+    ) -> Result<Response<pb::GetSandboxStatsResponse>, Status> {
+        let id = SandboxId::parse("sandbox_id", &req.into_inner().sandbox_id)?;
+        let stats = self.manager.stats(&id).await?;
+        Ok(Response::new(pb::GetSandboxStatsResponse {
+            stats: Some(convert::stats(stats)),
+        }))
+    }
+
+    type WatchSandboxStatsStream =
+        Pin<Box<dyn Stream<Item = Result<pb::WatchSandboxStatsResponse, Status>> + Send>>;
+
+    async fn watch_sandbox_stats(
+        &self,
+        req: Request<pb::WatchSandboxStatsRequest>,
+    ) -> Result<Response<Self::WatchSandboxStatsStream>, Status> {
+        let (id, interval) = convert::watch_stats_spec(req.into_inner())?;
+        // The first reading answers the call, so a bad id fails it at once.
+        let first = self.manager.stats(&id).await?;
+        let manager = self.manager.clone();
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.reset();
+        // A reading is taken when the client can take it (the stream is pulled), so nothing
+        // queues up for a slow client.
+        let later = futures::stream::unfold(
+            (manager, id, ticks, false),
+            |(manager, id, mut ticks, done)| async move {
+                if done {
+                    return None;
+                }
+                ticks.tick().await;
+                match manager.stats(&id).await {
+                    Ok(s) => Some((
+                        Ok(pb::WatchSandboxStatsResponse {
+                            stats: Some(convert::stats(s)),
+                        }),
+                        (manager, id, ticks, false),
+                    )),
+                    // The sandbox stopped: the watch is over.
+                    Err(crate::error::Error::FailedPrecondition(_)) => None,
+                    Err(e) => Some((Err(Status::from(e)), (manager, id, ticks, true))),
+                }
+            },
+        );
+        let first = pb::WatchSandboxStatsResponse {
+            stats: Some(convert::stats(first)),
+        };
+        Ok(Response::new(Box::pin(futures::StreamExt::chain(
+            futures::stream::iter([Ok(first)]),
+            later,
+        ))))
+    }
+
     type ExecStream = Pin<Box<dyn Stream<Item = Result<pb::ExecResponse, Status>> + Send>>;
 
     async fn exec(

@@ -64,7 +64,7 @@ impl Manager {
             if retry::CREATE.replays(&c.labels, key, now)? {
                 tracing::info!(sandbox_id = %c.id, request_id = key.id(), "a retried create returns the first call's sandbox");
                 let task = self.task(&c.id).await?;
-                return Ok(Some(sandbox_of(&c, task.as_ref())));
+                return Ok(Some(self.describe(&c, task.as_ref())));
             }
         }
         Ok(None)
@@ -127,7 +127,7 @@ impl Manager {
                         Error::not_found(crate::error::Kind::Sandbox, spec.id.as_str())
                     })?;
                     let task = self.task(spec.id.as_str()).await?;
-                    return Ok(sandbox_of(&container, task.as_ref()));
+                    return Ok(self.describe(&container, task.as_ref()));
                 }
                 self.get(&spec.id).await
             }
@@ -164,6 +164,8 @@ impl Manager {
             .prepare(&key, &image.top_chain_id, owner, Some(lease))
             .await?;
         undo.snapshot = Some(key.clone());
+        // The new sandbox will write to the disk this layer is on.
+        self.disk_room(Some(&mounts))?;
 
         let config = &image.run_config;
         let user_spec = spec

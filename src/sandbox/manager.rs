@@ -83,6 +83,9 @@ pub struct Manager {
     pub(super) exec_sync_budget: super::budget::ExecSyncBudget,
     /// The seccomp filter of every sandbox, built once from `cfg.walls`.
     pub(super) seccomp: Option<Arc<oci_spec::runtime::LinuxSeccomp>>,
+    /// The snapshotter's snapshots directory, once a writable layer has shown it (for the
+    /// free-space guard, see `disk`).
+    pub(super) snapshots_dir: std::sync::OnceLock<PathBuf>,
 }
 
 /// A sandbox's root filesystem as seen from the host, for file access. A running sandbox is
@@ -153,6 +156,7 @@ impl Manager {
             streams: Arc::default(),
             mounts: Mutex::default(),
             exec_sync_budget,
+            snapshots_dir: std::sync::OnceLock::new(),
         })
     }
 
@@ -223,7 +227,39 @@ impl Manager {
     pub async fn get(&self, id: &SandboxId) -> Result<Sandbox> {
         let container = self.existing(id).await?;
         let task = self.task(id.as_str()).await?;
-        Ok(record::sandbox_of(&container, task.as_ref()))
+        Ok(self.describe(&container, task.as_ref()))
+    }
+
+    /// The sandbox that container `c` and its task stand for, with `oom_killed` read from the
+    /// sandbox's cgroup while an exited PID 1's task (and so its cgroup) is still kept.
+    pub(super) fn describe(&self, c: &Container, task: Option<&Task>) -> Sandbox {
+        let mut sandbox = record::sandbox_of(c, task);
+        if let Some(t) = task {
+            sandbox.oom_killed =
+                t.state == TaskState::Stopped && self.pid1_oom_killed(&sandbox.id, t.exit_status);
+        }
+        sandbox
+    }
+
+    /// Whether PID 1, which exited with `status`, was the OOM killer's: it died of SIGKILL,
+    /// which only the kernel or sandboxd can send to a namespace's init, while the sandbox's
+    /// cgroup counts an OOM kill. Callers ask only when sandboxd did not kill it itself.
+    pub(super) fn pid1_oom_killed(&self, id: &SandboxId, status: u32) -> bool {
+        status == 128 + libc::SIGKILL as u32 && self.oom_kills(id) > 0
+    }
+
+    /// The sandbox's count of OOM kills so far (0 when the cgroup does not say).
+    pub(super) fn oom_kills(&self, id: &SandboxId) -> u64 {
+        let cgroup = self.sandbox_cgroup(id.as_str());
+        let v1 = format!("/sys/fs/cgroup/memory{cgroup}/memory.oom_control");
+        let v2 = format!("/sys/fs/cgroup{cgroup}/memory.events");
+        let text = std::fs::read_to_string(v1)
+            .or_else(|_| std::fs::read_to_string(v2))
+            .unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
     }
 
     /// Every sandbox's container but unclaimed warm-pool ones, ordered by id.
@@ -259,7 +295,7 @@ impl Manager {
         let tasks = self.cd.tasks().await?;
         let sandboxes = containers
             .iter()
-            .map(|c| record::sandbox_of(c, tasks.get(&c.id)))
+            .map(|c| self.describe(c, tasks.get(&c.id)))
             .collect();
         Ok((sandboxes, next))
     }

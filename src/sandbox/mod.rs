@@ -3,6 +3,7 @@
 mod budget;
 mod commit;
 mod create;
+mod disk;
 mod exec;
 mod lifecycle;
 mod locks;
@@ -17,6 +18,7 @@ mod relay;
 mod retry;
 mod root;
 mod snapshot;
+pub mod stats;
 mod streams;
 #[cfg(test)]
 mod tests;

@@ -300,18 +300,4 @@ impl Manager {
                 .any(|target| wanted.iter().any(|w| target.as_os_str() == w.as_str()))
         })
     }
-
-    /// The sandbox's count of OOM kills so far (0 when the cgroup does not say).
-    pub(super) fn oom_kills(&self, id: &SandboxId) -> u64 {
-        let cgroup = self.sandbox_cgroup(id.as_str());
-        let v1 = format!("/sys/fs/cgroup/memory{cgroup}/memory.oom_control");
-        let v2 = format!("/sys/fs/cgroup{cgroup}/memory.events");
-        let text = std::fs::read_to_string(v1)
-            .or_else(|_| std::fs::read_to_string(v2))
-            .unwrap_or_default();
-        text.lines()
-            .find_map(|l| l.strip_prefix("oom_kill "))
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap_or(0)
-    }
 }
