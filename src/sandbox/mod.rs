@@ -11,6 +11,7 @@ mod model;
 mod network;
 mod observe;
 mod pool;
+mod quota;
 mod record;
 mod recovery;
 mod relay;
@@ -18,6 +19,7 @@ mod retry;
 mod root;
 mod snapshot;
 mod streams;
+mod tenancy;
 #[cfg(test)]
 mod tests;
 
@@ -30,8 +32,10 @@ pub use manager::{Manager, ManagerConfig, SandboxRoot, SharedMount};
 pub use model::*;
 pub use observe::{Observer, Unobserved};
 pub use pool::parse_pool;
+pub use quota::Usage;
 pub use record::{L_MANAGED, L_SNAPSHOT_OWNER};
 pub use relay::{helper_main as relay_helper_main, RELAY_ARG};
 pub use retry::{RequestKey, REQUEST_ID_TTL};
 pub use snapshot::{parse_snapshot_id, Snapshot, SNAPSHOT_IMAGE_PREFIX};
 pub use streams::FileStream;
+pub use tenancy::{Scope, Tenancy, NS_INSTANCE, NS_TENANT};

@@ -24,7 +24,7 @@ impl Manager {
         let resolv = self.net.resolv_conf();
         let attached = self
             .net
-            .attach(id.as_str(), net.policy, &resolv.nameservers)
+            .attach(&self.host_key(id.as_str()), net.policy, &resolv.nameservers)
             .await?;
         let recorded = async {
             write_etc_files(
@@ -52,7 +52,11 @@ impl Manager {
         if let Err(e) = recorded {
             let cleanup = self
                 .net
-                .detach(id.as_str(), Some(&attached.result), &net.policy.ports)
+                .detach(
+                    &self.host_key(id.as_str()),
+                    Some(&attached.result),
+                    &net.policy.ports,
+                )
                 .await;
             return Err(e.with_cleanup(cleanup));
         }
@@ -98,7 +102,8 @@ impl Manager {
         id: &str,
         container: Option<&Container>,
     ) -> Result<()> {
-        if !self.net.is_attached(id) {
+        let key = self.host_key(id);
+        if !self.net.is_attached(&key) {
             return Ok(());
         }
         let cached: Option<serde_json::Value> = container
@@ -108,7 +113,7 @@ impl Manager {
             .and_then(net_policy)
             .map(|p| p.ports)
             .unwrap_or_default();
-        self.net.detach(id, cached.as_ref(), &ports).await?;
+        self.net.detach(&key, cached.as_ref(), &ports).await?;
         match self
             .update_labels(
                 id,
@@ -130,24 +135,23 @@ impl Manager {
     /// events ([`Manager::watch_exits`]) do this at once; this sweep catches what they miss
     /// (sandboxd down at the time, a dropped subscription, an interrupted create).
     pub async fn reconcile_networks(&self) -> Result<()> {
-        let attached = self.net.attached_ids();
+        // Only this tenant's: the others' are their managers' to settle.
+        let attached: Vec<SandboxId> = self
+            .net
+            .attached_ids()
+            .iter()
+            .filter_map(|key| self.scope.id_of_key(key))
+            .collect();
         if attached.is_empty() {
             return Ok(());
         }
         let live = self.live_task_ids().await?;
         // Each sandbox on its own: one that fails does not keep the others' networks up.
         let mut failed = None;
-        for id in attached.iter().filter(|id| !live.contains(*id)) {
-            match SandboxId::parse("sandbox_id", id) {
-                Ok(id) => {
-                    if let Err(e) = self.settle_network(&id).await {
-                        tracing::warn!(sandbox_id = %id, error = %e, "tearing down a network failed; the sweep retries");
-                        failed.get_or_insert(e);
-                    }
-                }
-                Err(_) => {
-                    tracing::warn!(netns = %id, "a network namespace with a malformed sandbox id; left alone")
-                }
+        for id in attached.iter().filter(|id| !live.contains(id.as_str())) {
+            if let Err(e) = self.settle_network(id).await {
+                tracing::warn!(sandbox_id = %id, error = %e, "tearing down a network failed; the sweep retries");
+                failed.get_or_insert(e);
             }
         }
         failed.map_or(Ok(()), Err)
@@ -169,7 +173,7 @@ impl Manager {
     /// start in progress is never disturbed).
     pub(super) async fn settle_network(&self, id: &SandboxId) -> Result<()> {
         let _guard = self.locks.lock(id.as_str()).await?;
-        if !self.net.is_attached(id.as_str()) {
+        if !self.net.is_attached(&self.host_key(id.as_str())) {
             return Ok(());
         }
         if self
