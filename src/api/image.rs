@@ -74,7 +74,8 @@ impl ImageService for ImageApi {
         let (out_tx, out_rx) = mpsc::channel(PULL_PROGRESS_QUEUE);
         let cd = this.cd.clone();
         // The pull runs on its own task: a client that disconnects does not leave it half-done.
-        let pull = tokio::spawn(async move { image::pull(cd.as_ref(), &image, Some(progress_tx)).await });
+        let pull =
+            tokio::spawn(async move { image::pull(cd.as_ref(), &image, Some(progress_tx)).await });
         tokio::spawn(async move {
             while let Some(p) = progress_rx.recv().await {
                 if out_tx.send(Ok(progress_msg(p))).await.is_err() {

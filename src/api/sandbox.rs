@@ -15,10 +15,10 @@ use super::stream;
 use crate::pb;
 use crate::pb::sandbox_service_server::SandboxService;
 use crate::sandbox::Tenancy;
-use crate::tenants::Quotas;
 use crate::sandbox::{
     ExecInput, LabelSelector, Manager, Page, SandboxId, EXEC_INPUT_QUEUE, EXEC_OUTPUT_QUEUE,
 };
+use crate::tenants::Quotas;
 
 /// The SandboxService implementation.
 #[derive(Debug, Clone)]

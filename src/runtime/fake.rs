@@ -670,7 +670,7 @@ impl Namespaces for Fake {
             .filter(|(_, l)| l.get(key).is_some_and(|v| v == value))
             .map(|(n, l)| (n.clone(), l.clone()))
             .collect();
-        found.sort();
+        found.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(found)
     }
 }

@@ -15,10 +15,10 @@ use super::network::{write_etc_files, NetCtx};
 use super::record::*;
 use super::retry::{self, RequestKey};
 use crate::error::{Error, Result};
-use crate::tenants::Quotas;
 use crate::image;
 use crate::runtime::spec::{self, SandboxSpec, IDLE_INIT_PATH};
 use crate::runtime::{Container, Lease, NewContainer};
+use crate::tenants::Quotas;
 use crate::{files, sys};
 
 /// Default PATH for images that set none.
@@ -51,7 +51,7 @@ impl Manager {
                     }
                 }
                 // Held until the sandbox is made or undone; a retry above adds nothing.
-                let applied = this.applied_limits(spec.resources.clone());
+                let applied = this.applied_limits(spec.resources);
                 let _reserved = this.reserve(&spec.id, &applied, &quotas).await?;
                 if let Some(sandbox) = this.claim_pooled(&spec).await? {
                     return Ok(sandbox);

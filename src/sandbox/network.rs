@@ -69,8 +69,9 @@ impl Manager {
         id: &SandboxId,
         ports: &[crate::net::cni::PortMapping],
     ) -> Result<()> {
-        for c in self.managed_containers().await? {
-            if c.id == id.as_str() || !c.labels.contains_key(L_NET_IP) {
+        // Host ports are the node's: every tenant's sandboxes are looked at.
+        for (own, c) in self.every_tenants_containers().await? {
+            if own && c.id == id.as_str() || !c.labels.contains_key(L_NET_IP) {
                 continue;
             }
             let Some(other) = net_policy(&c) else {
@@ -83,16 +84,57 @@ impl Manager {
                         && (q.host_ip.is_none() || p.host_ip.is_none() || q.host_ip == p.host_ip)
                 });
                 if clash.is_some() {
+                    // Another tenant's sandbox is not named: its existence is not ours to tell.
+                    let to = if own {
+                        format!("sandbox {}", c.id)
+                    } else {
+                        "another sandbox".to_string()
+                    };
                     return Err(Error::FailedPrecondition(format!(
-                        "host port {}/{} is already forwarded to sandbox {}",
+                        "host port {}/{} is already forwarded to {to}",
                         p.host_port,
                         crate::net::policy::protocol_name(p.protocol),
-                        c.id
                     )));
                 }
             }
         }
         Ok(())
+    }
+
+    /// The sandboxes of every tenant on the node (this one's flagged `true`): for what is
+    /// the node's rather than a tenant's, like host ports.
+    async fn every_tenants_containers(&self) -> Result<Vec<(bool, Container)>> {
+        let mut all: Vec<(bool, Container)> = self
+            .managed_containers()
+            .await?
+            .into_iter()
+            .map(|c| (true, c))
+            .collect();
+        let base = self.scope.base();
+        let mut namespaces: Vec<String> = self
+            .cd
+            .namespaces_labelled(super::tenancy::NS_INSTANCE, base)
+            .await?
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        namespaces.push(base.to_string());
+        namespaces.sort();
+        namespaces.dedup();
+        for ns in namespaces.iter().filter(|ns| *ns != self.cd.namespace()) {
+            let others = self
+                .cd
+                .in_namespace(ns)
+                .containers_labelled(L_MANAGED, "true")
+                .await?;
+            all.extend(
+                others
+                    .into_iter()
+                    .filter(|c| !c.labels.contains_key(L_POOL))
+                    .map(|c| (false, c)),
+            );
+        }
+        Ok(all)
     }
 
     /// Tears down sandbox `id`'s network if it has one (see [`Network::detach`]) and forgets

@@ -10,6 +10,12 @@
 //! up in the background. Everything lives in containerd, so a restarted sandboxd adopts the
 //! pooled sandboxes still running and deletes the rest (and those of images no longer
 //! configured).
+//!
+//! The pool is the default tenant's alone. A pooled sandbox lives in the default tenant's
+//! containerd namespace, and containerd cannot move a container between namespaces; pools
+//! per tenant would keep warm sandboxes for callers that may never come. So another tenant's
+//! manager has an empty pool and its creates take the ordinary path: a claim can never hand one
+//! tenant a sandbox that another tenant's namespace held.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};

@@ -77,7 +77,13 @@ pub fn check(
     }
     let add = Usage::of(adding);
     let limits = [
-        ("max_sandboxes", quotas.max_sandboxes, used.sandboxes, add.sandboxes, ""),
+        (
+            "max_sandboxes",
+            quotas.max_sandboxes,
+            used.sandboxes,
+            add.sandboxes,
+            "",
+        ),
         (
             "max_memory_bytes",
             quotas.max_memory_bytes,

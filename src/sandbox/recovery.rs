@@ -73,7 +73,8 @@ impl Manager {
                     };
                     let Some(Ok(exit)) = exit else { break };
                     // Only PID 1's exit ends the sandbox.
-                    if !exit.is_init() || !self.net.is_attached(&self.host_key(&exit.container_id)) {
+                    if !exit.is_init() || !self.net.is_attached(&self.host_key(&exit.container_id))
+                    {
                         continue;
                     }
                     let Ok(id) = SandboxId::parse("sandbox_id", &exit.container_id) else {

@@ -42,6 +42,8 @@ const MAX_NAMESPACE: usize = 76;
 pub struct Scope {
     tenant: Tenant,
     namespace: String,
+    /// The configured namespace: the default tenant's, and the mark on every tenant's.
+    base: String,
     /// Prefix of every host key; empty for the default tenant.
     key_prefix: String,
 }
@@ -52,6 +54,7 @@ impl Scope {
         Scope {
             tenant: Tenant::default_tenant(),
             namespace: namespace.to_string(),
+            base: namespace.to_string(),
             key_prefix: String::new(),
         }
     }
@@ -73,6 +76,7 @@ impl Scope {
         Scope {
             tenant: tenant.clone(),
             namespace,
+            base: base.to_string(),
             key_prefix: format!("T{}.", &hash[..12]),
         }
     }
@@ -85,6 +89,11 @@ impl Scope {
     /// The containerd namespace holding the tenant's objects.
     pub fn namespace(&self) -> &str {
         &self.namespace
+    }
+
+    /// The configured namespace (the default tenant's), whose name marks every tenant's.
+    pub fn base(&self) -> &str {
+        &self.base
     }
 
     /// Whether this is the default tenant's scope.
@@ -296,7 +305,10 @@ mod tests {
         let long = "a".repeat(63);
         let s = Scope::of(&tenant(&long), "sandboxd");
         assert!(s.namespace().len() <= MAX_NAMESPACE, "{}", s.namespace());
-        assert_ne!(s.namespace(), Scope::of(&tenant(&"b".repeat(63)), "sandboxd").namespace());
+        assert_ne!(
+            s.namespace(),
+            Scope::of(&tenant(&"b".repeat(63)), "sandboxd").namespace()
+        );
         let base = "n".repeat(60);
         let s = Scope::of(&tenant(&long), &base);
         assert!(s.namespace().len() <= MAX_NAMESPACE, "{}", s.namespace());

@@ -53,9 +53,7 @@ impl Namespaces for Containerd {
                     Err(s) => return Err(cd_error("namespaces.create", s)),
                 }
             }
-            Some(ns) if labels.iter().all(|(k, v)| ns.labels.get(k) == Some(v)) => {
-                return Ok(())
-            }
+            Some(ns) if labels.iter().all(|(k, v)| ns.labels.get(k) == Some(v)) => return Ok(()),
             Some(_) => {}
         }
         let paths = labels.keys().map(|k| format!("labels.{k}")).collect();
