@@ -734,3 +734,84 @@ impl Tenant {
         }
     }
 }
+
+#[test]
+fn bridge_sandboxes_of_one_id_in_two_tenants_get_networks_of_their_own() {
+    common::netns::run_in_netns(
+        "bridge_sandboxes_of_one_id_in_two_tenants_get_networks_of_their_own",
+        || async {
+            let dir = tempfile::tempdir().unwrap();
+            let file = tenants_file(dir.path(), 100);
+            let n = common::bridge::NetEnv::start(&["--tenants", file.to_str().unwrap()]).await;
+            let mut alice = Tenant::new(&n.env, ALICE);
+            let mut bob = Tenant::new(&n.env, BOB);
+            let forwarded = |t: &Tenant, id: &str, host_port: u32| pb::CreateSandboxRequest {
+                network: Some(pb::NetworkSpec {
+                    ports: vec![pb::PortMapping {
+                        host_port,
+                        container_port: 8080,
+                        protocol: pb::Protocol::Tcp as i32,
+                        ..Default::default()
+                    }],
+                    ..common::bridge::bridge()
+                }),
+                ..t.request(id)
+            };
+            let a = alice
+                .try_create(forwarded(&alice, "net-1", 18090))
+                .await
+                .unwrap();
+            // bob's sandbox of the same id cannot take alice's host port, and is not told
+            // whose it is.
+            let clash = bob
+                .try_create(forwarded(&bob, "net-1", 18090))
+                .await
+                .unwrap_err();
+            assert_eq!(clash.code(), Code::FailedPrecondition, "{clash:?}");
+            assert!(
+                clash.message().contains("another sandbox") && !clash.message().contains("net-1"),
+                "{clash:?}"
+            );
+            let b = bob
+                .try_create(forwarded(&bob, "net-1", 18091))
+                .await
+                .unwrap();
+            let (a_ip, b_ip) = (
+                a.network.unwrap().ip_address,
+                b.network.unwrap().ip_address,
+            );
+            assert_ne!(a_ip, b_ip);
+            assert!(alice
+                .sh("net-1", "ip -4 -o addr show dev eth0")
+                .await
+                .unwrap()
+                .contains(&format!("{a_ip}/")));
+            assert!(bob
+                .sh("net-1", "ip -4 -o addr show dev eth0")
+                .await
+                .unwrap()
+                .contains(&format!("{b_ip}/")));
+            let mut files = n.netns_files();
+            files.sort();
+            assert_eq!(files.len(), 2, "{files:?}");
+            assert!(files.iter().all(|f| f.ends_with(".net-1")), "{files:?}");
+            assert_eq!(n.leased_ips().len(), 2);
+
+            // bob's delete takes only his network; a restart's recovery keeps alice's.
+            bob.delete("net-1").await.unwrap();
+            assert_eq!(n.netns_files().len(), 1);
+            assert_eq!(n.leased_ips(), [a_ip.clone()]);
+            n.env.sandboxd.restart().await;
+            assert_eq!(n.netns_files().len(), 1);
+            assert!(alice
+                .sh("net-1", "ip -4 -o addr show dev eth0")
+                .await
+                .unwrap()
+                .contains(&format!("{a_ip}/")));
+            alice.delete("net-1").await.unwrap();
+            assert!(n.netns_files().is_empty());
+            assert!(n.leased_ips().is_empty());
+            n.env.leak_check().await;
+        },
+    );
+}
