@@ -776,10 +776,7 @@ fn bridge_sandboxes_of_one_id_in_two_tenants_get_networks_of_their_own() {
                 .try_create(forwarded(&bob, "net-1", 18091))
                 .await
                 .unwrap();
-            let (a_ip, b_ip) = (
-                a.network.unwrap().ip_address,
-                b.network.unwrap().ip_address,
-            );
+            let (a_ip, b_ip) = (a.network.unwrap().ip_address, b.network.unwrap().ip_address);
             assert_ne!(a_ip, b_ip);
             assert!(alice
                 .sh("net-1", "ip -4 -o addr show dev eth0")
