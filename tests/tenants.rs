@@ -615,6 +615,15 @@ async fn quotas_hold_under_concurrent_creates_reload_and_survive_a_restart() {
     let carol = Tenant::new(&env, CAROL);
     let mut alice = Tenant::new(&env, ALICE);
     alice.create("alices-1").await;
+    // A tenant's sandbox with a TTL: the sweep of its namespace deletes it, across a restart.
+    let short = pb::CreateSandboxRequest {
+        ttl: Some(prost_types::Duration {
+            seconds: 4,
+            nanos: 0,
+        }),
+        ..alice.request("short")
+    };
+    alice.try_create(short).await.unwrap();
 
     // 20 at once against max_sandboxes = 3: exactly 3 are made.
     let (made, refused) = create_at_once(&carol, "c", 20).await;
@@ -634,6 +643,14 @@ async fn quotas_hold_under_concurrent_creates_reload_and_survive_a_restart() {
     // sandboxd restarts: the sandboxes are still carol's (and only hers), and still count.
     env.sandboxd.restart().await;
     assert_eq!(carol.list().await, made);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while alice.get("short").await.is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "alice's sandbox outlived its ttl"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert_eq!(alice.list().await, ["alices-1"]);
     assert_eq!(carol.sh(&made[0], "echo still").await.unwrap(), "still\n");
     let again = carol.create_refused("c-after-restart").await;
@@ -805,6 +822,33 @@ fn bridge_sandboxes_of_one_id_in_two_tenants_get_networks_of_their_own() {
                 .await
                 .unwrap()
                 .contains(&format!("{a_ip}/")));
+            // A tenant's PID 1 that exits by itself loses its network: the exit watcher of
+            // alice's namespace (started by the restarted sandboxd's recovery) sees it.
+            let brief = pb::CreateSandboxRequest {
+                network: Some(common::bridge::bridge()),
+                command: vec!["sleep".into(), "1".into()],
+                ..alice.request("brief")
+            };
+            alice.try_create(brief).await.unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            loop {
+                let sb = alice.get("brief").await.unwrap();
+                let attached = n.netns_files().iter().any(|f| f.ends_with(".brief"));
+                let addressed = sb
+                    .network
+                    .as_ref()
+                    .is_some_and(|net| !net.ip_address.is_empty());
+                if sb.state == pb::SandboxState::Stopped as i32 && !attached && !addressed {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "alice's exited sandbox kept its network: {sb:?} {:?}",
+                    n.netns_files()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            alice.delete("brief").await.unwrap();
             alice.delete("net-1").await.unwrap();
             assert!(n.netns_files().is_empty());
             assert!(n.leased_ips().is_empty());
