@@ -814,7 +814,7 @@ fn bridge_sandboxes_of_one_id_in_two_tenants_get_networks_of_their_own() {
             // bob's delete takes only his network; a restart's recovery keeps alice's.
             bob.delete("net-1").await.unwrap();
             assert_eq!(n.netns_files().len(), 1);
-            assert_eq!(n.leased_ips(), [a_ip.clone()]);
+            assert_eq!(n.leased_ips(), std::slice::from_ref(&a_ip));
             n.env.sandboxd.restart().await;
             assert_eq!(n.netns_files().len(), 1);
             assert!(alice

@@ -26,9 +26,15 @@ use crate::sys;
 #[derive(Debug, Clone)]
 pub struct FileApi {
     tenancy: Arc<Tenancy>,
-    /// The caller's tenant's, once [`FileApi::for_caller`] chose it.
-    manager: Arc<Manager>,
     /// How long a stream waits on a client that sends or takes nothing.
+    idle: Duration,
+}
+
+/// The service bound to one caller: the only way a handler reaches a manager.
+#[derive(Debug, Clone)]
+struct ForCaller {
+    /// The caller's tenant's.
+    manager: Arc<Manager>,
     idle: Duration,
 }
 
@@ -36,21 +42,19 @@ impl FileApi {
     /// Serves the files of each tenant's sandboxes of `tenancy`; streams end after `idle` of
     /// a silent client.
     pub fn new(tenancy: Arc<Tenancy>, idle: Duration) -> Self {
-        FileApi {
-            manager: tenancy.default_manager().clone(),
-            tenancy,
-            idle,
-        }
+        FileApi { tenancy, idle }
     }
 
     /// This service bound to the calling tenant's sandboxes.
-    async fn for_caller<T>(&self, req: &Request<T>) -> Result<Self, Status> {
-        Ok(FileApi {
+    async fn for_caller<T>(&self, req: &Request<T>) -> Result<ForCaller, Status> {
+        Ok(ForCaller {
             manager: super::tenant_manager(&self.tenancy, req).await?,
-            ..self.clone()
+            idle: self.idle,
         })
     }
+}
 
+impl ForCaller {
     /// Opens the root of sandbox `id` and runs blocking `op` on it. An `op` that changes files
     /// runs while the sandbox is held still (see [`Manager::hold_still`]), so a commit never
     /// captures it half done. The root (and a stopped sandbox's temporary mount) is released

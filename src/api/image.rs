@@ -23,7 +23,11 @@ const PULL_PROGRESS_QUEUE: usize = 64;
 #[derive(Debug, Clone)]
 pub struct ImageApi {
     tenancy: Arc<Tenancy>,
-    /// The caller's tenant's namespace, once [`ImageApi::for_caller`] chose it.
+}
+
+/// The service bound to one caller: the only way a handler reaches a store.
+struct ForCaller {
+    /// The caller's tenant's namespace.
     cd: Arc<dyn Backend>,
 }
 
@@ -31,20 +35,16 @@ impl ImageApi {
     /// Serves each tenant's images of `tenancy`: a tenant's image records live in its own
     /// namespace, so a DeleteImage by one never takes another's.
     pub fn new(tenancy: Arc<Tenancy>) -> Self {
-        ImageApi {
-            cd: tenancy.default_manager().backend().clone(),
-            tenancy,
-        }
+        ImageApi { tenancy }
     }
 
     /// This service bound to the calling tenant's images.
-    async fn for_caller<T>(&self, req: &Request<T>) -> Result<Self, Status> {
-        Ok(ImageApi {
+    async fn for_caller<T>(&self, req: &Request<T>) -> Result<ForCaller, Status> {
+        Ok(ForCaller {
             cd: super::tenant_manager(&self.tenancy, req)
                 .await?
                 .backend()
                 .clone(),
-            tenancy: self.tenancy.clone(),
         })
     }
 }

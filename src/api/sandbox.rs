@@ -24,11 +24,17 @@ use crate::tenants::Quotas;
 #[derive(Debug, Clone)]
 pub struct SandboxApi {
     tenancy: Arc<Tenancy>,
-    /// The caller's tenant's, once [`SandboxApi::for_caller`] chose it.
-    manager: Arc<Manager>,
-    /// The caller's tenant's quotas, likewise.
-    quotas: Quotas,
     /// How long an Exec's output may wait on a client that takes none of it.
+    idle: Duration,
+}
+
+/// The service bound to one caller: the only way a handler reaches a manager.
+#[derive(Debug, Clone)]
+struct ForCaller {
+    /// The caller's tenant's.
+    manager: Arc<Manager>,
+    /// The caller's tenant's quotas.
+    quotas: Quotas,
     idle: Duration,
 }
 
@@ -36,20 +42,15 @@ impl SandboxApi {
     /// Serves each tenant's sandboxes of `tenancy`; an Exec whose client takes no output for
     /// `idle` is ended.
     pub fn new(tenancy: Arc<Tenancy>, idle: Duration) -> Self {
-        SandboxApi {
-            manager: tenancy.default_manager().clone(),
-            quotas: Quotas::default(),
-            tenancy,
-            idle,
-        }
+        SandboxApi { tenancy, idle }
     }
 
     /// This service bound to the calling tenant's sandboxes and quotas.
-    async fn for_caller<T>(&self, req: &Request<T>) -> Result<Self, Status> {
-        Ok(SandboxApi {
+    async fn for_caller<T>(&self, req: &Request<T>) -> Result<ForCaller, Status> {
+        Ok(ForCaller {
             manager: super::tenant_manager(&self.tenancy, req).await?,
             quotas: crate::caller::Caller::of(req.extensions()).quotas().clone(),
-            ..self.clone()
+            idle: self.idle,
         })
     }
 }

@@ -17,24 +17,24 @@ use crate::sandbox::{
 #[derive(Debug, Clone)]
 pub struct SnapshotApi {
     tenancy: Arc<Tenancy>,
-    /// The caller's tenant's, once [`SnapshotApi::for_caller`] chose it.
+}
+
+/// The service bound to one caller: the only way a handler reaches a manager.
+struct ForCaller {
+    /// The caller's tenant's.
     manager: Arc<Manager>,
 }
 
 impl SnapshotApi {
     /// Serves snapshots of each tenant's sandboxes of `tenancy`.
     pub fn new(tenancy: Arc<Tenancy>) -> Self {
-        SnapshotApi {
-            manager: tenancy.default_manager().clone(),
-            tenancy,
-        }
+        SnapshotApi { tenancy }
     }
 
     /// This service bound to the calling tenant's snapshots.
-    async fn for_caller<T>(&self, req: &Request<T>) -> Result<Self, Status> {
-        Ok(SnapshotApi {
+    async fn for_caller<T>(&self, req: &Request<T>) -> Result<ForCaller, Status> {
+        Ok(ForCaller {
             manager: super::tenant_manager(&self.tenancy, req).await?,
-            tenancy: self.tenancy.clone(),
         })
     }
 }
