@@ -579,6 +579,20 @@ async fn the_same_id_lives_in_two_tenants_and_a_delete_image_by_one_keeps_the_ot
     // alice's own sandbox keeps running too (its snapshot holds its layers).
     assert_eq!(alice.sh("box-1", "cat /who").await.unwrap(), "alice\n");
 
+    // A request id is the tenant's own: bob's create with alice's request id makes his own
+    // sandbox instead of replaying hers.
+    let retried = |t: &Tenant| pb::CreateSandboxRequest {
+        request_id: "create-once".into(),
+        ..t.request("")
+    };
+    let hers = alice.try_create(retried(&alice)).await.unwrap();
+    let his = bob.try_create(retried(&bob)).await.unwrap();
+    assert_ne!(hers.sandbox_id, his.sandbox_id);
+    let again = alice.try_create(retried(&alice)).await.unwrap();
+    assert_eq!(again.sandbox_id, hers.sandbox_id);
+    alice.delete(&hers.sandbox_id).await.unwrap();
+    bob.delete(&his.sandbox_id).await.unwrap();
+
     alice.delete("box-1").await.unwrap();
     assert_eq!(bob.get("box-1").await.unwrap().sandbox_id, "box-1");
     bob.delete("box-1").await.unwrap();
