@@ -870,3 +870,40 @@ fn bridge_sandboxes_of_one_id_in_two_tenants_get_networks_of_their_own() {
         },
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_create_in_a_tenant_undoes_itself_there_and_gives_its_quota_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tenants_file(dir.path(), 1);
+    let env = TestEnv::with_args(&[
+        "--tenants",
+        file.to_str().unwrap(),
+        "--failpoints",
+        "create.start",
+    ])
+    .await;
+    let mut carol = Tenant::new(&env, CAROL);
+    // The start fails after the snapshot, the container and the task were made in carol's
+    // namespace: all of it is undone, and her one place is free again each time.
+    for attempt in 0..2 {
+        let r = carol.request("never");
+        let e = carol.try_create(r).await.unwrap_err();
+        assert_eq!(e.code(), Code::Internal, "attempt {attempt}: {e:?}");
+        assert!(e.message().contains("create.start"), "{e:?}");
+        assert_not_found("GetSandbox", carol.get("never").await);
+        env.leak_check().await;
+    }
+    // A sandbox that is not started takes the place.
+    let created_only = pb::CreateSandboxRequest {
+        start: Some(false),
+        ..carol.request("idle-1")
+    };
+    carol.try_create(created_only).await.unwrap();
+    let full = carol.create_refused("idle-2").await;
+    assert!(
+        full.message().contains("max_sandboxes = 1 and uses 1"),
+        "{full:?}"
+    );
+    carol.delete("idle-1").await.unwrap();
+    env.leak_check().await;
+}
