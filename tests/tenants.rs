@@ -489,6 +489,117 @@ async fn no_rpc_of_any_service_reaches_another_tenants_objects() {
         .await
         .unwrap();
 
+    // The same calls by alice reach her objects: each RPC acts for its caller's tenant, not
+    // just for someone other than bob.
+    let stopped_id = || "stopped-1".to_string();
+    let dir = pb::MakeDirectoryRequest {
+        sandbox_id: stopped_id(),
+        path: "/alices-dir".into(),
+        ..Default::default()
+    };
+    alice.fs.make_directory(dir).await.unwrap();
+    let listed = alice
+        .fs
+        .list_files(pb::ListFilesRequest {
+            sandbox_id: stopped_id(),
+            path: "/".into(),
+            depth: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(listed.iter().any(|e| e.path == "/alices-dir"), "{listed:?}");
+    let stat = pb::StatFileRequest {
+        sandbox_id: stopped_id(),
+        path: "/secret.txt".into(),
+    };
+    assert_eq!(
+        alice
+            .fs
+            .stat_file(stat)
+            .await
+            .unwrap()
+            .into_inner()
+            .entry
+            .unwrap()
+            .size,
+        7
+    );
+    let remove = pb::RemovePathRequest {
+        sandbox_id: stopped_id(),
+        path: "/alices-dir".into(),
+        recursive: true,
+    };
+    alice.fs.remove_path(remove).await.unwrap();
+    let start = pb::StartSandboxRequest {
+        sandbox_id: stopped_id(),
+    };
+    alice.sb.start_sandbox(start).await.unwrap();
+    let stop = pb::StopSandboxRequest {
+        sandbox_id: stopped_id(),
+        force: true,
+        ..Default::default()
+    };
+    alice.sb.stop_sandbox(stop).await.unwrap();
+    let restore = pb::RestoreSandboxRequest {
+        sandbox_id: stopped_id(),
+        snapshot_id: snap.clone(),
+        ..Default::default()
+    };
+    alice.snap.restore_sandbox(restore).await.unwrap();
+    assert_eq!(
+        alice.sh("stopped-1", "cat /secret.txt").await.unwrap(),
+        "alice's"
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(pb::ExecRequest {
+        request: Some(exec_request::Request::Start(pb::ExecStart {
+            sandbox_id: "running-1".into(),
+            args: vec!["cat".into(), "/secret.txt".into()],
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut stream = alice
+        .sb
+        .exec(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stdout = Vec::new();
+    let mut exited = None;
+    while let Some(m) = stream.next().await {
+        match m.unwrap().response.unwrap() {
+            pb::exec_response::Response::Stdout(d) => stdout.extend(d),
+            pb::exec_response::Response::Exited(e) => exited = Some(e.exit_code),
+            _ => {}
+        }
+    }
+    drop(tx);
+    assert_eq!((stdout.as_slice(), exited), (&b"alice's"[..], Some(0)));
+    let export = pb::ExportSnapshotRequest {
+        snapshot_id: snap.clone(),
+        image: format!("{}/alices-export:1", env.registry.addr()),
+        ..Default::default()
+    };
+    let exported = alice
+        .snap
+        .export_snapshot(export)
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(exported.digest.starts_with("sha256:"), "{exported:?}");
+    let image = pb::GetImageRequest {
+        image: other_image.clone(),
+    };
+    alice.img.get_image(image).await.unwrap();
+    let image = pb::DeleteImageRequest {
+        image: other_image.clone(),
+    };
+    alice.img.delete_image(image).await.unwrap();
+
     // The leak check reads every tenant's namespace: alice's leftovers would show there.
     let leaks = env.leaks().await;
     let alice_ns = env.tenant_namespace("alice");
