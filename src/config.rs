@@ -127,7 +127,9 @@ pub struct ServeArgs {
     /// containerd socket [env: SANDBOXD_CONTAINERD_ADDRESS] [default: /run/containerd/containerd.sock]
     #[arg(long, value_name = "PATH")]
     pub containerd_address: Option<PathBuf>,
-    /// containerd namespace holding everything sandboxd makes [env: SANDBOXD_NAMESPACE] [default: sandboxd]
+    /// containerd namespace holding everything sandboxd makes for the default tenant; another
+    /// tenant T's objects live in the namespace <this>.tenant.<T> (e.g. sandboxd.tenant.alice)
+    /// [env: SANDBOXD_NAMESPACE] [default: sandboxd]
     #[arg(long, value_name = "NAME")]
     pub namespace: Option<String>,
     /// State directory (sandbox files, embedded containerd) [env: SANDBOXD_DATA_DIR] [default: /var/lib/sandboxd]
@@ -182,8 +184,8 @@ pub struct ServeArgs {
     pub host_resolv_conf: Option<PathBuf>,
     /// Keep COUNT started sandboxes of IMAGE ready, comma-separated IMAGE=COUNT entries, e.g.
     /// busybox:1.36=4: a create that sets no id, command, hostname or network gets one at once,
-    /// made to have the env, working dir, user and resources it asks for
-    /// [env: SANDBOXD_WARM_POOL] [default: none]
+    /// made to have the env, working dir, user and resources it asks for. Serves the default
+    /// tenant only [env: SANDBOXD_WARM_POOL] [default: none]
     #[arg(long, value_name = "IMAGE=COUNT,...")]
     pub warm_pool: Option<String>,
     /// How exec output leaves the shim: `auto` (the shim hands the process's pipes to this
@@ -227,8 +229,10 @@ pub struct ServeArgs {
     pub tls_client_ca: Option<PathBuf>,
     /// TOML file of tenants: `[tenants.NAME]` with `tokens_sha256 = ["<hex>"]` (callers send
     /// `authorization: Bearer <token>`), optional `max_sandboxes`, `max_memory_bytes`,
-    /// `max_cpu_millis` and `spiffe_ids`; re-read when it changes and on SIGHUP
-    /// [env: SANDBOXD_TENANTS]
+    /// `max_cpu_millis` and `spiffe_ids`; re-read when it changes and on SIGHUP. Each tenant
+    /// sees only its own sandboxes, snapshots and images (its own containerd namespace); a
+    /// create or fork past a quota is RESOURCE_EXHAUSTED, limits counted as they apply
+    /// (--default-memory, --default-cpu-millis included) [env: SANDBOXD_TENANTS]
     #[arg(long, value_name = "FILE")]
     pub tenants: Option<PathBuf>,
     /// Take the tenant of a call from a loopback peer's `x-forwarded-client-cert` header (a

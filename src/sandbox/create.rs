@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::image;
 use crate::runtime::spec::{self, SandboxSpec, IDLE_INIT_PATH};
 use crate::runtime::{Container, Lease, NewContainer};
+use crate::tenants::Quotas;
 use crate::{files, sys};
 
 /// Default PATH for images that set none.
@@ -35,8 +36,10 @@ struct Undo {
 impl Manager {
     // ---- create ----
 
-    /// CreateSandbox. Runs to completion (or full undo) even if the caller goes away.
-    pub async fn create(self: &Arc<Self>, spec: CreateSpec) -> Result<Sandbox> {
+    /// CreateSandbox (a fork when its source is a snapshot), held against the tenant's
+    /// `quotas`. Runs to completion (or full undo) even if the caller goes away.
+    pub async fn create(self: &Arc<Self>, spec: CreateSpec, quotas: &Quotas) -> Result<Sandbox> {
+        let quotas = quotas.clone();
         let this = self.clone();
         let span = tracing::info_span!("create_sandbox", sandbox_id = %spec.id);
         run_to_completion(
@@ -47,6 +50,9 @@ impl Manager {
                         return Ok(sandbox);
                     }
                 }
+                // Held until the sandbox is made or undone; a retry above adds nothing.
+                let applied = this.applied_limits(spec.resources);
+                let _reserved = this.reserve(&spec.id, &applied, &quotas).await?;
                 if let Some(sandbox) = this.claim_pooled(&spec).await? {
                     return Ok(sandbox);
                 }
@@ -209,7 +215,7 @@ impl Manager {
             pids_limit: spec.resources.pids(),
             etc_dir: files.clone(),
             idle_init: idle.then(|| self.cfg.idle_init.clone()),
-            netns_path: bridge.then(|| self.net.netns_path(id.as_str())),
+            netns_path: bridge.then(|| self.net.netns_path(&self.host_key(id.as_str()))),
             seccomp: self.seccomp.clone(),
             oom_score_adj: self.cfg.walls.oom_score_adj,
         })?;

@@ -226,7 +226,10 @@ impl Manager {
 
     /// Makes and opens an exec's FIFOs.
     pub(super) fn fifos(&self, spec: &ExecSpec, id: &SandboxId, exec_id: &str) -> Result<Fifos> {
-        let dir = FifoDir(self.exec_dir().join(format!("{id}-{exec_id}")));
+        let dir = FifoDir(
+            self.exec_dir()
+                .join(format!("{}-{exec_id}", self.host_key(id.as_str()))),
+        );
         std::fs::create_dir_all(&dir.0)
             .map_err(|e| Error::io(format!("creating {}", dir.0.display()), e))?;
         let (stdin_path, stdout_path, stderr_path) = dir.paths();
