@@ -181,7 +181,7 @@ impl Registries {
     }
 
     /// The endpoint of registry `host` itself.
-    fn host_endpoint(&self, host: &str) -> Endpoint {
+    fn host_endpoint(&self, host: &str) -> Result<Endpoint> {
         let loopback = is_loopback_host(host);
         // Loopback speaks plain HTTP, as Docker and containerd assume, unless a CA is given
         // for it: then it is a TLS registry like any other.
@@ -193,15 +193,18 @@ impl Registries {
             host
         };
         let scheme = if plain { "http" } else { "https" };
-        // `host` is a valid authority (it came from a parsed reference).
-        let base = reqwest::Url::parse(&format!("{scheme}://{api}"))
-            .unwrap_or_else(|_| reqwest::Url::parse("https://invalid.invalid").expect("valid"));
-        Endpoint {
+        let base = reqwest::Url::parse(&format!("{scheme}://{api}")).map_err(|e| {
+            Error::invalid(
+                "image",
+                format!("registry {host:?} is not a host to reach: {e}"),
+            )
+        })?;
+        Ok(Endpoint {
             base,
             host: host.to_string(),
             loopback,
             mirror: false,
-        }
+        })
     }
 }
 
@@ -235,7 +238,7 @@ impl Access {
                 }
             })
             .collect();
-        out.push(self.registries.host_endpoint(&host));
+        out.push(self.registries.host_endpoint(&host)?);
         Ok(out)
     }
 
@@ -244,7 +247,7 @@ impl Access {
         let host = normalize_host(host).map_err(|e| Error::invalid("image", e))?;
         self.registries.check_allowed(&host, what)?;
         self.registries.refresh_auth().await;
-        Ok(self.registries.host_endpoint(&host))
+        self.registries.host_endpoint(&host)
     }
 
     /// A session at `repository` of `endpoint`, with the credentials of its host.
