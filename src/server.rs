@@ -252,6 +252,11 @@ pub async fn serve(
     // Registered before anything else: from here on SIGHUP reloads instead of killing us.
     let hangup = signal(SignalKind::hangup())
         .map_err(|e| anyhow::anyhow!("cannot listen for SIGHUP: {e}"))?;
+    // The auth file and CA files are read before anything starts: a bad one stops the start.
+    let registries = std::sync::Arc::new(
+        crate::image::Registries::new(config.registries.clone())
+            .map_err(|e| anyhow::anyhow!("invalid registry settings: {e}"))?,
+    );
     std::fs::create_dir_all(&config.data_dir).map_err(|e| {
         anyhow::anyhow!("cannot create data dir {}: {e}", config.data_dir.display())
     })?;
@@ -259,7 +264,10 @@ pub async fn serve(
     let cd = Containerd::new(&address, &config.namespace)?;
     let manager = Manager::new(
         std::sync::Arc::new(cd.clone()),
-        ManagerConfig::from(&config),
+        ManagerConfig {
+            registries: registries.clone(),
+            ..ManagerConfig::from(&config)
+        },
         Network::new(config.network.clone()),
         std::sync::Arc::new(crate::metrics::Prometheus),
     );
@@ -350,7 +358,7 @@ pub async fn serve(
             SandboxApi::new(tenancy.clone(), config.stream_idle_timeout),
         ))
         .add_service(pb::image_service_server::ImageServiceServer::new(
-            ImageApi::new(tenancy.clone()),
+            ImageApi::new(tenancy.clone(), registries.clone()),
         ))
         .add_service(pb::snapshot_service_server::SnapshotServiceServer::new(
             SnapshotApi::new(tenancy.clone()),

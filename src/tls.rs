@@ -1,5 +1,5 @@
-//! TLS for the server and the CLI, with rustls and the aws-lc-rs provider (the one oci-client
-//! already compiles in for registries; nothing else is linked).
+//! TLS for the server and the CLI, with rustls and the aws-lc-rs provider (the one the registry
+//! client's reqwest already compiles in; nothing else is linked).
 //!
 //! The server's certificate, key and client CA are a [`ServerTls`]: read at start (a bad file
 //! stops the start, naming it) and again whenever a file's content changes, so a rotated

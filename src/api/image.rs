@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert;
 use crate::error::Error;
-use crate::image::{self, ImageRef, Progress};
+use crate::image::{self, ImageRef, Progress, Registries};
 use crate::pb;
 use crate::pb::image_service_server::ImageService;
 use crate::runtime::Backend;
@@ -23,6 +23,7 @@ const PULL_PROGRESS_QUEUE: usize = 64;
 #[derive(Debug, Clone)]
 pub struct ImageApi {
     tenancy: Arc<Tenancy>,
+    registries: Arc<Registries>,
 }
 
 /// The service bound to one caller: the only way a handler reaches a store.
@@ -32,10 +33,13 @@ struct ForCaller {
 }
 
 impl ImageApi {
-    /// Serves each tenant's images of `tenancy`: a tenant's image records live in its own
-    /// namespace, so a DeleteImage by one never takes another's.
-    pub fn new(tenancy: Arc<Tenancy>) -> Self {
-        ImageApi { tenancy }
+    /// Serves each tenant's images of `tenancy`, pulled through `registries`: a tenant's image
+    /// records live in its own namespace, so a DeleteImage by one never takes another's.
+    pub fn new(tenancy: Arc<Tenancy>, registries: Arc<Registries>) -> Self {
+        ImageApi {
+            tenancy,
+            registries,
+        }
     }
 
     /// This service bound to the calling tenant's images.
@@ -73,9 +77,13 @@ impl ImageService for ImageApi {
         let (progress_tx, mut progress_rx) = mpsc::channel::<Progress>(PULL_PROGRESS_QUEUE);
         let (out_tx, out_rx) = mpsc::channel(PULL_PROGRESS_QUEUE);
         let cd = this.cd.clone();
+        // The caller's tenant's own registry credentials go here once the tenants file
+        // carries them (`Registries::access` takes them as an override).
+        let access = self.registries.access(None);
         // The pull runs on its own task: a client that disconnects does not leave it half-done.
-        let pull =
-            tokio::spawn(async move { image::pull(cd.as_ref(), &image, Some(progress_tx)).await });
+        let pull = tokio::spawn(async move {
+            image::pull(&access, cd.as_ref(), &image, Some(progress_tx)).await
+        });
         tokio::spawn(async move {
             while let Some(p) = progress_rx.recv().await {
                 if out_tx.send(Ok(progress_msg(p))).await.is_err() {

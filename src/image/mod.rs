@@ -4,6 +4,7 @@ mod content;
 mod pull;
 mod push;
 mod reference;
+pub mod registry;
 #[cfg(test)]
 mod robust;
 
@@ -14,6 +15,7 @@ pub use content::write_labelled;
 pub use pull::{go_arch, pull, Progress, ProgressSink};
 pub use push::push;
 pub use reference::ImageRef;
+pub use registry::{Access, AuthFile, Registries, RegistrySettings};
 
 use crate::error::{Error, Kind, Result};
 use crate::runtime::{Backend, ImageRecord};

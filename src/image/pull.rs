@@ -1,18 +1,23 @@
-//! PullImage: the registry protocol (oci-client) feeding containerd's content store, then the
-//! layers unpacked into committed overlayfs snapshots, all under one lease.
+//! PullImage: the registry protocol (our `registry` client) feeding containerd's content store,
+//! layers fetched a few at a time and each unpacked into a committed overlayfs snapshot as soon
+//! as it and the layers below it are in, all under one lease.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::{FutureExt, StreamExt, TryStreamExt};
-use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::errors::OciDistributionError;
-use oci_client::secrets::RegistryAuth;
+use futures::{FutureExt, StreamExt};
 use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest};
-use tokio::sync::mpsc;
+use reqwest::header::{HeaderValue, ACCEPT};
+use reqwest::StatusCode;
+use sha2::{Digest as _, Sha256};
+use tokio::sync::{mpsc, watch};
 
 use super::content;
+use super::registry::{Access, Actions, BlobBody, Session};
 use super::{
     chain_ids, ImageInfo, ImageRef, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX,
     MEDIA_OCI_MANIFEST,
@@ -26,6 +31,10 @@ use crate::runtime::{
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 /// Largest image config fetched: it is held in memory whole, as containerd's own reads of it are.
 pub(super) const MAX_CONFIG_SIZE: u64 = content::MAX_METADATA_BLOB as u64;
+/// Largest manifest or index read (containerd's own limit for manifests is 4 MiB too).
+pub(super) const MAX_MANIFEST_SIZE: u64 = 4 << 20;
+/// Layers downloaded at once; each is unpacked when it and the ones below it are in.
+const PARALLEL_LAYERS: usize = 4;
 
 /// One step of a pull, as streamed to the caller.
 #[derive(Debug, Clone, Default)]
@@ -53,14 +62,15 @@ fn report(sink: &Option<ProgressSink>, p: Progress) {
 /// Pulls `image` into containerd and returns it. Idempotent: blobs and snapshots that exist are
 /// reused; the image record is created or updated last, so a failed pull leaves no image.
 pub async fn pull(
+    access: &Access,
     cd: &dyn Backend,
     image: &ImageRef,
     sink: Option<ProgressSink>,
 ) -> Result<ImageInfo> {
     let lease = cd.lease("pull").await?;
-    // The registry client (oci-client) panics on some answers, e.g. a token that is no valid
-    // header value: such a pull fails like any bad answer, and its lease is still released.
-    let result = std::panic::AssertUnwindSafe(pull_leased(cd, image, &sink, &lease))
+    // A panic on some registry answer fails this pull like any bad answer, and its lease is
+    // still released.
+    let result = std::panic::AssertUnwindSafe(pull_leased(access, cd, image, &sink, &lease))
         .catch_unwind()
         .await
         .unwrap_or_else(|panic| {
@@ -89,46 +99,151 @@ pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
         .unwrap_or("a panic")
 }
 
-fn registry_client(image: &ImageRef) -> oci_client::Client {
-    let protocol = if image.is_local_registry() {
-        ClientProtocol::Http
+/// Refuses a digest that is not `sha256:` and 64 hex digits: it becomes part of a URL path and
+/// a containerd key, and only sha256 is verified.
+pub(super) fn check_digest(image: &ImageRef, digest: &str) -> Result<()> {
+    let ok = digest.strip_prefix("sha256:").is_some_and(|hex| {
+        hex.len() == 64
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    });
+    if ok {
+        Ok(())
     } else {
-        ClientProtocol::Https
-    };
-    oci_client::Client::new(ClientConfig {
-        protocol,
-        ..Default::default()
-    })
-}
-
-fn registry_error(image: &ImageRef, e: OciDistributionError) -> Error {
-    match &e {
-        OciDistributionError::ImageManifestNotFoundError(_) => {
-            Error::not_found(Kind::Image, image.name())
-        }
-        OciDistributionError::RegistryError { envelope, .. }
-            if envelope.errors.iter().any(|e| {
-                matches!(
-                    format!("{:?}", e.code).as_str(),
-                    "ManifestUnknown" | "NameUnknown" | "BlobUnknown"
-                )
-            }) =>
-        {
-            Error::not_found(Kind::Image, image.name())
-        }
-        _ => Error::Registry(format!("{}: {e}", image.name())),
+        Err(Error::Registry(format!(
+            "{}: {digest:?} is not a sha256 digest",
+            image.name()
+        )))
     }
 }
 
+/// A manifest or index as fetched: its bytes, digest and media type.
+struct Fetched {
+    bytes: Bytes,
+    digest: String,
+    media_type: String,
+}
+
+/// Fetches manifest `reference` (a tag or a digest), at most [`MAX_MANIFEST_SIZE`] bytes, and
+/// checks it against the digest asked for, or the one the registry declares.
+async fn fetch_manifest(
+    session: &Session,
+    image: &ImageRef,
+    reference: &str,
+    accepted: &[&str],
+) -> Result<Fetched> {
+    let url = session.url(&format!("manifests/{reference}"));
+    let accept = HeaderValue::from_str(&accepted.join(", "))
+        .map_err(|e| Error::Internal(format!("accept header: {e}")))?;
+    let response = session
+        .send(&|c| c.get(url.clone()).header(ACCEPT, accept.clone()))
+        .await?;
+    if response.status() == StatusCode::NOT_FOUND {
+        let reason = session.reason(response).await;
+        tracing::debug!(image = %image, %reason, "manifest not found");
+        return Err(Error::not_found(Kind::Image, image.name()));
+    }
+    if !response.status().is_success() {
+        return Err(session.unexpected(response, "manifest").await);
+    }
+    let declared_digest = response
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let content_type = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or_default().trim().to_string())
+        .unwrap_or_default();
+    let bytes = session
+        .read_bounded(response, MAX_MANIFEST_SIZE, "the manifest")
+        .await?;
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
+    let expected = if reference.starts_with("sha256:") {
+        Some(reference.to_string())
+    } else {
+        declared_digest.filter(|d| d.starts_with("sha256:"))
+    };
+    if let Some(expected) = expected {
+        if expected != digest {
+            return Err(Error::Registry(format!(
+                "{}: the manifest served as {expected} has digest {digest}",
+                session.what()
+            )));
+        }
+    }
+    let from_body = media_type_of(&bytes);
+    let media_type = if from_body.is_empty() && accepted.contains(&content_type.as_str()) {
+        content_type
+    } else {
+        from_body
+    };
+    Ok(Fetched {
+        bytes: Bytes::from(bytes),
+        digest,
+        media_type,
+    })
+}
+
+/// Finds the top manifest (or index) of `image` at the first endpoint that has it: its mirrors
+/// in order, then its registry. Returns the session that found it, for the blobs.
+async fn resolve_top(access: &Access, image: &ImageRef) -> Result<(Session, Fetched)> {
+    let reference = image.reference();
+    let tag_or_digest = reference
+        .digest()
+        .or(reference.tag())
+        .unwrap_or("latest")
+        .to_string();
+    if tag_or_digest.starts_with("sha256:") {
+        check_digest(image, &tag_or_digest)?;
+    }
+    let accepted = [
+        MEDIA_OCI_INDEX,
+        MEDIA_DOCKER_LIST,
+        MEDIA_OCI_MANIFEST,
+        MEDIA_DOCKER_MANIFEST,
+    ];
+    let endpoints = access
+        .pull_endpoints(reference.registry(), &image.name())
+        .await?;
+    let mut failures = Vec::new();
+    for endpoint in endpoints {
+        let session = access.session(
+            endpoint,
+            reference.repository(),
+            Actions::Pull,
+            image.name(),
+        );
+        match fetch_manifest(&session, image, &tag_or_digest, &accepted).await {
+            Ok(top) => {
+                if !failures.is_empty() {
+                    tracing::info!(image = %image, from = session.endpoint(), "pulling past failed mirrors");
+                }
+                return Ok((session, top));
+            }
+            Err(e) if session.is_mirror() => {
+                tracing::warn!(image = %image, mirror = session.endpoint(), error = %e, "mirror failed; trying the next");
+                failures.push(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Error::Internal(format!(
+        "{}: no endpoint to pull from",
+        image.name()
+    )))
+}
+
 async fn pull_leased(
+    access: &Access,
     cd: &dyn Backend,
     image: &ImageRef,
     sink: &Option<ProgressSink>,
     lease: &Lease,
 ) -> Result<ImageInfo> {
-    let client = registry_client(image);
-    let auth = RegistryAuth::Anonymous;
-    let reference = image.reference();
     report(
         sink,
         Progress {
@@ -136,21 +251,12 @@ async fn pull_leased(
             ..Default::default()
         },
     );
-    let accepted = [
-        MEDIA_OCI_INDEX,
-        MEDIA_DOCKER_LIST,
-        MEDIA_OCI_MANIFEST,
-        MEDIA_DOCKER_MANIFEST,
-    ];
-    let (top_bytes, top_digest) = client
-        .pull_manifest_raw(reference, &auth, &accepted)
-        .await
-        .map_err(|e| registry_error(image, e))?;
-    let top_media = media_type_of(&top_bytes);
+    let (session, top) = resolve_top(access, image).await?;
+    let top_media = top.media_type.clone();
 
     // For an index, pick this platform's manifest; the index stays the image's target.
-    let (index, manifest_bytes, manifest_digest) = if is_index(&top_media, &top_bytes) {
-        let index = parse_index(image, &top_bytes)?;
+    let (index, manifest) = if is_index(&top_media, &top.bytes) {
+        let index = parse_index(image, &top.bytes)?;
         let chosen = select_platform(&index).ok_or_else(|| {
             Error::Registry(format!(
                 "{}: no manifest for linux/{}",
@@ -158,23 +264,23 @@ async fn pull_leased(
                 go_arch()
             ))
         })?;
-        let child_ref = reference.clone_with_digest(chosen.digest().to_string());
-        let (bytes, digest) = client
-            .pull_manifest_raw(
-                &child_ref,
-                &auth,
-                &[MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST],
-            )
-            .await
-            .map_err(|e| registry_error(image, e))?;
-        (
-            Some((index, top_bytes.clone(), top_digest.clone())),
-            bytes,
-            digest,
+        let digest = chosen.digest().to_string();
+        check_digest(image, &digest)?;
+        let manifest = fetch_manifest(
+            &session,
+            image,
+            &digest,
+            &[MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST],
         )
+        .await?;
+        (Some((index, top)), manifest)
     } else {
-        (None, top_bytes.clone(), top_digest.clone())
+        (None, top)
     };
+    let top_digest = index
+        .as_ref()
+        .map_or(&manifest.digest, |(_, top)| &top.digest)
+        .clone();
     report(
         sink,
         Progress {
@@ -183,18 +289,23 @@ async fn pull_leased(
             ..Default::default()
         },
     );
+    let manifest_bytes = manifest.bytes.clone();
+    let manifest_digest = manifest.digest.clone();
 
-    let (manifest, blobs_size) = parse_manifest(image, &manifest_bytes)?;
-    let config_desc = manifest.config().clone();
-    let config_bytes = fetch_small_blob(&client, image, &config_desc).await?;
-    let diff_ids = parse_config(image, &config_bytes, &manifest)?;
+    let (parsed, blobs_size) = parse_manifest(image, &manifest_bytes)?;
+    check_layers(access, image, &parsed)?;
+    let config_desc = parsed.config().clone();
+    let config_bytes = fetch_small_blob(&session, image, &config_desc).await?;
+    let diff_ids = parse_config(image, &config_bytes, &parsed)?;
     let chain = chain_ids(&diff_ids);
 
     // Layers first, then config, manifest and index: a blob's GC labels may only name what exists.
-    for (layer, diff_id) in manifest.layers().iter().zip(&diff_ids) {
-        fetch_layer(cd, &client, image, lease, layer, diff_id, sink).await?;
-    }
-    unpack(cd, lease, manifest.layers(), &diff_ids, &chain, sink).await?;
+    let layers = Layers {
+        descriptors: parsed.layers(),
+        diff_ids: &diff_ids,
+        chain: &chain,
+    };
+    fetch_and_unpack(cd, &session, lease, &layers, sink).await?;
 
     let top_chain = chain.last().cloned().unwrap_or_default();
     let config_labels: HashMap<String, String> = if top_chain.is_empty() {
@@ -220,7 +331,7 @@ async fn pull_leased(
         config_desc.digest().to_string(),
     )]
     .into();
-    for (i, layer) in manifest.layers().iter().enumerate() {
+    for (i, layer) in parsed.layers().iter().enumerate() {
         manifest_labels.insert(
             format!("containerd.io/gc.ref.content.l.{i}"),
             layer.digest().to_string(),
@@ -236,7 +347,7 @@ async fn pull_leased(
     .await?;
 
     let mut size = blobs_size.saturating_add(manifest_bytes.len() as i64);
-    let target = if let Some((index, bytes, digest)) = index {
+    let target = if let Some((index, top)) = index {
         let mut labels = HashMap::new();
         for (i, m) in index.manifests().iter().enumerate() {
             if m.digest().to_string() == manifest_digest {
@@ -246,12 +357,12 @@ async fn pull_leased(
                 );
             }
         }
-        size = size.saturating_add(bytes.len() as i64);
-        let len = bytes.len() as i64;
-        store_blob(cd, lease, &digest, bytes, labels).await?;
+        size = size.saturating_add(top.bytes.len() as i64);
+        let len = top.bytes.len() as i64;
+        store_blob(cd, lease, &top.digest, top.bytes, labels).await?;
         CdDescriptor {
             media_type: top_media.clone(),
-            digest: digest.clone(),
+            digest: top.digest,
             size: len,
             annotations: HashMap::new(),
         }
@@ -290,6 +401,25 @@ async fn pull_leased(
         size_bytes: size,
         created_at,
     })
+}
+
+/// Checks every layer's digest and declared size (against `--registry-max-layer-size`) before
+/// anything is fetched.
+fn check_layers(access: &Access, image: &ImageRef, manifest: &ImageManifest) -> Result<()> {
+    check_digest(image, manifest.config().digest().as_ref())?;
+    let max = access.max_layer_size();
+    for layer in manifest.layers() {
+        check_digest(image, layer.digest().as_ref())?;
+        if layer.size() > max {
+            return Err(Error::Registry(format!(
+                "{}: layer {} declares {} bytes, more than the {max} a layer may have                  (--registry-max-layer-size)",
+                image.name(),
+                layer.digest(),
+                layer.size()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Parses an image index from a registry.
@@ -391,37 +521,22 @@ pub(super) fn select_platform(index: &ImageIndex) -> Option<&Descriptor> {
 }
 
 /// Fetches a blob [`parse_manifest`] checked to be small (the config) into memory. Memory grows
-/// with the bytes that arrive, never with the size the descriptor claims, and a body longer than
-/// that size is cut off; the digest is checked at the end.
+/// with the bytes that arrive, never with the size the descriptor claims; the body must be
+/// exactly that size and match its digest.
 async fn fetch_small_blob(
-    client: &oci_client::Client,
+    session: &Session,
     image: &ImageRef,
     desc: &Descriptor,
 ) -> Result<Vec<u8>> {
-    let declared = desc.size().min(MAX_CONFIG_SIZE) as usize;
+    let declared = desc.size().min(MAX_CONFIG_SIZE);
     let digest = desc.digest().to_string();
-    let mut stream = client
-        .pull_blob_stream(image.reference(), digest.as_str())
-        .await
-        .map_err(|e| registry_error(image, e))?;
+    let response = get_blob(session, &image.name(), &digest).await?;
+    let (_never, cancel) = watch::channel(false);
+    let mut stream = BlobBody::stream(session, response, &digest, declared, cancel);
     let mut out = Vec::new();
     while let Some(chunk) = stream.next().await {
-        let chunk =
-            chunk.map_err(|e| Error::Registry(format!("{}: blob {digest}: {e}", image.name())))?;
-        if out.len() + chunk.len() > declared {
-            return Err(Error::Registry(format!(
-                "{}: blob {digest} is longer than its descriptor's {declared} bytes",
-                image.name()
-            )));
-        }
+        let chunk = chunk.map_err(|e| Error::Registry(e.to_string()))?;
         out.extend_from_slice(&chunk);
-    }
-    if out.len() != declared {
-        return Err(Error::Registry(format!(
-            "{}: blob {digest} has {} bytes, its descriptor says {declared}",
-            image.name(),
-            out.len()
-        )));
     }
     Ok(out)
 }
@@ -434,20 +549,122 @@ async fn store_blob(
     data: Bytes,
     labels: HashMap<String, String>,
 ) -> Result<()> {
+    cd.hold_blob(digest, lease).await?;
     if cd.has_blob(digest).await? {
         return cd.label_blob(digest, &labels).await;
     }
     content::write_labelled(cd, lease, digest, data, labels).await
 }
 
+/// The layers of a manifest with their diff ids and chain ids, index by index.
+struct Layers<'a> {
+    descriptors: &'a [Descriptor],
+    diff_ids: &'a [String],
+    chain: &'a [String],
+}
+
+/// The first failure of a pull whose layers move at once: it calls the others off, and is
+/// what the pull reports (not the "called off" of the layers it stopped).
+struct Failure {
+    first: Mutex<Option<Error>>,
+    cancel: watch::Sender<bool>,
+}
+
+impl Failure {
+    fn record(&self, e: Error) {
+        let mut first = self.first.lock().unwrap_or_else(|p| p.into_inner());
+        if first.is_none() {
+            *first = Some(e);
+        }
+        self.cancel.send_replace(true);
+    }
+
+    fn is_set(&self) -> bool {
+        *self.cancel.borrow()
+    }
+
+    fn take(&self) -> Option<Error> {
+        self.first.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// Downloads the layers, [`PARALLEL_LAYERS`] at a time, and unpacks each as soon as it and
+/// the layers below it are in. On a failure the downloads under way are called off and run
+/// to their end (each aborts its content write), so nothing is left half-written.
+async fn fetch_and_unpack(
+    cd: &dyn Backend,
+    session: &Session,
+    lease: &Lease,
+    layers: &Layers<'_>,
+    sink: &Option<ProgressSink>,
+) -> Result<()> {
+    let (cancel, _) = watch::channel(false);
+    let failure = Arc::new(Failure {
+        first: Mutex::new(None),
+        cancel,
+    });
+    // Room for every result: downloads never wait on an unpack.
+    let (done_tx, mut done_rx) = mpsc::channel::<usize>(layers.descriptors.len().max(1));
+    // Boxed as `dyn Send` one by one: a combinator over borrowing closures is not provably
+    // Send to the compiler.
+    let mut each: Vec<Pin<Box<dyn Future<Output = Option<usize>> + Send + '_>>> = Vec::new();
+    for (i, layer) in layers.descriptors.iter().enumerate() {
+        let failure = failure.clone();
+        let diff_id = &layers.diff_ids[i];
+        each.push(Box::pin(async move {
+            if failure.is_set() {
+                return None;
+            }
+            let cancel = failure.cancel.subscribe();
+            match fetch_layer(cd, session, lease, layer, diff_id, sink, cancel).await {
+                Ok(()) => Some(i),
+                Err(e) => {
+                    failure.record(e);
+                    None
+                }
+            }
+        }));
+    }
+    let downloads = futures::stream::iter(each).buffered(PARALLEL_LAYERS);
+    let download_all = async move {
+        futures::pin_mut!(downloads);
+        // Run every download to its end, even after a failure: a dropped one would leave its
+        // content write unfinished.
+        while let Some(done) = downloads.next().await {
+            if let Some(i) = done {
+                let _ = done_tx.send(i).await;
+            }
+        }
+    };
+    let unpack_in_order = async {
+        let mut next = 0;
+        while let Some(i) = done_rx.recv().await {
+            // `buffered` yields in order, so `i` is the next layer unless one failed.
+            if failure.is_set() || i != next {
+                continue;
+            }
+            if let Err(e) = unpack_layer(cd, lease, layers, i, sink).await {
+                failure.record(e);
+                continue;
+            }
+            next += 1;
+        }
+    };
+    tokio::join!(download_all, unpack_in_order);
+    match failure.take() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
 async fn fetch_layer(
     cd: &dyn Backend,
-    client: &oci_client::Client,
-    image: &ImageRef,
+    session: &Session,
     lease: &Lease,
     layer: &Descriptor,
     diff_id: &str,
     sink: &Option<ProgressSink>,
+    cancel: watch::Receiver<bool>,
 ) -> Result<()> {
     let digest = layer.digest().to_string();
     let total = layer.size() as i64;
@@ -456,6 +673,9 @@ async fn fetch_layer(
         diff_id.to_string(),
     )]
     .into();
+    // Held before it is looked at: a blob another pull wrote (and may see collected when
+    // that pull fails) stays while this one unpacks it.
+    cd.hold_blob(&digest, lease).await?;
     if cd.has_blob(&digest).await? {
         report(
             sink,
@@ -477,12 +697,15 @@ async fn fetch_layer(
             bytes_total: total,
         },
     );
-    let stream = client
-        .pull_blob_stream(image.reference(), digest.as_str())
-        .await
-        .map_err(|e| registry_error(image, e))?
-        .stream
-        .map_err(std::io::Error::other);
+    let image_name = session.what().to_string();
+    let response = get_blob(session, &image_name, &digest).await?;
+    if super::registry::declared_length(&response).is_some_and(|n| n != layer.size()) {
+        return Err(Error::Registry(format!(
+            "{image_name}: blob {digest} is served with a length other than the {total} bytes \
+             its descriptor declares"
+        )));
+    }
+    let stream = BlobBody::stream(session, response, &digest, layer.size(), cancel);
     let mut last = Instant::now();
     let mut on_progress = |done| {
         if last.elapsed() >= PROGRESS_INTERVAL {
@@ -502,7 +725,7 @@ async fn fetch_layer(
         digest: &digest,
         total,
         labels,
-        data: Box::pin(stream),
+        data: stream,
         on_progress: &mut on_progress,
     };
     cd.write_blob(blob, lease).await?;
@@ -518,50 +741,75 @@ async fn fetch_layer(
     Ok(())
 }
 
-/// Applies each layer onto its parent and commits it under its chain id, skipping what exists.
-async fn unpack(
+/// `GET` of blob `digest` of image `image_name`: the answer whose body is the blob.
+async fn get_blob(session: &Session, image_name: &str, digest: &str) -> Result<reqwest::Response> {
+    let url = session.url(&format!("blobs/{digest}"));
+    let response = session.send(&|c| c.get(url.clone())).await?;
+    if response.status() == StatusCode::NOT_FOUND {
+        let reason = session.reason(response).await;
+        return Err(Error::Registry(format!(
+            "{image_name}: blob {digest} is missing from the registry: {reason}"
+        )));
+    }
+    if !response.status().is_success() {
+        return Err(session
+            .unexpected(response, &format!("blob {digest}"))
+            .await);
+    }
+    Ok(response)
+}
+
+/// Applies layer `i` onto its parent and commits it under its chain id, unless it exists.
+async fn unpack_layer(
     cd: &dyn Backend,
     lease: &Lease,
-    layers: &[Descriptor],
-    diff_ids: &[String],
-    chain: &[String],
+    layers: &Layers<'_>,
+    i: usize,
     sink: &Option<ProgressSink>,
 ) -> Result<()> {
-    for (i, layer) in layers.iter().enumerate() {
-        let chain_id = &chain[i];
-        let parent = if i == 0 {
-            String::new()
-        } else {
-            chain[i - 1].clone()
-        };
-        // Held before it is looked at: a layer some other image unpacked stays while this
-        // pull builds on it, even if that image is deleted meanwhile.
-        cd.hold(chain_id, lease).await?;
-        if cd.stat(chain_id).await?.is_some() {
-            continue;
-        }
-        report(
-            sink,
-            Progress {
-                status: "unpacking".into(),
-                digest: layer.digest().to_string(),
-                bytes_done: 0,
-                bytes_total: layer.size() as i64,
-            },
-        );
-        let key = format!(
-            "sandboxd-unpack-{}-{}",
-            crate::util::random_hex(6),
-            chain_id
-        );
-        let mounts = cd
-            .prepare(&key, &parent, HashMap::new(), Some(lease))
-            .await?;
-        let result = apply_and_commit(cd, lease, layer, &diff_ids[i], chain_id, &key, mounts).await;
-        if let Err(e) = result {
-            let cleanup = cd.remove(&key).await;
-            return Err(e.with_cleanup(cleanup));
-        }
+    let layer = &layers.descriptors[i];
+    let chain_id = &layers.chain[i];
+    let parent = if i == 0 {
+        String::new()
+    } else {
+        layers.chain[i - 1].clone()
+    };
+    // Held before it is looked at: a layer some other image unpacked stays while this
+    // pull builds on it, even if that image is deleted meanwhile.
+    cd.hold(chain_id, lease).await?;
+    if cd.stat(chain_id).await?.is_some() {
+        return Ok(());
+    }
+    report(
+        sink,
+        Progress {
+            status: "unpacking".into(),
+            digest: layer.digest().to_string(),
+            bytes_done: 0,
+            bytes_total: layer.size() as i64,
+        },
+    );
+    let key = format!(
+        "sandboxd-unpack-{}-{}",
+        crate::util::random_hex(6),
+        chain_id
+    );
+    let mounts = cd
+        .prepare(&key, &parent, HashMap::new(), Some(lease))
+        .await?;
+    let result = apply_and_commit(
+        cd,
+        lease,
+        layer,
+        &layers.diff_ids[i],
+        chain_id,
+        &key,
+        mounts,
+    )
+    .await;
+    if let Err(e) = result {
+        let cleanup = cd.remove(&key).await;
+        return Err(e.with_cleanup(cleanup));
     }
     Ok(())
 }

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use oci_client::Reference;
+use oci_spec::distribution::Reference;
 
 use crate::error::{Error, Result};
 
@@ -54,20 +54,6 @@ impl ImageRef {
     pub fn reference(&self) -> &Reference {
         &self.0
     }
-
-    /// True when the registry is on this host's loopback, which speaks plain HTTP.
-    pub fn is_local_registry(&self) -> bool {
-        let registry = self.0.registry();
-        let host = match registry.strip_prefix('[') {
-            Some(rest) => rest.split(']').next().unwrap_or(""),
-            None => registry.split(':').next().unwrap_or(""),
-        };
-        host == "localhost"
-            || host == "::1"
-            || host
-                .parse::<std::net::Ipv4Addr>()
-                .is_ok_and(|ip| ip.is_loopback())
-    }
 }
 
 impl fmt::Display for ImageRef {
@@ -96,22 +82,6 @@ mod tests {
                 .name(),
             "127.0.0.1:5000/team/app:v1"
         );
-    }
-
-    #[test]
-    fn loopback_registries_are_local() {
-        for r in ["localhost:5000/a", "127.0.0.1:5000/a", "127.1.2.3/a:b"] {
-            assert!(
-                ImageRef::parse("image", r).unwrap().is_local_registry(),
-                "{r}"
-            );
-        }
-        for r in ["busybox", "10.0.0.1:5000/a", "registry.example.com/a"] {
-            assert!(
-                !ImageRef::parse("image", r).unwrap().is_local_registry(),
-                "{r}"
-            );
-        }
     }
 
     #[test]

@@ -145,6 +145,10 @@ pub trait Snapshots: Send + Sync + Debug + 'static {
 pub trait Store: Send + Sync + Debug + 'static {
     /// Whether blob `digest` is in the content store.
     async fn has_blob(&self, digest: &str) -> Result<bool>;
+    /// Holds blob `digest` under `lease` (whether or not it exists yet), so that garbage
+    /// collection keeps it while the lease lives: for a blob this operation did not write,
+    /// looked at before it is relied on.
+    async fn hold_blob(&self, digest: &str, lease: &Lease) -> Result<()>;
     /// Reads blob `digest` whole; refused past `limit` bytes.
     async fn read_blob(&self, digest: &str, limit: i64) -> Result<Vec<u8>>;
     /// Streams blob `digest` from `offset` in chunks.

@@ -516,6 +516,10 @@ impl Snapshots for Fake {
 
 #[async_trait::async_trait]
 impl Store for Fake {
+    async fn hold_blob(&self, digest: &str, _lease: &Lease) -> Result<()> {
+        self.enter("leases.add_resource", digest).map(|_| ())
+    }
+
     async fn has_blob(&self, digest: &str) -> Result<bool> {
         Ok(self
             .enter("content.info", digest)?

@@ -108,7 +108,9 @@ impl Manager {
             (Ok(image), _) => image,
             (Err(Error::NotFound { .. }), Source::Image(image_ref)) => {
                 tracing::info!(image = %image_ref, "pulling a missing image");
-                image::pull(self.cd.as_ref(), image_ref, None).await?;
+                // The tenant's own registry credentials go here once tenants carry them.
+                let access = self.cfg.registries.access(None);
+                image::pull(&access, self.cd.as_ref(), image_ref, None).await?;
                 image::resolve(self.cd.as_ref(), image_ref).await?.into()
             }
             (Err(e), _) => return Err(e),

@@ -40,6 +40,8 @@ pub struct ManagerConfig {
     pub exec_sync_memory: u64,
     /// Seccomp, OOM priority and default limits of every sandbox.
     pub walls: crate::config::Walls,
+    /// How images are pulled and snapshots exported.
+    pub registries: Arc<image::Registries>,
 }
 
 impl From<&Config> for ManagerConfig {
@@ -54,6 +56,7 @@ impl From<&Config> for ManagerConfig {
             runc_root: c.runc_root.clone(),
             exec_sync_memory: c.exec_sync_memory,
             walls: c.walls.clone(),
+            registries: image::Registries::anonymous(),
         }
     }
 }

@@ -204,7 +204,8 @@ impl Manager {
             Error::NotFound { .. } => Error::not_found(Kind::Snapshot, id),
             e => e,
         })?;
-        let digest = image::push(cd, &resolved.manifest_digest, target).await?;
+        let access = self.cfg.registries.access(None);
+        let digest = image::push(&access, cd, &resolved.manifest_digest, target).await?;
         if let (Some(key), false) = (&request, replayed) {
             if let Some(mut record) = cd.image(&name.name()).await? {
                 record

@@ -24,6 +24,33 @@ pub struct Registry {
     child: Child,
     addr: String,
     dir: Option<TempDir>,
+    options: RegistryOptions,
+}
+
+/// How a [`Registry`] guards itself.
+#[derive(Debug, Clone, Default)]
+pub struct RegistryOptions {
+    /// The one user, whose credentials `push` sends: an htpasswd user (bcrypt, as `htpasswd
+    /// -B` makes it, Basic auth for every request), or with `token` the account the token
+    /// service knows.
+    pub user: Option<(String, String)>,
+    /// Serve TLS with this certificate and key (PEM) instead of plain HTTP.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Bearer tokens instead: issued at a realm, signed by a certificate the registry trusts.
+    pub token: Option<TokenAuth>,
+}
+
+/// The registry's `auth: token` settings: where clients get tokens, and whom it trusts.
+#[derive(Debug, Clone)]
+pub struct TokenAuth {
+    /// URL clients fetch tokens from.
+    pub realm: String,
+    /// The `service` (token audience).
+    pub service: String,
+    /// The `iss` tokens carry.
+    pub issuer: String,
+    /// PEM certificate(s) token signatures chain to.
+    pub root_cert: PathBuf,
 }
 
 impl Registry {
@@ -42,6 +69,11 @@ impl Registry {
     ///
     /// Panics with the registry's log if it cannot start within 20 s.
     pub fn start() -> Registry {
+        Registry::start_with(RegistryOptions::default())
+    }
+
+    /// Like [`Registry::start`], with htpasswd auth and/or TLS.
+    pub fn start_with(options: RegistryOptions) -> Registry {
         host::require_prerequisites();
         let mut dir = tempfile::Builder::new()
             .prefix("sandboxd-registry-")
@@ -51,7 +83,7 @@ impl Registry {
             let port = free_port();
             let addr = format!("127.0.0.1:{port}");
             let config = dir.path().join("config.yml");
-            fs::write(&config, config_yaml(&dir.path().join("storage"), &addr))
+            fs::write(&config, config_yaml(dir.path(), &addr, &options))
                 .expect("write registry config.yml");
             let log_path = dir.path().join("registry.log");
             let log = File::create(&log_path).expect("create registry log");
@@ -67,6 +99,7 @@ impl Registry {
                 child,
                 addr,
                 dir: Some(dir),
+                options: options.clone(),
             };
             match registry.wait_ready() {
                 Ok(()) => return registry,
@@ -98,13 +131,17 @@ impl Registry {
     pub fn push(&self, layout: &Path, name_tag: &str) {
         let source = format!("oci:{}:{}", layout.display(), super::image::LAYOUT_TAG);
         let dest = format!("docker://{}/{name_tag}", self.addr);
-        let out = Command::new(host::binary("skopeo"))
-            .args([
-                "--insecure-policy",
-                "copy",
-                "--quiet",
-                "--dest-tls-verify=false",
-            ])
+        let mut command = Command::new(host::binary("skopeo"));
+        command.args([
+            "--insecure-policy",
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+        ]);
+        if let Some((user, password)) = &self.options.user {
+            command.arg(format!("--dest-creds={user}:{password}"));
+        }
+        let out = command
             .arg(&source)
             .arg(&dest)
             .stdin(Stdio::null())
@@ -127,7 +164,15 @@ impl Registry {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(format!("(exited: {status})\n{}", self.log()));
             }
-            if http_get_status(addr, "/v2/").is_some_and(|code| code == 200) {
+            let ready = if self.options.tls.is_some() {
+                // No TLS client here: the registry says when it listens.
+                self.log().contains("listening on")
+                    && TcpStream::connect_timeout(&addr, PROBE_TIMEOUT).is_ok()
+            } else {
+                // 401: up, and asking for the credentials it was told to.
+                http_get_status(addr, "/v2/").is_some_and(|code| code == 200 || code == 401)
+            };
+            if ready {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -178,13 +223,48 @@ pub fn http_get_status(addr: SocketAddr, path: &str) -> Option<u16> {
     parts.next()?.parse().ok()
 }
 
-fn config_yaml(storage: &Path, addr: &str) -> String {
-    format!(
+fn config_yaml(dir: &Path, addr: &str, options: &RegistryOptions) -> String {
+    let mut yaml = format!(
         "version: 0.1\n\
          log:\n  level: info\n\
          storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n\
-         http:\n  addr: {addr}\n\
-         health:\n  storagedriver:\n    enabled: false\n",
-        storage = storage.display(),
-    )
+         http:\n  addr: {addr}\n",
+        storage = dir.join("storage").display(),
+    );
+    if let Some((cert, key)) = &options.tls {
+        yaml.push_str(&format!(
+            "  tls:\n    certificate: {}\n    key: {}\n",
+            cert.display(),
+            key.display()
+        ));
+    }
+    if let (Some((user, password)), None) = (&options.user, &options.token) {
+        let htpasswd = dir.join("htpasswd");
+        let out = Command::new(host::binary("htpasswd"))
+            .args(["-Bbn", user, password])
+            .output()
+            .expect("run htpasswd (apache2-utils)");
+        assert!(
+            out.status.success(),
+            "htpasswd: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        fs::write(&htpasswd, &out.stdout).expect("write htpasswd");
+        yaml.push_str(&format!(
+            "auth:\n  htpasswd:\n    realm: sandboxd-test\n    path: {}\n",
+            htpasswd.display()
+        ));
+    }
+    if let Some(token) = &options.token {
+        yaml.push_str(&format!(
+            "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    \
+             rootcertbundle: {}\n",
+            token.realm,
+            token.service,
+            token.issuer,
+            token.root_cert.display()
+        ));
+    }
+    yaml.push_str("health:\n  storagedriver:\n    enabled: false\n");
+    yaml
 }

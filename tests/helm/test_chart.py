@@ -393,11 +393,15 @@ def test_configmap_toml_parses_and_holds_only_keys_sandboxd_accepts():
     }
     network_keys = {"bridge_name", "bridge_subnet", "dns_fallback"}
     auth_keys = {"tls_cert", "tls_key", "tls_client_ca", "tenants", "trust_forwarded_client_cert"}
+    registry_keys = {
+        "registry_auth", "registry_mirror", "registry_ca", "insecure_registry", "registry_allow",
+        "registry_connect_timeout", "registry_read_timeout",
+    }
     cases = (
         (None, chart_keys | network_keys | {"metrics_listen", "tenants"}),
         (
             all_on_values(),
-            chart_keys | network_keys | auth_keys
+            chart_keys | network_keys | auth_keys | registry_keys
             | {"metrics_listen", "cni_conflist", "warm_pool", "total_memory", "total_cpu_millis"},
         ),
         (ALTERNATIVE, chart_keys | {"tenants"}),
@@ -639,6 +643,43 @@ def test_tls_and_tenants_come_from_secrets_mounted_whole():
     assert "tls" not in volumes and "tenants" in volumes, volumes
 
 
+def test_registry_auth_comes_from_an_image_pull_secret_and_cas_from_configmaps():
+    values = all_on_values()
+    docs = manifests(values)
+    pod = one(docs, "DaemonSet")["spec"]["template"]["spec"]
+    container = sandboxd_container(docs)
+    toml = config_toml(docs)
+    registries = values["registries"]
+    # The dockerconfigjson Secret's own key, in a Secret mounted whole (updates reach it).
+    assert toml["registry_auth"] == "/etc/sandboxd-registry-auth/.dockerconfigjson"
+    mount, volume = mount_and_volume(pod, container, "/etc/sandboxd-registry-auth")
+    assert mount.get("readOnly") is True and "subPath" not in mount, mount
+    assert volume["secret"]["secretName"] == registries["authSecretName"], volume
+    # Mirrors in order, each CA at its own file, the lists as sandboxd's comma lists.
+    assert toml["registry_mirror"] == (
+        "docker.io=https://mirror.example.com/hub,docker.io=http://10.0.0.5:5000"
+    )
+    assert toml["registry_ca"] == (
+        "registry.internal:5000=/etc/sandboxd-registry-cas/0.crt,"
+        "harbor.example.com=/etc/sandboxd-registry-cas/1.crt"
+    )
+    mount, volume = mount_and_volume(pod, container, "/etc/sandboxd-registry-cas")
+    sources = volume["projected"]["sources"]
+    assert [(s["configMap"]["name"], s["configMap"]["items"]) for s in sources] == [
+        ("registry-ca", [{"key": "ca.crt", "path": "0.crt"}]),
+        ("harbor-ca", [{"key": "root.pem", "path": "1.crt"}]),
+    ], sources
+    assert toml["insecure_registry"] == "10.0.0.5:5000"
+    assert toml["registry_allow"] == "docker.io,registry.internal:5000,harbor.example.com"
+    assert (toml["registry_connect_timeout"], toml["registry_read_timeout"]) == ("5s", "1m")
+    # By default: anonymous, no mirror, nothing mounted for registries.
+    default = manifests()
+    assert not any(k.startswith("registr") or k == "insecure_registry"
+                   for k in config_toml(default))
+    volumes = [v["name"] for v in one(default, "DaemonSet")["spec"]["template"]["spec"]["volumes"]]
+    assert "registry-auth" not in volumes and "registry-cas" not in volumes, volumes
+
+
 def test_servicemonitor_only_when_enabled_and_scrapes_the_metrics_port():
     assert not any(d["kind"] == "ServiceMonitor" for d in manifests())
     docs = manifests(all_on_values())
@@ -742,6 +783,12 @@ def test_schema_refuses_bad_values():
     schema_refuses({"auth": {"tenants": {"secretName": "Not_A_Name", "key": "t"}}},
                    "/auth/tenants/secretName")
     schema_refuses({"auth": {**AUTH["auth"], "token": "x"}}, "token")
+    schema_refuses({"registries": {"mirrors": [{"host": "docker.io", "url": "mirror:5000"}]}},
+                   "/registries/mirrors/0/url")
+    schema_refuses({"registries": {"insecure": ["Registry.Example.com"]}},
+                   "/registries/insecure/0")
+    schema_refuses({"registries": {"readTimeout": "30"}}, "/registries/readTimeout")
+    schema_refuses({"registries": {"authSecretName": "Not_A_Name"}}, "/registries/authSecretName")
     report = helm.lint(str(CHART), {"config": {"logFormat": "yaml"}})
     assert any("/config/logFormat" in e for e in report["errors"]), report
 

@@ -112,6 +112,21 @@ impl Store for Containerd {
         written
     }
 
+    async fn hold_blob(&self, digest: &str, lease: &Lease) -> Result<()> {
+        let req = containerd_client::services::v1::AddResourceRequest {
+            id: lease.id().to_string(),
+            resource: Some(containerd_client::services::v1::Resource {
+                id: digest.to_string(),
+                r#type: "content".to_string(),
+            }),
+        };
+        call(
+            "leases.add_resource",
+            self.leases().add_resource(self.req(req)).await,
+        )
+        .map(|_| ())
+    }
+
     async fn ingests(&self) -> Result<Vec<(String, Option<SystemTime>)>> {
         let req = ListStatusesRequest { filters: vec![] };
         let resp = call(
