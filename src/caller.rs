@@ -83,6 +83,7 @@ pub struct Caller {
     tenant: Tenant,
     method: Method,
     quotas: Quotas,
+    registry_auth: Option<std::path::PathBuf>,
 }
 
 impl Caller {
@@ -92,6 +93,7 @@ impl Caller {
             tenant: Tenant::default_tenant(),
             method: Method::Anonymous,
             quotas: Quotas::default(),
+            registry_auth: None,
         }
     }
 
@@ -118,6 +120,12 @@ impl Caller {
     /// as they were when the call arrived.
     pub fn quotas(&self) -> &Quotas {
         &self.quotas
+    }
+
+    /// The caller's tenant's own registry credentials file (the tenants file's
+    /// `registry_auth`), if it has one.
+    pub fn registry_auth(&self) -> Option<&std::path::Path> {
+        self.registry_auth.as_deref()
     }
 }
 
@@ -257,12 +265,16 @@ impl Authenticator {
             ));
         }
         let quotas = tenants
+            .as_ref()
             .map(|t| t.quotas(&tenant).clone())
             .unwrap_or_default();
+        let registry_auth =
+            tenants.and_then(|t| t.registry_auth(&tenant).map(std::path::Path::to_path_buf));
         Ok(Caller {
             tenant,
             method,
             quotas,
+            registry_auth,
         })
     }
 

@@ -8,6 +8,7 @@
 //! max_memory_bytes = 17179869184
 //! max_cpu_millis = 8000
 //! spiffe_ids = ["spiffe://cluster.local/ns/agents/sa/alice"]
+//! registry_auth = "/etc/sandboxd/alice-registries.json"   # Docker config.json: her credentials
 //! ```
 //!
 //! The file holds only hashes: a token is looked up by hashing what the caller sent and
@@ -56,6 +57,9 @@ pub struct TenantEntry {
     pub spiffe_ids: Vec<String>,
     /// How many tokens it has (the hashes themselves stay private).
     pub tokens: usize,
+    /// Its own registry credentials (a Docker `config.json`), used instead of the node's
+    /// `--registry-auth` for its pulls and exports.
+    pub registry_auth: Option<std::path::PathBuf>,
 }
 
 /// A parsed tenants file.
@@ -84,6 +88,7 @@ struct Entry {
     max_cpu_millis: Option<u64>,
     #[serde(default)]
     spiffe_ids: Vec<String>,
+    registry_auth: Option<std::path::PathBuf>,
 }
 
 impl Tenants {
@@ -118,9 +123,18 @@ impl Tenants {
                     ));
                 }
             }
+            if let Some(path) = &entry.registry_auth {
+                if !path.is_absolute() {
+                    return Err(format!(
+                        "[tenants.{name}] registry_auth: {} is not an absolute path",
+                        path.display()
+                    ));
+                }
+            }
             tenants.entries.insert(
                 tenant,
                 TenantEntry {
+                    registry_auth: entry.registry_auth,
                     quotas: Quotas {
                         max_sandboxes: entry.max_sandboxes,
                         max_memory_bytes: entry.max_memory_bytes,
@@ -158,6 +172,11 @@ impl Tenants {
     /// `tenant`'s quotas; none when it has no entry (an mTLS tenant need not have one).
     pub fn quotas(&self, tenant: &Tenant) -> &Quotas {
         self.entries.get(tenant).map_or(&NO_QUOTAS, |e| &e.quotas)
+    }
+
+    /// `tenant`'s own registry credentials file, if it has one.
+    pub fn registry_auth(&self, tenant: &Tenant) -> Option<&Path> {
+        self.entries.get(tenant)?.registry_auth.as_deref()
     }
 
     /// Every tenant with an entry, by name.
@@ -267,6 +286,10 @@ mod tests {
             ("[tenants.a]\nmax_sandboxes = \"lots\"\n", "max_sandboxes"),
             ("[tenants.\"a b\"]\n", "not a tenant name"),
             ("[tenants.a]\nspiffe_ids = [\"https://x\"]\n", "not a SPIFFE ID"),
+            (
+                "[tenants.a]\nregistry_auth = \"relative.json\"\n",
+                "registry_auth: relative.json is not an absolute path",
+            ),
             (
                 "[tenants.a]\nspiffe_ids = [\"spiffe://x\"]\n[tenants.b]\nspiffe_ids = [\"spiffe://x\"]\n",
                 "two tenants",

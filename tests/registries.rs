@@ -705,3 +705,150 @@ async fn a_bearer_token_registry_pulls_and_exports_with_credentials_and_refuses_
     c.delete_snapshot(&snap.snapshot_id).await;
     env.leak_check().await;
 }
+
+/// A tenant's own `registry_auth` (the tenants file) is used for its pulls, creates and
+/// exports instead of the node's file; another tenant without one does not get it; a change
+/// to the tenant's file is picked up without a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_pulls_and_exports_with_its_own_credentials_and_no_one_else_does() {
+    use sandboxd::cli::Credentials;
+    use sandboxd::pb::sandbox_service_client::SandboxServiceClient;
+    use sandboxd::pb::snapshot_service_client::SnapshotServiceClient;
+    use sha2::Digest as _;
+
+    let private = Registry::start_with(RegistryOptions {
+        user: Some((USER.into(), PASSWORD.into())),
+        tls: None,
+        token: None,
+    });
+    private.push(&common::busybox_layout(), "team/busybox:1");
+    let host = private.addr();
+    let image = format!("{host}/team/busybox:1");
+    let dir = tempfile::tempdir().unwrap();
+    let alice_auth = dir.path().join("alice-config.json");
+    write_auth(
+        &alice_auth,
+        json!({ host.clone(): {"username": USER, "password": "wrong"} }),
+    );
+    let hash = |t: &str| hex::encode(sha2::Sha256::digest(t.as_bytes()));
+    let tenants = dir.path().join("tenants.toml");
+    std::fs::write(
+        &tenants,
+        format!(
+            "[tenants.alice]\ntokens_sha256 = [\"{}\"]\nregistry_auth = {:?}\n\n\
+             [tenants.bob]\ntokens_sha256 = [\"{}\"]\n",
+            hash("alice-token"),
+            alice_auth.display().to_string(),
+            hash("bob-token"),
+        ),
+    )
+    .unwrap();
+    let env = TestEnv::with_args(&["--tenants", tenants.to_str().unwrap()]).await;
+    let transport = |token: &str| {
+        env.sandboxd.transport(&Credentials {
+            token: Some(token.into()),
+            tls: Default::default(),
+        })
+    };
+    let pull_as = |token: &str| {
+        let mut images = ImageServiceClient::new(transport(token));
+        let image = image.clone();
+        async move {
+            let mut stream = images
+                .pull_image(pb::PullImageRequest { image })
+                .await?
+                .into_inner();
+            let mut last = None;
+            while let Some(msg) = stream.next().await {
+                last = msg?.image.or(last);
+            }
+            Ok::<_, tonic::Status>(last.expect("the image"))
+        }
+    };
+
+    // alice's file holds a wrong password: the registry refuses her; bob has no credentials.
+    let err = pull_as("alice-token").await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+    assert!(err.message().contains("refused"), "{err}");
+    let err = pull_as("bob-token").await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+
+    // Her file is fixed: picked up at her next call, no restart. A create of the private image
+    // pulls it with her credentials.
+    write_auth(
+        &alice_auth,
+        json!({ host.clone(): {"username": USER, "password": PASSWORD} }),
+    );
+    let mut alice = SandboxServiceClient::new(transport("alice-token"));
+    alice
+        .create_sandbox(pb::CreateSandboxRequest {
+            sandbox_id: "alices".into(),
+            image: image.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // bob still cannot: his pulls never use her credentials (nor does he see her image).
+    let err = pull_as("bob-token").await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+    let mut bob = SandboxServiceClient::new(transport("bob-token"));
+    let err = bob
+        .create_sandbox(pb::CreateSandboxRequest {
+            sandbox_id: "bobs".into(),
+            image: image.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+
+    // Her export pushes with her credentials.
+    let mut snaps = SnapshotServiceClient::new(transport("alice-token"));
+    let snap = snaps
+        .commit_snapshot(pb::CommitSnapshotRequest {
+            sandbox_id: "alices".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    let target = format!("{host}/team/alices:v1");
+    snaps
+        .export_snapshot(pb::ExportSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            image: target.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(pull_as("alice-token").await.unwrap().name, image);
+
+    // A file that stops parsing keeps the last good version in force.
+    std::fs::write(&alice_auth, b"{ not json").unwrap();
+    assert_eq!(pull_as("alice-token").await.unwrap().name, image);
+
+    alice
+        .delete_sandbox(pb::DeleteSandboxRequest {
+            sandbox_id: "alices".into(),
+            force: true,
+        })
+        .await
+        .unwrap();
+    snaps
+        .delete_snapshot(pb::DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id,
+        })
+        .await
+        .unwrap();
+    // bob's refused create left his id free.
+    let err = bob
+        .get_sandbox(pb::GetSandboxRequest {
+            sandbox_id: "bobs".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err}");
+    env.leak_check().await;
+}

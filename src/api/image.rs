@@ -73,13 +73,12 @@ impl ImageService for ImageApi {
         req: Request<pb::PullImageRequest>,
     ) -> Result<Response<Self::PullImageStream>, Status> {
         let this = self.for_caller(&req).await?;
+        let auth = super::tenant_registry_auth(&self.registries, &req)?;
         let image = ImageRef::parse("image", &req.into_inner().image)?;
         let (progress_tx, mut progress_rx) = mpsc::channel::<Progress>(PULL_PROGRESS_QUEUE);
         let (out_tx, out_rx) = mpsc::channel(PULL_PROGRESS_QUEUE);
         let cd = this.cd.clone();
-        // The caller's tenant's own registry credentials go here once the tenants file
-        // carries them (`Registries::access` takes them as an override).
-        let access = self.registries.access(None);
+        let access = self.registries.access(auth);
         // The pull runs on its own task: a client that disconnects does not leave it half-done.
         let pull = tokio::spawn(async move {
             image::pull(&access, cd.as_ref(), &image, Some(progress_tx)).await

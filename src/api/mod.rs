@@ -23,6 +23,16 @@ async fn tenant_manager<T>(
     Ok(tenancy.manager(caller.tenant()).await?)
 }
 
+/// The calling tenant's own registry credentials (the tenants file's `registry_auth`), read
+/// through `registries`; `None` when it has none (the node's `--registry-auth` then applies).
+fn tenant_registry_auth<T>(
+    registries: &crate::image::Registries,
+    req: &tonic::Request<T>,
+) -> Result<Option<Arc<crate::image::AuthFile>>, tonic::Status> {
+    let caller = Caller::of(req.extensions());
+    Ok(registries.tenant_auth(caller.registry_auth())?)
+}
+
 pub use file::FileApi;
 pub use image::ImageApi;
 pub use sandbox::SandboxApi;

@@ -35,6 +35,8 @@ struct ForCaller {
     manager: Arc<Manager>,
     /// The caller's tenant's quotas.
     quotas: Quotas,
+    /// The caller's tenant's own registry credentials, if it has them.
+    registry_auth: Option<Arc<crate::image::AuthFile>>,
     idle: Duration,
 }
 
@@ -47,8 +49,10 @@ impl SandboxApi {
 
     /// This service bound to the calling tenant's sandboxes and quotas.
     async fn for_caller<T>(&self, req: &Request<T>) -> Result<ForCaller, Status> {
+        let manager = super::tenant_manager(&self.tenancy, req).await?;
         Ok(ForCaller {
-            manager: super::tenant_manager(&self.tenancy, req).await?,
+            registry_auth: super::tenant_registry_auth(manager.registries(), req)?,
+            manager,
             quotas: crate::caller::Caller::of(req.extensions()).quotas().clone(),
             idle: self.idle,
         })
@@ -64,7 +68,10 @@ impl SandboxService for SandboxApi {
         let this = self.for_caller(&req).await?;
         let spec = convert::create_spec(req.into_inner())?;
         let started = Instant::now();
-        let sandbox = this.manager.create(spec, &this.quotas).await?;
+        let sandbox = this
+            .manager
+            .create(spec, &this.quotas, this.registry_auth.clone())
+            .await?;
         observe_since(&metrics().create_seconds, started);
         Ok(Response::new(pb::CreateSandboxResponse {
             sandbox: Some(convert::sandbox(sandbox)),

@@ -137,6 +137,7 @@ impl SnapshotService for SnapshotApi {
         req: Request<pb::ExportSnapshotRequest>,
     ) -> Result<Response<pb::ExportSnapshotResponse>, Status> {
         let this = self.for_caller(&req).await?;
+        let auth = super::tenant_registry_auth(this.manager.registries(), &req)?;
         let mut r = req.into_inner();
         let request_id = std::mem::take(&mut r.request_id);
         let request = RequestKey::parse("request_id", &request_id, &convert::canonical(&r, &[]))?;
@@ -147,7 +148,10 @@ impl SnapshotService for SnapshotApi {
                 "invalid image: the target must be a tag, not a digest",
             ));
         }
-        let digest = this.manager.export_snapshot(&id, &target, request).await?;
+        let digest = this
+            .manager
+            .export_snapshot(&id, &target, request, auth)
+            .await?;
         Ok(Response::new(pb::ExportSnapshotResponse {
             image: target.name(),
             digest,

@@ -37,8 +37,14 @@ impl Manager {
     // ---- create ----
 
     /// CreateSandbox (a fork when its source is a snapshot), held against the tenant's
-    /// `quotas`. Runs to completion (or full undo) even if the caller goes away.
-    pub async fn create(self: &Arc<Self>, spec: CreateSpec, quotas: &Quotas) -> Result<Sandbox> {
+    /// `quotas`; a missing image is pulled with the tenant's `registry_auth` when it has its
+    /// own. Runs to completion (or full undo) even if the caller goes away.
+    pub async fn create(
+        self: &Arc<Self>,
+        spec: CreateSpec,
+        quotas: &Quotas,
+        registry_auth: Option<Arc<image::AuthFile>>,
+    ) -> Result<Sandbox> {
         let quotas = quotas.clone();
         let this = self.clone();
         let span = tracing::info_span!("create_sandbox", sandbox_id = %spec.id);
@@ -56,7 +62,7 @@ impl Manager {
                 if let Some(sandbox) = this.claim_pooled(&spec).await? {
                     return Ok(sandbox);
                 }
-                this.create_inner(spec).await
+                this.create_inner(spec, registry_auth).await
             }
             .instrument(span),
         )
@@ -76,7 +82,11 @@ impl Manager {
         Ok(None)
     }
 
-    async fn create_inner(&self, mut spec: CreateSpec) -> Result<Sandbox> {
+    async fn create_inner(
+        &self,
+        mut spec: CreateSpec,
+        registry_auth: Option<Arc<image::AuthFile>>,
+    ) -> Result<Sandbox> {
         // The limits recorded (and reported) are the ones that apply, defaults included.
         spec.resources = self.applied_limits(spec.resources);
         let _guard = self.locks.lock(spec.id.as_str()).await?;
@@ -108,8 +118,7 @@ impl Manager {
             (Ok(image), _) => image,
             (Err(Error::NotFound { .. }), Source::Image(image_ref)) => {
                 tracing::info!(image = %image_ref, "pulling a missing image");
-                // The tenant's own registry credentials go here once tenants carry them.
-                let access = self.cfg.registries.access(None);
+                let access = self.cfg.registries.access(registry_auth);
                 image::pull(&access, self.cd.as_ref(), image_ref, None).await?;
                 image::resolve(self.cd.as_ref(), image_ref).await?.into()
             }

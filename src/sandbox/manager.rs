@@ -195,6 +195,11 @@ impl Manager {
         &self.cd
     }
 
+    /// The registry settings pulls and exports use.
+    pub fn registries(&self) -> &Arc<crate::image::Registries> {
+        &self.cfg.registries
+    }
+
     /// The tenant whose sandboxes this manager holds.
     pub fn tenant(&self) -> &crate::caller::Tenant {
         self.scope.tenant()

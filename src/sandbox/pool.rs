@@ -308,7 +308,10 @@ impl super::Manager {
                     pool: Some(name.clone()),
                     request: None,
                 };
-                match this.create(spec, &crate::tenants::Quotas::default()).await {
+                match this
+                    .create(spec, &crate::tenants::Quotas::default(), None)
+                    .await
+                {
                     Ok(_) => this.pool.push(&name, id.to_string()),
                     Err(e) => {
                         tracing::warn!(image = %name, error = %e, "filling the warm pool failed; retrying later");

@@ -186,11 +186,13 @@ impl Manager {
     /// A snapshot always exports to the same digest, so a retry simply pushes again (blobs the
     /// registry has are skipped); `request` is remembered on the snapshot's record so that the
     /// same id with another request is refused.
+    /// `registry_auth`: the tenant's own credentials, when it has them.
     pub async fn export_snapshot(
         &self,
         id: &str,
         target: &ImageRef,
         request: Option<RequestKey>,
+        registry_auth: Option<Arc<crate::image::AuthFile>>,
     ) -> Result<String> {
         let cd = self.cd.as_ref();
         let _retries = self.lock_request(request.as_ref()).await?;
@@ -204,7 +206,7 @@ impl Manager {
             Error::NotFound { .. } => Error::not_found(Kind::Snapshot, id),
             e => e,
         })?;
-        let access = self.cfg.registries.access(None);
+        let access = self.cfg.registries.access(registry_auth);
         let digest = image::push(&access, cd, &resolved.manifest_digest, target).await?;
         if let (Some(key), false) = (&request, replayed) {
             if let Some(mut record) = cd.image(&name.name()).await? {

@@ -139,7 +139,11 @@ fn position(calls: &[String], call: &str) -> usize {
 #[tokio::test]
 async fn create_records_the_sandbox_in_labels_and_starts_it() {
     let f = Fixture::new();
-    let sandbox = f.manager.create(spec("box-1"), &NO_QUOTAS).await.unwrap();
+    let sandbox = f
+        .manager
+        .create(spec("box-1"), &NO_QUOTAS, None)
+        .await
+        .unwrap();
     assert_eq!(sandbox.state, State::Running);
     assert_eq!(sandbox.image, IMAGE);
     assert_eq!(sandbox.labels.get("team").map(String::as_str), Some("a"));
@@ -164,7 +168,7 @@ async fn a_failed_start_undoes_the_create_in_reverse_order() {
     f.fake.fail("tasks.start");
     let err = f
         .manager
-        .create(spec("box-1"), &NO_QUOTAS)
+        .create(spec("box-1"), &NO_QUOTAS, None)
         .await
         .unwrap_err();
     assert!(matches!(err, Error::Internal(_)), "{err:?}");
@@ -192,7 +196,7 @@ async fn a_failed_container_create_removes_the_prepared_snapshot() {
     let f = Fixture::new();
     f.fake.fail("containers.create");
     f.manager
-        .create(spec("box-1"), &NO_QUOTAS)
+        .create(spec("box-1"), &NO_QUOTAS, None)
         .await
         .unwrap_err();
     assert!(f.fake.container_ids().is_empty());
@@ -204,11 +208,14 @@ async fn a_failed_container_create_removes_the_prepared_snapshot() {
 #[tokio::test]
 async fn creating_an_existing_id_is_already_exists_and_leaves_it_alone() {
     let f = Fixture::new();
-    f.manager.create(spec("box-1"), &NO_QUOTAS).await.unwrap();
+    f.manager
+        .create(spec("box-1"), &NO_QUOTAS, None)
+        .await
+        .unwrap();
     let before = f.fake.snapshot_names();
     let err = f
         .manager
-        .create(spec("box-1"), &NO_QUOTAS)
+        .create(spec("box-1"), &NO_QUOTAS, None)
         .await
         .unwrap_err();
     assert!(matches!(err, Error::AlreadyExists { .. }), "{err:?}");
@@ -222,7 +229,7 @@ async fn a_created_but_not_started_sandbox_has_no_task() {
     let f = Fixture::new();
     let mut s = spec("box-1");
     s.start = false;
-    let sandbox = f.manager.create(s, &NO_QUOTAS).await.unwrap();
+    let sandbox = f.manager.create(s, &NO_QUOTAS, None).await.unwrap();
     assert_eq!(sandbox.state, State::Created);
     assert!(!f.fake.calls().iter().any(|c| c.starts_with("tasks.create")));
 }
@@ -230,7 +237,10 @@ async fn a_created_but_not_started_sandbox_has_no_task() {
 #[tokio::test]
 async fn stop_records_the_exit_and_start_runs_it_again() {
     let f = Fixture::new();
-    f.manager.create(spec("box-1"), &NO_QUOTAS).await.unwrap();
+    f.manager
+        .create(spec("box-1"), &NO_QUOTAS, None)
+        .await
+        .unwrap();
     let stopped = f
         .manager
         .stop(id("box-1"), libc::SIGTERM, Duration::from_millis(50), true)
@@ -247,7 +257,10 @@ async fn stop_records_the_exit_and_start_runs_it_again() {
 #[tokio::test]
 async fn a_task_in_unknown_state_is_never_taken_for_an_exited_one() {
     let f = Fixture::new();
-    f.manager.create(spec("box-1"), &NO_QUOTAS).await.unwrap();
+    f.manager
+        .create(spec("box-1"), &NO_QUOTAS, None)
+        .await
+        .unwrap();
     f.fake.set_task_state("box-1", TaskState::Unknown);
     let err = f.manager.start(id("box-1")).await.unwrap_err();
     assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
@@ -262,7 +275,10 @@ async fn a_task_in_unknown_state_is_never_taken_for_an_exited_one() {
 #[tokio::test]
 async fn delete_of_a_running_sandbox_needs_force_and_then_removes_everything() {
     let f = Fixture::new();
-    f.manager.create(spec("box-1"), &NO_QUOTAS).await.unwrap();
+    f.manager
+        .create(spec("box-1"), &NO_QUOTAS, None)
+        .await
+        .unwrap();
     let err = f.manager.delete(id("box-1"), false).await.unwrap_err();
     assert!(matches!(err, Error::FailedPrecondition(_)), "{err:?}");
     assert_eq!(f.fake.container_ids(), vec!["box-1"]);
@@ -279,12 +295,12 @@ async fn the_reaper_deletes_expired_sandboxes_only() {
     let f = Fixture::new();
     let mut expiring = spec("old-1");
     expiring.ttl = Some(Duration::ZERO);
-    f.manager.create(expiring, &NO_QUOTAS).await.unwrap();
+    f.manager.create(expiring, &NO_QUOTAS, None).await.unwrap();
     let mut later = spec("later-1");
     later.ttl = Some(Duration::from_secs(3600));
-    f.manager.create(later, &NO_QUOTAS).await.unwrap();
+    f.manager.create(later, &NO_QUOTAS, None).await.unwrap();
     f.manager
-        .create(spec("forever-1"), &NO_QUOTAS)
+        .create(spec("forever-1"), &NO_QUOTAS, None)
         .await
         .unwrap();
     let reaped = f.manager.reap_expired().await.unwrap();
@@ -295,7 +311,10 @@ async fn the_reaper_deletes_expired_sandboxes_only() {
 #[tokio::test]
 async fn recovery_removes_what_interrupted_operations_left() {
     let f = Fixture::new();
-    f.manager.create(spec("box-1"), &NO_QUOTAS).await.unwrap();
+    f.manager
+        .create(spec("box-1"), &NO_QUOTAS, None)
+        .await
+        .unwrap();
     let owned = |name: &str, owner: &str| SnapshotInfo {
         name: name.into(),
         parent: LAYER.into(),
@@ -335,7 +354,7 @@ async fn records_carry_the_schema_that_recovery_and_the_reaper_read() {
     let f = Fixture::new();
     let mut s = spec("box-1");
     s.ttl = Some(Duration::from_secs(60));
-    f.manager.create(s, &NO_QUOTAS).await.unwrap();
+    f.manager.create(s, &NO_QUOTAS, None).await.unwrap();
     let container = f
         .manager
         .backend()
@@ -359,13 +378,16 @@ async fn recovery_rolls_back_a_create_whose_lease_is_still_open() {
     f.fake.fail("leases.delete");
     f.fake.fail("containers.delete");
     f.manager
-        .create(spec("half-1"), &NO_QUOTAS)
+        .create(spec("half-1"), &NO_QUOTAS, None)
         .await
         .unwrap_err();
     assert_eq!(f.fake.container_ids(), vec!["half-1"]);
     let fresh = Fixture::new_on(f.fake.clone(), &f.dir);
     f.fake.heal();
-    f.manager.create(spec("whole-1"), &NO_QUOTAS).await.unwrap();
+    f.manager
+        .create(spec("whole-1"), &NO_QUOTAS, None)
+        .await
+        .unwrap();
     fresh.manager.recover().await.unwrap();
     assert_eq!(f.fake.container_ids(), vec!["whole-1"]);
     let err = fresh.manager.get(&id("half-1")).await.unwrap_err();
@@ -379,7 +401,10 @@ async fn recovery_rolls_back_a_create_whose_lease_is_still_open() {
 #[tokio::test]
 async fn recovery_finishes_a_delete_that_removed_the_snapshot_only() {
     let f = Fixture::new();
-    f.manager.create(spec("box-1"), &NO_QUOTAS).await.unwrap();
+    f.manager
+        .create(spec("box-1"), &NO_QUOTAS, None)
+        .await
+        .unwrap();
     f.fake.fail("containers.delete");
     f.manager.delete(id("box-1"), true).await.unwrap_err();
     assert_eq!(f.fake.container_ids(), vec!["box-1"]);
@@ -391,7 +416,10 @@ async fn recovery_finishes_a_delete_that_removed_the_snapshot_only() {
 #[tokio::test]
 async fn recovery_resumes_a_task_a_dead_commit_left_paused() {
     let f = Fixture::new();
-    f.manager.create(spec("box-1"), &NO_QUOTAS).await.unwrap();
+    f.manager
+        .create(spec("box-1"), &NO_QUOTAS, None)
+        .await
+        .unwrap();
     f.fake.set_task_state("box-1", TaskState::Paused);
     f.manager.recover().await.unwrap();
     let sandbox = f.manager.get(&id("box-1")).await.unwrap();
@@ -401,7 +429,10 @@ async fn recovery_resumes_a_task_a_dead_commit_left_paused() {
 #[tokio::test]
 async fn recovery_removes_a_dead_commits_view_and_unpack_snapshots() {
     let f = Fixture::new();
-    f.manager.create(spec("box-1"), &NO_QUOTAS).await.unwrap();
+    f.manager
+        .create(spec("box-1"), &NO_QUOTAS, None)
+        .await
+        .unwrap();
     for key in ["sandboxd-view-aaaa", "sandboxd-unpack-bbbb"] {
         f.fake.add_snapshot(SnapshotInfo {
             name: key.into(),
@@ -433,6 +464,7 @@ async fn a_retried_create_returns_the_first_sandbox_and_makes_no_second() {
         .create(
             with_request(spec("gen-aaaa"), "req-1", "create busybox"),
             &NO_QUOTAS,
+            None,
         )
         .await
         .unwrap();
@@ -441,6 +473,7 @@ async fn a_retried_create_returns_the_first_sandbox_and_makes_no_second() {
         .create(
             with_request(spec("gen-bbbb"), "req-1", "create busybox"),
             &NO_QUOTAS,
+            None,
         )
         .await
         .unwrap();
@@ -451,6 +484,7 @@ async fn a_retried_create_returns_the_first_sandbox_and_makes_no_second() {
         .create(
             with_request(spec("gen-cccc"), "req-1", "create alpine"),
             &NO_QUOTAS,
+            None,
         )
         .await
         .unwrap_err();
@@ -464,7 +498,7 @@ async fn concurrent_retries_of_one_create_make_one_sandbox() {
     let calls = (0..4).map(|i| {
         let manager = f.manager.clone();
         let s = with_request(spec(&format!("gen-{i}")), "req-1", "create busybox");
-        tokio::spawn(async move { manager.create(s, &NO_QUOTAS).await })
+        tokio::spawn(async move { manager.create(s, &NO_QUOTAS, None).await })
     });
     let ids: std::collections::BTreeSet<String> = futures::future::join_all(calls)
         .await
@@ -478,7 +512,10 @@ async fn concurrent_retries_of_one_create_make_one_sandbox() {
 #[tokio::test]
 async fn a_retried_commit_returns_the_first_snapshot() {
     let f = Fixture::new();
-    f.manager.create(spec("box-1"), &NO_QUOTAS).await.unwrap();
+    f.manager
+        .create(spec("box-1"), &NO_QUOTAS, None)
+        .await
+        .unwrap();
     let key = |c: &str| super::RequestKey::parse("request_id", "commit-1", c).unwrap();
     let first = f
         .manager
@@ -542,7 +579,10 @@ async fn recovery_abandons_content_writes_of_an_earlier_run_only() {
 #[tokio::test]
 async fn a_commit_tries_a_busy_freezer_again_then_answers_unavailable() {
     let f = Fixture::new();
-    f.manager.create(spec("box-1"), &NO_QUOTAS).await.unwrap();
+    f.manager
+        .create(spec("box-1"), &NO_QUOTAS, None)
+        .await
+        .unwrap();
     let pauses = |f: &Fixture| {
         f.fake
             .calls()
@@ -592,7 +632,7 @@ async fn concurrent_creates_never_overshoot_max_sandboxes() {
     let calls = (0..20).map(|i| {
         let manager = f.manager.clone();
         let q = q.clone();
-        tokio::spawn(async move { manager.create(spec(&format!("box-{i}")), &q).await })
+        tokio::spawn(async move { manager.create(spec(&format!("box-{i}")), &q, None).await })
     });
     let results: Vec<_> = futures::future::join_all(calls)
         .await
@@ -617,15 +657,15 @@ async fn a_failed_create_gives_its_reservation_back() {
     let f = Fixture::new();
     let q = quotas(Some(1), None, None);
     f.fake.fail("tasks.start");
-    f.manager.create(spec("box-1"), &q).await.unwrap_err();
+    f.manager.create(spec("box-1"), &q, None).await.unwrap_err();
     assert_eq!(f.manager.usage().await.unwrap(), Default::default());
     f.fake.heal();
-    f.manager.create(spec("box-1"), &q).await.unwrap();
-    let second = f.manager.create(spec("box-2"), &q).await;
+    f.manager.create(spec("box-1"), &q, None).await.unwrap();
+    let second = f.manager.create(spec("box-2"), &q, None).await;
     assert!(is_exhausted(&second), "{second:?}");
     // Deleting one frees its place.
     f.manager.delete(id("box-1"), true).await.unwrap();
-    f.manager.create(spec("box-2"), &q).await.unwrap();
+    f.manager.create(spec("box-2"), &q, None).await.unwrap();
 }
 
 #[tokio::test]
@@ -634,11 +674,11 @@ async fn memory_and_cpu_quotas_count_the_limits_that_apply_defaults_included() {
     let gib = 1u64 << 30;
     // The default limits (1 GiB, 1000 millicores) apply to sandboxes that ask for none.
     let q = quotas(None, Some(2 * gib), None);
-    f.manager.create(spec("box-1"), &q).await.unwrap();
+    f.manager.create(spec("box-1"), &q, None).await.unwrap();
     let mut small = spec("box-2");
     small.resources.memory_bytes = Some(512 << 20);
-    f.manager.create(small, &q).await.unwrap();
-    let third = f.manager.create(spec("box-3"), &q).await;
+    f.manager.create(small, &q, None).await.unwrap();
+    let third = f.manager.create(spec("box-3"), &q, None).await;
     let Err(e) = &third else { panic!("{third:?}") };
     assert!(
         e.to_string().contains(&format!(
@@ -650,10 +690,10 @@ async fn memory_and_cpu_quotas_count_the_limits_that_apply_defaults_included() {
     );
     let mut tiny = spec("box-3");
     tiny.resources.memory_bytes = Some(512 << 20);
-    f.manager.create(tiny, &q).await.unwrap();
+    f.manager.create(tiny, &q, None).await.unwrap();
 
     let q = quotas(None, None, Some(2500));
-    let cpu = f.manager.create(spec("box-4"), &q).await;
+    let cpu = f.manager.create(spec("box-4"), &q, None).await;
     assert!(
         matches!(&cpu, Err(Error::ResourceExhausted(m)) if m.contains("max_cpu_millis = 2500 millicores and uses 3000 millicores")),
         "{cpu:?}"
@@ -665,8 +705,8 @@ async fn memory_and_cpu_quotas_count_the_limits_that_apply_defaults_included() {
 async fn use_is_counted_from_containerd_after_a_restart() {
     let f = Fixture::new();
     let none = quotas(None, None, None);
-    f.manager.create(spec("box-1"), &none).await.unwrap();
-    f.manager.create(spec("box-2"), &none).await.unwrap();
+    f.manager.create(spec("box-1"), &none, None).await.unwrap();
+    f.manager.create(spec("box-2"), &none, None).await.unwrap();
     let again = Fixture::new_on(f.fake.clone(), &f.dir);
     again.manager.recover().await.unwrap();
     let used = again.manager.usage().await.unwrap();
@@ -674,7 +714,7 @@ async fn use_is_counted_from_containerd_after_a_restart() {
     assert_eq!(used.memory_bytes, 2 << 30);
     let third = again
         .manager
-        .create(spec("box-3"), &quotas(Some(2), None, None))
+        .create(spec("box-3"), &quotas(Some(2), None, None), None)
         .await;
     assert!(is_exhausted(&third), "{third:?}");
 }
@@ -699,7 +739,7 @@ async fn tenants_see_only_their_own_sandboxes_and_may_share_ids() {
     let t = super::Tenancy::new(f.manager.clone(), None);
     let alice = tenant(&t, &f, "alice").await;
     let bob = tenant(&t, &f, "bob").await;
-    alice.create(spec("box-1"), &NO_QUOTAS).await.unwrap();
+    alice.create(spec("box-1"), &NO_QUOTAS, None).await.unwrap();
     // Missing to everyone else, as if it did not exist.
     for other in [&bob, &f.manager] {
         let e = other.get(&id("box-1")).await.unwrap_err();
@@ -713,7 +753,7 @@ async fn tenants_see_only_their_own_sandboxes_and_may_share_ids() {
         assert!(listed.is_empty(), "{listed:?}");
     }
     // The same id in another tenant is another sandbox, on other host names.
-    bob.create(spec("box-1"), &NO_QUOTAS).await.unwrap();
+    bob.create(spec("box-1"), &NO_QUOTAS, None).await.unwrap();
     assert_ne!(alice.host_key("box-1"), bob.host_key("box-1"));
     assert!(f
         .dir
@@ -740,8 +780,11 @@ async fn a_restart_finds_every_tenants_namespace_and_recovery_keeps_the_others_f
     let f = Fixture::new();
     let t = super::Tenancy::new(f.manager.clone(), None);
     let alice = tenant(&t, &f, "alice").await;
-    alice.create(spec("box-1"), &NO_QUOTAS).await.unwrap();
-    f.manager.create(spec("box-2"), &NO_QUOTAS).await.unwrap();
+    alice.create(spec("box-1"), &NO_QUOTAS, None).await.unwrap();
+    f.manager
+        .create(spec("box-2"), &NO_QUOTAS, None)
+        .await
+        .unwrap();
     // sandboxd restarts: a new default manager on the same containerd and data dir.
     let again = Fixture::new_on(f.fake.clone(), &f.dir);
     let t2 = super::Tenancy::new(again.manager.clone(), None);

@@ -54,6 +54,15 @@ pub struct Registries {
     client: reqwest::Client,
     /// Clients of hosts with a `--registry-ca` of their own.
     ca_clients: HashMap<String, reqwest::Client>,
+    /// Tenants' own credentials files (the tenants file's `registry_auth`), by path: what was
+    /// last read and the file's modification time and size then.
+    tenant_files: std::sync::Mutex<HashMap<std::path::PathBuf, TenantFile>>,
+}
+
+/// A tenant's credentials file as last read.
+struct TenantFile {
+    stamp: (std::time::SystemTime, u64),
+    auth: Arc<AuthFile>,
 }
 
 impl std::fmt::Debug for Registries {
@@ -107,6 +116,7 @@ impl Registries {
             auth,
             client,
             ca_clients,
+            tenant_files: Default::default(),
         })
     }
 
@@ -118,6 +128,51 @@ impl Registries {
     /// The settings in force.
     pub fn settings(&self) -> &RegistrySettings {
         &self.settings
+    }
+
+    /// A tenant's own credentials file (`path`, from the tenants file), read again whenever
+    /// it changed since it was last read. A version that does not parse is logged and the
+    /// last good one stays in force; one never read successfully fails the call with
+    /// FAILED_PRECONDITION naming the file (never the credentials).
+    pub fn tenant_auth(&self, path: Option<&std::path::Path>) -> Result<Option<Arc<AuthFile>>> {
+        let Some(path) = path else { return Ok(None) };
+        let stamp = std::fs::metadata(path)
+            .ok()
+            .and_then(|m| Some((m.modified().ok()?, m.len())));
+        let mut files = self.tenant_files.lock().unwrap_or_else(|e| e.into_inner());
+        let known = files.get(path);
+        if let (Some(k), Some(s)) = (known, stamp) {
+            if k.stamp == s {
+                return Ok(Some(k.auth.clone()));
+            }
+        }
+        let read = std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| AuthFile::parse(&bytes));
+        match (read, stamp) {
+            (Ok(auth), Some(stamp)) => {
+                let auth = Arc::new(auth);
+                files.insert(
+                    path.to_path_buf(),
+                    TenantFile {
+                        stamp,
+                        auth: auth.clone(),
+                    },
+                );
+                Ok(Some(auth))
+            }
+            (Ok(auth), None) => Ok(Some(Arc::new(auth))),
+            (Err(e), _) => match files.get(path) {
+                Some(k) => {
+                    tracing::warn!(file = %path.display(), error = %e, "a tenant's registry_auth file does not read; the last good version stays in force");
+                    Ok(Some(k.auth.clone()))
+                }
+                None => Err(Error::FailedPrecondition(format!(
+                    "the tenant's registry_auth file {} cannot be used: {e}",
+                    path.display()
+                ))),
+            },
+        }
     }
 
     /// Access for one operation. `tenant_auth`, when given, replaces the node's auth file (a

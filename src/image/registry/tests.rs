@@ -9,7 +9,7 @@ use base64::Engine as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use super::{Actions, AuthFile, Registries};
+use super::{Actions, AuthFile, Credential, Registries};
 use crate::error::Error;
 
 /// A request as the test registry saw it.
@@ -405,4 +405,36 @@ async fn plain_http_is_for_insecure_hosts_and_loopback_without_a_ca_of_its_own()
         "https://registry.example.com/"
     );
     assert_eq!(base("docker.io").await, "https://registry-1.docker.io/");
+}
+
+#[test]
+fn a_tenants_credentials_file_is_read_again_when_it_changes_and_kept_when_it_breaks() {
+    let registries = Registries::anonymous();
+    assert!(registries.tenant_auth(None).unwrap().is_none());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("alice.json");
+    let missing = registries.tenant_auth(Some(&path)).unwrap_err();
+    assert!(missing.to_string().contains("alice.json"), "{missing}");
+    let write = |user: &str| {
+        let tmp = dir.path().join("tmp.json");
+        std::fs::write(
+            &tmp,
+            format!(r#"{{"auths":{{"r.example":{{"username":"{user}","password":"p"}}}}}}"#),
+        )
+        .unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    };
+    let user = |auth: &AuthFile| match auth.get("r.example") {
+        Some(Credential::Basic { username, .. }) => username.clone(),
+        other => panic!("{other:?}"),
+    };
+    write("first");
+    let auth = registries.tenant_auth(Some(&path)).unwrap().unwrap();
+    assert_eq!(user(&auth), "first");
+    write("second-user");
+    let auth = registries.tenant_auth(Some(&path)).unwrap().unwrap();
+    assert_eq!(user(&auth), "second-user");
+    std::fs::write(&path, b"{ broken").unwrap();
+    let auth = registries.tenant_auth(Some(&path)).unwrap().unwrap();
+    assert_eq!(user(&auth), "second-user", "the last good version stays");
 }
