@@ -197,7 +197,9 @@ async fn send_file_events(
     let ready = match registered {
         Ok(fd) => fd,
         Err(e) => {
-            let _ = tx.send(Err(Status::internal(format!("polling inotify: {e}")))).await;
+            let _ = tx
+                .send(Err(Status::internal(format!("polling inotify: {e}"))))
+                .await;
             return;
         }
     };
@@ -391,7 +393,10 @@ impl FileService for FileApi {
         // A stopped sandbox's root would be a mount holding its lock for as long as the
         // watch lasts: it is refused before anything is opened.
         let now = this.manager.get(&sandbox_id).await?;
-        if !matches!(now.state, crate::sandbox::State::Running | crate::sandbox::State::Paused) {
+        if !matches!(
+            now.state,
+            crate::sandbox::State::Running | crate::sandbox::State::Paused
+        ) {
             return Err(not_running());
         }
         let mut stream = this.manager.file_stream(&sandbox_id);

@@ -244,7 +244,9 @@ impl SandboxService for SandboxApi {
                         return;
                     }
                     Next::Closed => {
-                        tx.abort(Status::unavailable("the server is shutting down; resume later"));
+                        tx.abort(Status::unavailable(
+                            "the server is shutting down; resume later",
+                        ));
                         return;
                     }
                 }

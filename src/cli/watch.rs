@@ -73,10 +73,7 @@ pub async fn watch_files(channel: Transport, format: Format, args: WatchFilesArg
 
 fn event_type(t: i32) -> &'static str {
     pb::SandboxEventType::try_from(t)
-        .map(|t| {
-            t.as_str_name()
-                .trim_start_matches("SANDBOX_EVENT_TYPE_")
-        })
+        .map(|t| t.as_str_name().trim_start_matches("SANDBOX_EVENT_TYPE_"))
         .unwrap_or("UNKNOWN")
 }
 

@@ -464,11 +464,20 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let mut w = open(tmp.path(), "/", true).unwrap();
         std::fs::create_dir(tmp.path().join("x")).unwrap();
-        assert_eq!(kinds(&events(&mut w, 1)), vec![(FileEventKind::Created, "/x")]);
+        assert_eq!(
+            kinds(&events(&mut w, 1)),
+            vec![(FileEventKind::Created, "/x")]
+        );
         std::fs::rename(tmp.path().join("x"), tmp.path().join("y")).unwrap();
-        assert_eq!(kinds(&events(&mut w, 1)), vec![(FileEventKind::Renamed, "/y")]);
+        assert_eq!(
+            kinds(&events(&mut w, 1)),
+            vec![(FileEventKind::Renamed, "/y")]
+        );
         std::fs::write(tmp.path().join("y/f"), b"").unwrap();
-        assert_eq!(kinds(&events(&mut w, 1)), vec![(FileEventKind::Created, "/y/f")]);
+        assert_eq!(
+            kinds(&events(&mut w, 1)),
+            vec![(FileEventKind::Created, "/y/f")]
+        );
     }
 
     #[test]

@@ -227,7 +227,10 @@ impl super::Manager {
             loop {
                 match sub.next().await {
                     Next::Event(e) if &e.sandbox.id == id => {
-                        if !matches!(e.kind, EventKind::Created | EventKind::Started | EventKind::SnapshotCommitted) {
+                        if !matches!(
+                            e.kind,
+                            EventKind::Created | EventKind::Started | EventKind::SnapshotCommitted
+                        ) {
                             return;
                         }
                     }
@@ -328,7 +331,10 @@ mod tests {
         assert!(log.subscribe(11).is_ok());
         assert!(matches!(log.subscribe(10), Err(Error::OutOfRange(_))));
         assert!(matches!(log.subscribe(14), Err(Error::OutOfRange(_))));
-        assert!(matches!(log.subscribe(-1), Err(Error::InvalidArgument { .. })));
+        assert!(matches!(
+            log.subscribe(-1),
+            Err(Error::InvalidArgument { .. })
+        ));
     }
 
     #[tokio::test]

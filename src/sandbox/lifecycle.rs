@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime};
 
 use tracing::Instrument;
 
-use super::manager::{remove_dir, run_to_completion, Manager};
 use super::events::EventKind;
+use super::manager::{remove_dir, run_to_completion, Manager};
 use super::model::*;
 use super::network::{write_etc_files, NetCtx};
 use super::record::*;

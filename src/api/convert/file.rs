@@ -2,8 +2,8 @@
 
 use crate::error::{Error, Result};
 use crate::files::{
-    FileEntry, FileEvent, FileEventKind, FileType, ListDepth, ReadRange, SandboxPath, WriteInput, WriteSpec,
-    DEFAULT_DIR_MODE, DEFAULT_FILE_MODE,
+    FileEntry, FileEvent, FileEventKind, FileType, ListDepth, ReadRange, SandboxPath, WriteInput,
+    WriteSpec, DEFAULT_DIR_MODE, DEFAULT_FILE_MODE,
 };
 use crate::pb;
 use crate::sandbox::SandboxId;

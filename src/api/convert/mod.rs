@@ -399,9 +399,7 @@ pub fn stop_spec(r: pb::StopSandboxRequest) -> Result<StopSpec> {
 }
 
 /// WatchSandboxesRequest → the selector and the revision to resume after.
-pub fn watch_sandboxes_spec(
-    r: pb::WatchSandboxesRequest,
-) -> Result<(sandbox::LabelSelector, i64)> {
+pub fn watch_sandboxes_spec(r: pb::WatchSandboxesRequest) -> Result<(sandbox::LabelSelector, i64)> {
     let selector = sandbox::LabelSelector::parse("label_selector", &r.label_selector)?;
     if r.resume_after < 0 {
         return Err(Error::invalid("resume_after", "must not be negative"));
