@@ -99,8 +99,9 @@ async fn run(n: usize) -> Result<()> {
                 .context("the event stream failed")?
                 .context("the event stream ended")?;
             let arrived = SystemTime::now();
+            let exited = e.r#type() == pb::SandboxEventType::Exited;
             let sandbox = e.sandbox.unwrap_or_default();
-            if e.r#type() == pb::SandboxEventType::Exited && sandbox.sandbox_id == id {
+            if exited && sandbox.sandbox_id == id {
                 break (arrived, sandbox.exited_at);
             }
         };

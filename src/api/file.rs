@@ -231,6 +231,9 @@ async fn send_file_events(
             }
             () = &mut stopped => {
                 watch = Some(w);
+                if manager.events_closed() {
+                    break Some(Status::unavailable("the server is shutting down; watch again later"));
+                }
                 break None;
             }
         };

@@ -239,7 +239,9 @@ impl SandboxService for SandboxApi {
                     Next::Lagged => {
                         // Its place in the shared ring is lost: no memory is held for it.
                         tx.abort(Status::aborted(format!(
-                            "this watcher fell more than {WATCHER_QUEUE} events behind and was                              ended; call again with resume_after = {last} (the last revision                              it was sent) to continue"
+                            "this watcher fell more than {WATCHER_QUEUE} events behind (after revision \
+                             {last}) and was ended; call again with resume_after = the last revision \
+                             received to continue"
                         )));
                         return;
                     }

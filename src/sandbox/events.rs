@@ -75,6 +75,8 @@ pub struct EventLog {
     state: Mutex<LogState>,
     tx: broadcast::Sender<Arc<SandboxEvent>>,
     capacity: usize,
+    /// Set when the server shuts down: every subscription then ends.
+    closed: tokio::sync::watch::Sender<bool>,
 }
 
 /// A watcher's view of the log: a replay, then live events.
@@ -82,6 +84,7 @@ pub struct EventLog {
 pub struct EventSubscription {
     replay: std::collections::vec_deque::IntoIter<Arc<SandboxEvent>>,
     rx: broadcast::Receiver<Arc<SandboxEvent>>,
+    closed: tokio::sync::watch::Receiver<bool>,
     /// The latest revision when the subscription was made.
     pub latest: i64,
 }
@@ -109,6 +112,7 @@ impl EventLog {
             }),
             tx: broadcast::channel(WATCHER_QUEUE).0,
             capacity: capacity.max(1),
+            closed: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -148,6 +152,16 @@ impl EventLog {
         revision
     }
 
+    /// Ends every subscription, present and future ([`Next::Closed`]): the server is stopping.
+    pub fn close(&self) {
+        self.closed.send_replace(true);
+    }
+
+    /// Whether [`EventLog::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
     /// Events after `resume_after` (0: none, only live ones), then live ones. OUT_OF_RANGE
     /// when the history no longer holds the event after `resume_after`, or never did.
     pub fn subscribe(&self, resume_after: i64) -> Result<EventSubscription> {
@@ -181,6 +195,7 @@ impl EventLog {
         Ok(EventSubscription {
             replay: replay.into_iter(),
             rx: self.tx.subscribe(),
+            closed: self.closed.subscribe(),
             latest,
         })
     }
@@ -189,13 +204,20 @@ impl EventLog {
 impl EventSubscription {
     /// The next event: first the replay, then live ones as they come.
     pub async fn next(&mut self) -> Next {
+        if *self.closed.borrow() {
+            return Next::Closed;
+        }
         if let Some(e) = self.replay.next() {
             return Next::Event(e);
         }
-        match self.rx.recv().await {
-            Ok(e) => Next::Event(e),
-            Err(broadcast::error::RecvError::Lagged(_)) => Next::Lagged,
-            Err(broadcast::error::RecvError::Closed) => Next::Closed,
+        let closed = &mut self.closed;
+        tokio::select! {
+            r = self.rx.recv() => match r {
+                Ok(e) => Next::Event(e),
+                Err(broadcast::error::RecvError::Lagged(_)) => Next::Lagged,
+                Err(broadcast::error::RecvError::Closed) => Next::Closed,
+            },
+            _ = closed.wait_for(|c| *c) => Next::Closed,
         }
     }
 }
@@ -209,6 +231,16 @@ impl super::Manager {
     /// Publishes that `kind` happened to `sandbox` (as it is now).
     pub(super) fn publish(&self, kind: EventKind, sandbox: &Sandbox, snapshot_id: &str) {
         self.events.publish(kind, sandbox.clone(), snapshot_id);
+    }
+
+    /// Ends every WatchSandboxes and WatchFiles stream of the tenant: the server is stopping.
+    pub fn close_events(&self) {
+        self.events.close();
+    }
+
+    /// Whether the server is stopping (see [`Manager::close_events`]).
+    pub fn events_closed(&self) -> bool {
+        self.events.is_closed()
     }
 
     /// Resolves once sandbox `id` is not running (or not there): at once if it is not now,
@@ -319,6 +351,18 @@ mod tests {
         let mut fresh = log.subscribe(0).unwrap();
         log.publish(EventKind::Deleted, sandbox("b0"), "");
         assert_eq!(revisions(&mut fresh, 1).await, vec![104]);
+    }
+
+    #[tokio::test]
+    async fn closing_the_log_ends_its_subscriptions() {
+        let log = EventLog::new(4, 1);
+        let mut sub = log.subscribe(0).unwrap();
+        log.close();
+        assert!(matches!(sub.next().await, Next::Closed));
+        assert!(matches!(
+            log.subscribe(0).unwrap().next().await,
+            Next::Closed
+        ));
     }
 
     #[test]
