@@ -200,7 +200,7 @@ async fn events_arrive_in_order_for_create_exec_oom_stop_delete_and_by_selector(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_watcher_resumes_without_gaps_or_duplicates_and_a_lost_revision_is_out_of_range() {
-    let env = TestEnv::with_args(&["--event-history", "6"]).await;
+    let env = TestEnv::with_args(&["--event-history", "6", "--max-streams-per-tenant", "2"]).await;
     let mut c = env.clients().await;
     let (mut s, start) = watch(&mut c, "", 0).await;
     for id in ["rs-a", "rs-b"] {
@@ -262,7 +262,28 @@ async fn a_watcher_resumes_without_gaps_or_duplicates_and_a_lost_revision_is_out
         .unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);
     assert!(bad.message().contains("label_selector"), "{bad:?}");
-    drop(s);
+
+    // Watches count against the tenant's open streams: with two open (a closed one's slot
+    // may take a moment to come back), a WatchFiles is refused before it looks for anything.
+    let deadline = std::time::Instant::now() + EVENT_WAIT;
+    let second = loop {
+        match c
+            .sb
+            .watch_sandboxes(pb::WatchSandboxesRequest::default())
+            .await
+        {
+            Ok(r) => break r.into_inner(),
+            Err(e)
+                if e.code() == Code::ResourceExhausted && std::time::Instant::now() < deadline =>
+            {
+                tokio::task::yield_now().await
+            }
+            Err(e) => panic!("a second watch: {e:?}"),
+        }
+    };
+    let refused = watch_files(&mut c, "nope", "/", false).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    drop((s, second));
     env.leak_check().await;
 }
 
