@@ -418,7 +418,18 @@ async fn a_watcher_that_does_not_read_gets_overflow() {
     let mut c = env.clients().await;
     c.create_running("fo").await;
     c.sh_ok("fo", "mkdir /w").await;
-    let mut s = watch_files(&mut c, "fo", "/w", false).await.unwrap();
+    // The watch has a connection of its own whose stream window, not h2's budget for unread
+    // small DATA frames (half the connection window), is what stops the server: a Rust h2
+    // client that buffers more unread small frames than that budget drops the connection.
+    let channel = tonic::transport::Endpoint::from_shared(env.endpoint())
+        .unwrap()
+        .initial_stream_window_size(Some(64 << 10))
+        .initial_connection_window_size(Some(64 << 20))
+        .connect()
+        .await
+        .unwrap();
+    let mut watcher = Clients::new(channel, env.image_ref());
+    let mut s = watch_files(&mut watcher, "fo", "/w", false).await.unwrap();
     // Far more events than the server queues or the connection buffers, while the client
     // reads nothing.
     c.sh_ok(
