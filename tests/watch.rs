@@ -529,3 +529,37 @@ async fn watch_files_refuses_escapes_and_bad_targets_and_a_delete_ends_it() {
     }
     env.leak_check().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shutdown_ends_open_watches_with_unavailable_instead_of_waiting_for_them() {
+    let env = TestEnv::new().await;
+    let mut c = env.clients().await;
+    c.create_running("sd").await;
+    let (mut events, _) = watch(&mut c, "", 0).await;
+    let mut files = watch_files(&mut c, "sd", "/", true).await.unwrap();
+    let started = std::time::Instant::now();
+    let status = env.sandboxd.shutdown().await.expect("sandboxd ran");
+    assert!(status.success(), "{status:?}\n{}", env.sandboxd.log_tail());
+    // Well inside the 30 s grace an open stream would otherwise be given.
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    let ended = events.message().await.unwrap_err();
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    assert!(ended.message().contains("shutting down"), "{ended:?}");
+    let ended = loop {
+        match files.message().await {
+            Ok(Some(_)) => continue,
+            other => break other,
+        }
+    };
+    let ended = ended.unwrap_err();
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    assert!(ended.message().contains("shutting down"), "{ended:?}");
+    env.sandboxd.restart().await;
+    let mut c = env.clients().await;
+    c.force_delete("sd").await;
+    env.leak_check().await;
+}
