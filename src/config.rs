@@ -1303,6 +1303,30 @@ mod tests {
         assert_eq!(cfg.stream_idle_timeout, Duration::from_secs(300));
         assert_eq!(cfg.max_streams_per_tenant, 1024);
         assert_eq!(cfg.exec_sync_memory, 512 << 20);
+        assert_eq!(cfg.event_history, DEFAULT_EVENT_HISTORY);
+    }
+
+    #[test]
+    fn event_history_is_a_count_from_flag_env_or_file() {
+        let args = ServeArgs {
+            event_history: Some("10".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            Config::resolve(&args, &env_of(&[])).unwrap().event_history,
+            10
+        );
+        let env = env_of(&[("SANDBOXD_EVENT_HISTORY", "20")]);
+        let cfg = Config::resolve(&ServeArgs::default(), &env).unwrap();
+        assert_eq!(cfg.event_history, 20);
+        for bad in ["0", "-1", "many", "2000000"] {
+            let args = ServeArgs {
+                event_history: Some(bad.into()),
+                ..Default::default()
+            };
+            let e = Config::resolve(&args, &env_of(&[])).unwrap_err();
+            assert!(e.to_string().contains("event_history"), "{bad}: {e}");
+        }
     }
 
     #[test]
