@@ -34,6 +34,10 @@ pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_MAX_STREAMS_PER_TENANT: usize = 1024;
 /// Default of how much output all ExecSync calls together may hold, in bytes.
 pub const DEFAULT_EXEC_SYNC_MEMORY: u64 = 512 << 20;
+/// Sandbox events kept per tenant for resuming watchers, unless configured otherwise.
+pub const DEFAULT_EVENT_HISTORY: usize = 4096;
+/// The most sandbox events a tenant's history may be configured to keep.
+pub const MAX_EVENT_HISTORY: usize = 1 << 20;
 
 /// Where the gRPC server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,6 +218,11 @@ pub struct ServeArgs {
     /// [env: SANDBOXD_EXEC_SYNC_MEMORY] [default: 512Mi]
     #[arg(long, value_name = "BYTES")]
     pub exec_sync_memory: Option<String>,
+    /// Sandbox events each tenant keeps in memory for WatchSandboxes clients that resume after
+    /// a dropped stream; older revisions get OUT_OF_RANGE
+    /// [env: SANDBOXD_EVENT_HISTORY] [default: 4096]
+    #[arg(long, value_name = "COUNT")]
+    pub event_history: Option<String>,
     /// PEM certificate (chain) to serve gRPC over TLS with, together with --tls-key; both are
     /// re-read when they change (new connections get the new certificate). TCP only
     /// [env: SANDBOXD_TLS_CERT]
@@ -288,6 +297,7 @@ struct FileConfig {
     stream_idle_timeout: Option<NumberOrString>,
     max_streams_per_tenant: Option<NumberOrString>,
     exec_sync_memory: Option<NumberOrString>,
+    event_history: Option<NumberOrString>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
@@ -373,6 +383,8 @@ pub struct Config {
     pub max_streams_per_tenant: usize,
     /// Bytes of output all ExecSync calls together may buffer.
     pub exec_sync_memory: u64,
+    /// Sandbox events each tenant keeps for resuming watchers.
+    pub event_history: usize,
     /// Who may call: TLS, client certificates, tenants.
     pub auth: AuthConfig,
     /// How often the tenants and TLS files are looked at for changes.
@@ -599,6 +611,7 @@ impl Config {
             stream_idle_timeout: limits.stream_idle_timeout,
             max_streams_per_tenant: limits.max_streams_per_tenant,
             exec_sync_memory: limits.exec_sync_memory,
+            event_history: limits.event_history,
             runc_root,
             exec_io_relay,
             warm_pool,
@@ -641,6 +654,7 @@ struct Limits {
     stream_idle_timeout: Duration,
     max_streams_per_tenant: usize,
     exec_sync_memory: u64,
+    event_history: usize,
 }
 
 fn resolve_limits(
@@ -717,10 +731,27 @@ fn resolve_limits(
             }
         },
     };
+    let event_history = match pick(
+        &args.event_history,
+        "SANDBOXD_EVENT_HISTORY",
+        file.event_history.clone().map(NumberOrString::into_string),
+    ) {
+        None => DEFAULT_EVENT_HISTORY,
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=MAX_EVENT_HISTORY).contains(&n) => n,
+            _ => {
+                return Err(ConfigError {
+                    setting: "event_history",
+                    reason: format!("{s:?} is not a count from 1 to {MAX_EVENT_HISTORY}"),
+                })
+            }
+        },
+    };
     Ok(Limits {
         stream_idle_timeout,
         max_streams_per_tenant,
         exec_sync_memory,
+        event_history,
     })
 }
 
@@ -1486,6 +1517,30 @@ mod tests {
         assert_eq!(cfg.stream_idle_timeout, Duration::from_secs(300));
         assert_eq!(cfg.max_streams_per_tenant, 1024);
         assert_eq!(cfg.exec_sync_memory, 512 << 20);
+        assert_eq!(cfg.event_history, DEFAULT_EVENT_HISTORY);
+    }
+
+    #[test]
+    fn event_history_is_a_count_from_flag_env_or_file() {
+        let args = ServeArgs {
+            event_history: Some("10".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            Config::resolve(&args, &env_of(&[])).unwrap().event_history,
+            10
+        );
+        let env = env_of(&[("SANDBOXD_EVENT_HISTORY", "20")]);
+        let cfg = Config::resolve(&ServeArgs::default(), &env).unwrap();
+        assert_eq!(cfg.event_history, 20);
+        for bad in ["0", "-1", "many", "2000000"] {
+            let args = ServeArgs {
+                event_history: Some(bad.into()),
+                ..Default::default()
+            };
+            let e = Config::resolve(&args, &env_of(&[])).unwrap_err();
+            assert!(e.to_string().contains("event_history"), "{bad}: {e}");
+        }
     }
 
     #[test]

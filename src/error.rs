@@ -43,6 +43,10 @@ pub enum Error {
     #[error("{0}")]
     Aborted(String),
 
+    /// A position (an event revision) outside what is kept; the message says what to do.
+    #[error("{0}")]
+    OutOfRange(String),
+
     /// containerd could not be reached.
     #[error("containerd is unavailable ({op}): {message}")]
     Unavailable { op: &'static str, message: String },

@@ -369,10 +369,15 @@ pub async fn serve(
 
     let (drain_tx, mut drain_rx) = watch::channel(false);
     let reporter_for_shutdown = reporter.clone();
+    let tenancy_for_shutdown = tenancy.clone();
     let signalled = async move {
         shutdown.await;
         tracing::info!("shutting down: finishing in-flight calls");
         set_health(&reporter_for_shutdown, ServingStatus::NotServing).await;
+        // Watches never finish by themselves: they are told to end (UNAVAILABLE, resume later).
+        for m in tenancy_for_shutdown.managers() {
+            m.close_events();
+        }
         let _ = drain_tx.send(true);
     };
     let auth = security.describe();

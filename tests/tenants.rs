@@ -240,6 +240,20 @@ async fn no_rpc_of_any_service_reaches_another_tenants_objects() {
     let env = env_with_tenants(dir.path(), 100).await;
     let mut alice = Tenant::new(&env, ALICE);
     let mut bob = Tenant::new(&env, BOB);
+    // Each watches every event of their tenant from the start; neither may see the other's.
+    let watch_all = pb::WatchSandboxesRequest::default();
+    let mut bob_events = bob
+        .sb
+        .watch_sandboxes(watch_all.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut alice_events = alice
+        .sb
+        .watch_sandboxes(watch_all)
+        .await
+        .unwrap()
+        .into_inner();
 
     // alice: a running and a stopped sandbox, a file in each, a snapshot, her image.
     alice.create("running-1").await;
@@ -319,6 +333,16 @@ async fn no_rpc_of_any_service_reaches_another_tenants_objects() {
         );
         // FileService.
         assert_not_found("ReadFile", read_file(&mut bob, id, "/secret.txt").await);
+        assert_not_found(
+            "WatchFiles",
+            bob.fs
+                .watch_files(pb::WatchFilesRequest {
+                    sandbox_id: sid(),
+                    path: "/".into(),
+                    recursive: true,
+                })
+                .await,
+        );
         assert_not_found(
             "WriteFile",
             write_file(&mut bob, id, "/secret.txt", b"bob's").await,
@@ -595,6 +619,18 @@ async fn no_rpc_of_any_service_reaches_another_tenants_objects() {
     }
     drop(tx);
     assert_eq!((stdout.as_slice(), exited), (&b"alice's"[..], Some(0)));
+    let watch = pb::WatchFilesRequest {
+        sandbox_id: "running-1".into(),
+        path: "/".into(),
+        recursive: false,
+    };
+    let mut files = alice.fs.watch_files(watch).await.unwrap().into_inner();
+    write_file(&mut alice, "running-1", "/watched.txt", b"seen")
+        .await
+        .unwrap();
+    let seen = files.message().await.unwrap().unwrap();
+    assert!(seen.path.starts_with("/"), "{seen:?}");
+    drop(files);
     let export = pb::ExportSnapshotRequest {
         snapshot_id: snap.clone(),
         image: format!("{}/alices-export:1", env.registry.addr()),
@@ -632,6 +668,19 @@ async fn no_rpc_of_any_service_reaches_another_tenants_objects() {
         .await
         .unwrap();
     bob.delete("bobs-1").await.unwrap();
+    // bob's watch saw his own sandbox's life and nothing of alice's; alice's saw hers.
+    let mut bobs = Vec::new();
+    while !bobs.contains(&(pb::SandboxEventType::Deleted, "bobs-1".to_string())) {
+        let e = bob_events.message().await.unwrap().unwrap();
+        bobs.push((e.r#type(), e.sandbox.unwrap().sandbox_id));
+    }
+    assert!(bobs.iter().all(|(_, id)| id == "bobs-1"), "{bobs:?}");
+    let first = alice_events.message().await.unwrap().unwrap();
+    assert_eq!(
+        (first.r#type(), first.sandbox.unwrap().sandbox_id.as_str()),
+        (pb::SandboxEventType::Created, "running-1")
+    );
+    drop((bob_events, alice_events));
     env.leak_check().await;
 }
 

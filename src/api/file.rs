@@ -16,7 +16,10 @@ use tonic::{Request, Response, Status, Streaming};
 use super::convert::{self, FileTarget, MakeDirectorySpec, RemovePathSpec};
 use super::stream::{self, Outbound};
 use crate::error::{Error, Result};
-use crate::files::{self, AtomicWriter, FileReader, WriteInput, READ_QUEUE, WRITE_QUEUE};
+use crate::files::{
+    self, AtomicWriter, FileEvent, FileEventKind, FileReader, FileWatch, WriteInput, READ_QUEUE,
+    WATCH_QUEUE, WRITE_QUEUE,
+};
 use crate::pb;
 use crate::pb::file_service_server::FileService;
 use crate::sandbox::{FileStream, Manager, SandboxId, Tenancy};
@@ -161,6 +164,130 @@ async fn send_file(
     }
 }
 
+/// The inotify descriptor of a [`FileWatch`], for the runtime to poll while the watch itself
+/// is lent to a blocking thread to read. Dropped before the watch.
+struct WatchFd(std::os::fd::RawFd);
+
+impl std::os::fd::AsRawFd for WatchFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0
+    }
+}
+
+/// Sends `watch`'s events to `tx` until the watched path goes, the sandbox stops or is
+/// deleted, or the client goes away or stalls. Events that find the queue full are dropped
+/// and one OVERFLOW is sent once there is room again.
+async fn send_file_events(
+    watch: FileWatch,
+    mut tx: Outbound<pb::WatchFilesResponse>,
+    mut stream: FileStream,
+    manager: Arc<Manager>,
+    id: SandboxId,
+) {
+    use std::os::fd::AsRawFd;
+    let overflow = pb::WatchFilesResponse {
+        path: watch.path().to_string(),
+        r#type: pb::FileEventType::Overflow as i32,
+        old_path: String::new(),
+        is_directory: false,
+    };
+    // SAFETY: the descriptor belongs to `watch`, which is neither closed nor replaced until
+    // after `ready` is dropped below, on every path out of this function.
+    let registered = unsafe { tokio::io::unix::AsyncFd::register(WatchFd(watch.as_raw_fd())) };
+    let ready = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            let _ = tx
+                .send(Err(Status::internal(format!("polling inotify: {e}"))))
+                .await;
+            return;
+        }
+    };
+    let mut watch = Some(watch);
+    let stopped = manager.until_stopped(&id);
+    tokio::pin!(stopped);
+    let mut overflowed = false;
+    let last = 'watching: loop {
+        let Some(w) = watch.take() else { break None };
+        if w.ended() {
+            watch = Some(w);
+            break None;
+        }
+        // Read when the kernel has events; meanwhile send the pending OVERFLOW, if any.
+        let readable = tokio::select! {
+            r = ready.readable() => r,
+            sent = tx.send(Ok(overflow.clone())), if overflowed => {
+                watch = Some(w);
+                if sent.is_err() {
+                    break None;
+                }
+                overflowed = false;
+                continue;
+            }
+            () = stream.ended() => {
+                tx.abort(deleting(&id));
+                watch = Some(w);
+                break None;
+            }
+            () = &mut stopped => {
+                watch = Some(w);
+                if manager.events_closed() {
+                    break Some(Status::unavailable("the server is shutting down; watch again later"));
+                }
+                break None;
+            }
+        };
+        let mut guard = match readable {
+            Ok(g) => g,
+            Err(e) => {
+                watch = Some(w);
+                break Some(Status::internal(format!("polling inotify: {e}")));
+            }
+        };
+        let read = sys::blocking(move || {
+            let mut w = w;
+            let events = w.read();
+            Ok((w, events))
+        })
+        .await;
+        let events = match read {
+            Ok((w, events)) => {
+                watch = Some(w);
+                events
+            }
+            Err(e) => break Some(Status::from(e)),
+        };
+        let events: Vec<FileEvent> = match events {
+            Ok(evs) => evs,
+            Err(e) => break Some(Status::from(e)),
+        };
+        if events.is_empty() {
+            guard.clear_ready();
+            continue;
+        }
+        drop(guard);
+        for e in events {
+            if overflowed {
+                break;
+            }
+            if e.kind == FileEventKind::Overflow {
+                overflowed = true;
+                break;
+            }
+            match tx.try_send(Ok(convert::file_event(e))) {
+                Ok(true) => {}
+                Ok(false) => overflowed = true,
+                Err(_) => break 'watching None,
+            }
+        }
+    };
+    drop(ready);
+    sys::drop_blocking(watch).await;
+    if let Some(status) = last {
+        let _ = tx.send(Err(status)).await;
+    }
+}
+
 // ---- handlers ----
 
 #[tonic::async_trait]
@@ -248,6 +375,50 @@ impl FileService for FileApi {
         Ok(Response::new(pb::WriteFileResponse {
             bytes_written: i64::try_from(written).unwrap_or(i64::MAX),
         }))
+    }
+
+    type WatchFilesStream =
+        Pin<Box<dyn Stream<Item = Result<pb::WatchFilesResponse, Status>> + Send>>;
+
+    async fn watch_files(
+        &self,
+        req: Request<pb::WatchFilesRequest>,
+    ) -> Result<Response<Self::WatchFilesStream>, Status> {
+        let this = self.for_caller(&req).await?;
+        let (FileTarget { sandbox_id, path }, recursive) =
+            convert::watch_files_spec(req.into_inner())?;
+        let not_running = || {
+            Status::from(Error::FailedPrecondition(format!(
+                "sandbox {sandbox_id} is not running: only a running sandbox's files change \
+                 and can be watched"
+            )))
+        };
+        // A stopped sandbox's root would be a mount holding its lock for as long as the
+        // watch lasts: it is refused before anything is opened.
+        let now = this.manager.get(&sandbox_id).await?;
+        if !matches!(
+            now.state,
+            crate::sandbox::State::Running | crate::sandbox::State::Paused
+        ) {
+            return Err(not_running());
+        }
+        let mut stream = this.manager.file_stream(&sandbox_id);
+        let root = this.open_stream_root(&sandbox_id, &mut stream).await?;
+        if root.pid().is_none() {
+            // It stopped meanwhile: the root is its temporary mount.
+            sys::drop_blocking(root).await;
+            return Err(not_running());
+        }
+        let watch = sys::blocking(move || FileWatch::open(root, &path, recursive)).await?;
+        let (tx, rx) = stream::outbound(WATCH_QUEUE, this.idle);
+        tokio::spawn(send_file_events(
+            watch,
+            tx,
+            stream,
+            this.manager.clone(),
+            sandbox_id,
+        ));
+        Ok(Response::new(Box::pin(rx)))
     }
 
     async fn list_files(

@@ -16,9 +16,16 @@ use crate::pb;
 use crate::pb::sandbox_service_server::SandboxService;
 use crate::sandbox::Tenancy;
 use crate::sandbox::{
-    ExecInput, LabelSelector, Manager, Page, SandboxId, EXEC_INPUT_QUEUE, EXEC_OUTPUT_QUEUE,
+    ExecInput, LabelSelector, Manager, Next, Page, SandboxId, EXEC_INPUT_QUEUE, EXEC_OUTPUT_QUEUE,
+    WATCHER_QUEUE,
 };
 use crate::tenants::Quotas;
+
+/// Events queued between a WatchSandboxes watcher and its client; the watcher's own backlog
+/// is the event log's ring ([`WATCHER_QUEUE`]).
+const EVENT_STREAM_QUEUE: usize = 16;
+/// Response header of WatchSandboxes: the tenant's latest revision when the call began.
+pub const REVISION_HEADER: &str = "sandboxd-revision";
 
 /// The SandboxService implementation.
 #[derive(Debug, Clone)]
@@ -204,6 +211,61 @@ impl SandboxService for SandboxApi {
             futures::stream::iter([Ok(first)]),
             later,
         ))))
+    }
+
+    type WatchSandboxesStream =
+        Pin<Box<dyn Stream<Item = Result<pb::SandboxEvent, Status>> + Send>>;
+
+    async fn watch_sandboxes(
+        &self,
+        req: Request<pb::WatchSandboxesRequest>,
+    ) -> Result<Response<Self::WatchSandboxesStream>, Status> {
+        let this = self.for_caller(&req).await?;
+        let (selector, resume_after) = convert::watch_sandboxes_spec(req.into_inner())?;
+        // A resume that cannot be served fails the call itself, before any event.
+        let mut events = this.manager.watch_events(resume_after)?;
+        let latest = events.latest;
+        let (mut tx, rx) = stream::outbound(EVENT_STREAM_QUEUE, this.idle);
+        tokio::spawn(async move {
+            let mut last = resume_after;
+            loop {
+                let next = tokio::select! {
+                    next = events.next() => next,
+                    () = tx.closed() => return,
+                };
+                match next {
+                    Next::Event(e) => {
+                        last = e.revision;
+                        if !selector.matches(&e.sandbox.labels) {
+                            continue;
+                        }
+                        if tx.send(Ok(convert::sandbox_event(&e))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Next::Lagged => {
+                        // Its place in the shared ring is lost: no memory is held for it.
+                        tx.abort(Status::aborted(format!(
+                            "this watcher fell more than {WATCHER_QUEUE} events behind (after revision \
+                             {last}) and was ended; call again with resume_after = the last revision \
+                             received to continue"
+                        )));
+                        return;
+                    }
+                    Next::Closed => {
+                        tx.abort(Status::unavailable(
+                            "the server is shutting down; resume later",
+                        ));
+                        return;
+                    }
+                }
+            }
+        });
+        let mut response = Response::new(Box::pin(rx) as Self::WatchSandboxesStream);
+        if let Ok(v) = latest.to_string().parse() {
+            response.metadata_mut().insert(REVISION_HEADER, v);
+        }
+        Ok(response)
     }
 
     type ExecStream = Pin<Box<dyn Stream<Item = Result<pb::ExecResponse, Status>> + Send>>;

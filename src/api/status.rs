@@ -37,6 +37,7 @@ fn code(e: &Error) -> Code {
         Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
         Error::ResourceExhausted(_) => Code::ResourceExhausted,
         Error::Aborted(_) => Code::Aborted,
+        Error::OutOfRange(_) => Code::OutOfRange,
         Error::Unavailable { .. } => {
             tracing::warn!(error = %e, "containerd unavailable");
             Code::Unavailable

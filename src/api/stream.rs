@@ -97,6 +97,16 @@ impl<T> Outbound<T> {
         }
     }
 
+    /// Queues `item` if there is room now: `Ok(false)` when the queue is full (the item is
+    /// dropped), [`Ended::Gone`] when the client went away.
+    pub fn try_send(&self, item: Result<T, Status>) -> Result<bool, Ended> {
+        match self.tx.try_send(item) {
+            Ok(()) => Ok(true),
+            Err(mpsc::error::TrySendError::Full(_)) => Ok(false),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Ended::Gone),
+        }
+    }
+
     /// Ends the stream with `status` ahead of anything still queued (which the client then
     /// never sees): for endings that cannot wait for a client that does not read.
     pub fn abort(&mut self, status: Status) {

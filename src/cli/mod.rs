@@ -15,6 +15,7 @@ mod snapshot;
 mod stats;
 mod stdio;
 mod term;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -92,6 +93,11 @@ pub enum Command {
     Cp(cp::Args),
     /// What a running sandbox uses: CPU, memory, processes, block I/O, network, disk.
     Stats(stats::Args),
+    /// Print what happens to sandboxes (created, started, exited, stopped, deleted,
+    /// committed, restored) as it happens, until Ctrl-C.
+    Events(watch::EventsArgs),
+    /// Print changes to files under a path of a running sandbox as they happen, until Ctrl-C.
+    WatchFiles(watch::WatchFilesArgs),
 }
 
 /// What can make a client command fail.
@@ -224,5 +230,7 @@ async fn run(
         Command::Image(c) => image::run(channel, format, c).await.map(|()| 0),
         Command::Cp(a) => cp::run(channel, a).await.map(|()| 0),
         Command::Stats(a) => stats::run(channel, format, a).await.map(|()| 0),
+        Command::Events(a) => watch::events(channel, format, a).await.map(|()| 0),
+        Command::WatchFiles(a) => watch::watch_files(channel, format, a).await.map(|()| 0),
     }
 }

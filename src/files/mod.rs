@@ -15,8 +15,8 @@
 //! an image or a sandbox planted could have effects on the host, so it never happens.
 //!
 //! `root` holds that rule (the [`Root`] and the only ways paths are opened against it); `path`
-//! parses paths; `read`, `write` and `tree` are the operations built on it, and `user` looks
-//! users up in the sandbox's own account files the same way.
+//! parses paths; `read`, `write`, `tree` and `watch` (inotify) are the operations built on it,
+//! and `user` looks users up in the sandbox's own account files the same way.
 
 mod path;
 mod read;
@@ -25,6 +25,7 @@ mod root;
 mod testing;
 mod tree;
 mod user;
+mod watch;
 mod write;
 
 pub use path::{SandboxPath, MAX_NAME_LEN, MAX_PATH_LEN};
@@ -35,4 +36,5 @@ pub use tree::{
     MAX_LIST_ENTRIES, MAX_REMOVE_DEPTH,
 };
 pub use user::{resolve_user, resolve_user_in, user_needs_lookup, MAX_ACCOUNT_FILE};
+pub use watch::{FileEvent, FileEventKind, FileWatch, MAX_WATCHED_DIRS, WATCH_QUEUE};
 pub use write::{AtomicWriter, WriteInput, WriteSpec, DEFAULT_FILE_MODE, TEMP_PREFIX, WRITE_QUEUE};

@@ -67,6 +67,9 @@ impl Manager {
                         if let Err(e) = released {
                             tracing::warn!(error = %e, "releasing the commit lease failed; it will expire");
                         }
+                        if let Ok(sandbox) = this.get(&id).await {
+                            this.publish(super::EventKind::SnapshotCommitted, &sandbox, &s.id);
+                        }
                         Ok(s)
                     }
                     Err(e) => Err(e.with_cleanup(released)),

@@ -59,10 +59,15 @@ impl Manager {
                 // Held until the sandbox is made or undone; a retry above adds nothing.
                 let applied = this.applied_limits(spec.resources);
                 let _reserved = this.reserve(&spec.id, &applied, &quotas).await?;
-                if let Some(sandbox) = this.claim_pooled(&spec).await? {
-                    return Ok(sandbox);
+                let sandbox = match this.claim_pooled(&spec).await? {
+                    Some(sandbox) => sandbox,
+                    None => this.create_inner(spec, registry_auth).await?,
+                };
+                this.publish(super::EventKind::Created, &sandbox, "");
+                if sandbox.started_at.is_some() {
+                    this.publish(super::EventKind::Started, &sandbox, "");
                 }
-                this.create_inner(spec, registry_auth).await
+                Ok(sandbox)
             }
             .instrument(span),
         )

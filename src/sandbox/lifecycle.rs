@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use tracing::Instrument;
 
+use super::events::EventKind;
 use super::manager::{remove_dir, run_to_completion, Manager};
 use super::model::*;
 use super::network::{write_etc_files, NetCtx};
@@ -57,7 +58,9 @@ impl Manager {
                         .await;
                     return Err(e.with_cleanup(cleanup));
                 }
-                this.get(&id).await
+                let sandbox = this.get(&id).await?;
+                this.publish(EventKind::Started, &sandbox, "");
+                Ok(sandbox)
             }
             .instrument(span),
         )
@@ -194,7 +197,9 @@ impl Manager {
                 }
             }
             this.finish_task(&id, &container, exited_by_itself).await?;
-            this.get(&id).await
+            let sandbox = this.get(&id).await?;
+            this.publish(EventKind::Stopped, &sandbox, "");
+            Ok(sandbox)
         }.instrument(span))
         .await
     }
@@ -273,7 +278,11 @@ impl Manager {
                 let _deleting = this.streams.delete(id.as_str());
                 let _guard = this.locks.lock(id.as_str()).await?;
                 let container = this.existing(&id).await?;
-                this.delete_locked(&id, &container, force).await
+                let task = this.task(id.as_str()).await?;
+                let before = this.describe(&container, task.as_ref());
+                this.delete_locked(&id, &container, force).await?;
+                this.publish(EventKind::Deleted, &before, "");
+                Ok(())
             }
             .instrument(span),
         )

@@ -42,6 +42,8 @@ pub struct ManagerConfig {
     pub walls: crate::config::Walls,
     /// How images are pulled and snapshots exported.
     pub registries: Arc<image::Registries>,
+    /// Sandbox events each tenant keeps for resuming watchers.
+    pub event_history: usize,
 }
 
 impl From<&Config> for ManagerConfig {
@@ -57,6 +59,7 @@ impl From<&Config> for ManagerConfig {
             exec_sync_memory: c.exec_sync_memory,
             walls: c.walls.clone(),
             registries: image::Registries::anonymous(),
+            event_history: c.event_history,
         }
     }
 }
@@ -90,6 +93,8 @@ pub struct Manager {
     /// The snapshotter's snapshots directory, once a writable layer has shown it (for the
     /// free-space guard, see `disk`).
     pub(super) snapshots_dir: std::sync::OnceLock<PathBuf>,
+    /// What happens to the tenant's sandboxes, for WatchSandboxes.
+    pub(super) events: Arc<super::events::EventLog>,
 }
 
 /// A sandbox's root filesystem as seen from the host, for file access. A running sandbox is
@@ -147,11 +152,16 @@ impl Manager {
         });
         let exec_sync_budget = super::budget::ExecSyncBudget::new(cfg.exec_sync_memory);
         let seccomp = crate::runtime::spec::seccomp_of(&cfg.walls.seccomp);
+        let started_at = std::time::SystemTime::now();
         Arc::new(Manager {
+            events: Arc::new(super::events::EventLog::starting_at(
+                cfg.event_history,
+                started_at,
+            )),
             seccomp,
             relay,
             observer,
-            started_at: std::time::SystemTime::now(),
+            started_at,
             pool: super::pool::WarmPool::new(cfg.warm_pool.clone()),
             scope: super::tenancy::Scope::default_tenant(cd.namespace()),
             cd,
@@ -187,6 +197,10 @@ impl Manager {
             ledger: Default::default(),
             // One snapshotter for every namespace.
             snapshots_dir: self.snapshots_dir.clone(),
+            events: Arc::new(super::events::EventLog::starting_at(
+                self.cfg.event_history,
+                self.started_at,
+            )),
         }
     }
 

@@ -4,6 +4,7 @@ mod budget;
 mod commit;
 mod create;
 mod disk;
+mod events;
 mod exec;
 mod lifecycle;
 mod locks;
@@ -25,6 +26,7 @@ mod tenancy;
 #[cfg(test)]
 mod tests;
 
+pub use events::{EventKind, EventSubscription, Next, SandboxEvent, WATCHER_QUEUE};
 pub use exec::{
     ExecEvent, ExecInput, ExecSession, ExecSpec, ExecSyncResult, ExitInfo, EXEC_INPUT_QUEUE,
     EXEC_OUTPUT_QUEUE,

@@ -55,8 +55,9 @@ impl Manager {
         Ok(reaped)
     }
 
-    /// Follows containerd's task-exit events and tears down the network of each BRIDGE
-    /// sandbox whose PID 1 exited by itself, until `stop` changes. Resubscribes after errors.
+    /// Follows containerd's task-exit events, publishes each PID 1 exit that no operation of
+    /// ours caused (EXITED) and tears down the network of each BRIDGE sandbox whose PID 1
+    /// exited by itself, until `stop` changes. Resubscribes after errors.
     pub async fn watch_exits(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         loop {
             // containerd sends the response headers with the first event, so even subscribing
@@ -73,15 +74,19 @@ impl Manager {
                     };
                     let Some(Ok(exit)) = exit else { break };
                     // Only PID 1's exit ends the sandbox.
-                    if !exit.is_init() || !self.net.is_attached(&self.host_key(&exit.container_id))
-                    {
+                    if !exit.is_init() {
                         continue;
                     }
                     let Ok(id) = SandboxId::parse("sandbox_id", &exit.container_id) else {
                         continue;
                     };
+                    let attached = self.net.is_attached(&self.host_key(&exit.container_id));
                     let this = self.clone();
                     tokio::spawn(async move {
+                        this.publish_exit(&id).await;
+                        if !attached {
+                            return;
+                        }
                         if let Err(e) = this.settle_network(&id).await {
                             tracing::warn!(sandbox_id = %id, error = %e, "tearing down the network after exit failed; the sweep will retry");
                         }

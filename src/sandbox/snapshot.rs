@@ -287,7 +287,9 @@ impl Manager {
                         .collect();
                     this.update_labels(id.as_str(), &remembered).await?;
                 }
-                this.get(&id).await
+                let sandbox = this.get(&id).await?;
+                this.publish(super::EventKind::Restored, &sandbox, &snap.id);
+                Ok(sandbox)
             }
             .instrument(span),
         )

@@ -16,11 +16,13 @@ use crate::caller::{Caller, Tenant};
 use crate::error::Error;
 
 /// The streaming calls, by path. Health's Watch is left out on purpose.
-pub const STREAMING_METHODS: [&str; 7] = [
+pub const STREAMING_METHODS: [&str; 9] = [
     "/sandboxd.v1.SandboxService/Exec",
     "/sandboxd.v1.SandboxService/WatchSandboxStats",
+    "/sandboxd.v1.SandboxService/WatchSandboxes",
     "/sandboxd.v1.FileService/ReadFile",
     "/sandboxd.v1.FileService/WriteFile",
+    "/sandboxd.v1.FileService/WatchFiles",
     "/sandboxd.v1.ImageService/PullImage",
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",

@@ -2,8 +2,8 @@
 
 use crate::error::{Error, Result};
 use crate::files::{
-    FileEntry, FileType, ListDepth, ReadRange, SandboxPath, WriteInput, WriteSpec,
-    DEFAULT_DIR_MODE, DEFAULT_FILE_MODE,
+    FileEntry, FileEvent, FileEventKind, FileType, ListDepth, ReadRange, SandboxPath, WriteInput,
+    WriteSpec, DEFAULT_DIR_MODE, DEFAULT_FILE_MODE,
 };
 use crate::pb;
 use crate::sandbox::SandboxId;
@@ -159,5 +159,28 @@ pub fn file_entry(e: FileEntry) -> pb::FileEntry {
         mode: e.mode,
         modified_at: Some(crate::util::timestamp(e.modified_at)),
         link_target: e.link_target.unwrap_or_default(),
+    }
+}
+
+/// WatchFilesRequest → the sandbox, the path and whether to watch its whole tree.
+pub fn watch_files_spec(r: pb::WatchFilesRequest) -> Result<(FileTarget, bool)> {
+    Ok((file_target(&r.sandbox_id, &r.path)?, r.recursive))
+}
+
+/// A change under a watched path, for WatchFiles.
+pub fn file_event(e: FileEvent) -> pb::WatchFilesResponse {
+    use pb::FileEventType as T;
+    let kind = match e.kind {
+        FileEventKind::Created => T::Created,
+        FileEventKind::Modified => T::Modified,
+        FileEventKind::Deleted => T::Deleted,
+        FileEventKind::Renamed => T::Renamed,
+        FileEventKind::Overflow => T::Overflow,
+    };
+    pb::WatchFilesResponse {
+        path: e.path,
+        r#type: kind as i32,
+        old_path: e.old_path.unwrap_or_default(),
+        is_directory: e.is_dir,
     }
 }

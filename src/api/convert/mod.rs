@@ -398,6 +398,37 @@ pub fn stop_spec(r: pb::StopSandboxRequest) -> Result<StopSpec> {
     })
 }
 
+/// WatchSandboxesRequest → the selector and the revision to resume after.
+pub fn watch_sandboxes_spec(r: pb::WatchSandboxesRequest) -> Result<(sandbox::LabelSelector, i64)> {
+    let selector = sandbox::LabelSelector::parse("label_selector", &r.label_selector)?;
+    if r.resume_after < 0 {
+        return Err(Error::invalid("resume_after", "must not be negative"));
+    }
+    Ok((selector, r.resume_after))
+}
+
+/// A sandbox event for WatchSandboxes.
+pub fn sandbox_event(e: &sandbox::SandboxEvent) -> pb::SandboxEvent {
+    use pb::SandboxEventType as T;
+    use sandbox::EventKind as K;
+    let kind = match e.kind {
+        K::Created => T::Created,
+        K::Started => T::Started,
+        K::Exited => T::Exited,
+        K::Stopped => T::Stopped,
+        K::Deleted => T::Deleted,
+        K::SnapshotCommitted => T::SnapshotCommitted,
+        K::Restored => T::Restored,
+    };
+    pb::SandboxEvent {
+        r#type: kind as i32,
+        sandbox: Some(sandbox(e.sandbox.clone())),
+        revision: e.revision,
+        time: ts(Some(e.time)),
+        snapshot_id: e.snapshot_id.clone(),
+    }
+}
+
 /// Time between WatchSandboxStats readings when the request sets none.
 pub const DEFAULT_STATS_INTERVAL: Duration = Duration::from_secs(1);
 /// The shortest and longest WatchSandboxStats interval.
