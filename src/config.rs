@@ -361,6 +361,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// How often the tenants and TLS files are looked at for changes.
     pub reload_interval: Duration,
+    /// What confines every sandbox (seccomp, OOM priority, default and total limits).
+    pub walls: Walls,
 }
 
 /// Who may call, and over what.
@@ -392,8 +394,6 @@ pub struct TlsConfig {
     pub key: PathBuf,
     /// PEM CA certificates client certificates are verified against.
     pub client_ca: Option<PathBuf>,
-    /// What confines every sandbox (seccomp, OOM priority, default and total limits).
-    pub walls: Walls,
 }
 
 /// A configuration problem, naming the setting.
