@@ -248,6 +248,8 @@ pub struct ServeArgs {
     pub reload_interval: Option<String>,
     #[command(flatten)]
     pub walls: WallArgs,
+    #[command(flatten)]
+    pub isolation: IsolationArgs,
     /// Test-only fault injection: comma-separated steps that fail on purpose (see
     /// `sandbox::failpoint`). Hidden from --help; never set it in production.
     #[arg(long, hide = true, value_name = "STEPS")]
@@ -296,6 +298,9 @@ struct FileConfig {
     default_pids: Option<NumberOrString>,
     total_memory: Option<NumberOrString>,
     total_cpu_millis: Option<NumberOrString>,
+    // Network isolation (see `IsolationArgs`).
+    host_port_range: Option<String>,
+    deny_egress: Option<StringOrList>,
 }
 
 /// A TOML value that is a number (`1024`) or a string (`"512Mi"`).
@@ -517,7 +522,15 @@ impl Config {
                 reason: format!("{} must be an absolute path", data_dir.display()),
             });
         }
-        let network = resolve_network(args, env, &file, &namespace, &pick, &pick_path)?;
+        let mut network = resolve_network(args, env, &file, &namespace, &pick, &pick_path)?;
+        resolve_isolation(
+            &args.isolation,
+            env,
+            &file,
+            &listen,
+            metrics_listen,
+            &mut network,
+        )?;
         let pool: Vec<String> = pick(&args.warm_pool, "SANDBOXD_WARM_POOL", &file.warm_pool, "")
             .split(',')
             .map(str::trim)
@@ -1050,6 +1063,84 @@ fn resolve_walls(
 
 // ---- end of the walls ----
 
+// ---- Network isolation: published host ports and closed egress ranges ----
+
+/// Flags of the isolation between sandboxes, the node and the networks around it.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct IsolationArgs {
+    /// Host ports sandboxes may publish, LOW-HIGH; sandboxd's own gRPC and metrics ports are
+    /// refused even inside it [env: SANDBOXD_HOST_PORT_RANGE] [default: 20000-29999]
+    #[arg(long, value_name = "LOW-HIGH")]
+    pub host_port_range: Option<String>,
+    /// Comma-separated IPv4 CIDRs no sandbox reaches, whatever its egress mode, unless an
+    /// ALLOW_LIST rule names something inside one (e.g. a cluster's pod and service ranges)
+    /// [env: SANDBOXD_DENY_EGRESS] [default: none]
+    #[arg(long, value_name = "CIDR,...")]
+    pub deny_egress: Option<String>,
+}
+
+/// A TOML value that is a list of strings or one comma-separated string.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum StringOrList {
+    List(Vec<String>),
+    String(String),
+}
+
+fn resolve_isolation(
+    args: &IsolationArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+    file: &FileConfig,
+    listen: &ListenAddr,
+    metrics_listen: Option<SocketAddr>,
+    network: &mut NetConfig,
+) -> Result<(), ConfigError> {
+    if let Some(range) = args
+        .host_port_range
+        .clone()
+        .or_else(|| env("SANDBOXD_HOST_PORT_RANGE"))
+        .or_else(|| file.host_port_range.clone())
+    {
+        network.host_ports = range.parse().map_err(|reason| ConfigError {
+            setting: "host_port_range",
+            reason,
+        })?;
+    }
+    let deny: Vec<String> = match args
+        .deny_egress
+        .clone()
+        .or_else(|| env("SANDBOXD_DENY_EGRESS"))
+    {
+        Some(s) => s.split(',').map(str::to_string).collect(),
+        None => match &file.deny_egress {
+            Some(StringOrList::List(l)) => l.clone(),
+            Some(StringOrList::String(s)) => s.split(',').map(str::to_string).collect(),
+            None => Vec::new(),
+        },
+    };
+    network.deny_egress = deny
+        .iter()
+        .map(|c| c.trim())
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            c.parse().map_err(|reason| ConfigError {
+                setting: "deny_egress",
+                reason,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    network.reserved_ports = match listen {
+        ListenAddr::Tcp(addr) => vec![addr.port()],
+        ListenAddr::Unix(_) => Vec::new(),
+    };
+    network
+        .reserved_ports
+        .extend(metrics_listen.map(|m| m.port()));
+    Ok(())
+}
+
+// ---- end of network isolation ----
+
 /// Picks a setting: flag, then environment variable, then file, then default.
 type PickFn<'a, T> = &'a dyn Fn(&Option<T>, &str, &Option<T>, &str) -> T;
 
@@ -1168,6 +1259,9 @@ fn resolve_network(
             ),
             fallback,
         },
+        deny_egress: Vec::new(),
+        host_ports: crate::net::policy::DEFAULT_HOST_PORT_RANGE,
+        reserved_ports: Vec::new(),
     })
 }
 
@@ -1591,6 +1685,63 @@ mod tests {
             ("SANDBOXD_DEFAULT_PIDS", "-3", "default_pids:"),
             ("SANDBOXD_TOTAL_MEMORY", "x", "total_memory:"),
             ("SANDBOXD_TOTAL_CPU_MILLIS", "1.5", "total_cpu_millis:"),
+        ] {
+            let err = Config::resolve(&ServeArgs::default(), &env_of(&[(var, value)])).unwrap_err();
+            assert!(err.to_string().starts_with(setting), "{var}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn isolation_settings_come_from_flags_env_and_file() {
+        let cfg = Config::resolve(&ServeArgs::default(), &env_of(&[])).unwrap();
+        assert_eq!(cfg.network.host_ports.to_string(), "20000-29999");
+        assert!(cfg.network.deny_egress.is_empty());
+        assert_eq!(cfg.network.reserved_ports, [7878]);
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "host_port_range = \"30000-30010\"\ndeny_egress = [\"10.96.0.0/12\", \"10.244.0.0/16\"]\nmetrics_listen = \"127.0.0.1:9100\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(file),
+            ..Default::default()
+        };
+        let cfg = Config::resolve(&args, &env_of(&[])).unwrap();
+        assert_eq!(cfg.network.host_ports.to_string(), "30000-30010");
+        let deny: Vec<String> = cfg
+            .network
+            .deny_egress
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(deny, ["10.96.0.0/12", "10.244.0.0/16"]);
+        assert_eq!(cfg.network.reserved_ports, [7878, 9100]);
+
+        let env = env_of(&[
+            ("SANDBOXD_HOST_PORT_RANGE", "1000-2000"),
+            ("SANDBOXD_DENY_EGRESS", "192.0.2.0/24"),
+        ]);
+        let cfg = Config::resolve(&args, &env).unwrap();
+        assert_eq!(cfg.network.host_ports.to_string(), "1000-2000");
+        assert_eq!(cfg.network.deny_egress[0].to_string(), "192.0.2.0/24");
+        let flags = ServeArgs {
+            isolation: IsolationArgs {
+                host_port_range: Some("40000-40001".into()),
+                deny_egress: Some("".into()),
+            },
+            ..args
+        };
+        let cfg = Config::resolve(&flags, &env).unwrap();
+        assert_eq!(cfg.network.host_ports.to_string(), "40000-40001");
+        assert!(cfg.network.deny_egress.is_empty());
+
+        for (var, value, setting) in [
+            ("SANDBOXD_HOST_PORT_RANGE", "2000-1000", "host_port_range"),
+            ("SANDBOXD_HOST_PORT_RANGE", "80", "host_port_range"),
+            ("SANDBOXD_DENY_EGRESS", "10.0.0.0/8,nope", "deny_egress"),
         ] {
             let err = Config::resolve(&ServeArgs::default(), &env_of(&[(var, value)])).unwrap_err();
             assert!(err.to_string().starts_with(setting), "{var}={value}: {err}");

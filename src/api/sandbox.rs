@@ -48,6 +48,17 @@ impl SandboxService for SandboxApi {
         }))
     }
 
+    async fn update_sandbox_network(
+        &self,
+        req: Request<pb::UpdateSandboxNetworkRequest>,
+    ) -> Result<Response<pb::UpdateSandboxNetworkResponse>, Status> {
+        let (id, egress) = convert::update_network(req.into_inner())?;
+        let sandbox = self.manager.update_network(id, egress).await?;
+        Ok(Response::new(pb::UpdateSandboxNetworkResponse {
+            sandbox: Some(convert::sandbox(sandbox)),
+        }))
+    }
+
     async fn get_sandbox(
         &self,
         req: Request<pb::GetSandboxRequest>,

@@ -252,6 +252,7 @@ impl Containers for Fake {
         if let Some(key) = update.snapshot_key {
             c.snapshot_key = key;
         }
+        c.extensions.extend(update.extensions);
         Ok(())
     }
 
