@@ -21,6 +21,9 @@ pub const MAX_PORT_MAPPINGS: usize = 32;
 /// The verdict for refused packets: the sender learns at once that policy refused it
 /// (EHOSTUNREACH), instead of waiting for a timeout.
 const REJECT: &str = "-j REJECT --reject-with icmp-admin-prohibited";
+/// The last verdict of a policy for TCP: a reset, so that a connection a policy change closes
+/// ends at once on its next packet instead of retrying into a timeout.
+const RESET: &str = "-p tcp -j REJECT --reject-with tcp-reset";
 
 /// An IPv4 network in CIDR form, stored with its host bits cleared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -352,6 +355,7 @@ pub fn egress_rules(chain: &str, egress: &Egress, closed: &Closed) -> Vec<String
     ];
     let allow = match egress {
         Egress::DenyAll => {
+            out.push(format!("-A {chain} {RESET}"));
             out.push(format!("-A {chain} {REJECT}"));
             return out;
         }
@@ -400,6 +404,7 @@ pub fn egress_rules(chain: &str, egress: &Egress, closed: &Closed) -> Vec<String
             for rule in others {
                 accept_rule(&mut out, chain, rule);
             }
+            out.push(format!("-A {chain} {RESET}"));
             out.push(format!("-A {chain} {REJECT}"));
         }
     }
@@ -519,8 +524,9 @@ mod tests {
     fn deny_all_admits_only_replies() {
         let rules = egress_rules("C", &Egress::DenyAll, &closed());
         assert_eq!(rules[..2], HEAD);
-        assert_eq!(rules[2], format!("-A C {R}"));
-        assert_eq!(rules.len(), 3, "not even DNS: {rules:?}");
+        assert_eq!(rules[2], "-A C -p tcp -j REJECT --reject-with tcp-reset");
+        assert_eq!(rules[3], format!("-A C {R}"));
+        assert_eq!(rules.len(), 4, "not even DNS: {rules:?}");
     }
 
     #[test]
@@ -579,6 +585,7 @@ mod tests {
         want.extend(closed_tail());
         // The catch-all comes after every closed range: it opens none of them.
         want.push("-A C -m conntrack --ctorigdst 0.0.0.0/0 -j ACCEPT".into());
+        want.push("-A C -p tcp -j REJECT --reject-with tcp-reset".into());
         want.push(format!("-A C {R}"));
         assert_eq!(rules, want);
     }

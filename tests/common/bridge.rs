@@ -134,6 +134,14 @@ impl NetEnv {
                 .filter(|chain| chain.starts_with("SBXD-") && chain.matches('-').count() >= 2)
                 .map(|l| format!("egress chain {l}")),
         );
+        let guards = run("ebtables-save", &[]);
+        left.extend(
+            guards
+                .lines()
+                .filter_map(|l| l.strip_prefix(':')?.split(' ').next())
+                .filter(|chain| chain.starts_with("SBXD-") && chain.matches('-').count() >= 2)
+                .map(|l| format!("anti-spoofing chain {l}")),
+        );
         let nat = run("iptables-save", &["-t", "nat"]);
         left.extend(
             nat.lines()
@@ -187,6 +195,12 @@ pub fn bridge_with(mode: pb::EgressMode, allow: Vec<pb::EgressRule>) -> pb::Netw
         }),
         ports: vec![],
     }
+}
+
+/// BRIDGE with an ALLOW_LIST naming the whole sandbox subnet: reaches the other sandboxes and
+/// the bridge's gateway address (closed to a default sandbox), nothing beyond.
+pub fn bridge_open() -> pb::NetworkSpec {
+    bridge_with(pb::EgressMode::AllowList, vec![rule(SUBNET, &[])])
 }
 
 pub fn rule(cidr: &str, ports: &[u32]) -> pb::EgressRule {

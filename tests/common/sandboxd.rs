@@ -266,10 +266,22 @@ impl Sandboxd {
             .parent()
             .expect("the containerd socket is in a directory")
             .join("runc");
+        // `--listen IP:0` among the extra arguments: listen on IP (e.g. every address,
+        // 0.0.0.0) with the fixture's port, which its health checks reach on loopback.
+        let mut extra = o.extra_args.clone();
+        let mut listen = self.addr.to_string();
+        if let Some(i) = extra.iter().position(|a| a == "--listen") {
+            let ip = extra[i + 1]
+                .strip_suffix(":0")
+                .expect("an extra --listen is IP:0 (the fixture picks the port)")
+                .to_string();
+            listen = format!("{ip}:{}", self.addr.port());
+            extra.drain(i..=i + 1);
+        }
         let mut args: Vec<String> = [
             "serve",
             "--listen",
-            &self.addr.to_string(),
+            &listen,
             "--containerd-address",
             &o.containerd_address.to_string_lossy(),
             "--data-dir",
@@ -286,7 +298,7 @@ impl Sandboxd {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        args.extend(o.extra_args.iter().cloned());
+        args.extend(extra);
         args
     }
 
