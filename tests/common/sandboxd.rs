@@ -24,6 +24,9 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Attempts with a fresh port when another process grabbed ours first.
 const PORT_ATTEMPTS: usize = 5;
+/// Environment variable: a sandboxd binary to run instead of this build's (benches comparing
+/// two builds set it).
+pub const BINARY_ENV: &str = "SANDBOXD_TEST_BINARY";
 /// How much of sandboxd's log a failure message shows.
 const LOG_TAIL_BYTES: usize = 64 * 1024;
 
@@ -311,7 +314,11 @@ impl Sandboxd {
             "=== test harness: sandboxd {} ===",
             self.args().join(" ")
         );
-        let mut command = Command::new(env!("CARGO_BIN_EXE_sandboxd"));
+        // A bench comparing builds names the other build's binary here.
+        let binary = std::env::var_os(BINARY_ENV)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_sandboxd")));
+        let mut command = Command::new(binary);
         command
             .args(self.args())
             .env("PATH", host::DAEMON_PATH)
