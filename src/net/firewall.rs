@@ -111,6 +111,11 @@ impl Firewall {
         }
     }
 
+    /// The bridge whose ports the sandboxes are, when known.
+    pub fn bridge(&self) -> Option<&str> {
+        self.bridge.as_deref()
+    }
+
     /// The chain of sandbox `key` (iptables limits names to 28 characters, hence the hash).
     pub fn chain_for(&self, key: &str) -> String {
         format!(
@@ -206,14 +211,13 @@ impl Firewall {
         Ok(swept)
     }
 
-    /// Puts back the instance's base rules if someone removed them (nothing when no sandbox
-    /// has been attached by this process yet).
+    /// Puts back the instance's base rules if someone removed them. Called for running
+    /// sandboxes, so the base is made here too after a restart.
     pub async fn repair_base(&self) -> Result<Repair> {
-        let state = self.state.lock().await;
-        if !state.base_ready {
-            return Ok(Repair::Intact);
-        }
-        self.ensure_base().await
+        let mut state = self.state.lock().await;
+        let repair = self.ensure_base().await?;
+        state.base_ready = true;
+        Ok(repair)
     }
 
     /// Checks that running sandbox `key`'s chains hold `rules` and its guard and are jumped to,

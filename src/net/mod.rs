@@ -426,6 +426,37 @@ impl Network {
         policy::egress_rules(&self.firewall.chain_for(id), egress, &closed)
     }
 
+    /// The guard of a sandbox attached by an earlier sandboxd that recorded none, from its
+    /// cached CNI ADD result: its rules can then be brought up to date by the sweep.
+    pub fn guard_from_result(&self, raw: &Value) -> Option<Guard> {
+        let result = cni::CniResult::parse(raw.clone()).ok()?;
+        let ip = result.sandbox_ip()?;
+        let IpAddr::V4(addr) = ip.address else {
+            return None;
+        };
+        let bridge = self.firewall.bridge();
+        let veth = result
+            .interfaces
+            .iter()
+            .find(|i| {
+                i.sandbox.as_deref().unwrap_or("").is_empty() && Some(i.name.as_str()) != bridge
+            })?
+            .name
+            .clone();
+        let mac = result
+            .interfaces
+            .iter()
+            .find(|i| i.sandbox.as_deref().is_some_and(|s| !s.is_empty()))?
+            .mac
+            .clone()?;
+        Some(Guard {
+            veth,
+            mac,
+            ip: addr,
+            prefix: ip.prefix_len,
+        })
+    }
+
     /// INVALID_ARGUMENT unless every host port of `policy` may be published here.
     pub fn check_host_ports(&self, policy: &NetPolicy) -> Result<()> {
         policy.check_host_ports(self.cfg.host_ports, &self.cfg.reserved_ports)
@@ -461,11 +492,6 @@ impl Network {
         } else {
             own
         })
-    }
-
-    /// Puts back the instance's base rules if someone removed them.
-    pub async fn repair_base_firewall(&self) -> Result<Repair> {
-        self.firewall.repair_base().await
     }
 
     /// Removes the egress chains of sandboxes other than `live` (a crash's leftovers).

@@ -102,7 +102,7 @@ impl Manager {
         new.validate()?;
         let encoded = serde_json::to_vec(&new)
             .map_err(|e| Error::Internal(format!("encoding the network policy: {e}")))?;
-        let live = match net_guard(&container) {
+        let live = match self.guard_of(&container) {
             Some(guard) if self.net.is_attached(id.as_str()) => {
                 let resolvers = self.sandbox_resolvers(id).await;
                 self.net
@@ -248,7 +248,8 @@ impl Manager {
         let Some(container) = self.container(id).await? else {
             return Ok(());
         };
-        let (Some(guard), Some(policy)) = (net_guard(&container), net_policy(&container)) else {
+        let (Some(guard), Some(policy)) = (self.guard_of(&container), net_policy(&container))
+        else {
             return Ok(());
         };
         if !self.net.is_attached(id.as_str()) {
@@ -263,6 +264,15 @@ impl Manager {
             tracing::warn!(sandbox_id = %id, "firewall rules were missing or changed; restored");
         }
         Ok(())
+    }
+
+    /// What ties attached sandbox `c` to its firewall rules: as recorded, or (attached by an
+    /// older sandboxd) from its cached CNI result.
+    fn guard_of(&self, c: &Container) -> Option<crate::net::firewall::Guard> {
+        net_guard(c).or_else(|| {
+            let raw = serde_json::from_str(c.labels.get(L_NET_RESULT)?).ok()?;
+            self.net.guard_from_result(&raw)
+        })
     }
 
     /// The resolvers sandbox `id` was given (its resolv.conf's nameservers).
