@@ -550,6 +550,56 @@ fn rules_flushed_by_hand_are_put_back_by_the_next_sweep() {
     );
 }
 
+#[test]
+fn a_create_whose_rules_cannot_be_installed_fails_and_leaves_nothing() {
+    run_in_netns(
+        "a_create_whose_rules_cannot_be_installed_fails_and_leaves_nothing",
+        || async {
+            // sandboxd finds ebtables-restore first in a directory of the test's: a stand-in
+            // that fails until the test lets it run the real one.
+            let bin = tempfile::tempdir().unwrap();
+            let tool = bin.path().join("ebtables-restore");
+            let write_tool = |body: &str| {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::write(&tool, format!("#!/bin/sh\n{body}\n")).unwrap();
+                std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+            };
+            write_tool("echo 'refused by the test' >&2; exit 1");
+            let path = format!("{}:{}", bin.path().display(), common::host::DAEMON_PATH);
+            let mut n = NetEnv::start_with_env(&[], &[("PATH", &path)]).await;
+
+            let err =
+                n.c.try_create(pb::CreateSandboxRequest {
+                    network: Some(bridge()),
+                    ..n.c.request("a")
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Code::Internal, "{err:?}");
+            assert!(err.message().contains("refused by the test"), "{err:?}");
+            assert!(
+                n.c.list().await.is_empty(),
+                "a failed create left a sandbox"
+            );
+            assert!(
+                n.network_leftovers().is_empty(),
+                "{:?}",
+                n.network_leftovers()
+            );
+            n.env.leak_check().await;
+
+            // With the tool working, the same create succeeds and is policed.
+            write_tool("exec /usr/sbin/ebtables-restore \"$@\"");
+            let a = n.create("a", bridge(), &[]).await;
+            let ip = a.network.unwrap().ip_address;
+            assert!(run("ebtables-save", &[]).contains(&format!("--ip-src {ip} ")));
+            n.c.force_delete("a").await;
+            n.assert_no_network_leftovers().await;
+            n.env.leak_check().await;
+        },
+    );
+}
+
 fn as_strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }

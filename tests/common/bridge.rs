@@ -28,6 +28,11 @@ pub struct NetEnv {
 
 impl NetEnv {
     pub async fn start(extra: &[&str]) -> NetEnv {
+        NetEnv::start_with_env(extra, &[]).await
+    }
+
+    /// Like [`NetEnv::start`], also setting environment variables for sandboxd.
+    pub async fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> NetEnv {
         let dir = tempfile::tempdir().unwrap();
         let resolv = dir.path().join("host-resolv.conf");
         std::fs::write(&resolv, HOST_RESOLV).unwrap();
@@ -49,7 +54,7 @@ impl NetEnv {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let env = TestEnv::with_args(&args).await;
+        let env = TestEnv::with_args_env(&args, env).await;
         let c = env.clients().await;
         NetEnv { env, dir, c }
     }
