@@ -22,6 +22,7 @@ bench: deps
 	cargo bench --bench snapshots
 	cargo bench --bench auth
 	cargo bench --bench bridge
+	cargo bench --bench walls
 
 # Not part of `make test`: 16 clients of mixed work for 10 minutes (SOAK_DURATION, SOAK_CLIENTS,
 # SOAK_WARMUP, SOAK_SEED override); fails on errors that are not the caller's, leftovers or growth.

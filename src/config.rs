@@ -127,7 +127,9 @@ pub struct ServeArgs {
     /// containerd socket [env: SANDBOXD_CONTAINERD_ADDRESS] [default: /run/containerd/containerd.sock]
     #[arg(long, value_name = "PATH")]
     pub containerd_address: Option<PathBuf>,
-    /// containerd namespace holding everything sandboxd makes [env: SANDBOXD_NAMESPACE] [default: sandboxd]
+    /// containerd namespace holding everything sandboxd makes for the default tenant; another
+    /// tenant T's objects live in the namespace <this>.tenant.<T> (e.g. sandboxd.tenant.alice)
+    /// [env: SANDBOXD_NAMESPACE] [default: sandboxd]
     #[arg(long, value_name = "NAME")]
     pub namespace: Option<String>,
     /// State directory (sandbox files, embedded containerd) [env: SANDBOXD_DATA_DIR] [default: /var/lib/sandboxd]
@@ -182,8 +184,8 @@ pub struct ServeArgs {
     pub host_resolv_conf: Option<PathBuf>,
     /// Keep COUNT started sandboxes of IMAGE ready, comma-separated IMAGE=COUNT entries, e.g.
     /// busybox:1.36=4: a create that sets no id, command, hostname or network gets one at once,
-    /// made to have the env, working dir, user and resources it asks for
-    /// [env: SANDBOXD_WARM_POOL] [default: none]
+    /// made to have the env, working dir, user and resources it asks for. Serves the default
+    /// tenant only [env: SANDBOXD_WARM_POOL] [default: none]
     #[arg(long, value_name = "IMAGE=COUNT,...")]
     pub warm_pool: Option<String>,
     /// How exec output leaves the shim: `auto` (the shim hands the process's pipes to this
@@ -227,8 +229,10 @@ pub struct ServeArgs {
     pub tls_client_ca: Option<PathBuf>,
     /// TOML file of tenants: `[tenants.NAME]` with `tokens_sha256 = ["<hex>"]` (callers send
     /// `authorization: Bearer <token>`), optional `max_sandboxes`, `max_memory_bytes`,
-    /// `max_cpu_millis` and `spiffe_ids`; re-read when it changes and on SIGHUP
-    /// [env: SANDBOXD_TENANTS]
+    /// `max_cpu_millis` and `spiffe_ids`; re-read when it changes and on SIGHUP. Each tenant
+    /// sees only its own sandboxes, snapshots and images (its own containerd namespace); a
+    /// create or fork past a quota is RESOURCE_EXHAUSTED, limits counted as they apply
+    /// (--default-memory, --default-cpu-millis included) [env: SANDBOXD_TENANTS]
     #[arg(long, value_name = "FILE")]
     pub tenants: Option<PathBuf>,
     /// Take the tenant of a call from a loopback peer's `x-forwarded-client-cert` header (a
@@ -301,6 +305,7 @@ struct FileConfig {
     // Network isolation (see `IsolationArgs`).
     host_port_range: Option<String>,
     deny_egress: Option<StringOrList>,
+    min_free_disk: Option<NumberOrString>,
 }
 
 /// A TOML value that is a number (`1024`) or a string (`"512Mi"`).
@@ -882,7 +887,34 @@ pub struct WallArgs {
     /// [env: SANDBOXD_TOTAL_CPU_MILLIS] [default: none]
     #[arg(long, value_name = "MILLIS")]
     pub total_cpu_millis: Option<String>,
+    /// Free space to keep on the filesystems of containerd's snapshots and of --data-dir: a
+    /// percentage (`5%`) or a size (`10Gi`); below it creates, forks, restores, commits and
+    /// WriteFile are RESOURCE_EXHAUSTED. `0` turns the guard off
+    /// [env: SANDBOXD_MIN_FREE_DISK] [default: 5%]
+    #[arg(long, value_name = "PERCENT%|BYTES")]
+    pub min_free_disk: Option<String>,
 }
+
+/// How much free space the disk guard keeps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MinFree {
+    /// This share of the filesystem, in percent (above 0, below 100).
+    Percent(f64),
+    /// At least this many bytes.
+    Bytes(u64),
+}
+
+impl std::fmt::Display for MinFree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MinFree::Percent(p) => write!(f, "{p}%"),
+            MinFree::Bytes(b) => write!(f, "{b} bytes"),
+        }
+    }
+}
+
+/// The default of --min-free-disk.
+pub const DEFAULT_MIN_FREE_DISK: MinFree = MinFree::Percent(5.0);
 
 /// Which seccomp filter sandboxes run under.
 #[derive(Debug, Clone, PartialEq)]
@@ -912,6 +944,8 @@ pub struct Walls {
     pub total_memory: Option<i64>,
     /// CPU limit (millicores) of the parent cgroup.
     pub total_cpu_millis: Option<i64>,
+    /// Free space below which writes to the node's disk are refused; `None`: no guard.
+    pub min_free_disk: Option<MinFree>,
 }
 
 impl Default for Walls {
@@ -924,6 +958,7 @@ impl Default for Walls {
             default_pids: DEFAULT_PIDS_LIMIT,
             total_memory: None,
             total_cpu_millis: None,
+            min_free_disk: Some(DEFAULT_MIN_FREE_DISK),
         }
     }
 }
@@ -1058,7 +1093,31 @@ fn resolve_walls(
             false,
             cpu_range,
         )?,
+        min_free_disk: match pick(
+            &args.min_free_disk,
+            "SANDBOXD_MIN_FREE_DISK",
+            &file.min_free_disk,
+        ) {
+            None => Some(DEFAULT_MIN_FREE_DISK),
+            Some(s) => parse_min_free(&s).map_err(bad("min_free_disk"))?,
+        },
     })
+}
+
+/// `5%`, `0.5%`, `10Gi`, `1073741824` or `0` (no guard).
+fn parse_min_free(s: &str) -> Result<Option<MinFree>, String> {
+    let s = s.trim();
+    if let Some(p) = s.strip_suffix('%') {
+        return match p.trim().parse::<f64>() {
+            Ok(0.0) => Ok(None),
+            Ok(p) if p > 0.0 && p < 100.0 => Ok(Some(MinFree::Percent(p))),
+            _ => Err(format!("{s:?} is not a percentage from 0% to below 100%")),
+        };
+    }
+    match crate::util::parse_size(s)? {
+        0 => Ok(None),
+        n => Ok(Some(MinFree::Bytes(n as u64))),
+    }
 }
 
 // ---- end of the walls ----
@@ -1601,6 +1660,7 @@ mod tests {
         assert_eq!(cfg.walls.default_cpu_millis, Some(1000));
         assert_eq!(cfg.walls.default_pids, 1024);
         assert_eq!(cfg.walls.total_memory, None);
+        assert_eq!(cfg.walls.min_free_disk, Some(MinFree::Percent(5.0)));
     }
 
     #[test]
@@ -1618,7 +1678,7 @@ mod tests {
             format!(
                 "seccomp_profile = {:?}\noom_score_adj = -10\ndefault_memory = \"256Mi\"\n\
                  default_cpu_millis = 250\ndefault_pids = 64\ntotal_memory = \"4Gi\"\n\
-                 total_cpu_millis = 1500\n",
+                 total_cpu_millis = 1500\nmin_free_disk = \"10Gi\"\n",
                 profile.display().to_string()
             ),
         )
@@ -1641,6 +1701,7 @@ mod tests {
         assert_eq!(cfg.walls.default_pids, 64);
         assert_eq!(cfg.walls.total_memory, Some(4 << 30));
         assert_eq!(cfg.walls.total_cpu_millis, Some(1500));
+        assert_eq!(cfg.walls.min_free_disk, Some(MinFree::Bytes(10 << 30)));
         let env = env_of(&[
             ("SANDBOXD_SECCOMP_PROFILE", "unconfined"),
             ("SANDBOXD_OOM_SCORE_ADJ", "900"),
@@ -1652,6 +1713,16 @@ mod tests {
         assert_eq!(cfg.walls.oom_score_adj, 900);
         assert_eq!(cfg.walls.default_memory, None, "0 turns the default off");
         assert_eq!(cfg.walls.default_pids, 10);
+        let off = env_of(&[("SANDBOXD_MIN_FREE_DISK", "0")]);
+        assert_eq!(
+            Config::resolve(&args, &off).unwrap().walls.min_free_disk,
+            None
+        );
+        let pct = env_of(&[("SANDBOXD_MIN_FREE_DISK", "2.5%")]);
+        assert_eq!(
+            Config::resolve(&args, &pct).unwrap().walls.min_free_disk,
+            Some(MinFree::Percent(2.5))
+        );
         let args = ServeArgs {
             walls: WallArgs {
                 seccomp_profile: Some("default".into()),
@@ -1685,6 +1756,9 @@ mod tests {
             ("SANDBOXD_DEFAULT_PIDS", "-3", "default_pids:"),
             ("SANDBOXD_TOTAL_MEMORY", "x", "total_memory:"),
             ("SANDBOXD_TOTAL_CPU_MILLIS", "1.5", "total_cpu_millis:"),
+            ("SANDBOXD_MIN_FREE_DISK", "100%", "min_free_disk:"),
+            ("SANDBOXD_MIN_FREE_DISK", "-1%", "min_free_disk:"),
+            ("SANDBOXD_MIN_FREE_DISK", "lots", "min_free_disk:"),
         ] {
             let err = Config::resolve(&ServeArgs::default(), &env_of(&[(var, value)])).unwrap_err();
             assert!(err.to_string().starts_with(setting), "{var}={value}: {err}");

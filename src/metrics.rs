@@ -12,7 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::sandbox::{LabelSelector, Manager, Page, State};
+use crate::sandbox::{LabelSelector, Page, State, Tenancy};
 
 /// Labels of `sandboxd_rpc_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -161,14 +161,23 @@ pub fn observe_since(h: &Histogram, start: Instant) {
 }
 
 async fn render(
-    manager: Arc<Manager>,
+    tenancy: Arc<Tenancy>,
 ) -> (
     http::StatusCode,
     [(http::HeaderName, &'static str); 1],
     String,
 ) {
     let m = metrics();
-    if let Ok((sandboxes, _)) = manager.list(&LabelSelector::default(), &Page::all()).await {
+    let mut sandboxes = Vec::new();
+    let mut listed = true;
+    // Every tenant's sandboxes: the gauge is the node's.
+    for manager in tenancy.managers() {
+        match manager.list(&LabelSelector::default(), &Page::all()).await {
+            Ok((some, _)) => sandboxes.extend(some),
+            Err(_) => listed = false,
+        }
+    }
+    if listed {
         for state in ["created", "running", "paused", "stopped", "unknown"] {
             let n = sandboxes
                 .iter()
@@ -223,14 +232,14 @@ async fn healthz(serving: bool) -> (http::StatusCode, &'static str) {
 /// `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    manager: Arc<Manager>,
+    tenancy: Arc<Tenancy>,
     serving: impl Fn() -> bool + Clone + Send + Sync + 'static,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = axum::Router::new()
         .route(
             "/metrics",
-            axum::routing::get(move || render(manager.clone())),
+            axum::routing::get(move || render(tenancy.clone())),
         )
         .route("/healthz", axum::routing::get(move || healthz(serving())));
     axum::serve(listener, app)

@@ -16,7 +16,7 @@ use crate::config::{AuthConfig, Config, ListenAddr};
 use crate::net::Network;
 use crate::pb;
 use crate::runtime::{supervisor, Containerd, Store};
-use crate::sandbox::{Manager, ManagerConfig};
+use crate::sandbox::{Manager, ManagerConfig, Tenancy};
 use crate::tls::ServerTls;
 use crate::watched::Reload;
 
@@ -52,7 +52,7 @@ async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
 /// API answers UNAVAILABLE and health is NOT_SERVING.
 async fn health_loop(
     cd: Containerd,
-    manager: Arc<Manager>,
+    tenancy: Arc<Tenancy>,
     reporter: HealthReporter,
     ready: ready::Ready,
     interval: Duration,
@@ -70,7 +70,7 @@ async fn health_loop(
         }
         if reachable && !recovered {
             ready.set(false);
-            match manager.recover().await {
+            match tenancy.recover().await {
                 Ok(()) => recovered = true,
                 Err(e) => {
                     tracing::warn!(error = %e, "reconciling after a (re)connect failed; will retry")
@@ -117,17 +117,17 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 /// once, this sweep only catches what they missed, and it lists every task.
 const NETWORK_SWEEP_EVERY: u32 = 10;
 
-async fn ttl_loop(manager: Arc<Manager>, interval: Duration, mut stop: watch::Receiver<bool>) {
+async fn ttl_loop(tenancy: Arc<Tenancy>, interval: Duration, mut stop: watch::Receiver<bool>) {
     for tick in 1u32.. {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = stop.changed() => return,
         }
-        if let Err(e) = manager.reap_expired().await {
+        if let Err(e) = tenancy.reap_expired().await {
             tracing::debug!(error = %e, "ttl sweep failed");
         }
         if tick % NETWORK_SWEEP_EVERY == 0 {
-            if let Err(e) = manager.reconcile_networks().await {
+            if let Err(e) = tenancy.reconcile_networks().await {
                 tracing::warn!(error = %e, "network sweep failed");
             }
         }
@@ -263,6 +263,10 @@ pub async fn serve(
         Network::new(config.network.clone()),
         std::sync::Arc::new(crate::metrics::Prometheus),
     );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // Each tenant's manager, made when the tenant first calls or recovery finds its
+    // namespace, watches its own sandboxes' exits until `stop`.
+    let tenancy = Tenancy::new(manager.clone(), Some(stop_rx.clone()));
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     set_health(&reporter, ServingStatus::NotServing).await;
@@ -277,11 +281,10 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     let ready = ready::Ready::default();
     let health_task = tokio::spawn(health_loop(
         cd.clone(),
-        manager.clone(),
+        tenancy.clone(),
         reporter.clone(),
         ready.clone(),
         config.health_interval,
@@ -289,7 +292,7 @@ pub async fn serve(
     ));
     let exits_task = tokio::spawn(manager.clone().watch_exits(stop_rx.clone()));
     let ttl_task = tokio::spawn(ttl_loop(
-        manager.clone(),
+        tenancy.clone(),
         config.ttl_sweep_interval,
         stop_rx.clone(),
     ));
@@ -317,7 +320,7 @@ pub async fn serve(
             let ready = ready.clone();
             Some(tokio::spawn(crate::metrics::serve(
                 listener,
-                manager.clone(),
+                tenancy.clone(),
                 move || ready.get(),
                 shutdown,
             )))
@@ -344,16 +347,16 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(pb::sandbox_service_server::SandboxServiceServer::new(
-            SandboxApi::new(manager.clone(), config.stream_idle_timeout),
+            SandboxApi::new(tenancy.clone(), config.stream_idle_timeout),
         ))
         .add_service(pb::image_service_server::ImageServiceServer::new(
-            ImageApi::new(cd.clone()),
+            ImageApi::new(tenancy.clone()),
         ))
         .add_service(pb::snapshot_service_server::SnapshotServiceServer::new(
-            SnapshotApi::new(manager.clone()),
+            SnapshotApi::new(tenancy.clone()),
         ))
         .add_service(pb::file_service_server::FileServiceServer::new(
-            FileApi::new(manager.clone(), config.stream_idle_timeout),
+            FileApi::new(tenancy.clone(), config.stream_idle_timeout),
         ));
 
     let (drain_tx, mut drain_rx) = watch::channel(false);

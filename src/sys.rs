@@ -189,3 +189,14 @@ pub fn limit_cgroup(parent: &str, memory: Option<i64>, cpu_millis: Option<i64>) 
     }
     Ok(())
 }
+
+/// Free bytes (as an unprivileged writer sees them: without the root reserve) and total bytes
+/// of the filesystem holding `path`.
+pub fn disk_space(path: &Path) -> std::io::Result<(u64, u64)> {
+    let st = nix::sys::statvfs::statvfs(path)?;
+    let block = st.fragment_size() as u64;
+    Ok((
+        st.blocks_available() as u64 * block,
+        st.blocks() as u64 * block,
+    ))
+}

@@ -10,6 +10,7 @@ use common::{Clients, TestEnv};
 use futures::StreamExt;
 use sandboxd::pb::{self, exec_request, exec_response};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Status};
 
 /// Where perl lands in the test image: its `syscall` builtin makes any raw syscall.
 const PERL: &str = "/usr/bin/perl";
@@ -408,7 +409,54 @@ async fn default_limits_contain_a_fork_bomb_and_report_a_memory_bomb() {
     assert_eq!(exited.signal, libc::SIGKILL, "{exited:?}");
     // The sandbox lives on.
     assert_eq!(c.sh_ok("calm", "echo still").await, "still\n");
+    // Its cgroup has counted an OOM kill, yet a SIGKILL that StopSandbox sends is not one.
+    let stopped = c
+        .try_stop(pb::StopSandboxRequest {
+            sandbox_id: "calm".into(),
+            signal: libc::SIGKILL,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(stopped.exit_status, Some(137));
+    assert!(!stopped.oom_killed, "{stopped:?}");
     c.force_delete("calm").await;
+
+    // A PID 1 that blows its memory limit ends the sandbox, and the sandbox says why: first
+    // from the kept task's cgroup, then, once StopSandbox has removed the task, from what was
+    // recorded.
+    let mut hog = c.request("hog");
+    hog.command = vec![
+        "dd".into(),
+        "if=/dev/zero".into(),
+        "of=/dev/null".into(),
+        "bs=256M".into(),
+        "count=1".into(),
+    ];
+    c.create(hog).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exited = loop {
+        let s = c.get("hog").await;
+        if s.state() == pb::SandboxState::Stopped {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "PID 1 still runs: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(exited.exit_status, Some(137), "{exited:?}");
+    assert!(exited.oom_killed, "{exited:?}");
+    let stopped = c
+        .try_stop(pb::StopSandboxRequest {
+            sandbox_id: "hog".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(stopped.oom_killed, "{stopped:?}");
+    assert!(c.get("hog").await.oom_killed);
+    let listed = c.list().await;
+    assert!(listed.iter().any(|s| s.sandbox_id == "hog" && s.oom_killed));
+    c.force_delete("hog").await;
     env.leak_check().await;
 }
 
@@ -463,5 +511,110 @@ async fn total_limits_cap_all_sandboxes_together() {
     assert_eq!(exited.signal, libc::SIGKILL, "{exited:?}");
     assert_eq!(c.sh_ok("big", "echo still").await, "still\n");
     c.force_delete("big").await;
+    env.leak_check().await;
+}
+
+/// WriteFile of `data` to `path` in sandbox `id`.
+async fn write_file(c: &mut Clients, id: &str, path: &str, data: &[u8]) -> Result<i64, Status> {
+    use pb::write_file_request::Request;
+    let msgs = [
+        pb::WriteFileRequest {
+            request: Some(Request::Header(pb::WriteFileHeader {
+                sandbox_id: id.into(),
+                path: path.into(),
+                ..Default::default()
+            })),
+        },
+        pb::WriteFileRequest {
+            request: Some(Request::Data(data.to_vec())),
+        },
+    ];
+    c.fs.write_file(futures::stream::iter(msgs))
+        .await
+        .map(|r| r.into_inner().bytes_written)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_nearly_full_disk_refuses_creates_commits_restores_and_writes() {
+    let env = TestEnv::new().await;
+    // sandboxd's data dir on a small filesystem of its own: the guard must look there.
+    env.sandboxd.shutdown().await;
+    let data = env.sandboxd.data_dir();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "sandboxd-guard"])
+        .arg(&data)
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+    env.sandboxd
+        .restart_with_args(&["--min-free-disk".into(), "30Mi".into()])
+        .await;
+    let mut c = env.clients().await;
+    c.create_running("kept").await;
+    assert_eq!(
+        write_file(&mut c, "kept", "/tmp/a", b"before")
+            .await
+            .unwrap(),
+        6
+    );
+    let snap = c.commit("kept").await;
+
+    // 40 of 64 MiB taken by something else on that filesystem: 24 MiB left, less than 30.
+    let filler = data.join("filler");
+    std::fs::write(&filler, vec![1u8; 40 << 20]).unwrap();
+    let refused = |what: &str, r: Result<(), Status>| {
+        let e = r.expect_err(what);
+        assert_eq!(e.code(), Code::ResourceExhausted, "{what}: {e:?}");
+        assert!(
+            e.message().contains(&data.display().to_string())
+                && e.message().contains("--min-free-disk (31457280 bytes)"),
+            "{what}: {}",
+            e.message()
+        );
+    };
+    refused("create", c.try_create(c.request("new")).await.map(|_| ()));
+    refused(
+        "fork",
+        c.try_create(pb::CreateSandboxRequest {
+            sandbox_id: "fork".into(),
+            snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .map(|_| ()),
+    );
+    refused("commit", c.try_commit("kept").await.map(|_| ()));
+    refused(
+        "restore",
+        c.try_restore("kept", &snap.snapshot_id).await.map(|_| ()),
+    );
+    refused(
+        "write",
+        write_file(&mut c, "kept", "/tmp/b", b"after")
+            .await
+            .map(|_| ()),
+    );
+    // Nothing was half-made, and the sandbox that was there works as it did.
+    let ids: Vec<String> = c.list().await.into_iter().map(|s| s.sandbox_id).collect();
+    assert_eq!(ids, ["kept"]);
+    assert_eq!(c.sh_ok("kept", "cat /tmp/a; ls /tmp").await, "beforea\n");
+
+    // Room again: everything goes through.
+    std::fs::remove_file(&filler).unwrap();
+    c.create_running("new").await;
+    assert_eq!(
+        write_file(&mut c, "kept", "/tmp/b", b"after")
+            .await
+            .unwrap(),
+        5
+    );
+    let second = c.commit("kept").await;
+    c.try_restore("kept", &snap.snapshot_id).await.unwrap();
+    for id in ["kept", "new"] {
+        c.force_delete(id).await;
+    }
+    for s in [snap, second] {
+        c.delete_snapshot(&s.snapshot_id).await;
+    }
     env.leak_check().await;
 }

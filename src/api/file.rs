@@ -19,23 +19,42 @@ use crate::error::{Error, Result};
 use crate::files::{self, AtomicWriter, FileReader, WriteInput, READ_QUEUE, WRITE_QUEUE};
 use crate::pb;
 use crate::pb::file_service_server::FileService;
-use crate::sandbox::{FileStream, Manager, SandboxId};
+use crate::sandbox::{FileStream, Manager, SandboxId, Tenancy};
 use crate::sys;
 
 /// The FileService implementation.
 #[derive(Debug, Clone)]
 pub struct FileApi {
-    manager: Arc<Manager>,
+    tenancy: Arc<Tenancy>,
     /// How long a stream waits on a client that sends or takes nothing.
     idle: Duration,
 }
 
+/// The service bound to one caller: the only way a handler reaches a manager.
+#[derive(Debug, Clone)]
+struct ForCaller {
+    /// The caller's tenant's.
+    manager: Arc<Manager>,
+    idle: Duration,
+}
+
 impl FileApi {
-    /// Serves the files of `manager`'s sandboxes; streams end after `idle` of a silent client.
-    pub fn new(manager: Arc<Manager>, idle: Duration) -> Self {
-        FileApi { manager, idle }
+    /// Serves the files of each tenant's sandboxes of `tenancy`; streams end after `idle` of
+    /// a silent client.
+    pub fn new(tenancy: Arc<Tenancy>, idle: Duration) -> Self {
+        FileApi { tenancy, idle }
     }
 
+    /// This service bound to the calling tenant's sandboxes.
+    async fn for_caller<T>(&self, req: &Request<T>) -> Result<ForCaller, Status> {
+        Ok(ForCaller {
+            manager: super::tenant_manager(&self.tenancy, req).await?,
+            idle: self.idle,
+        })
+    }
+}
+
+impl ForCaller {
     /// Opens the root of sandbox `id` and runs blocking `op` on it. An `op` that changes files
     /// runs while the sandbox is held still (see [`Manager::hold_still`]), so a commit never
     /// captures it half done. The root (and a stopped sandbox's temporary mount) is released
@@ -152,12 +171,13 @@ impl FileService for FileApi {
         &self,
         req: Request<pb::ReadFileRequest>,
     ) -> Result<Response<Self::ReadFileStream>, Status> {
+        let this = self.for_caller(&req).await?;
         let (FileTarget { sandbox_id, path }, range) = convert::read_file_spec(req.into_inner())?;
-        let mut stream = self.manager.file_stream(&sandbox_id);
-        let root = self.open_stream_root(&sandbox_id, &mut stream).await?;
+        let mut stream = this.manager.file_stream(&sandbox_id);
+        let root = this.open_stream_root(&sandbox_id, &mut stream).await?;
         // Opening errors (missing, not a file) are the call's status, not a stream item.
         let reader = sys::blocking(move || FileReader::open(root, &path, range)).await?;
-        let (tx, rx) = stream::outbound(READ_QUEUE, self.idle);
+        let (tx, rx) = stream::outbound(READ_QUEUE, this.idle);
         // The reader owns the root: a stopped sandbox stays mounted until the stream ends, and
         // is unmounted before the client sees the end.
         tokio::spawn(send_file(reader, tx, stream, sandbox_id));
@@ -168,11 +188,13 @@ impl FileService for FileApi {
         &self,
         req: Request<Streaming<pb::WriteFileRequest>>,
     ) -> Result<Response<pb::WriteFileResponse>, Status> {
+        let this = self.for_caller(&req).await?;
         let mut inbound = req.into_inner();
-        let first = stream::next_message(&mut inbound, self.idle).await?;
+        let first = stream::next_message(&mut inbound, this.idle).await?;
         let (id, spec) = convert::write_file_first(first)?;
-        let mut stream = self.manager.file_stream(&id);
-        let root = self.open_stream_root(&id, &mut stream).await?;
+        this.manager.disk_room_for(&id).await?;
+        let mut stream = this.manager.file_stream(&id);
+        let root = this.open_stream_root(&id, &mut stream).await?;
         // Should this call be dropped from here on, dropping the writer removes its temporary
         // file; once `run` owns it, `run` does.
         let writer = sys::blocking(move || AtomicWriter::create(root, &spec)).await?;
@@ -180,7 +202,7 @@ impl FileService for FileApi {
         let task = tokio::spawn(writer.run(rx));
         let stream_result = loop {
             let message = tokio::select! {
-                message = stream::next_message(&mut inbound, self.idle) => message,
+                message = stream::next_message(&mut inbound, this.idle) => message,
                 () = stream.ended() => break Err(deleting(&id)),
             };
             match message {
@@ -214,7 +236,7 @@ impl FileService for FileApi {
         stream_result?;
         let writer = synced?;
         // The content is on disk; only the rename into place waits for a commit to finish.
-        let held = match self.manager.hold_still(&id, writer.root()).await {
+        let held = match this.manager.hold_still(&id, writer.root()).await {
             Ok(held) => held,
             Err(e) => {
                 sys::drop_blocking(writer).await;
@@ -232,8 +254,9 @@ impl FileService for FileApi {
         &self,
         req: Request<pb::ListFilesRequest>,
     ) -> Result<Response<pb::ListFilesResponse>, Status> {
+        let this = self.for_caller(&req).await?;
         let (FileTarget { sandbox_id, path }, depth) = convert::list_files_spec(req.into_inner())?;
-        let entries = self
+        let entries = this
             .with_root(&sandbox_id, Access::Read, move |root| {
                 files::list(root, &path, depth)
             })
@@ -247,8 +270,9 @@ impl FileService for FileApi {
         &self,
         req: Request<pb::StatFileRequest>,
     ) -> Result<Response<pb::StatFileResponse>, Status> {
+        let this = self.for_caller(&req).await?;
         let FileTarget { sandbox_id, path } = convert::stat_file_spec(req.into_inner())?;
-        let entry = self
+        let entry = this
             .with_root(&sandbox_id, Access::Read, move |root| {
                 files::stat(root, &path)
             })
@@ -262,12 +286,13 @@ impl FileService for FileApi {
         &self,
         req: Request<pb::MakeDirectoryRequest>,
     ) -> Result<Response<pb::MakeDirectoryResponse>, Status> {
+        let this = self.for_caller(&req).await?;
         let MakeDirectorySpec {
             target: FileTarget { sandbox_id, path },
             parents,
             mode,
         } = convert::make_directory_spec(req.into_inner())?;
-        self.with_root(&sandbox_id, Access::Change, move |root| {
+        this.with_root(&sandbox_id, Access::Change, move |root| {
             files::make_dir(root, &path, parents, mode)
         })
         .await?;
@@ -278,11 +303,12 @@ impl FileService for FileApi {
         &self,
         req: Request<pb::RemovePathRequest>,
     ) -> Result<Response<pb::RemovePathResponse>, Status> {
+        let this = self.for_caller(&req).await?;
         let RemovePathSpec {
             target: FileTarget { sandbox_id, path },
             recursive,
         } = convert::remove_path_spec(req.into_inner())?;
-        self.with_root(&sandbox_id, Access::Change, move |root| {
+        this.with_root(&sandbox_id, Access::Change, move |root| {
             files::remove(root, &path, recursive)
         })
         .await?;

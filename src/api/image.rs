@@ -12,7 +12,9 @@ use crate::error::Error;
 use crate::image::{self, ImageRef, Progress};
 use crate::pb;
 use crate::pb::image_service_server::ImageService;
-use crate::runtime::Containerd;
+use crate::runtime::Backend;
+use crate::sandbox::Tenancy;
+use std::sync::Arc;
 
 /// Progress messages buffered per PullImage stream (older ones are dropped when the client lags).
 const PULL_PROGRESS_QUEUE: usize = 64;
@@ -20,13 +22,30 @@ const PULL_PROGRESS_QUEUE: usize = 64;
 /// The ImageService implementation.
 #[derive(Debug, Clone)]
 pub struct ImageApi {
-    cd: Containerd,
+    tenancy: Arc<Tenancy>,
+}
+
+/// The service bound to one caller: the only way a handler reaches a store.
+struct ForCaller {
+    /// The caller's tenant's namespace.
+    cd: Arc<dyn Backend>,
 }
 
 impl ImageApi {
-    /// Serves images of `cd`.
-    pub fn new(cd: Containerd) -> Self {
-        ImageApi { cd }
+    /// Serves each tenant's images of `tenancy`: a tenant's image records live in its own
+    /// namespace, so a DeleteImage by one never takes another's.
+    pub fn new(tenancy: Arc<Tenancy>) -> Self {
+        ImageApi { tenancy }
+    }
+
+    /// This service bound to the calling tenant's images.
+    async fn for_caller<T>(&self, req: &Request<T>) -> Result<ForCaller, Status> {
+        Ok(ForCaller {
+            cd: super::tenant_manager(&self.tenancy, req)
+                .await?
+                .backend()
+                .clone(),
+        })
     }
 }
 
@@ -49,12 +68,14 @@ impl ImageService for ImageApi {
         &self,
         req: Request<pb::PullImageRequest>,
     ) -> Result<Response<Self::PullImageStream>, Status> {
+        let this = self.for_caller(&req).await?;
         let image = ImageRef::parse("image", &req.into_inner().image)?;
         let (progress_tx, mut progress_rx) = mpsc::channel::<Progress>(PULL_PROGRESS_QUEUE);
         let (out_tx, out_rx) = mpsc::channel(PULL_PROGRESS_QUEUE);
-        let cd = self.cd.clone();
+        let cd = this.cd.clone();
         // The pull runs on its own task: a client that disconnects does not leave it half-done.
-        let pull = tokio::spawn(async move { image::pull(&cd, &image, Some(progress_tx)).await });
+        let pull =
+            tokio::spawn(async move { image::pull(cd.as_ref(), &image, Some(progress_tx)).await });
         tokio::spawn(async move {
             while let Some(p) = progress_rx.recv().await {
                 if out_tx.send(Ok(progress_msg(p))).await.is_err() {
@@ -81,8 +102,9 @@ impl ImageService for ImageApi {
         &self,
         req: Request<pb::GetImageRequest>,
     ) -> Result<Response<pb::GetImageResponse>, Status> {
+        let this = self.for_caller(&req).await?;
         let image = ImageRef::parse("image", &req.into_inner().image)?;
-        let info = image::get(&self.cd, &image).await?;
+        let info = image::get(this.cd.as_ref(), &image).await?;
         Ok(Response::new(pb::GetImageResponse {
             image: Some(convert::image(info)),
         }))
@@ -90,9 +112,10 @@ impl ImageService for ImageApi {
 
     async fn list_images(
         &self,
-        _req: Request<pb::ListImagesRequest>,
+        req: Request<pb::ListImagesRequest>,
     ) -> Result<Response<pb::ListImagesResponse>, Status> {
-        let images = image::list(&self.cd).await?;
+        let this = self.for_caller(&req).await?;
+        let images = image::list(this.cd.as_ref()).await?;
         Ok(Response::new(pb::ListImagesResponse {
             images: images.into_iter().map(convert::image).collect(),
         }))
@@ -102,8 +125,9 @@ impl ImageService for ImageApi {
         &self,
         req: Request<pb::DeleteImageRequest>,
     ) -> Result<Response<pb::DeleteImageResponse>, Status> {
+        let this = self.for_caller(&req).await?;
         let image = ImageRef::parse("image", &req.into_inner().image)?;
-        image::delete(&self.cd, &image).await?;
+        image::delete(this.cd.as_ref(), &image).await?;
         Ok(Response::new(pb::DeleteImageResponse {}))
     }
 }

@@ -14,22 +14,44 @@ use super::convert;
 use super::stream;
 use crate::pb;
 use crate::pb::sandbox_service_server::SandboxService;
+use crate::sandbox::Tenancy;
 use crate::sandbox::{
     ExecInput, LabelSelector, Manager, Page, SandboxId, EXEC_INPUT_QUEUE, EXEC_OUTPUT_QUEUE,
 };
+use crate::tenants::Quotas;
 
 /// The SandboxService implementation.
 #[derive(Debug, Clone)]
 pub struct SandboxApi {
-    manager: Arc<Manager>,
+    tenancy: Arc<Tenancy>,
     /// How long an Exec's output may wait on a client that takes none of it.
     idle: Duration,
 }
 
+/// The service bound to one caller: the only way a handler reaches a manager.
+#[derive(Debug, Clone)]
+struct ForCaller {
+    /// The caller's tenant's.
+    manager: Arc<Manager>,
+    /// The caller's tenant's quotas.
+    quotas: Quotas,
+    idle: Duration,
+}
+
 impl SandboxApi {
-    /// Serves `manager`; an Exec whose client takes no output for `idle` is ended.
-    pub fn new(manager: Arc<Manager>, idle: Duration) -> Self {
-        SandboxApi { manager, idle }
+    /// Serves each tenant's sandboxes of `tenancy`; an Exec whose client takes no output for
+    /// `idle` is ended.
+    pub fn new(tenancy: Arc<Tenancy>, idle: Duration) -> Self {
+        SandboxApi { tenancy, idle }
+    }
+
+    /// This service bound to the calling tenant's sandboxes and quotas.
+    async fn for_caller<T>(&self, req: &Request<T>) -> Result<ForCaller, Status> {
+        Ok(ForCaller {
+            manager: super::tenant_manager(&self.tenancy, req).await?,
+            quotas: crate::caller::Caller::of(req.extensions()).quotas().clone(),
+            idle: self.idle,
+        })
     }
 }
 
@@ -39,9 +61,10 @@ impl SandboxService for SandboxApi {
         &self,
         req: Request<pb::CreateSandboxRequest>,
     ) -> Result<Response<pb::CreateSandboxResponse>, Status> {
+        let this = self.for_caller(&req).await?;
         let spec = convert::create_spec(req.into_inner())?;
         let started = Instant::now();
-        let sandbox = self.manager.create(spec).await?;
+        let sandbox = this.manager.create(spec, &this.quotas).await?;
         observe_since(&metrics().create_seconds, started);
         Ok(Response::new(pb::CreateSandboxResponse {
             sandbox: Some(convert::sandbox(sandbox)),
@@ -52,8 +75,9 @@ impl SandboxService for SandboxApi {
         &self,
         req: Request<pb::UpdateSandboxNetworkRequest>,
     ) -> Result<Response<pb::UpdateSandboxNetworkResponse>, Status> {
+        let this = self.for_caller(&req).await?;
         let (id, egress) = convert::update_network(req.into_inner())?;
-        let sandbox = self.manager.update_network(id, egress).await?;
+        let sandbox = this.manager.update_network(id, egress).await?;
         Ok(Response::new(pb::UpdateSandboxNetworkResponse {
             sandbox: Some(convert::sandbox(sandbox)),
         }))
@@ -63,8 +87,9 @@ impl SandboxService for SandboxApi {
         &self,
         req: Request<pb::GetSandboxRequest>,
     ) -> Result<Response<pb::GetSandboxResponse>, Status> {
+        let this = self.for_caller(&req).await?;
         let id = SandboxId::parse("sandbox_id", &req.into_inner().sandbox_id)?;
-        let sandbox = self.manager.get(&id).await?;
+        let sandbox = this.manager.get(&id).await?;
         Ok(Response::new(pb::GetSandboxResponse {
             sandbox: Some(convert::sandbox(sandbox)),
         }))
@@ -74,10 +99,11 @@ impl SandboxService for SandboxApi {
         &self,
         req: Request<pb::ListSandboxesRequest>,
     ) -> Result<Response<pb::ListSandboxesResponse>, Status> {
+        let this = self.for_caller(&req).await?;
         let r = req.into_inner();
         let selector = LabelSelector::parse("label_selector", &r.label_selector)?;
         let page = Page::parse(r.page_size, &r.page_token, &r.label_selector)?;
-        let (sandboxes, next_page_token) = self.manager.list(&selector, &page).await?;
+        let (sandboxes, next_page_token) = this.manager.list(&selector, &page).await?;
         Ok(Response::new(pb::ListSandboxesResponse {
             sandboxes: sandboxes.into_iter().map(convert::sandbox).collect(),
             next_page_token,
@@ -88,8 +114,9 @@ impl SandboxService for SandboxApi {
         &self,
         req: Request<pb::StartSandboxRequest>,
     ) -> Result<Response<pb::StartSandboxResponse>, Status> {
+        let this = self.for_caller(&req).await?;
         let id = SandboxId::parse("sandbox_id", &req.into_inner().sandbox_id)?;
-        let sandbox = self.manager.start(id).await?;
+        let sandbox = this.manager.start(id).await?;
         Ok(Response::new(pb::StartSandboxResponse {
             sandbox: Some(convert::sandbox(sandbox)),
         }))
@@ -99,13 +126,14 @@ impl SandboxService for SandboxApi {
         &self,
         req: Request<pb::StopSandboxRequest>,
     ) -> Result<Response<pb::StopSandboxResponse>, Status> {
+        let this = self.for_caller(&req).await?;
         let convert::StopSpec {
             sandbox_id,
             signal,
             timeout,
             force,
         } = convert::stop_spec(req.into_inner())?;
-        let sandbox = self
+        let sandbox = this
             .manager
             .stop(sandbox_id, signal, timeout, force)
             .await?;
@@ -118,10 +146,69 @@ impl SandboxService for SandboxApi {
         &self,
         req: Request<pb::DeleteSandboxRequest>,
     ) -> Result<Response<pb::DeleteSandboxResponse>, Status> {
+        let this = self.for_caller(&req).await?;
         let r = req.into_inner();
         let id = SandboxId::parse("sandbox_id", &r.sandbox_id)?;
-        self.manager.delete(id, r.force).await?;
+        this.manager.delete(id, r.force).await?;
         Ok(Response::new(pb::DeleteSandboxResponse {}))
+    }
+
+    async fn get_sandbox_stats(
+        &self,
+        req: Request<pb::GetSandboxStatsRequest>,
+    ) -> Result<Response<pb::GetSandboxStatsResponse>, Status> {
+        let this = self.for_caller(&req).await?;
+        let id = SandboxId::parse("sandbox_id", &req.into_inner().sandbox_id)?;
+        let stats = this.manager.stats(&id).await?;
+        Ok(Response::new(pb::GetSandboxStatsResponse {
+            stats: Some(convert::stats(stats)),
+        }))
+    }
+
+    type WatchSandboxStatsStream =
+        Pin<Box<dyn Stream<Item = Result<pb::WatchSandboxStatsResponse, Status>> + Send>>;
+
+    async fn watch_sandbox_stats(
+        &self,
+        req: Request<pb::WatchSandboxStatsRequest>,
+    ) -> Result<Response<Self::WatchSandboxStatsStream>, Status> {
+        let this = self.for_caller(&req).await?;
+        let (id, interval) = convert::watch_stats_spec(req.into_inner())?;
+        // The first reading answers the call, so a bad id fails it at once.
+        let first = this.manager.stats(&id).await?;
+        let manager = this.manager.clone();
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.reset();
+        // A reading is taken when the client can take it (the stream is pulled), so nothing
+        // queues up for a slow client.
+        let later = futures::stream::unfold(
+            (manager, id, ticks, false),
+            |(manager, id, mut ticks, done)| async move {
+                if done {
+                    return None;
+                }
+                ticks.tick().await;
+                match manager.stats(&id).await {
+                    Ok(s) => Some((
+                        Ok(pb::WatchSandboxStatsResponse {
+                            stats: Some(convert::stats(s)),
+                        }),
+                        (manager, id, ticks, false),
+                    )),
+                    // The sandbox stopped: the watch is over.
+                    Err(crate::error::Error::FailedPrecondition(_)) => None,
+                    Err(e) => Some((Err(Status::from(e)), (manager, id, ticks, true))),
+                }
+            },
+        );
+        let first = pb::WatchSandboxStatsResponse {
+            stats: Some(convert::stats(first)),
+        };
+        Ok(Response::new(Box::pin(futures::StreamExt::chain(
+            futures::stream::iter([Ok(first)]),
+            later,
+        ))))
     }
 
     type ExecStream = Pin<Box<dyn Stream<Item = Result<pb::ExecResponse, Status>> + Send>>;
@@ -130,11 +217,12 @@ impl SandboxService for SandboxApi {
         &self,
         req: Request<Streaming<pb::ExecRequest>>,
     ) -> Result<Response<Self::ExecStream>, Status> {
+        let this = self.for_caller(&req).await?;
         let deadline = grpc_timeout(req.metadata());
         let mut inbound = req.into_inner();
         let spec = convert::exec_first(inbound.message().await?)?;
         let spec_stdin = spec.stdin;
-        let session = self.manager.exec_start(spec).await?;
+        let session = this.manager.exec_start(spec).await?;
         let started = pb::ExecResponse {
             response: Some(pb::exec_response::Response::Started(pb::ExecStarted {
                 exec_id: session.exec_id.clone(),
@@ -177,7 +265,7 @@ impl SandboxService for SandboxApi {
         // call's deadline (tonic does not enforce it for streams), or when output has waited
         // for the idle timeout on a client that takes none of it. Either way dropping the
         // events' receiver kills the process.
-        let (mut out_tx, out_rx) = stream::outbound(EXEC_OUTPUT_QUEUE, self.idle);
+        let (mut out_tx, out_rx) = stream::outbound(EXEC_OUTPUT_QUEUE, this.idle);
         let _ = out_tx.send(Ok(started)).await;
         tokio::spawn(async move {
             let expiry = async {
@@ -221,8 +309,9 @@ impl SandboxService for SandboxApi {
         &self,
         req: Request<pb::ExecSyncRequest>,
     ) -> Result<Response<pb::ExecSyncResponse>, Status> {
+        let this = self.for_caller(&req).await?;
         let (spec, stdin, max) = convert::exec_sync_spec(req.into_inner())?;
-        let r = self.manager.exec_sync(spec, stdin, max).await?;
+        let r = this.manager.exec_sync(spec, stdin, max).await?;
         Ok(Response::new(pb::ExecSyncResponse {
             exit_code: r.exit.exit_code,
             stdout: r.stdout,

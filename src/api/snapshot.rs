@@ -8,6 +8,7 @@ use super::convert;
 use crate::image::ImageRef;
 use crate::pb;
 use crate::pb::snapshot_service_server::SnapshotService;
+use crate::sandbox::Tenancy;
 use crate::sandbox::{
     self, parse_snapshot_id, LabelSelector, Manager, Page, RequestKey, SandboxId,
 };
@@ -15,13 +16,26 @@ use crate::sandbox::{
 /// The SnapshotService implementation.
 #[derive(Debug, Clone)]
 pub struct SnapshotApi {
+    tenancy: Arc<Tenancy>,
+}
+
+/// The service bound to one caller: the only way a handler reaches a manager.
+struct ForCaller {
+    /// The caller's tenant's.
     manager: Arc<Manager>,
 }
 
 impl SnapshotApi {
-    /// Serves snapshots of `manager`'s sandboxes.
-    pub fn new(manager: Arc<Manager>) -> Self {
-        SnapshotApi { manager }
+    /// Serves snapshots of each tenant's sandboxes of `tenancy`.
+    pub fn new(tenancy: Arc<Tenancy>) -> Self {
+        SnapshotApi { tenancy }
+    }
+
+    /// This service bound to the calling tenant's snapshots.
+    async fn for_caller<T>(&self, req: &Request<T>) -> Result<ForCaller, Status> {
+        Ok(ForCaller {
+            manager: super::tenant_manager(&self.tenancy, req).await?,
+        })
     }
 }
 
@@ -35,6 +49,7 @@ impl SnapshotService for SnapshotApi {
         &self,
         req: Request<pb::CommitSnapshotRequest>,
     ) -> Result<Response<pb::CommitSnapshotResponse>, Status> {
+        let this = self.for_caller(&req).await?;
         let mut r = req.into_inner();
         let request_id = std::mem::take(&mut r.request_id);
         let labels = std::mem::take(&mut r.labels);
@@ -46,7 +61,7 @@ impl SnapshotService for SnapshotApi {
         let id = SandboxId::parse("sandbox_id", &r.sandbox_id)?;
         let labels = sandbox::parse_labels("labels", labels)?;
         let started = std::time::Instant::now();
-        let snap = self.manager.commit_snapshot(id, labels, request).await?;
+        let snap = this.manager.commit_snapshot(id, labels, request).await?;
         crate::metrics::observe_since(&crate::metrics::metrics().commit_seconds, started);
         Ok(Response::new(pb::CommitSnapshotResponse {
             snapshot: Some(convert::snapshot(snap)),
@@ -57,13 +72,14 @@ impl SnapshotService for SnapshotApi {
         &self,
         req: Request<pb::RestoreSandboxRequest>,
     ) -> Result<Response<pb::RestoreSandboxResponse>, Status> {
+        let this = self.for_caller(&req).await?;
         let mut r = req.into_inner();
         let request_id = std::mem::take(&mut r.request_id);
         let request = RequestKey::parse("request_id", &request_id, &convert::canonical(&r, &[]))?;
         let id = SandboxId::parse("sandbox_id", &r.sandbox_id)?;
         let snap = snapshot_id(&r.snapshot_id)?;
         let started = std::time::Instant::now();
-        let sb = self.manager.restore_sandbox(id, snap, request).await?;
+        let sb = this.manager.restore_sandbox(id, snap, request).await?;
         crate::metrics::observe_since(&crate::metrics::metrics().restore_seconds, started);
         Ok(Response::new(pb::RestoreSandboxResponse {
             sandbox: Some(convert::sandbox(sb)),
@@ -74,8 +90,9 @@ impl SnapshotService for SnapshotApi {
         &self,
         req: Request<pb::GetSnapshotRequest>,
     ) -> Result<Response<pb::GetSnapshotResponse>, Status> {
+        let this = self.for_caller(&req).await?;
         let id = snapshot_id(&req.into_inner().snapshot_id)?;
-        let snap = self.manager.get_snapshot(&id).await?;
+        let snap = this.manager.get_snapshot(&id).await?;
         Ok(Response::new(pb::GetSnapshotResponse {
             snapshot: Some(convert::snapshot(snap)),
         }))
@@ -85,6 +102,7 @@ impl SnapshotService for SnapshotApi {
         &self,
         req: Request<pb::ListSnapshotsRequest>,
     ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        let this = self.for_caller(&req).await?;
         let r = req.into_inner();
         let sandbox = if r.sandbox_id.is_empty() {
             None
@@ -94,7 +112,7 @@ impl SnapshotService for SnapshotApi {
         let selector = LabelSelector::parse("label_selector", &r.label_selector)?;
         let scope = format!("{}\n{}", r.sandbox_id, r.label_selector);
         let page = Page::parse(r.page_size, &r.page_token, &scope)?;
-        let (snaps, next_page_token) = self
+        let (snaps, next_page_token) = this
             .manager
             .list_snapshots(sandbox.as_ref().map(SandboxId::as_str), &selector, &page)
             .await?;
@@ -108,8 +126,9 @@ impl SnapshotService for SnapshotApi {
         &self,
         req: Request<pb::DeleteSnapshotRequest>,
     ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        let this = self.for_caller(&req).await?;
         let id = snapshot_id(&req.into_inner().snapshot_id)?;
-        self.manager.delete_snapshot(&id).await?;
+        this.manager.delete_snapshot(&id).await?;
         Ok(Response::new(pb::DeleteSnapshotResponse {}))
     }
 
@@ -117,6 +136,7 @@ impl SnapshotService for SnapshotApi {
         &self,
         req: Request<pb::ExportSnapshotRequest>,
     ) -> Result<Response<pb::ExportSnapshotResponse>, Status> {
+        let this = self.for_caller(&req).await?;
         let mut r = req.into_inner();
         let request_id = std::mem::take(&mut r.request_id);
         let request = RequestKey::parse("request_id", &request_id, &convert::canonical(&r, &[]))?;
@@ -127,7 +147,7 @@ impl SnapshotService for SnapshotApi {
                 "invalid image: the target must be a tag, not a digest",
             ));
         }
-        let digest = self.manager.export_snapshot(&id, &target, request).await?;
+        let digest = this.manager.export_snapshot(&id, &target, request).await?;
         Ok(Response::new(pb::ExportSnapshotResponse {
             image: target.name(),
             digest,

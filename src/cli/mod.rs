@@ -12,6 +12,7 @@ mod output;
 mod parse;
 mod sandbox;
 mod snapshot;
+mod stats;
 mod stdio;
 mod term;
 
@@ -89,6 +90,8 @@ pub enum Command {
     /// Copy one file between the local disk and a sandbox (`SANDBOX:/path` names the sandbox
     /// side; `-` is stdin or stdout).
     Cp(cp::Args),
+    /// What a running sandbox uses: CPU, memory, processes, block I/O, network, disk.
+    Stats(stats::Args),
 }
 
 /// What can make a client command fail.
@@ -220,5 +223,6 @@ async fn run(
         Command::Snapshot(c) => snapshot::run(channel, format, c).await.map(|()| 0),
         Command::Image(c) => image::run(channel, format, c).await.map(|()| 0),
         Command::Cp(a) => cp::run(channel, a).await.map(|()| 0),
+        Command::Stats(a) => stats::run(channel, format, a).await.map(|()| 0),
     }
 }

@@ -403,6 +403,7 @@ pub fn json(s: &pb::Sandbox) -> Value {
         "state": state_name(s.state),
         "pid": s.pid,
         "exit_status": s.exit_status,
+        "oom_killed": s.oom_killed,
         "labels": s.labels,
         "resources": {
             "cpu_millis": resources.cpu_millis,
@@ -498,7 +499,11 @@ fn details(s: &pb::Sandbox) -> String {
         ),
         (
             "Exit status",
-            s.exit_status.map_or("-".into(), |c| c.to_string()),
+            match s.exit_status {
+                None => "-".into(),
+                Some(c) if s.oom_killed => format!("{c} (OOM killed)"),
+                Some(c) => c.to_string(),
+            },
         ),
         ("Command", shell_words(&s.command)),
         ("Hostname", s.hostname.clone()),

@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::Stream;
@@ -175,7 +176,26 @@ pub trait Store: Send + Sync + Debug + 'static {
     async fn version(&self) -> Result<String>;
 }
 
-/// Everything sandboxd asks of containerd.
-pub trait Backend: Containers + Tasks + Snapshots + Store {}
+/// containerd namespaces: the wall between tenants. A handle acts in one namespace; every
+/// other method of [`Backend`] reads and writes only there.
+#[async_trait::async_trait]
+pub trait Namespaces: Send + Sync + Debug + 'static {
+    /// The namespace this handle acts in.
+    fn namespace(&self) -> &str;
+    /// A handle on the same containerd (one connection) acting in namespace `name`, whether
+    /// or not it exists yet: see [`Namespaces::ensure_namespace`].
+    fn in_namespace(&self, name: &str) -> Arc<dyn Backend>;
+    /// Makes namespace `name` if it is missing and sets `labels` on it (others left alone).
+    async fn ensure_namespace(&self, name: &str, labels: &HashMap<String, String>) -> Result<()>;
+    /// Every namespace whose label `key` is `value`, with its labels.
+    async fn namespaces_labelled(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> Result<Vec<(String, HashMap<String, String>)>>;
+}
 
-impl<T: Containers + Tasks + Snapshots + Store> Backend for T {}
+/// Everything sandboxd asks of containerd.
+pub trait Backend: Containers + Tasks + Snapshots + Store + Namespaces {}
+
+impl<T: Containers + Tasks + Snapshots + Store + Namespaces> Backend for T {}

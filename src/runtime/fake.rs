@@ -3,7 +3,7 @@
 //! purpose. Tasks do not run anything: a started task is RUNNING until it is killed.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 use tokio::sync::broadcast;
@@ -19,15 +19,27 @@ pub struct Fake {
     exits: broadcast::Sender<TaskExit>,
     /// Where snapshots' directories are (a snapshot mounts as a bind of its directory).
     root: tempfile::TempDir,
+    /// The namespace this handle acts in.
+    namespace: String,
+    /// The namespaces of this fake containerd, shared by every handle on it.
+    spaces: Arc<Mutex<Spaces>>,
 }
+
+/// A fake containerd's namespaces: the labels of those that exist, and the handles given out.
+/// The first handle's own namespace has its state there and is not reachable through
+/// [`Namespaces::in_namespace`]: each other name gets a handle (and state) of its own.
+#[derive(Debug, Default)]
+struct Spaces {
+    labels: HashMap<String, HashMap<String, String>>,
+    handles: HashMap<String, Arc<Fake>>,
+}
+
+/// The namespace of a fake made with `Default`, as sandboxd's default `--namespace`.
+pub const FAKE_NAMESPACE: &str = "sandboxd";
 
 impl Default for Fake {
     fn default() -> Self {
-        Fake {
-            state: Mutex::default(),
-            exits: broadcast::channel(64).0,
-            root: tempfile::tempdir().expect("a temp dir for the fake's snapshots"),
-        }
+        Fake::in_space(FAKE_NAMESPACE, Arc::default())
     }
 }
 
@@ -48,6 +60,22 @@ struct State {
 }
 
 impl Fake {
+    fn in_space(namespace: &str, spaces: Arc<Mutex<Spaces>>) -> Fake {
+        Fake {
+            state: Mutex::default(),
+            exits: broadcast::channel(64).0,
+            root: tempfile::tempdir().expect("a temp dir for the fake's snapshots"),
+            namespace: namespace.to_string(),
+            spaces,
+        }
+    }
+
+    /// The handle on namespace `name` given out by [`Namespaces::in_namespace`], if any.
+    pub fn space(&self, name: &str) -> Option<Arc<Fake>> {
+        let spaces = self.spaces.lock().unwrap_or_else(|p| p.into_inner());
+        spaces.handles.get(name).cloned()
+    }
+
     /// Makes every later call of `op` (e.g. `"tasks.start"`) fail with INTERNAL.
     pub fn fail(&self, op: &str) {
         self.state().failing.insert(op.to_string());
@@ -600,5 +628,50 @@ impl Store for Fake {
 
     async fn version(&self) -> Result<String> {
         Ok("fake".into())
+    }
+}
+
+#[async_trait::async_trait]
+impl Namespaces for Fake {
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    fn in_namespace(&self, name: &str) -> Arc<dyn Backend> {
+        let mut spaces = self.spaces.lock().unwrap_or_else(|p| p.into_inner());
+        let spaces = &mut *spaces;
+        spaces
+            .handles
+            .entry(name.to_string())
+            .or_insert_with(|| Arc::new(Fake::in_space(name, self.spaces.clone())))
+            .clone()
+    }
+
+    async fn ensure_namespace(&self, name: &str, labels: &HashMap<String, String>) -> Result<()> {
+        drop(self.enter("namespaces.ensure", name)?);
+        let mut spaces = self.spaces.lock().unwrap_or_else(|p| p.into_inner());
+        spaces
+            .labels
+            .entry(name.to_string())
+            .or_default()
+            .extend(labels.clone());
+        Ok(())
+    }
+
+    async fn namespaces_labelled(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> Result<Vec<(String, HashMap<String, String>)>> {
+        drop(self.enter("namespaces.list", "")?);
+        let spaces = self.spaces.lock().unwrap_or_else(|p| p.into_inner());
+        let mut found: Vec<_> = spaces
+            .labels
+            .iter()
+            .filter(|(_, l)| l.get(key).is_some_and(|v| v == value))
+            .map(|(n, l)| (n.clone(), l.clone()))
+            .collect();
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(found)
     }
 }

@@ -14,8 +14,8 @@ pub mod supervisor;
 pub mod types;
 
 pub use backend::{
-    Backend, BlobWrite, ByteStream, Containers, ExitStream, NewContainer, NewExec, Snapshots,
-    Store, Tasks,
+    Backend, BlobWrite, ByteStream, Containers, ExitStream, Namespaces, NewContainer, NewExec,
+    Snapshots, Store, Tasks,
 };
 pub use containerd::{Containerd, SNAPSHOTTER};
 pub use types::*;

@@ -129,6 +129,8 @@ impl Manager {
             )));
         }
         let right = right?;
+        // The layer and its unpacked copy land on the snapshotter's disk.
+        self.disk_room(Some(&right))?;
         let running = matches!(task?, Some(t) if t.state == TaskState::Running);
 
         // Deep chains hit overlayfs' limit on lower layers (the mount options fit one page):
@@ -148,7 +150,7 @@ impl Manager {
         let view = cd.view(&view_key, &base_chain, lease);
         let prepare = cd.prepare(&unpack_key, &base_chain, HashMap::new(), Some(lease));
         let upper = async {
-            match writable_dir(&right) {
+            match super::disk::writable_dir(&right) {
                 Some(dir) => {
                     sys::blocking(move || {
                         let upper = std::fs::File::open(&dir)
@@ -437,18 +439,4 @@ struct StoredLayer {
     layer_size: i64,
     manifest_digest: String,
     manifest_size: i64,
-}
-
-/// The directory that takes a sandbox's writes, from its writable snapshot's mounts: overlay's
-/// upper dir, or a bind mount's source.
-fn writable_dir(mounts: &[Mount]) -> Option<std::path::PathBuf> {
-    mounts.iter().find_map(|m| match m.kind.as_str() {
-        "overlay" => m
-            .options
-            .iter()
-            .find_map(|o| o.strip_prefix("upperdir="))
-            .map(std::path::PathBuf::from),
-        "bind" => Some(std::path::PathBuf::from(&m.source)),
-        _ => None,
-    })
 }

@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::image;
 use crate::runtime::spec::{self, SandboxSpec, IDLE_INIT_PATH};
 use crate::runtime::{Container, Lease, NewContainer};
+use crate::tenants::Quotas;
 use crate::{files, sys};
 
 /// Default PATH for images that set none.
@@ -35,8 +36,10 @@ struct Undo {
 impl Manager {
     // ---- create ----
 
-    /// CreateSandbox. Runs to completion (or full undo) even if the caller goes away.
-    pub async fn create(self: &Arc<Self>, spec: CreateSpec) -> Result<Sandbox> {
+    /// CreateSandbox (a fork when its source is a snapshot), held against the tenant's
+    /// `quotas`. Runs to completion (or full undo) even if the caller goes away.
+    pub async fn create(self: &Arc<Self>, spec: CreateSpec, quotas: &Quotas) -> Result<Sandbox> {
+        let quotas = quotas.clone();
         let this = self.clone();
         let span = tracing::info_span!("create_sandbox", sandbox_id = %spec.id);
         if spec.network == NetworkMode::Bridge {
@@ -50,6 +53,9 @@ impl Manager {
                         return Ok(sandbox);
                     }
                 }
+                // Held until the sandbox is made or undone; a retry above adds nothing.
+                let applied = this.applied_limits(spec.resources);
+                let _reserved = this.reserve(&spec.id, &applied, &quotas).await?;
                 if let Some(sandbox) = this.claim_pooled(&spec).await? {
                     return Ok(sandbox);
                 }
@@ -67,7 +73,7 @@ impl Manager {
             if retry::CREATE.replays(&c.labels, key, now)? {
                 tracing::info!(sandbox_id = %c.id, request_id = key.id(), "a retried create returns the first call's sandbox");
                 let task = self.task(&c.id).await?;
-                return Ok(Some(sandbox_of(&c, task.as_ref())));
+                return Ok(Some(self.describe(&c, task.as_ref())));
             }
         }
         Ok(None)
@@ -128,7 +134,7 @@ impl Manager {
                         Error::not_found(crate::error::Kind::Sandbox, spec.id.as_str())
                     })?;
                     let task = self.task(spec.id.as_str()).await?;
-                    return Ok(sandbox_of(&container, task.as_ref()));
+                    return Ok(self.describe(&container, task.as_ref()));
                 }
                 self.get(&spec.id).await
             }
@@ -165,6 +171,8 @@ impl Manager {
             .prepare(&key, &image.top_chain_id, owner, Some(lease))
             .await?;
         undo.snapshot = Some(key.clone());
+        // The new sandbox will write to the disk this layer is on.
+        self.disk_room(Some(&mounts))?;
 
         let config = &image.run_config;
         let user_spec = spec
@@ -208,7 +216,7 @@ impl Manager {
             pids_limit: spec.resources.pids(),
             etc_dir: files.clone(),
             idle_init: idle.then(|| self.cfg.idle_init.clone()),
-            netns_path: bridge.then(|| self.net.netns_path(id.as_str())),
+            netns_path: bridge.then(|| self.net.netns_path(&self.host_key(id.as_str()))),
             seccomp: self.seccomp.clone(),
             oom_score_adj: self.cfg.walls.oom_score_adj,
         })?;

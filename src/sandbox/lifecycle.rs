@@ -44,7 +44,7 @@ impl Manager {
                         });
                     }
                     Some(TaskState::Created | TaskState::Stopped) => {
-                        this.finish_task(&id, &container).await?
+                        this.finish_task(&id, &container, true).await?
                     }
                     None => this.detach_network(id.as_str(), Some(&container)).await?,
                 }
@@ -95,6 +95,7 @@ impl Manager {
                 (L_STARTED, Some(now)),
                 (L_EXITED, None),
                 (L_EXIT_STATUS, None),
+                (L_OOM_KILLED, None),
             ],
         )
         .await?;
@@ -175,6 +176,9 @@ impl Manager {
             if task.state == TaskState::Paused {
                 this.cd.resume(id.as_str()).await?;
             }
+            // PID 1 that exited before this call may have been the OOM killer's; one killed
+            // here was not.
+            let exited_by_itself = !task.state.may_be_alive();
             if task.state.may_be_alive() {
                 this.cd.kill(id.as_str(), None, signal as u32, false).await?;
                 if !this.wait_exit(id.as_str(), timeout).await? {
@@ -189,7 +193,7 @@ impl Manager {
                     }
                 }
             }
-            this.finish_task(&id, &container).await?;
+            this.finish_task(&id, &container, exited_by_itself).await?;
             this.get(&id).await
         }.instrument(span))
         .await
@@ -204,8 +208,18 @@ impl Manager {
     }
 
     /// Deletes an exited task, tears its network down and records its exit status in the
-    /// container's labels.
-    async fn finish_task(&self, id: &SandboxId, container: &Container) -> Result<()> {
+    /// container's labels, and whether the OOM killer ended it when it `exited_by_itself`
+    /// (read before the delete takes the cgroup away).
+    async fn finish_task(
+        &self,
+        id: &SandboxId,
+        container: &Container,
+        exited_by_itself: bool,
+    ) -> Result<()> {
+        let oom_killed = exited_by_itself
+            && self.task(id.as_str()).await?.is_some_and(|t| {
+                t.state == TaskState::Stopped && self.pid1_oom_killed(id, t.exit_status)
+            });
         let exit = self.cd.delete_task(id.as_str()).await?;
         self.detach_network(id.as_str(), Some(container)).await?;
         let Some(exit) = exit else {
@@ -217,6 +231,7 @@ impl Manager {
             &[
                 (L_EXITED, Some(crate::util::rfc3339(exited))),
                 (L_EXIT_STATUS, Some(exit.status.to_string())),
+                (L_OOM_KILLED, oom_killed.then(|| "true".to_owned())),
             ],
         )
         .await
@@ -314,9 +329,13 @@ impl Manager {
         lease: &Lease,
     ) -> Result<()> {
         let owner = [(L_SNAPSHOT_OWNER.to_string(), id.to_string())].into();
-        self.cd
+        let mounts = self
+            .cd
             .prepare(new_key, parent_chain, owner, Some(lease))
             .await?;
+        // The restored sandbox writes to the disk this layer is on (the caller undoes the
+        // prepare).
+        self.disk_room(Some(&mounts))?;
         self.kill_and_delete_task(id.as_str(), Some(container))
             .await?;
         self.failpoint("restore.swap")?;

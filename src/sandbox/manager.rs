@@ -63,7 +63,9 @@ impl From<&Config> for ManagerConfig {
 pub struct Manager {
     pub(super) cd: Arc<dyn Backend>,
     pub(super) cfg: ManagerConfig,
-    pub(super) net: Network,
+    pub(super) net: Arc<Network>,
+    /// The tenant whose sandboxes this manager holds: its namespace and host keys.
+    pub(super) scope: super::tenancy::Scope,
     pub(super) pool: super::pool::WarmPool,
     pub(super) locks: Arc<KeyedLocks>,
     /// Exec output straight from the process's pipes, when the shim can run the relay.
@@ -78,8 +80,13 @@ pub struct Manager {
     mounts: Mutex<HashMap<String, Weak<SharedMount>>>,
     /// What ExecSync calls buffer, in KiB (see `budget::ExecSyncBudget`).
     pub(super) exec_sync_budget: super::budget::ExecSyncBudget,
+    /// The tenant's creates in progress, held against its quotas.
+    pub(super) ledger: super::quota::Ledger,
     /// The seccomp filter of every sandbox, built once from `cfg.walls`.
     pub(super) seccomp: Option<Arc<oci_spec::runtime::LinuxSeccomp>>,
+    /// The snapshotter's snapshots directory, once a writable layer has shown it (for the
+    /// free-space guard, see `disk`).
+    pub(super) snapshots_dir: std::sync::OnceLock<PathBuf>,
 }
 
 /// A sandbox's root filesystem as seen from the host, for file access. A running sandbox is
@@ -143,23 +150,64 @@ impl Manager {
             observer,
             started_at: std::time::SystemTime::now(),
             pool: super::pool::WarmPool::new(cfg.warm_pool.clone()),
+            scope: super::tenancy::Scope::default_tenant(cd.namespace()),
             cd,
             cfg,
-            net,
+            net: Arc::new(net),
             locks: Arc::new(KeyedLocks::default()),
             streams: Arc::default(),
             mounts: Mutex::default(),
             exec_sync_budget,
+            snapshots_dir: std::sync::OnceLock::new(),
+            ledger: Default::default(),
         })
     }
 
-    /// The backend.
+    /// A manager of `scope`'s sandboxes on `cd` (acting in its namespace), sharing this one's
+    /// settings, network, exec relay, ExecSync budget and start time. It has no warm pool:
+    /// only the default tenant's sandboxes are pooled (see `pool.rs`).
+    pub(super) fn for_scope(&self, cd: Arc<dyn Backend>, scope: super::tenancy::Scope) -> Manager {
+        Manager {
+            cd,
+            scope,
+            cfg: self.cfg.clone(),
+            net: self.net.clone(),
+            pool: super::pool::WarmPool::new(Vec::new()),
+            locks: Arc::new(KeyedLocks::default()),
+            relay: self.relay.clone(),
+            observer: self.observer.clone(),
+            started_at: self.started_at,
+            streams: Arc::default(),
+            mounts: Mutex::default(),
+            exec_sync_budget: self.exec_sync_budget.clone(),
+            seccomp: self.seccomp.clone(),
+            ledger: Default::default(),
+            // One snapshotter for every namespace.
+            snapshots_dir: self.snapshots_dir.clone(),
+        }
+    }
+
+    /// The backend, acting in this manager's tenant's namespace.
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.cd
     }
 
+    /// The tenant whose sandboxes this manager holds.
+    pub fn tenant(&self) -> &crate::caller::Tenant {
+        self.scope.tenant()
+    }
+
+    /// The name sandbox `id` has on the host (cgroup, network namespace, files): unique
+    /// across tenants.
+    pub(super) fn host_key(&self, id: &str) -> String {
+        self.scope.host_key(id)
+    }
+
     pub(super) fn files_dir(&self, id: &SandboxId) -> PathBuf {
-        self.cfg.data_dir.join("sandboxes").join(id.as_str())
+        self.cfg
+            .data_dir
+            .join("sandboxes")
+            .join(self.host_key(id.as_str()))
     }
 
     pub(super) fn exec_dir(&self) -> PathBuf {
@@ -168,7 +216,11 @@ impl Manager {
 
     /// Sandbox `id`'s cgroup path (below each controller's mount on v1).
     pub(super) fn sandbox_cgroup(&self, id: &str) -> String {
-        format!("{}/{}", self.cfg.cgroup_parent.trim_end_matches('/'), id)
+        format!(
+            "{}/{}",
+            self.cfg.cgroup_parent.trim_end_matches('/'),
+            self.host_key(id)
+        )
     }
 
     /// `r` with the configured default of each limit it leaves unset: what applies to it.
@@ -220,7 +272,39 @@ impl Manager {
     pub async fn get(&self, id: &SandboxId) -> Result<Sandbox> {
         let container = self.existing(id).await?;
         let task = self.task(id.as_str()).await?;
-        Ok(record::sandbox_of(&container, task.as_ref()))
+        Ok(self.describe(&container, task.as_ref()))
+    }
+
+    /// The sandbox that container `c` and its task stand for, with `oom_killed` read from the
+    /// sandbox's cgroup while an exited PID 1's task (and so its cgroup) is still kept.
+    pub(super) fn describe(&self, c: &Container, task: Option<&Task>) -> Sandbox {
+        let mut sandbox = record::sandbox_of(c, task);
+        if let Some(t) = task {
+            sandbox.oom_killed =
+                t.state == TaskState::Stopped && self.pid1_oom_killed(&sandbox.id, t.exit_status);
+        }
+        sandbox
+    }
+
+    /// Whether PID 1, which exited with `status`, was the OOM killer's: it died of SIGKILL,
+    /// which only the kernel or sandboxd can send to a namespace's init, while the sandbox's
+    /// cgroup counts an OOM kill. Callers ask only when sandboxd did not kill it itself.
+    pub(super) fn pid1_oom_killed(&self, id: &SandboxId, status: u32) -> bool {
+        status == 128 + libc::SIGKILL as u32 && self.oom_kills(id) > 0
+    }
+
+    /// The sandbox's count of OOM kills so far (0 when the cgroup does not say).
+    pub(super) fn oom_kills(&self, id: &SandboxId) -> u64 {
+        let cgroup = self.sandbox_cgroup(id.as_str());
+        let v1 = format!("/sys/fs/cgroup/memory{cgroup}/memory.oom_control");
+        let v2 = format!("/sys/fs/cgroup{cgroup}/memory.events");
+        let text = std::fs::read_to_string(v1)
+            .or_else(|_| std::fs::read_to_string(v2))
+            .unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
     }
 
     /// Every sandbox's container but unclaimed warm-pool ones, ordered by id.
@@ -256,7 +340,7 @@ impl Manager {
         let tasks = self.cd.tasks().await?;
         let sandboxes = containers
             .iter()
-            .map(|c| record::sandbox_of(c, tasks.get(&c.id)))
+            .map(|c| self.describe(c, tasks.get(&c.id)))
             .collect();
         Ok((sandboxes, next))
     }

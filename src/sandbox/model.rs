@@ -361,6 +361,8 @@ pub struct Sandbox {
     pub pid: u32,
     /// Exit status of PID 1 once it exited.
     pub exit_status: Option<i32>,
+    /// PID 1 was killed by the kernel's OOM killer (the sandbox reached its memory limit).
+    pub oom_killed: bool,
     /// User labels.
     pub labels: HashMap<String, String>,
     /// Effective limits.

@@ -29,7 +29,7 @@ impl Manager {
         let resolv = self.net.resolv_conf();
         let attached = self
             .net
-            .attach(id.as_str(), net.policy, &resolv.nameservers)
+            .attach(&self.host_key(id.as_str()), net.policy, &resolv.nameservers)
             .await?;
         let recorded = async {
             write_etc_files(
@@ -58,7 +58,11 @@ impl Manager {
         if let Err(e) = recorded {
             let cleanup = self
                 .net
-                .detach(id.as_str(), Some(&attached.result), &net.policy.ports)
+                .detach(
+                    &self.host_key(id.as_str()),
+                    Some(&attached.result),
+                    &net.policy.ports,
+                )
                 .await;
             return Err(e.with_cleanup(cleanup));
         }
@@ -102,11 +106,12 @@ impl Manager {
         new.validate()?;
         let encoded = serde_json::to_vec(&new)
             .map_err(|e| Error::Internal(format!("encoding the network policy: {e}")))?;
+        let key = self.host_key(id.as_str());
         let live = match self.guard_of(&container) {
-            Some(guard) if self.net.is_attached(id.as_str()) => {
+            Some(guard) if self.net.is_attached(&key) => {
                 let resolvers = self.sandbox_resolvers(id).await;
                 self.net
-                    .update_egress(id.as_str(), &guard, &new.egress, &resolvers)
+                    .update_egress(&key, &guard, &new.egress, &resolvers)
                     .await?;
                 Some((guard, resolvers))
             }
@@ -120,7 +125,7 @@ impl Manager {
             let cleanup = match &live {
                 Some((guard, resolvers)) => {
                     self.net
-                        .update_egress(id.as_str(), guard, &old.egress, resolvers)
+                        .update_egress(&key, guard, &old.egress, resolvers)
                         .await
                 }
                 None => Ok(()),
@@ -137,8 +142,9 @@ impl Manager {
         id: &SandboxId,
         ports: &[crate::net::cni::PortMapping],
     ) -> Result<()> {
-        for c in self.managed_containers().await? {
-            if c.id == id.as_str() || !c.labels.contains_key(L_NET_IP) {
+        // Host ports are the node's: every tenant's sandboxes are looked at.
+        for (own, c) in self.every_tenants_containers().await? {
+            if own && c.id == id.as_str() || !c.labels.contains_key(L_NET_IP) {
                 continue;
             }
             let Some(other) = net_policy(&c) else {
@@ -151,16 +157,57 @@ impl Manager {
                         && (q.host_ip.is_none() || p.host_ip.is_none() || q.host_ip == p.host_ip)
                 });
                 if clash.is_some() {
+                    // Another tenant's sandbox is not named: its existence is not ours to tell.
+                    let to = if own {
+                        format!("sandbox {}", c.id)
+                    } else {
+                        "another sandbox".to_string()
+                    };
                     return Err(Error::FailedPrecondition(format!(
-                        "host port {}/{} is already forwarded to sandbox {}",
+                        "host port {}/{} is already forwarded to {to}",
                         p.host_port,
                         crate::net::policy::protocol_name(p.protocol),
-                        c.id
                     )));
                 }
             }
         }
         Ok(())
+    }
+
+    /// The sandboxes of every tenant on the node (this one's flagged `true`): for what is
+    /// the node's rather than a tenant's, like host ports.
+    async fn every_tenants_containers(&self) -> Result<Vec<(bool, Container)>> {
+        let mut all: Vec<(bool, Container)> = self
+            .managed_containers()
+            .await?
+            .into_iter()
+            .map(|c| (true, c))
+            .collect();
+        let base = self.scope.base();
+        let mut namespaces: Vec<String> = self
+            .cd
+            .namespaces_labelled(super::tenancy::NS_INSTANCE, base)
+            .await?
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        namespaces.push(base.to_string());
+        namespaces.sort();
+        namespaces.dedup();
+        for ns in namespaces.iter().filter(|ns| *ns != self.cd.namespace()) {
+            let others = self
+                .cd
+                .in_namespace(ns)
+                .containers_labelled(L_MANAGED, "true")
+                .await?;
+            all.extend(
+                others
+                    .into_iter()
+                    .filter(|c| !c.labels.contains_key(L_POOL))
+                    .map(|c| (false, c)),
+            );
+        }
+        Ok(all)
     }
 
     /// Tears down sandbox `id`'s network if it has one (see [`Network::detach`]) and forgets
@@ -170,7 +217,8 @@ impl Manager {
         id: &str,
         container: Option<&Container>,
     ) -> Result<()> {
-        if !self.net.is_attached(id) {
+        let key = self.host_key(id);
+        if !self.net.is_attached(&key) {
             return Ok(());
         }
         let cached: Option<serde_json::Value> = container
@@ -180,7 +228,7 @@ impl Manager {
             .and_then(net_policy)
             .map(|p| p.ports)
             .unwrap_or_default();
-        self.net.detach(id, cached.as_ref(), &ports).await?;
+        self.net.detach(&key, cached.as_ref(), &ports).await?;
         match self
             .update_labels(
                 id,
@@ -203,32 +251,29 @@ impl Manager {
     /// events ([`Manager::watch_exits`]) do this at once; this sweep catches what they miss
     /// (sandboxd down at the time, a dropped subscription, an interrupted create).
     pub async fn reconcile_networks(&self) -> Result<()> {
-        let attached = self.net.attached_ids();
+        // Only this tenant's: the others' are their managers' to settle.
+        let attached: Vec<SandboxId> = self
+            .net
+            .attached_ids()
+            .iter()
+            .filter_map(|key| self.scope.id_of_key(key))
+            .collect();
         if attached.is_empty() {
             return Ok(());
         }
         let live = self.live_task_ids().await?;
         // Each sandbox on its own: one that fails does not keep the others' networks up.
         let mut failed = None;
-        for id in attached.iter().filter(|id| live.contains(*id)) {
-            if let Ok(id) = SandboxId::parse("sandbox_id", id) {
-                if let Err(e) = self.repair_firewall(&id).await {
-                    tracing::warn!(sandbox_id = %id, error = %e, "checking a sandbox's firewall rules failed; the sweep retries");
-                    failed.get_or_insert(e);
-                }
+        for id in attached.iter().filter(|id| live.contains(id.as_str())) {
+            if let Err(e) = self.repair_firewall(id).await {
+                tracing::warn!(sandbox_id = %id, error = %e, "checking a sandbox's firewall rules failed; the sweep retries");
+                failed.get_or_insert(e);
             }
         }
-        for id in attached.iter().filter(|id| !live.contains(*id)) {
-            match SandboxId::parse("sandbox_id", id) {
-                Ok(id) => {
-                    if let Err(e) = self.settle_network(&id).await {
-                        tracing::warn!(sandbox_id = %id, error = %e, "tearing down a network failed; the sweep retries");
-                        failed.get_or_insert(e);
-                    }
-                }
-                Err(_) => {
-                    tracing::warn!(netns = %id, "a network namespace with a malformed sandbox id; left alone")
-                }
+        for id in attached.iter().filter(|id| !live.contains(id.as_str())) {
+            if let Err(e) = self.settle_network(id).await {
+                tracing::warn!(sandbox_id = %id, error = %e, "tearing down a network failed; the sweep retries");
+                failed.get_or_insert(e);
             }
         }
         failed.map_or(Ok(()), Err)
@@ -252,13 +297,14 @@ impl Manager {
         else {
             return Ok(());
         };
-        if !self.net.is_attached(id.as_str()) {
+        let key = self.host_key(id.as_str());
+        if !self.net.is_attached(&key) {
             return Ok(());
         }
         let resolvers = self.sandbox_resolvers(id).await;
         let repair = self
             .net
-            .repair_firewall(id.as_str(), &guard, &policy.egress, &resolvers)
+            .repair_firewall(&key, &guard, &policy.egress, &resolvers)
             .await?;
         if repair == crate::net::firewall::Repair::Restored {
             tracing::warn!(sandbox_id = %id, "firewall rules were missing or changed; restored");
@@ -300,7 +346,7 @@ impl Manager {
     /// start in progress is never disturbed).
     pub(super) async fn settle_network(&self, id: &SandboxId) -> Result<()> {
         let _guard = self.locks.lock(id.as_str()).await?;
-        if !self.net.is_attached(id.as_str()) {
+        if !self.net.is_attached(&self.host_key(id.as_str())) {
             return Ok(());
         }
         if self

@@ -10,6 +10,12 @@
 //! up in the background. Everything lives in containerd, so a restarted sandboxd adopts the
 //! pooled sandboxes still running and deletes the rest (and those of images no longer
 //! configured).
+//!
+//! The pool is the default tenant's alone. A pooled sandbox lives in the default tenant's
+//! containerd namespace, and containerd cannot move a container between namespaces; pools
+//! per tenant would keep warm sandboxes for callers that may never come. So another tenant's
+//! manager has an empty pool and its creates take the ordinary path: a claim can never hand one
+//! tenant a sandbox that another tenant's namespace held.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -302,7 +308,7 @@ impl super::Manager {
                     pool: Some(name.clone()),
                     request: None,
                 };
-                match this.create(spec).await {
+                match this.create(spec, &crate::tenants::Quotas::default()).await {
                     Ok(_) => this.pool.push(&name, id.to_string()),
                     Err(e) => {
                         tracing::warn!(image = %name, error = %e, "filling the warm pool failed; retrying later");

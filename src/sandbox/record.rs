@@ -20,6 +20,8 @@ pub(super) const L_CLAIMED: &str = "sandboxd.io/claimed-at";
 pub(super) const L_STARTED: &str = "sandboxd.io/started-at";
 pub(super) const L_EXITED: &str = "sandboxd.io/exited-at";
 pub(super) const L_EXIT_STATUS: &str = "sandboxd.io/exit-status";
+/// "true" when PID 1's last exit was the OOM killer's doing (recorded once its task is gone).
+pub(super) const L_OOM_KILLED: &str = "sandboxd.io/oom-killed";
 pub(super) const L_CPU: &str = "sandboxd.io/cpu-millis";
 pub(super) const L_MEMORY: &str = "sandboxd.io/memory-bytes";
 pub(super) const L_PIDS: &str = "sandboxd.io/pids-limit";
@@ -114,6 +116,11 @@ pub(super) fn sandbox_of(c: &Container, task: Option<&Task>) -> Sandbox {
         state,
         pid,
         exit_status,
+        // While the exited task is kept its cgroup says (see `Manager::describe`); after, the
+        // label does.
+        oom_killed: task.is_none()
+            && state == State::Stopped
+            && c.labels.get(L_OOM_KILLED).is_some_and(|v| v == "true"),
         labels: user_labels(&c.labels),
         resources: Resources {
             cpu_millis: num(L_CPU),

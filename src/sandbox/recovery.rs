@@ -73,7 +73,8 @@ impl Manager {
                     };
                     let Some(Ok(exit)) = exit else { break };
                     // Only PID 1's exit ends the sandbox.
-                    if !exit.is_init() || !self.net.is_attached(&exit.container_id) {
+                    if !exit.is_init() || !self.net.is_attached(&self.host_key(&exit.container_id))
+                    {
                         continue;
                     }
                     let Ok(id) = SandboxId::parse("sandbox_id", &exit.container_id) else {
@@ -106,9 +107,11 @@ impl Manager {
     ///   operations of an earlier run released;
     /// - the warm pool is adopted or emptied.
     pub async fn recover(self: &Arc<Self>) -> Result<()> {
-        // The cap on all sandboxes together is in place before any sandbox starts.
+        // The cap on all sandboxes together is in place before any sandbox starts (the
+        // default tenant's manager recovers first; the cap is the node's, not a tenant's).
         let walls = &self.cfg.walls;
-        if walls.total_memory.is_some() || walls.total_cpu_millis.is_some() {
+        let node_wide = self.scope.is_default();
+        if node_wide && (walls.total_memory.is_some() || walls.total_cpu_millis.is_some()) {
             let (parent, memory, cpu) = (
                 self.cfg.cgroup_parent.clone(),
                 walls.total_memory,
@@ -167,12 +170,18 @@ impl Manager {
         if let Ok(entries) = std::fs::read_dir(self.cfg.data_dir.join("sandboxes")) {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().to_string();
-                if !ids.contains(name.as_str()) {
+                // Only this tenant's files: another tenant's key never maps to an id here.
+                let Some(id) = self.scope.id_of_key(&name) else {
+                    continue;
+                };
+                if !ids.contains(id.as_str()) {
                     let _ = std::fs::remove_dir_all(entry.path());
                 }
             }
         }
-        self.remove_stale_scratch().await;
+        if node_wide {
+            self.remove_stale_scratch().await;
+        }
         // Content writes of an earlier run (a pull, export or commit that died mid-blob) keep
         // their partial data until aborted. One that has not moved since this process started
         // belongs to no live operation.

@@ -16,6 +16,14 @@ use crate::image::ImageRef;
 use crate::net::Network;
 use crate::runtime::fake::Fake;
 use crate::runtime::{Descriptor, ImageRecord, SnapshotInfo, TaskState};
+use crate::tenants::Quotas;
+
+/// A tenant without quotas, as every caller is when none are configured.
+const NO_QUOTAS: Quotas = Quotas {
+    max_sandboxes: None,
+    max_memory_bytes: None,
+    max_cpu_millis: None,
+};
 
 const IMAGE: &str = "docker.io/library/busybox:latest";
 /// The test image's only layer: its chain id is its diff id.
@@ -131,7 +139,7 @@ fn position(calls: &[String], call: &str) -> usize {
 #[tokio::test]
 async fn create_records_the_sandbox_in_labels_and_starts_it() {
     let f = Fixture::new();
-    let sandbox = f.manager.create(spec("box-1")).await.unwrap();
+    let sandbox = f.manager.create(spec("box-1"), &NO_QUOTAS).await.unwrap();
     assert_eq!(sandbox.state, State::Running);
     assert_eq!(sandbox.image, IMAGE);
     assert_eq!(sandbox.labels.get("team").map(String::as_str), Some("a"));
@@ -154,7 +162,11 @@ async fn create_records_the_sandbox_in_labels_and_starts_it() {
 async fn a_failed_start_undoes_the_create_in_reverse_order() {
     let f = Fixture::new();
     f.fake.fail("tasks.start");
-    let err = f.manager.create(spec("box-1")).await.unwrap_err();
+    let err = f
+        .manager
+        .create(spec("box-1"), &NO_QUOTAS)
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::Internal(_)), "{err:?}");
     assert!(f.fake.container_ids().is_empty());
     assert_eq!(f.fake.snapshot_names(), vec![LAYER.to_string()]);
@@ -179,7 +191,10 @@ async fn a_failed_start_undoes_the_create_in_reverse_order() {
 async fn a_failed_container_create_removes_the_prepared_snapshot() {
     let f = Fixture::new();
     f.fake.fail("containers.create");
-    f.manager.create(spec("box-1")).await.unwrap_err();
+    f.manager
+        .create(spec("box-1"), &NO_QUOTAS)
+        .await
+        .unwrap_err();
     assert!(f.fake.container_ids().is_empty());
     assert_eq!(f.fake.snapshot_names(), vec![LAYER.to_string()]);
     assert!(!f.files_dir("box-1").exists());
@@ -189,9 +204,13 @@ async fn a_failed_container_create_removes_the_prepared_snapshot() {
 #[tokio::test]
 async fn creating_an_existing_id_is_already_exists_and_leaves_it_alone() {
     let f = Fixture::new();
-    f.manager.create(spec("box-1")).await.unwrap();
+    f.manager.create(spec("box-1"), &NO_QUOTAS).await.unwrap();
     let before = f.fake.snapshot_names();
-    let err = f.manager.create(spec("box-1")).await.unwrap_err();
+    let err = f
+        .manager
+        .create(spec("box-1"), &NO_QUOTAS)
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::AlreadyExists { .. }), "{err:?}");
     assert_eq!(f.fake.snapshot_names(), before);
     let sandbox = f.manager.get(&id("box-1")).await.unwrap();
@@ -203,7 +222,7 @@ async fn a_created_but_not_started_sandbox_has_no_task() {
     let f = Fixture::new();
     let mut s = spec("box-1");
     s.start = false;
-    let sandbox = f.manager.create(s).await.unwrap();
+    let sandbox = f.manager.create(s, &NO_QUOTAS).await.unwrap();
     assert_eq!(sandbox.state, State::Created);
     assert!(!f.fake.calls().iter().any(|c| c.starts_with("tasks.create")));
 }
@@ -211,7 +230,7 @@ async fn a_created_but_not_started_sandbox_has_no_task() {
 #[tokio::test]
 async fn stop_records_the_exit_and_start_runs_it_again() {
     let f = Fixture::new();
-    f.manager.create(spec("box-1")).await.unwrap();
+    f.manager.create(spec("box-1"), &NO_QUOTAS).await.unwrap();
     let stopped = f
         .manager
         .stop(id("box-1"), libc::SIGTERM, Duration::from_millis(50), true)
@@ -228,7 +247,7 @@ async fn stop_records_the_exit_and_start_runs_it_again() {
 #[tokio::test]
 async fn a_task_in_unknown_state_is_never_taken_for_an_exited_one() {
     let f = Fixture::new();
-    f.manager.create(spec("box-1")).await.unwrap();
+    f.manager.create(spec("box-1"), &NO_QUOTAS).await.unwrap();
     f.fake.set_task_state("box-1", TaskState::Unknown);
     let err = f.manager.start(id("box-1")).await.unwrap_err();
     assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
@@ -243,7 +262,7 @@ async fn a_task_in_unknown_state_is_never_taken_for_an_exited_one() {
 #[tokio::test]
 async fn delete_of_a_running_sandbox_needs_force_and_then_removes_everything() {
     let f = Fixture::new();
-    f.manager.create(spec("box-1")).await.unwrap();
+    f.manager.create(spec("box-1"), &NO_QUOTAS).await.unwrap();
     let err = f.manager.delete(id("box-1"), false).await.unwrap_err();
     assert!(matches!(err, Error::FailedPrecondition(_)), "{err:?}");
     assert_eq!(f.fake.container_ids(), vec!["box-1"]);
@@ -260,11 +279,14 @@ async fn the_reaper_deletes_expired_sandboxes_only() {
     let f = Fixture::new();
     let mut expiring = spec("old-1");
     expiring.ttl = Some(Duration::ZERO);
-    f.manager.create(expiring).await.unwrap();
+    f.manager.create(expiring, &NO_QUOTAS).await.unwrap();
     let mut later = spec("later-1");
     later.ttl = Some(Duration::from_secs(3600));
-    f.manager.create(later).await.unwrap();
-    f.manager.create(spec("forever-1")).await.unwrap();
+    f.manager.create(later, &NO_QUOTAS).await.unwrap();
+    f.manager
+        .create(spec("forever-1"), &NO_QUOTAS)
+        .await
+        .unwrap();
     let reaped = f.manager.reap_expired().await.unwrap();
     assert_eq!(reaped, 1);
     assert_eq!(f.fake.container_ids(), vec!["forever-1", "later-1"]);
@@ -273,7 +295,7 @@ async fn the_reaper_deletes_expired_sandboxes_only() {
 #[tokio::test]
 async fn recovery_removes_what_interrupted_operations_left() {
     let f = Fixture::new();
-    f.manager.create(spec("box-1")).await.unwrap();
+    f.manager.create(spec("box-1"), &NO_QUOTAS).await.unwrap();
     let owned = |name: &str, owner: &str| SnapshotInfo {
         name: name.into(),
         parent: LAYER.into(),
@@ -313,7 +335,7 @@ async fn records_carry_the_schema_that_recovery_and_the_reaper_read() {
     let f = Fixture::new();
     let mut s = spec("box-1");
     s.ttl = Some(Duration::from_secs(60));
-    f.manager.create(s).await.unwrap();
+    f.manager.create(s, &NO_QUOTAS).await.unwrap();
     let container = f
         .manager
         .backend()
@@ -336,11 +358,14 @@ async fn recovery_rolls_back_a_create_whose_lease_is_still_open() {
     f.fake.fail("tasks.create");
     f.fake.fail("leases.delete");
     f.fake.fail("containers.delete");
-    f.manager.create(spec("half-1")).await.unwrap_err();
+    f.manager
+        .create(spec("half-1"), &NO_QUOTAS)
+        .await
+        .unwrap_err();
     assert_eq!(f.fake.container_ids(), vec!["half-1"]);
     let fresh = Fixture::new_on(f.fake.clone(), &f.dir);
     f.fake.heal();
-    f.manager.create(spec("whole-1")).await.unwrap();
+    f.manager.create(spec("whole-1"), &NO_QUOTAS).await.unwrap();
     fresh.manager.recover().await.unwrap();
     assert_eq!(f.fake.container_ids(), vec!["whole-1"]);
     let err = fresh.manager.get(&id("half-1")).await.unwrap_err();
@@ -354,7 +379,7 @@ async fn recovery_rolls_back_a_create_whose_lease_is_still_open() {
 #[tokio::test]
 async fn recovery_finishes_a_delete_that_removed_the_snapshot_only() {
     let f = Fixture::new();
-    f.manager.create(spec("box-1")).await.unwrap();
+    f.manager.create(spec("box-1"), &NO_QUOTAS).await.unwrap();
     f.fake.fail("containers.delete");
     f.manager.delete(id("box-1"), true).await.unwrap_err();
     assert_eq!(f.fake.container_ids(), vec!["box-1"]);
@@ -366,7 +391,7 @@ async fn recovery_finishes_a_delete_that_removed_the_snapshot_only() {
 #[tokio::test]
 async fn recovery_resumes_a_task_a_dead_commit_left_paused() {
     let f = Fixture::new();
-    f.manager.create(spec("box-1")).await.unwrap();
+    f.manager.create(spec("box-1"), &NO_QUOTAS).await.unwrap();
     f.fake.set_task_state("box-1", TaskState::Paused);
     f.manager.recover().await.unwrap();
     let sandbox = f.manager.get(&id("box-1")).await.unwrap();
@@ -376,7 +401,7 @@ async fn recovery_resumes_a_task_a_dead_commit_left_paused() {
 #[tokio::test]
 async fn recovery_removes_a_dead_commits_view_and_unpack_snapshots() {
     let f = Fixture::new();
-    f.manager.create(spec("box-1")).await.unwrap();
+    f.manager.create(spec("box-1"), &NO_QUOTAS).await.unwrap();
     for key in ["sandboxd-view-aaaa", "sandboxd-unpack-bbbb"] {
         f.fake.add_snapshot(SnapshotInfo {
             name: key.into(),
@@ -405,19 +430,28 @@ async fn a_retried_create_returns_the_first_sandbox_and_makes_no_second() {
     // A generated id differs between the call and its retry: the request id ties them.
     let first = f
         .manager
-        .create(with_request(spec("gen-aaaa"), "req-1", "create busybox"))
+        .create(
+            with_request(spec("gen-aaaa"), "req-1", "create busybox"),
+            &NO_QUOTAS,
+        )
         .await
         .unwrap();
     let again = f
         .manager
-        .create(with_request(spec("gen-bbbb"), "req-1", "create busybox"))
+        .create(
+            with_request(spec("gen-bbbb"), "req-1", "create busybox"),
+            &NO_QUOTAS,
+        )
         .await
         .unwrap();
     assert_eq!(again.id, first.id);
     assert_eq!(f.fake.container_ids(), vec!["gen-aaaa"]);
     let err = f
         .manager
-        .create(with_request(spec("gen-cccc"), "req-1", "create alpine"))
+        .create(
+            with_request(spec("gen-cccc"), "req-1", "create alpine"),
+            &NO_QUOTAS,
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, Error::InvalidArgument { .. }), "{err:?}");
@@ -430,7 +464,7 @@ async fn concurrent_retries_of_one_create_make_one_sandbox() {
     let calls = (0..4).map(|i| {
         let manager = f.manager.clone();
         let s = with_request(spec(&format!("gen-{i}")), "req-1", "create busybox");
-        tokio::spawn(async move { manager.create(s).await })
+        tokio::spawn(async move { manager.create(s, &NO_QUOTAS).await })
     });
     let ids: std::collections::BTreeSet<String> = futures::future::join_all(calls)
         .await
@@ -444,7 +478,7 @@ async fn concurrent_retries_of_one_create_make_one_sandbox() {
 #[tokio::test]
 async fn a_retried_commit_returns_the_first_snapshot() {
     let f = Fixture::new();
-    f.manager.create(spec("box-1")).await.unwrap();
+    f.manager.create(spec("box-1"), &NO_QUOTAS).await.unwrap();
     let key = |c: &str| super::RequestKey::parse("request_id", "commit-1", c).unwrap();
     let first = f
         .manager
@@ -508,7 +542,7 @@ async fn recovery_abandons_content_writes_of_an_earlier_run_only() {
 #[tokio::test]
 async fn a_commit_tries_a_busy_freezer_again_then_answers_unavailable() {
     let f = Fixture::new();
-    f.manager.create(spec("box-1")).await.unwrap();
+    f.manager.create(spec("box-1"), &NO_QUOTAS).await.unwrap();
     let pauses = |f: &Fixture| {
         f.fake
             .calls()
@@ -545,7 +579,7 @@ async fn update_network_records_a_stopped_bridge_sandboxs_policy_and_refuses_non
     let mut s = spec("br");
     s.network = NetworkMode::Bridge;
     s.start = false;
-    f.manager.create(s).await.unwrap();
+    f.manager.create(s, &NO_QUOTAS).await.unwrap();
     let sb = f
         .manager
         .update_network(id("br"), Egress::DenyAll)
@@ -557,7 +591,7 @@ async fn update_network_records_a_stopped_bridge_sandboxs_policy_and_refuses_non
     let kept = again.manager.get(&id("br")).await.unwrap();
     assert_eq!(kept.net_policy.unwrap().egress, Egress::DenyAll);
 
-    f.manager.create(spec("plain")).await.unwrap();
+    f.manager.create(spec("plain"), &NO_QUOTAS).await.unwrap();
     let err = f
         .manager
         .update_network(id("plain"), Egress::DenyAll)
@@ -584,7 +618,7 @@ async fn a_create_publishing_a_port_outside_the_range_makes_nothing() {
         protocol: Protocol::Tcp,
         host_ip: None,
     }];
-    let err = f.manager.create(s).await.unwrap_err();
+    let err = f.manager.create(s, &NO_QUOTAS).await.unwrap_err();
     match &err {
         Error::InvalidArgument { field, reason } => {
             assert_eq!(field, "network.ports[0].host_port");
@@ -593,4 +627,195 @@ async fn a_create_publishing_a_port_outside_the_range_makes_nothing() {
         other => panic!("{other:?}"),
     }
     assert!(f.fake.container_ids().is_empty());
+}
+// ---- tenants and quotas ----
+
+fn quotas(sandboxes: Option<u64>, memory: Option<u64>, cpu: Option<u64>) -> Quotas {
+    Quotas {
+        max_sandboxes: sandboxes,
+        max_memory_bytes: memory,
+        max_cpu_millis: cpu,
+    }
+}
+
+fn is_exhausted(r: &Result<Sandbox, Error>) -> bool {
+    matches!(r, Err(Error::ResourceExhausted(_)))
+}
+
+#[tokio::test]
+async fn concurrent_creates_never_overshoot_max_sandboxes() {
+    let f = Fixture::new();
+    let q = quotas(Some(5), None, None);
+    let calls = (0..20).map(|i| {
+        let manager = f.manager.clone();
+        let q = q.clone();
+        tokio::spawn(async move { manager.create(spec(&format!("box-{i}")), &q).await })
+    });
+    let results: Vec<_> = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    let made = results.iter().filter(|r| r.is_ok()).count();
+    let refused: Vec<_> = results.iter().filter(|r| is_exhausted(r)).collect();
+    assert_eq!(made, 5, "{results:?}");
+    assert_eq!(refused.len(), 15, "{results:?}");
+    let Err(e) = refused[0] else { unreachable!() };
+    assert!(
+        e.to_string().contains("max_sandboxes = 5 and uses 5"),
+        "{e}"
+    );
+    assert_eq!(f.fake.container_ids().len(), 5);
+    assert_eq!(f.manager.usage().await.unwrap().sandboxes, 5);
+}
+
+#[tokio::test]
+async fn a_failed_create_gives_its_reservation_back() {
+    let f = Fixture::new();
+    let q = quotas(Some(1), None, None);
+    f.fake.fail("tasks.start");
+    f.manager.create(spec("box-1"), &q).await.unwrap_err();
+    assert_eq!(f.manager.usage().await.unwrap(), Default::default());
+    f.fake.heal();
+    f.manager.create(spec("box-1"), &q).await.unwrap();
+    let second = f.manager.create(spec("box-2"), &q).await;
+    assert!(is_exhausted(&second), "{second:?}");
+    // Deleting one frees its place.
+    f.manager.delete(id("box-1"), true).await.unwrap();
+    f.manager.create(spec("box-2"), &q).await.unwrap();
+}
+
+#[tokio::test]
+async fn memory_and_cpu_quotas_count_the_limits_that_apply_defaults_included() {
+    let f = Fixture::new();
+    let gib = 1u64 << 30;
+    // The default limits (1 GiB, 1000 millicores) apply to sandboxes that ask for none.
+    let q = quotas(None, Some(2 * gib), None);
+    f.manager.create(spec("box-1"), &q).await.unwrap();
+    let mut small = spec("box-2");
+    small.resources.memory_bytes = Some(512 << 20);
+    f.manager.create(small, &q).await.unwrap();
+    let third = f.manager.create(spec("box-3"), &q).await;
+    let Err(e) = &third else { panic!("{third:?}") };
+    assert!(
+        e.to_string().contains(&format!(
+            "max_memory_bytes = {} bytes and uses {} bytes",
+            2 * gib,
+            gib + (512 << 20)
+        )),
+        "{e}"
+    );
+    let mut tiny = spec("box-3");
+    tiny.resources.memory_bytes = Some(512 << 20);
+    f.manager.create(tiny, &q).await.unwrap();
+
+    let q = quotas(None, None, Some(2500));
+    let cpu = f.manager.create(spec("box-4"), &q).await;
+    assert!(
+        matches!(&cpu, Err(Error::ResourceExhausted(m)) if m.contains("max_cpu_millis = 2500 millicores and uses 3000 millicores")),
+        "{cpu:?}"
+    );
+    assert_eq!(f.fake.container_ids().len(), 3);
+}
+
+#[tokio::test]
+async fn use_is_counted_from_containerd_after_a_restart() {
+    let f = Fixture::new();
+    let none = quotas(None, None, None);
+    f.manager.create(spec("box-1"), &none).await.unwrap();
+    f.manager.create(spec("box-2"), &none).await.unwrap();
+    let again = Fixture::new_on(f.fake.clone(), &f.dir);
+    again.manager.recover().await.unwrap();
+    let used = again.manager.usage().await.unwrap();
+    assert_eq!(used.sandboxes, 2);
+    assert_eq!(used.memory_bytes, 2 << 30);
+    let third = again
+        .manager
+        .create(spec("box-3"), &quotas(Some(2), None, None))
+        .await;
+    assert!(is_exhausted(&third), "{third:?}");
+}
+
+/// The tenancy of fixture `f`, with tenant `name`'s manager and the test image in its
+/// namespace.
+async fn tenant(t: &Arc<super::Tenancy>, f: &Fixture, name: &str) -> Arc<Manager> {
+    let tenant = crate::caller::Tenant::new(name).unwrap();
+    let m = t.manager(&tenant).await.unwrap();
+    let ns = super::Scope::of(&tenant, crate::runtime::fake::FAKE_NAMESPACE);
+    add_image(
+        &f.fake
+            .space(ns.namespace())
+            .expect("the tenant's namespace"),
+    );
+    m
+}
+
+#[tokio::test]
+async fn tenants_see_only_their_own_sandboxes_and_may_share_ids() {
+    let f = Fixture::new();
+    let t = super::Tenancy::new(f.manager.clone(), None);
+    let alice = tenant(&t, &f, "alice").await;
+    let bob = tenant(&t, &f, "bob").await;
+    alice.create(spec("box-1"), &NO_QUOTAS).await.unwrap();
+    // Missing to everyone else, as if it did not exist.
+    for other in [&bob, &f.manager] {
+        let e = other.get(&id("box-1")).await.unwrap_err();
+        assert!(matches!(e, Error::NotFound { .. }), "{e:?}");
+        let e = other.delete(id("box-1"), true).await.unwrap_err();
+        assert!(matches!(e, Error::NotFound { .. }), "{e:?}");
+        let (listed, _) = other
+            .list(&LabelSelector::default(), &Page::all())
+            .await
+            .unwrap();
+        assert!(listed.is_empty(), "{listed:?}");
+    }
+    // The same id in another tenant is another sandbox, on other host names.
+    bob.create(spec("box-1"), &NO_QUOTAS).await.unwrap();
+    assert_ne!(alice.host_key("box-1"), bob.host_key("box-1"));
+    assert!(f
+        .dir
+        .path()
+        .join("data/sandboxes")
+        .join(alice.host_key("box-1"))
+        .is_dir());
+    assert!(f
+        .dir
+        .path()
+        .join("data/sandboxes")
+        .join(bob.host_key("box-1"))
+        .is_dir());
+    bob.delete(id("box-1"), true).await.unwrap();
+    assert_eq!(alice.get(&id("box-1")).await.unwrap().state, State::Running);
+    // A quota counts the tenant's own sandboxes only.
+    assert_eq!(bob.usage().await.unwrap().sandboxes, 0);
+    assert_eq!(alice.usage().await.unwrap().sandboxes, 1);
+    assert!(f.fake.container_ids().is_empty());
+}
+
+#[tokio::test]
+async fn a_restart_finds_every_tenants_namespace_and_recovery_keeps_the_others_files() {
+    let f = Fixture::new();
+    let t = super::Tenancy::new(f.manager.clone(), None);
+    let alice = tenant(&t, &f, "alice").await;
+    alice.create(spec("box-1"), &NO_QUOTAS).await.unwrap();
+    f.manager.create(spec("box-2"), &NO_QUOTAS).await.unwrap();
+    // sandboxd restarts: a new default manager on the same containerd and data dir.
+    let again = Fixture::new_on(f.fake.clone(), &f.dir);
+    let t2 = super::Tenancy::new(again.manager.clone(), None);
+    t2.recover().await.unwrap();
+    let tenants: Vec<String> = t2
+        .managers()
+        .iter()
+        .map(|m| m.tenant().to_string())
+        .collect();
+    assert_eq!(tenants, ["default", "alice"]);
+    let alice2 = t2.managers()[1].clone();
+    assert_eq!(
+        alice2.get(&id("box-1")).await.unwrap().state,
+        State::Running
+    );
+    // Neither tenant's recovery removed the other's files.
+    let files = f.dir.path().join("data/sandboxes");
+    assert!(files.join(alice.host_key("box-1")).is_dir());
+    assert!(files.join("box-2").is_dir());
 }

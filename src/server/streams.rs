@@ -16,8 +16,9 @@ use crate::caller::{Caller, Tenant};
 use crate::error::Error;
 
 /// The streaming calls, by path. Health's Watch is left out on purpose.
-pub const STREAMING_METHODS: [&str; 6] = [
+pub const STREAMING_METHODS: [&str; 7] = [
     "/sandboxd.v1.SandboxService/Exec",
+    "/sandboxd.v1.SandboxService/WatchSandboxStats",
     "/sandboxd.v1.FileService/ReadFile",
     "/sandboxd.v1.FileService/WriteFile",
     "/sandboxd.v1.ImageService/PullImage",

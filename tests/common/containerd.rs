@@ -11,12 +11,14 @@ use std::time::{Duration, Instant};
 use containerd_client::services::v1::containers_client::ContainersClient;
 use containerd_client::services::v1::content_client::ContentClient;
 use containerd_client::services::v1::leases_client::LeasesClient;
+use containerd_client::services::v1::namespaces_client::NamespacesClient;
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
 use containerd_client::services::v1::snapshots::{Kind, ListSnapshotsRequest};
 use containerd_client::services::v1::tasks_client::TasksClient;
 use containerd_client::services::v1::version_client::VersionClient;
 use containerd_client::services::v1::{
-    ListContainersRequest, ListRequest, ListStatusesRequest, ListTasksRequest,
+    ListContainersRequest, ListNamespacesRequest, ListRequest, ListStatusesRequest,
+    ListTasksRequest,
 };
 use tempfile::TempDir;
 use tonic::transport::Channel;
@@ -173,6 +175,29 @@ impl Containerd {
             .into_iter()
             .map(|c| c.id)
             .collect()
+    }
+
+    /// The namespaces sandboxd made for the tenants of the sandboxd whose `--namespace` is
+    /// `instance` (labelled `sandboxd.io/instance`), its own among them once it has
+    /// recovered; sorted.
+    pub async fn sandboxd_namespaces(&self, instance: &str) -> Vec<String> {
+        let reply = NamespacesClient::new(self.channel().await)
+            .list(namespaced(instance, ListNamespacesRequest::default()))
+            .await
+            .unwrap_or_else(|e| panic!("listing namespaces: {e}"));
+        let mut names: Vec<String> = reply
+            .into_inner()
+            .namespaces
+            .into_iter()
+            .filter(|ns| {
+                ns.labels
+                    .get("sandboxd.io/instance")
+                    .is_some_and(|v| v == instance)
+            })
+            .map(|ns| ns.name)
+            .collect();
+        names.sort();
+        names
     }
 
     /// What `namespace` still holds: containers, tasks, active overlayfs snapshots and leases.

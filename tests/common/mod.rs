@@ -126,11 +126,30 @@ impl TestEnv {
         format!("{}/{name_tag}", self.registry.addr())
     }
 
-    /// What sandboxd's namespace still holds in containerd, plus cgroups below its parent.
+    /// What sandboxd's namespaces (its own and every tenant's) still hold in containerd, plus
+    /// cgroups below its parent. Another tenant's leftovers are named `namespace/item`.
     pub async fn leaks(&self) -> Leaks {
         let mut leaks = self.containerd.leaks(&self.namespace).await;
+        for ns in self.containerd.sandboxd_namespaces(&self.namespace).await {
+            if ns == self.namespace {
+                continue;
+            }
+            let more = self.containerd.leaks(&ns).await;
+            let named = |items: Vec<String>| items.into_iter().map(|i| format!("{ns}/{i}"));
+            leaks.containers.extend(named(more.containers));
+            leaks.tasks.extend(named(more.tasks));
+            leaks.active_snapshots.extend(named(more.active_snapshots));
+            leaks.leases.extend(named(more.leases));
+            leaks.ingests.extend(named(more.ingests));
+        }
         leaks.cgroups = self.cgroup.leftovers();
         leaks
+    }
+
+    /// The containerd namespace sandboxd gives tenant `tenant` (see the README's tenants
+    /// section: `<namespace>.tenant.<tenant>` for a short name).
+    pub fn tenant_namespace(&self, tenant: &str) -> String {
+        format!("{}.tenant.{tenant}", self.namespace)
     }
 
     /// Ids of the unclaimed warm-pool sandboxes sandboxd keeps in containerd.

@@ -386,13 +386,19 @@ def test_configmap_toml_parses_and_holds_only_keys_sandboxd_accepts():
         "embedded_containerd", "idle_init", "log_format", "netns_dir", "cni_plugin_dirs",
         "exec_io_relay",
     }
+    chart_keys |= {
+        "seccomp_profile", "oom_score_adj", "default_memory", "default_cpu_millis",
+        "default_pids", "min_free_disk", "stream_idle_timeout", "max_streams_per_tenant",
+        "exec_sync_memory",
+    }
     network_keys = {"bridge_name", "bridge_subnet", "dns_fallback"}
     auth_keys = {"tls_cert", "tls_key", "tls_client_ca", "tenants", "trust_forwarded_client_cert"}
     cases = (
         (None, chart_keys | network_keys | {"metrics_listen", "tenants"}),
         (
             all_on_values(),
-            chart_keys | network_keys | auth_keys | {"metrics_listen", "cni_conflist", "warm_pool"},
+            chart_keys | network_keys | auth_keys
+            | {"metrics_listen", "cni_conflist", "warm_pool", "total_memory", "total_cpu_millis"},
         ),
         (ALTERNATIVE, chart_keys | {"tenants"}),
     )
@@ -413,6 +419,28 @@ def test_configmap_toml_parses_and_holds_only_keys_sandboxd_accepts():
     assert on["metrics_listen"] == "0.0.0.0:9464" and on["namespace"] == "sandboxd-prod"
     assert on["log_format"] == "human" and on["cgroup_parent"] == "/kubepods.slice/sandboxd"
     assert on["warm_pool"] == "docker.io/library/python:3.12-slim=4,busybox:1.36=2"
+
+
+def test_walls_and_limits_reach_config_toml():
+    default = config_toml(manifests())
+    assert {
+        k: default[k]
+        for k in ("seccomp_profile", "oom_score_adj", "default_memory", "default_cpu_millis",
+                  "default_pids", "min_free_disk", "stream_idle_timeout",
+                  "max_streams_per_tenant", "exec_sync_memory")
+    } == {
+        "seccomp_profile": "default", "oom_score_adj": "500", "default_memory": "1Gi",
+        "default_cpu_millis": "1000", "default_pids": "1024", "min_free_disk": "5%",
+        "stream_idle_timeout": "5m", "max_streams_per_tenant": "1024",
+        "exec_sync_memory": "512Mi",
+    }, default
+    # No cap on all sandboxes together unless one is asked for.
+    assert not {"total_memory", "total_cpu_millis"} & set(default), default
+    on = config_toml(manifests(all_on_values()))
+    assert on["seccomp_profile"] == "unconfined" and on["oom_score_adj"] == "-100", on
+    assert on["total_memory"] == "48Gi" and on["total_cpu_millis"] == "30000", on
+    assert on["min_free_disk"] == "20Gi" and on["default_memory"] == "0", on
+    assert on["stream_idle_timeout"] == "90s" and on["exec_sync_memory"] == "1Gi", on
 
 
 def test_idle_init_exists_on_the_node_where_runc_and_sandboxd_look():
@@ -701,6 +729,13 @@ def test_schema_refuses_bad_values():
     for resolver in ("dns.google", "1.1.1", "1.1.1.1/32", "fe80::1%eth0"):
         schema_refuses({"network": {"dnsFallback": [resolver]}}, "/network/dnsFallback/0")
     schema_refuses({"network": {"dnsFallback": "1.1.1.1"}}, "/network/dnsFallback")
+    schema_refuses({"walls": {"seccompProfile": "/etc/profile.json"}}, "/walls/seccompProfile")
+    schema_refuses({"walls": {"oomScoreAdj": 1001}}, "/walls/oomScoreAdj")
+    schema_refuses({"walls": {"defaultPids": 0}}, "/walls/defaultPids")
+    schema_refuses({"walls": {"minFreeDisk": "lots"}}, "/walls/minFreeDisk")
+    schema_refuses({"walls": {"totalMemory": "8 GB"}}, "/walls/totalMemory")
+    schema_refuses({"limits": {"streamIdleTimeout": "5"}}, "/limits/streamIdleTimeout")
+    schema_refuses({"limits": {"execSyncMemory": "-1"}}, "/limits/execSyncMemory")
     schema_refuses({"replicas": 3}, "replicas")  # a DaemonSet has none: typos are refused too
     schema_refuses({"auth": {**AUTH["auth"], "allowUnauthenticated": "yes"}},
                    "/auth/allowUnauthenticated")

@@ -325,6 +325,7 @@ pub fn sandbox(s: sandbox::Sandbox) -> pb::Sandbox {
         state: state as i32,
         pid: s.pid,
         exit_status: s.exit_status,
+        oom_killed: s.oom_killed,
         labels: s.labels,
         resources: Some(pb::Resources {
             cpu_millis: s.resources.cpu_millis.unwrap_or(0),
@@ -415,10 +416,95 @@ pub fn stop_spec(r: pb::StopSandboxRequest) -> Result<StopSpec> {
     })
 }
 
+/// Time between WatchSandboxStats readings when the request sets none.
+pub const DEFAULT_STATS_INTERVAL: Duration = Duration::from_secs(1);
+/// The shortest and longest WatchSandboxStats interval.
+pub const STATS_INTERVAL_RANGE: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(3600));
+
+/// WatchSandboxStatsRequest → the sandbox and the interval.
+pub fn watch_stats_spec(r: pb::WatchSandboxStatsRequest) -> Result<(SandboxId, Duration)> {
+    let id = SandboxId::parse("sandbox_id", &r.sandbox_id)?;
+    let (min, max) = STATS_INTERVAL_RANGE;
+    let interval = match r.interval {
+        None => DEFAULT_STATS_INTERVAL,
+        Some(d) => match crate::util::duration(&d) {
+            Some(d) if (min..=max).contains(&d) => d,
+            _ => return Err(Error::invalid("interval", "must be from 100 ms to 1 hour")),
+        },
+    };
+    Ok((id, interval))
+}
+
+/// A stats reading, for the API.
+pub fn stats(s: crate::sandbox::stats::Stats) -> pb::SandboxStats {
+    pb::SandboxStats {
+        time: ts(Some(s.at)),
+        cpu: Some(pb::CpuStats {
+            usage_nanos: s.cpu.usage_nanos,
+            user_nanos: s.cpu.user_nanos,
+            system_nanos: s.cpu.system_nanos,
+            periods: s.cpu.periods,
+            throttled_periods: s.cpu.throttled_periods,
+            throttled_nanos: s.cpu.throttled_nanos,
+        }),
+        memory: Some(pb::MemoryStats {
+            usage_bytes: s.memory.usage_bytes,
+            working_set_bytes: s.memory.working_set_bytes,
+            limit_bytes: s.memory.limit_bytes,
+            limit_hits: s.memory.limit_hits,
+            oom_kills: s.memory.oom_kills,
+        }),
+        pids: Some(pb::PidsStats {
+            current: s.pids.current,
+            limit: s.pids.limit,
+        }),
+        io: Some(pb::IoStats {
+            read_bytes: s.io.read_bytes,
+            write_bytes: s.io.write_bytes,
+            read_ops: s.io.read_ops,
+            write_ops: s.io.write_ops,
+        }),
+        network: Some(pb::NetworkStats {
+            rx_bytes: s.network.rx_bytes,
+            rx_packets: s.network.rx_packets,
+            rx_errors: s.network.rx_errors,
+            rx_dropped: s.network.rx_dropped,
+            tx_bytes: s.network.tx_bytes,
+            tx_packets: s.network.tx_packets,
+            tx_errors: s.network.tx_errors,
+            tx_dropped: s.network.tx_dropped,
+        }),
+        writable_layer_bytes: i64::try_from(s.writable_layer_bytes).unwrap_or(i64::MAX),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::files::DEFAULT_DIR_MODE;
+
+    #[test]
+    fn stats_intervals_default_and_stay_in_range() {
+        let req = |interval| pb::WatchSandboxStatsRequest {
+            sandbox_id: "s".into(),
+            interval,
+        };
+        let d = |seconds, nanos| Some(prost_types::Duration { seconds, nanos });
+        assert_eq!(
+            watch_stats_spec(req(None)).unwrap().1,
+            DEFAULT_STATS_INTERVAL
+        );
+        assert_eq!(
+            watch_stats_spec(req(d(0, 250_000_000))).unwrap().1,
+            Duration::from_millis(250)
+        );
+        for bad in [d(0, 50_000_000), d(3601, 0), d(-1, 0)] {
+            let e = watch_stats_spec(req(bad)).unwrap_err();
+            assert!(e.to_string().contains("interval"), "{e}");
+        }
+        assert!(watch_stats_spec(pb::WatchSandboxStatsRequest::default()).is_err());
+    }
 
     fn req() -> pb::CreateSandboxRequest {
         pb::CreateSandboxRequest {

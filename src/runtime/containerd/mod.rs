@@ -2,6 +2,7 @@
 //! speaks containerd's generated types; each file implements one part of the seam.
 
 mod containers;
+mod namespaces;
 mod snapshots;
 mod store;
 mod tasks;
@@ -12,8 +13,8 @@ use std::time::Duration;
 use containerd_client::services::v1::{
     containers_client::ContainersClient, content_client::ContentClient, diff_client::DiffClient,
     events_client::EventsClient, images_client::ImagesClient, leases_client::LeasesClient,
-    snapshots::snapshots_client::SnapshotsClient, tasks_client::TasksClient,
-    version_client::VersionClient,
+    namespaces_client::NamespacesClient, snapshots::snapshots_client::SnapshotsClient,
+    tasks_client::TasksClient, version_client::VersionClient,
 };
 use hyper_util::rt::TokioIo;
 use tonic::metadata::MetadataValue;
@@ -70,9 +71,12 @@ impl Containerd {
         &self.address
     }
 
-    /// The containerd namespace of every call.
-    pub fn namespace(&self) -> &str {
-        &self.namespace
+    /// The same client acting in namespace `namespace` (one connection for all).
+    pub fn with_namespace(&self, namespace: &str) -> Containerd {
+        Containerd {
+            namespace: namespace.to_string(),
+            ..self.clone()
+        }
     }
 
     /// Wraps `msg` in a request carrying the namespace header.
@@ -139,6 +143,10 @@ impl Containerd {
     /// Leases service.
     fn leases(&self) -> LeasesClient<Traced> {
         LeasesClient::new(Traced(self.channel.clone()))
+    }
+    /// Namespaces service.
+    fn namespaces(&self) -> NamespacesClient<Traced> {
+        NamespacesClient::new(Traced(self.channel.clone()))
     }
     /// Version service.
     fn version_service(&self) -> VersionClient<Traced> {

@@ -249,7 +249,7 @@ impl Tasks for Containerd {
     }
 
     async fn exits(&self) -> Result<ExitStream> {
-        let filter = format!("namespace==\"{}\",topic==\"/tasks/exit\"", self.namespace());
+        let filter = format!("namespace==\"{}\",topic==\"/tasks/exit\"", self.namespace);
         let req = SubscribeRequest {
             filters: vec![filter],
         };

@@ -226,7 +226,10 @@ impl Manager {
 
     /// Makes and opens an exec's FIFOs.
     pub(super) fn fifos(&self, spec: &ExecSpec, id: &SandboxId, exec_id: &str) -> Result<Fifos> {
-        let dir = FifoDir(self.exec_dir().join(format!("{id}-{exec_id}")));
+        let dir = FifoDir(
+            self.exec_dir()
+                .join(format!("{}-{exec_id}", self.host_key(id.as_str()))),
+        );
         std::fs::create_dir_all(&dir.0)
             .map_err(|e| Error::io(format!("creating {}", dir.0.display()), e))?;
         let (stdin_path, stdout_path, stderr_path) = dir.paths();
@@ -299,19 +302,5 @@ impl Manager {
                 .filter_map(|fd| std::fs::read_link(fd.path()).ok())
                 .any(|target| wanted.iter().any(|w| target.as_os_str() == w.as_str()))
         })
-    }
-
-    /// The sandbox's count of OOM kills so far (0 when the cgroup does not say).
-    pub(super) fn oom_kills(&self, id: &SandboxId) -> u64 {
-        let cgroup = self.sandbox_cgroup(id.as_str());
-        let v1 = format!("/sys/fs/cgroup/memory{cgroup}/memory.oom_control");
-        let v2 = format!("/sys/fs/cgroup{cgroup}/memory.events");
-        let text = std::fs::read_to_string(v1)
-            .or_else(|_| std::fs::read_to_string(v2))
-            .unwrap_or_default();
-        text.lines()
-            .find_map(|l| l.strip_prefix("oom_kill "))
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap_or(0)
     }
 }
