@@ -433,16 +433,17 @@ async fn restore(table: Table, lines: &[String]) -> Result<()> {
         .spawn()
         .map_err(missing_tool(tool))?;
     let mut stdin = child.stdin.take().expect("stdin is piped");
-    stdin
-        .write_all(input.as_bytes())
-        .await
-        .map_err(|e| Error::io(format!("writing to {tool}"), e))?;
+    // A tool that fails early stops reading (EPIPE here): its own exit status and message
+    // below say why, so a failed write is reported only if the tool then claims success.
+    let written = stdin.write_all(input.as_bytes()).await;
     drop(stdin);
     let out = child
         .wait_with_output()
         .await
         .map_err(|e| Error::io(format!("waiting for {tool}"), e))?;
-    if !out.status.success() {
+    if out.status.success() {
+        written.map_err(|e| Error::io(format!("writing to {tool}"), e))?;
+    } else {
         return Err(Error::Internal(format!(
             "{tool} failed ({}): {}; input was:\n{input}",
             out.status,
