@@ -22,6 +22,7 @@ bench: deps
 	cargo bench --bench snapshots
 	cargo bench --bench auth
 	cargo bench --bench pull
+	cargo bench --bench bridge
 	cargo bench --bench walls
 	cargo bench --bench events
 

@@ -252,6 +252,8 @@ pub struct ServeArgs {
     pub trust_forwarded_client_cert: bool,
     /// Serve a non-loopback --listen address with no authentication: anyone who can reach it
     /// may do anything. Without it sandboxd refuses to start that way
+    #[command(flatten)]
+    pub isolation: IsolationArgs,
     /// [env: SANDBOXD_ALLOW_UNAUTHENTICATED]
     #[arg(long)]
     pub allow_unauthenticated: bool,
@@ -300,6 +302,9 @@ struct FileConfig {
     event_history: Option<NumberOrString>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    // Network isolation (see `IsolationArgs`).
+    host_port_range: Option<String>,
+    deny_egress: Option<StringOrList>,
     tls_client_ca: Option<PathBuf>,
     tenants: Option<PathBuf>,
     trust_forwarded_client_cert: Option<bool>,
@@ -547,7 +552,15 @@ impl Config {
                 reason: format!("{} must be an absolute path", data_dir.display()),
             });
         }
-        let network = resolve_network(args, env, &file, &namespace, &pick, &pick_path)?;
+        let mut network = resolve_network(args, env, &file, &namespace, &pick, &pick_path)?;
+        resolve_isolation(
+            &args.isolation,
+            env,
+            &file,
+            &listen,
+            metrics_listen,
+            &mut network,
+        )?;
         let pool: Vec<String> = pick(&args.warm_pool, "SANDBOXD_WARM_POOL", &file.warm_pool, "")
             .split(',')
             .map(str::trim)
@@ -602,7 +615,9 @@ impl Config {
                 })?,
         };
         let walls = resolve_walls(&args.walls, env, &file)?;
-        let registries = resolve_registries(&args.registry, env, &file)?;
+        let mut registries = resolve_registries(&args.registry, env, &file)?;
+        // A token realm, redirect or mirror never reaches the ranges sandboxes may not reach.
+        registries.denied_networks = network.deny_egress.clone();
         Ok(Config {
             registries,
             auth,
@@ -1346,13 +1361,82 @@ fn resolve_registries(
         connect_timeout,
         read_timeout,
         max_layer_size,
-        // Filled from --deny-egress once network isolation lands: a token realm never
-        // reaches those ranges either.
+        // --deny-egress, set by `Config::resolve` once the network settings are read.
         denied_networks: Vec::new(),
     })
 }
 
 // ---- end of registries ----
+
+// ---- Network isolation: published host ports and closed egress ranges ----
+
+/// Flags of the isolation between sandboxes, the node and the networks around it.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct IsolationArgs {
+    /// Host ports sandboxes may publish, LOW-HIGH; sandboxd's own gRPC and metrics ports are
+    /// refused even inside it [env: SANDBOXD_HOST_PORT_RANGE] [default: 20000-29999]
+    #[arg(long, value_name = "LOW-HIGH")]
+    pub host_port_range: Option<String>,
+    /// Comma-separated IPv4 CIDRs no sandbox reaches, whatever its egress mode, unless an
+    /// ALLOW_LIST rule names something inside one (e.g. a cluster's pod and service ranges)
+    /// [env: SANDBOXD_DENY_EGRESS] [default: none]
+    #[arg(long, value_name = "CIDR,...")]
+    pub deny_egress: Option<String>,
+}
+
+fn resolve_isolation(
+    args: &IsolationArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+    file: &FileConfig,
+    listen: &ListenAddr,
+    metrics_listen: Option<SocketAddr>,
+    network: &mut NetConfig,
+) -> Result<(), ConfigError> {
+    if let Some(range) = args
+        .host_port_range
+        .clone()
+        .or_else(|| env("SANDBOXD_HOST_PORT_RANGE"))
+        .or_else(|| file.host_port_range.clone())
+    {
+        network.host_ports = range.parse().map_err(|reason| ConfigError {
+            setting: "host_port_range",
+            reason,
+        })?;
+    }
+    let deny: Vec<String> = match args
+        .deny_egress
+        .clone()
+        .or_else(|| env("SANDBOXD_DENY_EGRESS"))
+    {
+        Some(s) => s.split(',').map(str::to_string).collect(),
+        None => match &file.deny_egress {
+            Some(StringOrList::List(l)) => l.clone(),
+            Some(StringOrList::String(s)) => s.split(',').map(str::to_string).collect(),
+            None => Vec::new(),
+        },
+    };
+    network.deny_egress = deny
+        .iter()
+        .map(|c| c.trim())
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            c.parse().map_err(|reason| ConfigError {
+                setting: "deny_egress",
+                reason,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    network.reserved_ports = match listen {
+        ListenAddr::Tcp(addr) => vec![addr.port()],
+        ListenAddr::Unix(_) => Vec::new(),
+    };
+    network
+        .reserved_ports
+        .extend(metrics_listen.map(|m| m.port()));
+    Ok(())
+}
+
+// ---- end of network isolation ----
 
 /// Picks a setting: flag, then environment variable, then file, then default.
 type PickFn<'a, T> = &'a dyn Fn(&Option<T>, &str, &Option<T>, &str) -> T;
@@ -1472,6 +1556,9 @@ fn resolve_network(
             ),
             fallback,
         },
+        deny_egress: Vec::new(),
+        host_ports: crate::net::policy::DEFAULT_HOST_PORT_RANGE,
+        reserved_ports: Vec::new(),
     })
 }
 
@@ -2054,6 +2141,63 @@ mod tests {
                 "0",
                 "registry_max_layer_size:",
             ),
+        ] {
+            let err = Config::resolve(&ServeArgs::default(), &env_of(&[(var, value)])).unwrap_err();
+            assert!(err.to_string().starts_with(setting), "{var}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn isolation_settings_come_from_flags_env_and_file() {
+        let cfg = Config::resolve(&ServeArgs::default(), &env_of(&[])).unwrap();
+        assert_eq!(cfg.network.host_ports.to_string(), "20000-29999");
+        assert!(cfg.network.deny_egress.is_empty());
+        assert_eq!(cfg.network.reserved_ports, [7878]);
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "host_port_range = \"30000-30010\"\ndeny_egress = [\"10.96.0.0/12\", \"10.244.0.0/16\"]\nmetrics_listen = \"127.0.0.1:9100\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(file),
+            ..Default::default()
+        };
+        let cfg = Config::resolve(&args, &env_of(&[])).unwrap();
+        assert_eq!(cfg.network.host_ports.to_string(), "30000-30010");
+        let deny: Vec<String> = cfg
+            .network
+            .deny_egress
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(deny, ["10.96.0.0/12", "10.244.0.0/16"]);
+        assert_eq!(cfg.network.reserved_ports, [7878, 9100]);
+
+        let env = env_of(&[
+            ("SANDBOXD_HOST_PORT_RANGE", "1000-2000"),
+            ("SANDBOXD_DENY_EGRESS", "192.0.2.0/24"),
+        ]);
+        let cfg = Config::resolve(&args, &env).unwrap();
+        assert_eq!(cfg.network.host_ports.to_string(), "1000-2000");
+        assert_eq!(cfg.network.deny_egress[0].to_string(), "192.0.2.0/24");
+        let flags = ServeArgs {
+            isolation: IsolationArgs {
+                host_port_range: Some("40000-40001".into()),
+                deny_egress: Some("".into()),
+            },
+            ..args
+        };
+        let cfg = Config::resolve(&flags, &env).unwrap();
+        assert_eq!(cfg.network.host_ports.to_string(), "40000-40001");
+        assert!(cfg.network.deny_egress.is_empty());
+
+        for (var, value, setting) in [
+            ("SANDBOXD_HOST_PORT_RANGE", "2000-1000", "host_port_range"),
+            ("SANDBOXD_HOST_PORT_RANGE", "80", "host_port_range"),
+            ("SANDBOXD_DENY_EGRESS", "10.0.0.0/8,nope", "deny_egress"),
         ] {
             let err = Config::resolve(&ServeArgs::default(), &env_of(&[(var, value)])).unwrap_err();
             assert!(err.to_string().starts_with(setting), "{var}={value}: {err}");

@@ -16,7 +16,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::bridge::{bridge, serve, server_cmd, NetEnv, GATEWAY};
+use common::bridge::{bridge_open, serve, server_cmd, NetEnv, GATEWAY};
 use common::netns::run_in_netns;
 use common::{host, Clients, TestEnv};
 use sandboxd::pb;
@@ -243,7 +243,7 @@ fn a_kill_during_bridge_creates_and_deletes_leaves_whole_networks_or_none() {
             let mut n = NetEnv::start(&[]).await;
             let mut instants = Instants::from_env();
             // The first sandbox brings the bridge (and so the gateway address) up.
-            n.create("anchor", bridge(), &[]).await;
+            n.create("anchor", bridge_open(), &[]).await;
             serve((GATEWAY, GATEWAY_PORT).into(), "gw", None);
             for round in 0..ROUNDS {
                 let c = n.env.clients().await;
@@ -255,7 +255,7 @@ fn a_kill_during_bridge_creates_and_deletes_leaves_whole_networks_or_none() {
                     for k in 0..2 {
                         let mut c = c.clone();
                         let request = pb::CreateSandboxRequest {
-                            network: Some(bridge()),
+                            network: Some(bridge_open()),
                             ..c.request(&format!("b{round}-{k}"))
                         };
                         tasks.push(tokio::spawn(async move {
@@ -346,12 +346,12 @@ fn a_containerd_restart_ends_open_execs_unavailable_and_bridge_sandboxes_carry_o
         "a_containerd_restart_ends_open_execs_unavailable_and_bridge_sandboxes_carry_on",
         || async {
             let mut n = NetEnv::start(&[]).await;
-            let a = n.create("a", bridge(), &[]).await;
+            let a = n.create("a", bridge_open(), &[]).await;
             let server = server_cmd(8080, "from-b");
             let server: Vec<&str> = server.iter().map(String::as_str).collect();
-            let b = n.create("b", bridge(), &server).await;
+            let b = n.create("b", bridge_open(), &server).await;
             // c's PID 1 dies while containerd is away: nobody hears its exit event.
-            let c = n.create("c", bridge(), &[]).await;
+            let c = n.create("c", bridge_open(), &[]).await;
             serve((GATEWAY, GATEWAY_PORT).into(), "gw", None);
             let ip_a = a.network.unwrap().ip_address;
             let ip_b = b.network.unwrap().ip_address;
@@ -470,7 +470,7 @@ fn a_namespace_file_with_no_namespace_on_it_does_not_stop_a_restart() {
         "a_namespace_file_with_no_namespace_on_it_does_not_stop_a_restart",
         || async {
             let mut n = NetEnv::start(&[]).await;
-            n.create("anchor", bridge(), &[]).await;
+            n.create("anchor", bridge_open(), &[]).await;
             serve((GATEWAY, GATEWAY_PORT).into(), "gw", None);
             // What a sandboxd killed between making a namespace file and mounting the namespace
             // on it leaves: a plain file named like a sandbox's namespace, for a sandbox with no

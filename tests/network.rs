@@ -92,12 +92,10 @@ fn bridge_sandboxes_connect_and_the_egress_policy_holds() {
                 Some(outside_path.clone()),
             );
 
-            // Allow-all: the other sandbox, the host, beyond (masqueraded); not the metadata.
-            assert_eq!(n.connect("a", &b_ip, 9000).await.unwrap(), "from-b\n");
-            assert_eq!(
-                n.connect("a", &GATEWAY.to_string(), 18080).await.unwrap(),
-                format!("gw18080 {a_ip}\n")
-            );
+            // Allow-all: beyond the node (masqueraded); not the other sandbox, the node or the
+            // metadata (see tests/isolation.rs for the whole table).
+            assert!(n.connect("a", &b_ip, 9000).await.is_err());
+            assert!(n.connect("a", &GATEWAY.to_string(), 18080).await.is_err());
             assert_eq!(
                 n.connect("a", "192.168.77.2", 18200).await.unwrap(),
                 "outside 192.168.77.1\n",
@@ -139,7 +137,12 @@ fn bridge_sandboxes_connect_and_the_egress_policy_holds() {
                 &[],
             )
             .await;
-            assert!(n.connect("list", "10.213.7.1", 18080).await.is_ok());
+            let list_ip = n.c.get("list").await.network.unwrap().ip_address;
+            assert_eq!(
+                n.connect("list", "10.213.7.1", 18080).await.unwrap(),
+                format!("gw18080 {list_ip}\n"),
+                "towards the node the sandbox's own address arrives, not masqueraded"
+            );
             for (addr, port) in [
                 ("10.213.7.1", 18081),
                 (b_ip.as_str(), 9000),
@@ -148,14 +151,15 @@ fn bridge_sandboxes_connect_and_the_egress_policy_holds() {
                 let r = n.connect("list", addr, port).await;
                 assert!(r.is_err(), "the allow-list admitted {addr}:{port}: {r:?}");
             }
-            // A whole network admits every port in it, and the catch-all still not the metadata.
+            // A whole network admits every port in it; the catch-all opens none of the ranges
+            // closed by default (the node, the metadata).
             n.create(
                 "wide",
                 bridge_with(pb::EgressMode::AllowList, vec![rule("0.0.0.0/0", &[])]),
                 &[],
             )
             .await;
-            assert!(n.connect("wide", "10.213.7.1", 18081).await.is_ok());
+            assert!(n.connect("wide", "10.213.7.1", 18081).await.is_err());
             assert!(n.connect("wide", "192.168.77.2", 18200).await.is_ok());
             assert!(n.connect("wide", "169.254.169.254", 80).await.is_err());
             // Named explicitly, the metadata address is reachable.
@@ -177,7 +181,7 @@ fn bridge_sandboxes_connect_and_the_egress_policy_holds() {
             // Port exposure through portmap, from the host and from beyond it.
             let mut published = bridge();
             published.ports = vec![pb::PortMapping {
-                host_port: 18300,
+                host_port: 20300,
                 container_port: 8080,
                 ..Default::default()
             }];
@@ -186,14 +190,14 @@ fn bridge_sandboxes_connect_and_the_egress_policy_holds() {
             n.create("pub", published.clone(), &srv).await;
             let reply = connect_with_retry(|| {
                 let mut s =
-                    TcpStream::connect_timeout(&(GATEWAY, 18300).into(), Duration::from_secs(3))?;
+                    TcpStream::connect_timeout(&(GATEWAY, 20300).into(), Duration::from_secs(3))?;
                 let mut out = String::new();
                 s.read_to_string(&mut out)?;
                 Ok(out)
             });
             assert_eq!(reply, "published\n");
             let from_outside = connect_with_retry(|| {
-                connect_from(&outside_path, "192.168.77.1:18300".parse().unwrap())
+                connect_from(&outside_path, "192.168.77.1:20300".parse().unwrap())
             });
             assert_eq!(from_outside, "published\n");
             // An allow-list names what the sandbox addresses: a node address and published port
@@ -202,13 +206,13 @@ fn bridge_sandboxes_connect_and_the_egress_policy_holds() {
                 "via",
                 bridge_with(
                     pb::EgressMode::AllowList,
-                    vec![rule("10.213.7.1/32", &[18300])],
+                    vec![rule("10.213.7.1/32", &[20300])],
                 ),
                 &[],
             )
             .await;
             assert_eq!(
-                n.connect("via", "10.213.7.1", 18300).await.unwrap(),
+                n.connect("via", "10.213.7.1", 20300).await.unwrap(),
                 "published\n"
             );
             let pub_ip = n.c.get("pub").await.network.unwrap().ip_address;
@@ -223,7 +227,7 @@ fn bridge_sandboxes_connect_and_the_egress_policy_holds() {
                 .unwrap_err();
             assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
             assert!(
-                err.message().contains("18300") && err.message().contains("pub"),
+                err.message().contains("20300") && err.message().contains("pub"),
                 "{err:?}"
             );
 
@@ -255,7 +259,7 @@ fn bridge_sandboxes_connect_and_the_egress_policy_holds() {
                 "--allow-egress",
                 "10.213.7.1/32:18080,18081/tcp",
                 "--publish",
-                "18400:8080",
+                "20400:8080",
             ]);
             let json: serde_json::Value =
                 serde_json::from_str(&cli(&["-o", "json", "sandbox", "get", "cli"])).unwrap();
@@ -267,7 +271,7 @@ fn bridge_sandboxes_connect_and_the_egress_policy_holds() {
                 network["egress"]["allow"][0]["ports"],
                 serde_json::json!([18080, 18081])
             );
-            assert_eq!(network["ports"][0]["host_port"], 18400);
+            assert_eq!(network["ports"][0]["host_port"], 20400);
             assert!(n.connect("cli", "10.213.7.1", 18081).await.is_ok());
             assert!(n.connect("cli", "192.168.77.2", 18200).await.is_err());
             cli(&["sandbox", "rm", "-f", "cli"]);
@@ -307,7 +311,7 @@ fn network_is_torn_down_on_stop_delete_exit_and_adopted_after_restart() {
             serve((GATEWAY, 18080).into(), "gw", None);
 
             // Stop releases everything; start attaches again.
-            let s = n.create("s", bridge(), &[]).await;
+            let s = n.create("s", bridge_open(), &[]).await;
             assert!(!s.network.unwrap().ip_address.is_empty());
             let stopped =
                 n.c.try_stop(pb::StopSandboxRequest {

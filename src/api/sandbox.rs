@@ -85,6 +85,18 @@ impl SandboxService for SandboxApi {
         }))
     }
 
+    async fn update_sandbox_network(
+        &self,
+        req: Request<pb::UpdateSandboxNetworkRequest>,
+    ) -> Result<Response<pb::UpdateSandboxNetworkResponse>, Status> {
+        let this = self.for_caller(&req).await?;
+        let (id, egress) = convert::update_network(req.into_inner())?;
+        let sandbox = this.manager.update_network(id, egress).await?;
+        Ok(Response::new(pb::UpdateSandboxNetworkResponse {
+            sandbox: Some(convert::sandbox(sandbox)),
+        }))
+    }
+
     async fn get_sandbox(
         &self,
         req: Request<pb::GetSandboxRequest>,

@@ -1,4 +1,4 @@
-//! `sandboxd sandbox create|ls|get|rm|stop|start`.
+//! `sandboxd sandbox create|ls|get|rm|stop|start|set-egress`.
 
 use std::time::Duration;
 
@@ -63,6 +63,21 @@ pub enum Command {
     Start {
         /// The sandbox's id.
         id: String,
+    },
+    /// Replace a BRIDGE sandbox's egress policy (a running one's at once, open connections
+    /// included); prints its id. Without --deny-egress or --allow-egress: allow all.
+    #[command(name = "set-egress")]
+    SetEgress {
+        /// The sandbox's id.
+        id: String,
+        /// Refuse every outbound connection.
+        #[arg(long, conflicts_with = "allow_egress")]
+        deny_egress: bool,
+        /// Admit outbound connections to CIDR only (repeatable), optionally to some ports:
+        /// 10.0.0.0/8, 192.0.2.1:443,8443/tcp. Naming an address inside a range closed by
+        /// default (another sandbox, the node, 169.254.0.0/16) opens exactly that.
+        #[arg(long, value_parser = parse::egress_rule, value_name = "CIDR[:PORTS][/PROTO]")]
+        allow_egress: Vec<pb::EgressRule>,
     },
 }
 
@@ -189,6 +204,31 @@ pub async fn run(channel: Transport, format: Format, command: Command) -> Result
                     table.print()
                 }
             }
+        }
+        Command::SetEgress {
+            id,
+            deny_egress,
+            allow_egress,
+        } => {
+            let mode = if deny_egress {
+                pb::EgressMode::DenyAll
+            } else if allow_egress.is_empty() {
+                pb::EgressMode::AllowAll
+            } else {
+                pb::EgressMode::AllowList
+            };
+            let sandbox = client
+                .update_sandbox_network(pb::UpdateSandboxNetworkRequest {
+                    sandbox_id: id,
+                    egress: Some(pb::EgressPolicy {
+                        mode: mode as i32,
+                        allow: allow_egress,
+                    }),
+                })
+                .await?
+                .into_inner()
+                .sandbox;
+            print_sandbox_id(format, sandbox)
         }
         Command::Get { id } => {
             let sandbox = client

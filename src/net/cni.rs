@@ -419,7 +419,8 @@ impl CniResult {
         })
     }
 
-    fn parse(raw: Value) -> Result<Self, String> {
+    /// A result as plugins print it (CNI spec), e.g. one cached from an earlier ADD.
+    pub fn parse(raw: Value) -> Result<Self, String> {
         let interfaces = match raw.get("interfaces") {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::Array(list)) => list

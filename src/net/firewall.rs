@@ -1,32 +1,104 @@
-//! The egress firewall: iptables rules in the host's network namespace (where sandboxd runs),
-//! outside every sandbox's reach.
+//! The sandbox firewall: iptables and ebtables rules in the host's network namespace (where
+//! sandboxd runs), outside every sandbox's reach.
 //!
-//! One chain per sandboxd instance (`SBXD-<instance>`) is jumped to first from INPUT and FORWARD.
-//! It sends each packet a sandbox puts on the bridge (matched by the host end of the sandbox's
-//! veth, which the sandbox cannot forge: needs the kernel's bridge netfilter, on by default) to
-//! that sandbox's own chain (`SBXD-<instance>-<sandbox>`), whose rules come from
-//! [`super::policy::egress_rules`]. Below the dispatch rules it admits replies and port-forwarded
-//! connections towards the bridge, so that a host whose FORWARD policy is DROP still works.
+//! iptables: one chain per sandboxd instance (`SBXD-<instance>`) is jumped to first from INPUT,
+//! FORWARD and OUTPUT. It sends each packet a sandbox puts on the bridge (matched by the host
+//! end of the sandbox's veth, which the sandbox cannot forge: needs the kernel's bridge
+//! netfilter, on by default) to that sandbox's own chain (`SBXD-<instance>-<sandbox>`), whose
+//! rules come from [`super::policy::egress_rules`]. Below the dispatch rules it admits replies
+//! and port-forwarded connections towards the bridge and rejects every other connection to it:
+//! a sandbox is reached only through its published ports, or by a sandbox whose own chain
+//! admits it.
 //!
-//! Changes go through `iptables-restore --noflush`: one atomic transaction per change.
+//! ebtables: the same names in the bridge's filter table send every frame entering the bridge
+//! from a sandbox's veth to that sandbox's guard chain ([`super::policy::guard_rules`]): its
+//! own MAC, and ARP and IPv4 from its own address, or the frame is dropped.
+//!
+//! Changes go through `iptables-restore --noflush` and `ebtables-restore --noflush`: one atomic
+//! transaction per change and table (a chain declared in one is flushed and refilled in the
+//! same transaction, so replacing a policy leaves no moment without rules).
+//! [`Firewall::repair`] notices rules someone removed and puts them back.
 
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
 use std::process::Stdio;
 
+use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
 use crate::error::{Error, Result};
 
-const SAVE: &str = "iptables-save";
-const RESTORE: &str = "iptables-restore";
+/// The two tables sandboxd keeps rules in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Table {
+    /// iptables' filter table: the egress policy and ingress.
+    Ip,
+    /// ebtables' filter table: the anti-spoofing guard.
+    Eb,
+}
 
-/// The egress firewall of one sandboxd instance.
+impl Table {
+    fn save(self) -> (&'static str, &'static [&'static str]) {
+        match self {
+            Table::Ip => ("iptables-save", &["-t", "filter"]),
+            Table::Eb => ("ebtables-save", &[]),
+        }
+    }
+
+    fn restore(self) -> (&'static str, &'static [&'static str]) {
+        match self {
+            Table::Ip => ("iptables-restore", &["-w", "--noflush"]),
+            Table::Eb => ("ebtables-restore", &["--noflush"]),
+        }
+    }
+
+    /// How a chain is declared in a restore file (which flushes it when it exists).
+    fn declare(self, chain: &str) -> String {
+        match self {
+            Table::Ip => format!(":{chain} - [0:0]"),
+            Table::Eb => format!(":{chain} RETURN"),
+        }
+    }
+}
+
+/// What ties a running sandbox to its rules: the host end of its veth, its MAC and address.
+/// Kept with the sandbox (a label) so that its rules can be rebuilt after a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Guard {
+    /// The host-side veth interface.
+    pub veth: String,
+    /// The MAC of the sandbox's interface.
+    pub mac: String,
+    /// The sandbox's address.
+    pub ip: Ipv4Addr,
+    /// The prefix length of its network (the sandbox subnet).
+    pub prefix: u8,
+}
+
+/// What [`Firewall::repair`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Repair {
+    /// Everything was in place.
+    Intact,
+    /// Rules were missing or changed, and were put back.
+    Restored,
+}
+
+/// The sandbox firewall of one sandboxd instance.
 #[derive(Debug)]
 pub struct Firewall {
     top: String,
     bridge: Option<String>,
-    /// Serialises read-modify-write changes of our chains.
-    lock: Mutex<bool>,
+    /// Serialises read-modify-write changes of our chains, and remembers what they held when
+    /// last seen whole (by key: table and chain), to notice changes made behind our back.
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    base_ready: bool,
+    seen: HashMap<(Table, String), Vec<String>>,
 }
 
 impl Firewall {
@@ -35,63 +107,176 @@ impl Firewall {
         Firewall {
             top: format!("SBXD-{instance}"),
             bridge,
-            lock: Mutex::new(false),
+            state: Mutex::new(State::default()),
         }
     }
 
-    /// The chain of sandbox `id` (iptables limits names to 28 characters, hence the hash).
-    pub fn chain_for(&self, id: &str) -> String {
+    /// The bridge whose ports the sandboxes are, when known.
+    pub fn bridge(&self) -> Option<&str> {
+        self.bridge.as_deref()
+    }
+
+    /// The chain of sandbox `key` (iptables limits names to 28 characters, hence the hash).
+    pub fn chain_for(&self, key: &str) -> String {
         format!(
             "{}-{}",
             self.top,
-            &crate::util::sha256_hex(id.as_bytes())[..12]
+            &crate::util::sha256_hex(key.as_bytes())[..12]
         )
     }
 
-    /// Installs the sandbox's chain with `rules` (from [`super::policy::egress_rules`] for
-    /// [`Firewall::chain_for`]) and sends what arrives from `veth` to it. Replaces an earlier
-    /// chain of the same sandbox.
-    pub async fn add(&self, id: &str, veth: &str, rules: &[String]) -> Result<()> {
-        let mut ready = self.lock.lock().await;
-        if !*ready {
+    /// Installs sandbox `key`'s chains, `rules` (from [`super::policy::egress_rules`] for
+    /// [`Firewall::chain_for`]) and its anti-spoofing guard, and sends what arrives from its
+    /// veth to them. On failure the caller removes what may have been made ([`Firewall::remove`]).
+    pub async fn add(&self, key: &str, guard: &Guard, rules: &[String]) -> Result<()> {
+        let mut state = self.state.lock().await;
+        if !state.base_ready {
             self.ensure_base().await?;
-            *ready = true;
+            state.base_ready = true;
         }
-        let chain = self.chain_for(id);
-        let mut lines = vec![format!(":{chain} - [0:0]")];
-        lines.extend(rules.iter().cloned());
-        lines.push(format!(
-            "-I {} 1 -m physdev --physdev-in {veth} -j {chain}",
-            self.top
-        ));
-        restore(&lines).await
+        let chain = self.chain_for(key);
+        let (ip_lines, eb_lines) = (
+            self.ip_lines(&chain, guard, rules, true),
+            self.eb_lines(&chain, guard, true),
+        );
+        // Two tables, two tools: run side by side, each its own transaction.
+        let (ip, eb) = tokio::join!(restore(Table::Ip, &ip_lines), restore(Table::Eb, &eb_lines));
+        ip.and(eb)
     }
 
-    /// Removes sandbox `id`'s chain and the rules jumping to it. Idempotent.
-    pub async fn remove(&self, id: &str) -> Result<()> {
-        let _guard = self.lock.lock().await;
-        self.remove_chains(&[self.chain_for(id)]).await
+    /// Replaces sandbox `key`'s egress `rules` in one transaction: each packet meets either the
+    /// old rules or the new ones, never none.
+    pub async fn replace(&self, key: &str, rules: &[String]) -> Result<()> {
+        let mut state = self.state.lock().await;
+        let chain = self.chain_for(key);
+        let mut lines = vec![Table::Ip.declare(&chain)];
+        lines.extend(rules.iter().cloned());
+        restore(Table::Ip, &lines).await?;
+        state.seen.remove(&(Table::Ip, chain));
+        Ok(())
+    }
+
+    fn ip_lines(&self, chain: &str, guard: &Guard, rules: &[String], jump: bool) -> Vec<String> {
+        let mut lines = vec![Table::Ip.declare(chain)];
+        lines.extend(rules.iter().cloned());
+        if jump {
+            lines.push(format!(
+                "-I {} 1 -m physdev --physdev-in {} -j {chain}",
+                self.top, guard.veth
+            ));
+        }
+        lines
+    }
+
+    fn eb_lines(&self, chain: &str, guard: &Guard, jump: bool) -> Vec<String> {
+        let mut lines = vec![Table::Eb.declare(chain)];
+        lines.extend(super::policy::guard_rules(chain, &guard.mac, guard.ip));
+        if jump {
+            lines.push(format!("-I {} 1 -i {} -j {chain}", self.top, guard.veth));
+        }
+        lines
+    }
+
+    /// Removes sandbox `key`'s chains and the rules jumping to them. Idempotent.
+    pub async fn remove(&self, key: &str) -> Result<()> {
+        let mut state = self.state.lock().await;
+        let chain = self.chain_for(key);
+        state.seen.retain(|(_, c), _| *c != chain);
+        let chains = [chain];
+        let (ip, eb) = tokio::join!(
+            self.remove_chains(Table::Ip, &chains),
+            self.remove_chains(Table::Eb, &chains),
+        );
+        ip.and(eb)
     }
 
     /// Removes the chains of sandboxes not in `live` (left by a crash). Returns how many.
     pub async fn sweep(&self, live: &[String]) -> Result<usize> {
-        let _guard = self.lock.lock().await;
-        let keep: Vec<String> = live.iter().map(|id| self.chain_for(id)).collect();
+        let mut state = self.state.lock().await;
+        let keep: Vec<String> = live.iter().map(|key| self.chain_for(key)).collect();
         let prefix = format!("{}-", self.top);
-        let stale: Vec<String> = parse_save(&save().await?)
-            .chains
-            .into_iter()
-            .filter(|c| c.starts_with(&prefix) && !keep.contains(c))
-            .collect();
-        self.remove_chains(&stale).await?;
-        Ok(stale.len())
+        let mut swept = 0;
+        for table in [Table::Ip, Table::Eb] {
+            let stale: Vec<String> = parse_save(&save(table).await?)
+                .chains
+                .into_iter()
+                .filter(|c| c.starts_with(&prefix) && !keep.contains(c))
+                .collect();
+            self.remove_chains(table, &stale).await?;
+            swept += stale.len();
+            state
+                .seen
+                .retain(|(t, c), _| *t != table || !stale.contains(c));
+        }
+        Ok(swept)
     }
 
-    async fn remove_chains(&self, chains: &[String]) -> Result<()> {
+    /// Puts back the instance's base rules if someone removed them. Called for running
+    /// sandboxes, so the base is made here too after a restart.
+    pub async fn repair_base(&self) -> Result<Repair> {
+        let mut state = self.state.lock().await;
+        let repair = self.ensure_base().await?;
+        state.base_ready = true;
+        Ok(repair)
+    }
+
+    /// Checks that running sandbox `key`'s chains hold `rules` and its guard and are jumped to,
+    /// and puts back whatever someone flushed, removed or changed.
+    pub async fn repair(&self, key: &str, guard: &Guard, rules: &[String]) -> Result<Repair> {
+        let mut state = self.state.lock().await;
+        let chain = self.chain_for(key);
+        let mut outcome = Repair::Intact;
+        for table in [Table::Ip, Table::Eb] {
+            let (want_rules, jump) = match table {
+                Table::Ip => (
+                    rules.len(),
+                    format!(
+                        "-A {} -m physdev --physdev-in {} -j {chain}",
+                        self.top, guard.veth
+                    ),
+                ),
+                Table::Eb => (
+                    super::policy::guard_rules(&chain, &guard.mac, guard.ip).len(),
+                    format!("-A {} -i {} -j {chain}", self.top, guard.veth),
+                ),
+            };
+            let now = parse_save(&save(table).await?);
+            let present: Vec<String> = now
+                .rules
+                .iter()
+                .filter(|r| r.starts_with(&format!("-A {chain} ")))
+                .cloned()
+                .collect();
+            let has_chain = now.chains.contains(&chain);
+            let has_jump = now.rules.contains(&jump);
+            let key = (table, chain.clone());
+            let whole = has_chain && has_jump && present.len() == want_rules;
+            let unchanged = state.seen.get(&key).is_none_or(|seen| *seen == present);
+            if whole && unchanged {
+                state.seen.insert(key, present);
+                continue;
+            }
+            let lines = match table {
+                Table::Ip => self.ip_lines(&chain, guard, rules, !has_jump),
+                Table::Eb => self.eb_lines(&chain, guard, !has_jump),
+            };
+            restore(table, &lines).await?;
+            let after = parse_save(&save(table).await?)
+                .rules
+                .into_iter()
+                .filter(|r| r.starts_with(&format!("-A {chain} ")))
+                .collect();
+            state.seen.insert(key, after);
+            outcome = Repair::Restored;
+        }
+        Ok(outcome)
+    }
+
+    async fn remove_chains(&self, table: Table, chains: &[String]) -> Result<()> {
         if chains.is_empty() {
             return Ok(());
         }
-        let state = parse_save(&save().await?);
+        let state = parse_save(&save(table).await?);
         let mut lines = Vec::new();
         for rule in &state.rules {
             let words: Vec<&str> = rule.split_whitespace().collect();
@@ -110,37 +295,61 @@ impl Firewall {
         if lines.is_empty() {
             return Ok(());
         }
-        restore(&lines).await
+        restore(table, &lines).await
     }
 
-    /// Creates the instance chain and its jumps from INPUT and FORWARD when missing, after
-    /// making sure bridged packets pass iptables at all.
-    async fn ensure_base(&self) -> Result<()> {
-        ensure_bridge_netfilter().await?;
-        let state = parse_save(&save().await?);
+    /// The rules below the dispatch rules of the instance chain: towards the bridge, replies
+    /// and port forwards pass, any other connection is refused.
+    fn ingress_rules(&self) -> Vec<String> {
         let top = &self.top;
-        let mut lines = Vec::new();
-        if !state.chains.contains(top) {
-            lines.push(format!(":{top} - [0:0]"));
-            if let Some(br) = &self.bridge {
-                lines.push(format!(
-                    "-A {top} -o {br} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
-                ));
-                lines.push(format!(
-                    "-A {top} -o {br} -m conntrack --ctstate DNAT -j ACCEPT"
-                ));
+        match &self.bridge {
+            None => Vec::new(),
+            Some(br) => vec![
+                format!("-A {top} -o {br} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"),
+                format!("-A {top} -o {br} -m conntrack --ctstate DNAT -j ACCEPT"),
+                format!("-A {top} -o {br} -j REJECT --reject-with icmp-admin-prohibited"),
+            ],
+        }
+    }
+
+    /// Creates the instance chains and their jumps where missing, after making sure bridged
+    /// packets pass iptables at all; puts back ingress rules someone removed.
+    async fn ensure_base(&self) -> Result<Repair> {
+        ensure_bridge_netfilter().await?;
+        let mut outcome = Repair::Intact;
+        let top = &self.top;
+        for table in [Table::Ip, Table::Eb] {
+            let state = parse_save(&save(table).await?);
+            let mut lines = Vec::new();
+            if !state.chains.contains(top) {
+                lines.push(table.declare(top));
+            }
+            let builtins: &[&str] = match table {
+                Table::Ip => &["INPUT", "FORWARD", "OUTPUT"],
+                Table::Eb => &["INPUT", "FORWARD"],
+            };
+            for builtin in builtins {
+                let jump = format!("-A {builtin} -j {top}");
+                if !state.rules.contains(&jump) {
+                    lines.push(format!("-I {builtin} 1 -j {top}"));
+                }
+            }
+            if table == Table::Ip {
+                let ingress = self.ingress_rules();
+                if !ingress.iter().all(|r| state.rules.contains(r)) {
+                    // Out of order or partly gone: all of them again, in order, at the end.
+                    for r in ingress.iter().filter(|r| state.rules.contains(r)) {
+                        lines.push(format!("-D{}", &r[2..]));
+                    }
+                    lines.extend(ingress);
+                }
+            }
+            if !lines.is_empty() {
+                restore(table, &lines).await?;
+                outcome = Repair::Restored;
             }
         }
-        for builtin in ["INPUT", "FORWARD"] {
-            let jump = format!("-A {builtin} -j {top}");
-            if !state.rules.contains(&jump) {
-                lines.push(format!("-I {builtin} 1 -j {top}"));
-            }
-        }
-        if lines.is_empty() {
-            return Ok(());
-        }
-        restore(&lines).await
+        Ok(outcome)
     }
 }
 
@@ -187,17 +396,18 @@ fn parse_save(text: &str) -> SaveState {
     state
 }
 
-async fn save() -> Result<String> {
-    let out = tokio::process::Command::new(SAVE)
-        .args(["-t", "filter"])
+async fn save(table: Table) -> Result<String> {
+    let (tool, args) = table.save();
+    let out = tokio::process::Command::new(tool)
+        .args(args)
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output()
         .await
-        .map_err(missing_tool(SAVE))?;
+        .map_err(missing_tool(tool))?;
     if !out.status.success() {
         return Err(Error::Internal(format!(
-            "{SAVE} failed ({}): {}",
+            "{tool} failed ({}): {}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         )));
@@ -205,35 +415,37 @@ async fn save() -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Applies `lines` to the filter table in one transaction.
-async fn restore(lines: &[String]) -> Result<()> {
+/// Applies `lines` to `table`'s filter table in one transaction.
+async fn restore(table: Table, lines: &[String]) -> Result<()> {
+    let (tool, args) = table.restore();
     let mut input = String::from("*filter\n");
     for l in lines {
         input.push_str(l);
         input.push('\n');
     }
     input.push_str("COMMIT\n");
-    let mut child = tokio::process::Command::new(RESTORE)
-        .args(["-w", "--noflush"])
+    let mut child = tokio::process::Command::new(tool)
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(missing_tool(RESTORE))?;
+        .map_err(missing_tool(tool))?;
     let mut stdin = child.stdin.take().expect("stdin is piped");
-    stdin
-        .write_all(input.as_bytes())
-        .await
-        .map_err(|e| Error::io(format!("writing to {RESTORE}"), e))?;
+    // A tool that fails early stops reading (EPIPE here): its own exit status and message
+    // below say why, so a failed write is reported only if the tool then claims success.
+    let written = stdin.write_all(input.as_bytes()).await;
     drop(stdin);
     let out = child
         .wait_with_output()
         .await
-        .map_err(|e| Error::io(format!("waiting for {RESTORE}"), e))?;
-    if !out.status.success() {
+        .map_err(|e| Error::io(format!("waiting for {tool}"), e))?;
+    if out.status.success() {
+        written.map_err(|e| Error::io(format!("writing to {tool}"), e))?;
+    } else {
         return Err(Error::Internal(format!(
-            "{RESTORE} failed ({}): {}; input was:\n{input}",
+            "{tool} failed ({}): {}; input was:\n{input}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         )));
@@ -245,7 +457,7 @@ fn missing_tool(name: &'static str) -> impl Fn(std::io::Error) -> Error {
     move |e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             Error::FailedPrecondition(format!(
-                "{name} is not installed on this node; BRIDGE networking needs iptables"
+                "{name} is not installed on this node; BRIDGE networking needs iptables and ebtables"
             ))
         } else {
             Error::io(format!("running {name}"), e)

@@ -21,9 +21,9 @@ use self::cni::{
     Attachment, BridgeNetwork, CniError, CniRunner, NetworkConfigList, PortMapping, RuntimeConfig,
     DEFAULT_IFNAME,
 };
-use self::firewall::Firewall;
+use self::firewall::{Firewall, Guard, Repair};
 use self::netns::NetNs;
-use self::policy::NetPolicy;
+use self::policy::{Closed, Egress, Ipv4Net, NetPolicy, PortRange};
 use crate::error::{Error, Result};
 
 /// Where systemd-resolved writes the upstream resolvers it forwards to.
@@ -114,7 +114,8 @@ pub fn filter_resolv_conf(text: &str) -> String {
         .collect()
 }
 
-fn nameservers(text: &str) -> Vec<IpAddr> {
+/// The nameserver addresses a resolv.conf names.
+pub fn nameservers(text: &str) -> Vec<IpAddr> {
     text.lines()
         .filter_map(|line| {
             let mut words = line.split_whitespace();
@@ -145,6 +146,13 @@ pub struct NetConfig {
     pub plugin_dirs: Vec<PathBuf>,
     /// DNS sources.
     pub dns: DnsConfig,
+    /// Ranges no sandbox may reach unless a rule names something inside them
+    /// (`--deny-egress`), beside the node-local destinations closed to every sandbox.
+    pub deny_egress: Vec<Ipv4Net>,
+    /// Host ports sandboxes may publish (`--host-port-range`).
+    pub host_ports: PortRange,
+    /// Host ports never published, even inside the range: sandboxd's own.
+    pub reserved_ports: Vec<u16>,
 }
 
 /// A sandbox's attachment to the bridge, as made by [`Network::attach`].
@@ -156,6 +164,8 @@ pub struct Attached {
     pub gateway: Option<IpAddr>,
     /// The CNI result, for DEL.
     pub result: Value,
+    /// What ties the sandbox to its firewall rules.
+    pub guard: Guard,
 }
 
 /// BRIDGE networking: namespaces, CNI and the egress firewall of one sandboxd instance.
@@ -304,7 +314,7 @@ impl Network {
                 .map_err(Error::from)
         };
         let Some(ip) = result.sandbox_ip().and_then(|c| match c.address {
-            IpAddr::V4(v4) => Some((v4, c.gateway)),
+            IpAddr::V4(v4) => Some((v4, c.gateway, c.prefix_len)),
             IpAddr::V6(_) => None,
         }) else {
             let e = Error::FailedPrecondition(format!(
@@ -328,15 +338,27 @@ impl Network {
             ));
             return Err(e.with_cleanup(undo_cni().await));
         };
-        let resolvers: Vec<Ipv4Addr> = resolvers
+        let mac = result
+            .interfaces
             .iter()
-            .filter_map(|a| match a {
-                IpAddr::V4(v4) => Some(*v4),
-                IpAddr::V6(_) => None,
-            })
-            .collect();
-        let rules = policy::egress_rules(&self.firewall.chain_for(id), &policy.egress, &resolvers);
-        if let Err(e) = self.firewall.add(id, &veth, &rules).await {
+            .find(|i| i.sandbox.as_deref().is_some_and(|s| !s.is_empty()))
+            .and_then(|i| i.mac.clone());
+        let Some(mac) = mac else {
+            let e = Error::FailedPrecondition(format!(
+                "CNI network {:?} reported no MAC address of the sandbox's interface; the \
+                 anti-spoofing guard needs one",
+                conflist.name()
+            ));
+            return Err(e.with_cleanup(undo_cni().await));
+        };
+        let guard = Guard {
+            veth,
+            mac,
+            ip: ip.0,
+            prefix: ip.2,
+        };
+        let rules = self.egress_rules(id, &guard, &policy.egress, resolvers);
+        if let Err(e) = self.firewall.add(id, &guard, &rules).await {
             let cleanup = match self.firewall.remove(id).await {
                 Ok(()) => undo_cni().await,
                 Err(fw) => Err(fw),
@@ -347,6 +369,7 @@ impl Network {
             ip: ip.0,
             gateway: ip.1,
             result: result.raw,
+            guard,
         })
     }
 
@@ -379,6 +402,96 @@ impl Network {
         }
         self.runner.del(&conflist, &attachment, &rc, cached).await?;
         netns.remove().await
+    }
+
+    /// The rules of sandbox `id`'s egress chain for `egress`.
+    fn egress_rules(
+        &self,
+        id: &str,
+        guard: &Guard,
+        egress: &Egress,
+        resolvers: &[IpAddr],
+    ) -> Vec<String> {
+        let closed = Closed {
+            subnet: Ipv4Net::new(guard.ip, guard.prefix),
+            deny: self.cfg.deny_egress.clone(),
+            resolvers: resolvers
+                .iter()
+                .filter_map(|a| match a {
+                    IpAddr::V4(v4) => Some(*v4),
+                    IpAddr::V6(_) => None,
+                })
+                .collect(),
+        };
+        policy::egress_rules(&self.firewall.chain_for(id), egress, &closed)
+    }
+
+    /// The guard of a sandbox attached by an earlier sandboxd that recorded none, from its
+    /// cached CNI ADD result: its rules can then be brought up to date by the sweep.
+    pub fn guard_from_result(&self, raw: &Value) -> Option<Guard> {
+        let result = cni::CniResult::parse(raw.clone()).ok()?;
+        let ip = result.sandbox_ip()?;
+        let IpAddr::V4(addr) = ip.address else {
+            return None;
+        };
+        let bridge = self.firewall.bridge();
+        let veth = result
+            .interfaces
+            .iter()
+            .find(|i| {
+                i.sandbox.as_deref().unwrap_or("").is_empty() && Some(i.name.as_str()) != bridge
+            })?
+            .name
+            .clone();
+        let mac = result
+            .interfaces
+            .iter()
+            .find(|i| i.sandbox.as_deref().is_some_and(|s| !s.is_empty()))?
+            .mac
+            .clone()?;
+        Some(Guard {
+            veth,
+            mac,
+            ip: addr,
+            prefix: ip.prefix_len,
+        })
+    }
+
+    /// INVALID_ARGUMENT unless every host port of `policy` may be published here.
+    pub fn check_host_ports(&self, policy: &NetPolicy) -> Result<()> {
+        policy.check_host_ports(self.cfg.host_ports, &self.cfg.reserved_ports)
+    }
+
+    /// Replaces the egress policy of attached sandbox `id` in one transaction (see
+    /// [`Firewall::replace`]). `resolvers` are those its resolv.conf names.
+    pub async fn update_egress(
+        &self,
+        id: &str,
+        guard: &Guard,
+        egress: &Egress,
+        resolvers: &[IpAddr],
+    ) -> Result<()> {
+        let rules = self.egress_rules(id, guard, egress, resolvers);
+        self.firewall.replace(id, &rules).await
+    }
+
+    /// Puts back the base rules and attached sandbox `id`'s rules where someone removed or
+    /// changed them.
+    pub async fn repair_firewall(
+        &self,
+        id: &str,
+        guard: &Guard,
+        egress: &Egress,
+        resolvers: &[IpAddr],
+    ) -> Result<Repair> {
+        let base = self.firewall.repair_base().await?;
+        let rules = self.egress_rules(id, guard, egress, resolvers);
+        let own = self.firewall.repair(id, guard, &rules).await?;
+        Ok(if base == Repair::Restored {
+            Repair::Restored
+        } else {
+            own
+        })
     }
 
     /// Removes the egress chains of sandboxes other than `live` (a crash's leftovers).

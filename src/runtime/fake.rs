@@ -280,6 +280,7 @@ impl Containers for Fake {
         if let Some(key) = update.snapshot_key {
             c.snapshot_key = key;
         }
+        c.extensions.extend(update.extensions);
         Ok(())
     }
 

@@ -101,6 +101,8 @@ pub struct ContainerUpdate {
     pub spec: Option<Vec<u8>>,
     /// Labels to set (`Some`) or remove (`None`); others are left alone.
     pub labels: Vec<(String, Option<String>)>,
+    /// Extensions to set (replaced whole); others are left alone.
+    pub extensions: Vec<(String, Vec<u8>)>,
 }
 
 /// A snapshot's record.

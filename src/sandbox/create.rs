@@ -48,6 +48,9 @@ impl Manager {
         let quotas = quotas.clone();
         let this = self.clone();
         let span = tracing::info_span!("create_sandbox", sandbox_id = %spec.id);
+        if spec.network == NetworkMode::Bridge {
+            self.net.check_host_ports(&spec.net_policy)?;
+        }
         run_to_completion(
             async move {
                 let _retries = this.lock_request(spec.request.as_ref()).await?;

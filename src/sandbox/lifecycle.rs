@@ -352,6 +352,7 @@ impl Manager {
             snapshot_key: Some(new_key.to_string()),
             labels: vec![(L_SNAPSHOT.to_string(), Some(snapshot_id.to_string()))],
             spec: None,
+            extensions: Vec::new(),
         };
         self.cd.update_container(id.as_str(), update).await?;
         if let Err(e) = self.cd.remove(&container.snapshot_key).await {

@@ -476,6 +476,7 @@ impl Manager {
                 .collect(),
             spec,
             snapshot_key: None,
+            extensions: Vec::new(),
         };
         self.cd.update_container(id, update).await
     }

@@ -3,17 +3,22 @@
 
 use std::collections::HashSet;
 
-use super::manager::Manager;
+use std::sync::Arc;
+
+use super::manager::{run_to_completion, Manager};
 use super::model::*;
 use super::record::*;
 use crate::error::{Error, Result};
-use crate::net::policy::NetPolicy;
+use crate::net::policy::{Egress, NetPolicy};
 use crate::runtime::Container;
 use crate::sys;
 
 impl Manager {
     /// Attaches a BRIDGE sandbox's network and records its address; undone on failure.
     pub(super) async fn attach_network(&self, id: &SandboxId, net: &NetCtx<'_>) -> Result<()> {
+        // Checked again at each start: the range or sandboxd's own ports may have changed
+        // since the sandbox was made.
+        self.net.check_host_ports(net.policy)?;
         let _ports = if net.policy.ports.is_empty() {
             None
         } else {
@@ -44,6 +49,7 @@ impl Manager {
                         L_NET_RESULT,
                         (result.len() <= MAX_RESULT_LABEL).then_some(result),
                     ),
+                    (L_NET_GUARD, serde_json::to_string(&attached.guard).ok()),
                 ],
             )
             .await
@@ -60,6 +66,73 @@ impl Manager {
                 .await;
             return Err(e.with_cleanup(cleanup));
         }
+        Ok(())
+    }
+
+    /// UpdateSandboxNetwork: replaces BRIDGE sandbox `id`'s egress policy. A running sandbox's
+    /// rules are swapped in one firewall transaction (each packet meets the old policy or the
+    /// new one, never none), then the new policy is recorded; if recording fails the old
+    /// rules are put back. A stopped sandbox gets the new policy at its next start. Runs to
+    /// completion even if the caller goes away.
+    pub async fn update_network(
+        self: &Arc<Self>,
+        id: SandboxId,
+        egress: Egress,
+    ) -> Result<Sandbox> {
+        let this = self.clone();
+        let span = tracing::info_span!("update_sandbox_network", sandbox_id = %id);
+        run_to_completion(tracing::Instrument::instrument(
+            async move {
+                this.update_network_inner(&id, egress).await?;
+                this.get(&id).await
+            },
+            span,
+        ))
+        .await
+    }
+
+    async fn update_network_inner(&self, id: &SandboxId, egress: Egress) -> Result<()> {
+        let _guard = self.locks.lock(id.as_str()).await?;
+        let container = self.existing(id).await?;
+        let Some(old) = net_policy(&container) else {
+            return Err(Error::FailedPrecondition(format!(
+                "sandbox {id} has network mode NONE: it has no network whose egress could change"
+            )));
+        };
+        let new = NetPolicy {
+            egress,
+            ports: old.ports.clone(),
+        };
+        new.validate()?;
+        let encoded = serde_json::to_vec(&new)
+            .map_err(|e| Error::Internal(format!("encoding the network policy: {e}")))?;
+        let key = self.host_key(id.as_str());
+        let live = match self.guard_of(&container) {
+            Some(guard) if self.net.is_attached(&key) => {
+                let resolvers = self.sandbox_resolvers(id).await;
+                self.net
+                    .update_egress(&key, &guard, &new.egress, &resolvers)
+                    .await?;
+                Some((guard, resolvers))
+            }
+            _ => None,
+        };
+        let update = crate::runtime::ContainerUpdate {
+            extensions: vec![(EXT_NET_POLICY.to_string(), encoded)],
+            ..Default::default()
+        };
+        if let Err(e) = self.cd.update_container(id.as_str(), update).await {
+            let cleanup = match &live {
+                Some((guard, resolvers)) => {
+                    self.net
+                        .update_egress(&key, guard, &old.egress, resolvers)
+                        .await
+                }
+                None => Ok(()),
+            };
+            return Err(e.with_cleanup(cleanup));
+        }
+        tracing::info!(sandbox_id = %id, running = live.is_some(), "egress policy replaced");
         Ok(())
     }
 
@@ -163,6 +236,7 @@ impl Manager {
                     (L_NET_IP, None),
                     (L_NET_GATEWAY, None),
                     (L_NET_RESULT, None),
+                    (L_NET_GUARD, None),
                 ],
             )
             .await
@@ -190,6 +264,12 @@ impl Manager {
         let live = self.live_task_ids().await?;
         // Each sandbox on its own: one that fails does not keep the others' networks up.
         let mut failed = None;
+        for id in attached.iter().filter(|id| live.contains(id.as_str())) {
+            if let Err(e) = self.repair_firewall(id).await {
+                tracing::warn!(sandbox_id = %id, error = %e, "checking a sandbox's firewall rules failed; the sweep retries");
+                failed.get_or_insert(e);
+            }
+        }
         for id in attached.iter().filter(|id| !live.contains(id.as_str())) {
             if let Err(e) = self.settle_network(id).await {
                 tracing::warn!(sandbox_id = %id, error = %e, "tearing down a network failed; the sweep retries");
@@ -197,6 +277,57 @@ impl Manager {
             }
         }
         failed.map_or(Ok(()), Err)
+    }
+
+    /// Puts back running sandbox `id`'s firewall rules (and the base rules) if someone removed
+    /// or changed them, and says so in the log. A sandbox busy with another operation is
+    /// left to the next sweep.
+    async fn repair_firewall(&self, id: &SandboxId) -> Result<()> {
+        let Ok(_guard) = self
+            .locks
+            .lock_within(id.as_str(), std::time::Duration::ZERO)
+            .await
+        else {
+            return Ok(());
+        };
+        let Some(container) = self.container(id).await? else {
+            return Ok(());
+        };
+        let (Some(guard), Some(policy)) = (self.guard_of(&container), net_policy(&container))
+        else {
+            return Ok(());
+        };
+        let key = self.host_key(id.as_str());
+        if !self.net.is_attached(&key) {
+            return Ok(());
+        }
+        let resolvers = self.sandbox_resolvers(id).await;
+        let repair = self
+            .net
+            .repair_firewall(&key, &guard, &policy.egress, &resolvers)
+            .await?;
+        if repair == crate::net::firewall::Repair::Restored {
+            tracing::warn!(sandbox_id = %id, "firewall rules were missing or changed; restored");
+        }
+        Ok(())
+    }
+
+    /// What ties attached sandbox `c` to its firewall rules: as recorded, or (attached by an
+    /// older sandboxd) from its cached CNI result.
+    fn guard_of(&self, c: &Container) -> Option<crate::net::firewall::Guard> {
+        net_guard(c).or_else(|| {
+            let raw = serde_json::from_str(c.labels.get(L_NET_RESULT)?).ok()?;
+            self.net.guard_from_result(&raw)
+        })
+    }
+
+    /// The resolvers sandbox `id` was given (its resolv.conf's nameservers).
+    pub(super) async fn sandbox_resolvers(&self, id: &SandboxId) -> Vec<std::net::IpAddr> {
+        let path = self.files_dir(id).join("resolv.conf");
+        match tokio::fs::read_to_string(&path).await {
+            Ok(text) => crate::net::nameservers(&text),
+            Err(_) => self.net.resolv_conf().nameservers,
+        }
     }
 
     /// Ids of sandboxes whose PID 1 may be alive (running, paused, or not known to be dead).

@@ -31,6 +31,9 @@ pub(super) const L_NET_IP: &str = "sandboxd.io/net-ip";
 pub(super) const L_NET_GATEWAY: &str = "sandboxd.io/net-gateway";
 /// The CNI ADD result (compact JSON), given back to the plugins on DEL.
 pub(super) const L_NET_RESULT: &str = "sandboxd.io/net-result";
+/// What ties a running BRIDGE sandbox to its firewall rules (veth, MAC, address; JSON), so
+/// that the sweep can put back rules someone removed, after a restart too.
+pub(super) const L_NET_GUARD: &str = "sandboxd.io/net-guard";
 /// containerd limits a label to 4096 bytes; a larger CNI result is not cached (DEL works
 /// without it).
 pub(super) const MAX_RESULT_LABEL: usize = 3500;
@@ -62,6 +65,11 @@ pub(super) fn net_policy(c: &Container) -> Option<NetPolicy> {
             .and_then(|v| serde_json::from_slice(v).ok())
             .unwrap_or_default(),
     )
+}
+
+/// What ties a running BRIDGE sandbox to its firewall rules, when it is attached.
+pub(super) fn net_guard(c: &Container) -> Option<crate::net::firewall::Guard> {
+    serde_json::from_str(c.labels.get(L_NET_GUARD)?).ok()
 }
 
 /// The labels recording a sandbox's limits: the pids limit that applies, CPU and memory when set.

@@ -611,6 +611,66 @@ async fn a_commit_tries_a_busy_freezer_again_then_answers_unavailable() {
     assert_eq!(task, Some(TaskState::Running));
 }
 
+#[tokio::test]
+async fn update_network_records_a_stopped_bridge_sandboxs_policy_and_refuses_none() {
+    use crate::net::policy::Egress;
+    let f = Fixture::new();
+    // Made but not started: no network is attached, so only the record changes.
+    let mut s = spec("br");
+    s.network = NetworkMode::Bridge;
+    s.start = false;
+    f.manager.create(s, &NO_QUOTAS, None).await.unwrap();
+    let sb = f
+        .manager
+        .update_network(id("br"), Egress::DenyAll)
+        .await
+        .unwrap();
+    assert_eq!(sb.net_policy.unwrap().egress, Egress::DenyAll);
+    // Read back from the container's record, as a restarted sandboxd would.
+    let again = Fixture::new_on(f.fake.clone(), &f.dir);
+    let kept = again.manager.get(&id("br")).await.unwrap();
+    assert_eq!(kept.net_policy.unwrap().egress, Egress::DenyAll);
+
+    f.manager
+        .create(spec("plain"), &NO_QUOTAS, None)
+        .await
+        .unwrap();
+    let err = f
+        .manager
+        .update_network(id("plain"), Egress::DenyAll)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::FailedPrecondition(_)), "{err:?}");
+    let err = f
+        .manager
+        .update_network(id("gone"), Egress::DenyAll)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_create_publishing_a_port_outside_the_range_makes_nothing() {
+    use crate::net::cni::{PortMapping, Protocol};
+    let f = Fixture::new();
+    let mut s = spec("pub");
+    s.network = NetworkMode::Bridge;
+    s.net_policy.ports = vec![PortMapping {
+        host_port: 80,
+        container_port: 80,
+        protocol: Protocol::Tcp,
+        host_ip: None,
+    }];
+    let err = f.manager.create(s, &NO_QUOTAS, None).await.unwrap_err();
+    match &err {
+        Error::InvalidArgument { field, reason } => {
+            assert_eq!(field, "network.ports[0].host_port");
+            assert!(reason.contains("20000-29999"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(f.fake.container_ids().is_empty());
+}
 // ---- tenants and quotas ----
 
 fn quotas(sandboxes: Option<u64>, memory: Option<u64>, cpu: Option<u64>) -> Quotas {

@@ -106,6 +106,11 @@ const AUDITED: &[Audited] = &[
         response: None,
     },
     Audited {
+        path: "/sandboxd.v1.SandboxService/UpdateSandboxNetwork",
+        request: |b| sandbox(decode::<pb::UpdateSandboxNetworkRequest>(b).map(|r| r.sandbox_id)),
+        response: None,
+    },
+    Audited {
         path: "/sandboxd.v1.SandboxService/Exec",
         request: |b| {
             sandbox(decode::<pb::ExecRequest>(b).and_then(|r| match r.request {

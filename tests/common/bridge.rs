@@ -28,6 +28,11 @@ pub struct NetEnv {
 
 impl NetEnv {
     pub async fn start(extra: &[&str]) -> NetEnv {
+        NetEnv::start_with_env(extra, &[]).await
+    }
+
+    /// Like [`NetEnv::start`], also setting environment variables for sandboxd.
+    pub async fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> NetEnv {
         let dir = tempfile::tempdir().unwrap();
         let resolv = dir.path().join("host-resolv.conf");
         std::fs::write(&resolv, HOST_RESOLV).unwrap();
@@ -49,7 +54,7 @@ impl NetEnv {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let env = TestEnv::with_args(&args).await;
+        let env = TestEnv::with_args_env(&args, env).await;
         let c = env.clients().await;
         NetEnv { env, dir, c }
     }
@@ -134,6 +139,14 @@ impl NetEnv {
                 .filter(|chain| chain.starts_with("SBXD-") && chain.matches('-').count() >= 2)
                 .map(|l| format!("egress chain {l}")),
         );
+        let guards = run("ebtables-save", &[]);
+        left.extend(
+            guards
+                .lines()
+                .filter_map(|l| l.strip_prefix(':')?.split(' ').next())
+                .filter(|chain| chain.starts_with("SBXD-") && chain.matches('-').count() >= 2)
+                .map(|l| format!("anti-spoofing chain {l}")),
+        );
         let nat = run("iptables-save", &["-t", "nat"]);
         left.extend(
             nat.lines()
@@ -187,6 +200,12 @@ pub fn bridge_with(mode: pb::EgressMode, allow: Vec<pb::EgressRule>) -> pb::Netw
         }),
         ports: vec![],
     }
+}
+
+/// BRIDGE with an ALLOW_LIST naming the whole sandbox subnet: reaches the other sandboxes and
+/// the bridge's gateway address (closed to a default sandbox), nothing beyond.
+pub fn bridge_open() -> pb::NetworkSpec {
+    bridge_with(pb::EgressMode::AllowList, vec![rule(SUBNET, &[])])
 }
 
 pub fn rule(cidr: &str, ports: &[u32]) -> pb::EgressRule {

@@ -24,6 +24,9 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Attempts with a fresh port when another process grabbed ours first.
 const PORT_ATTEMPTS: usize = 5;
+/// Environment variable: a sandboxd binary to run instead of this build's (benches comparing
+/// two builds set it).
+pub const BINARY_ENV: &str = "SANDBOXD_TEST_BINARY";
 /// How much of sandboxd's log a failure message shows.
 const LOG_TAIL_BYTES: usize = 64 * 1024;
 
@@ -266,10 +269,22 @@ impl Sandboxd {
             .parent()
             .expect("the containerd socket is in a directory")
             .join("runc");
+        // `--listen IP:0` among the extra arguments: listen on IP (e.g. every address,
+        // 0.0.0.0) with the fixture's port, which its health checks reach on loopback.
+        let mut extra = o.extra_args.clone();
+        let mut listen = self.addr.to_string();
+        if let Some(i) = extra.iter().position(|a| a == "--listen") {
+            let ip = extra[i + 1]
+                .strip_suffix(":0")
+                .expect("an extra --listen is IP:0 (the fixture picks the port)")
+                .to_string();
+            listen = format!("{ip}:{}", self.addr.port());
+            extra.drain(i..=i + 1);
+        }
         let mut args: Vec<String> = [
             "serve",
             "--listen",
-            &self.addr.to_string(),
+            &listen,
             "--containerd-address",
             &o.containerd_address.to_string_lossy(),
             "--data-dir",
@@ -286,7 +301,7 @@ impl Sandboxd {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        args.extend(o.extra_args.iter().cloned());
+        args.extend(extra);
         args
     }
 
@@ -299,7 +314,11 @@ impl Sandboxd {
             "=== test harness: sandboxd {} ===",
             self.args().join(" ")
         );
-        let mut command = Command::new(env!("CARGO_BIN_EXE_sandboxd"));
+        // A bench comparing builds names the other build's binary here.
+        let binary = std::env::var_os(BINARY_ENV)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_sandboxd")));
+        let mut command = Command::new(binary);
         command
             .args(self.args())
             .env("PATH", host::DAEMON_PATH)

@@ -136,36 +136,7 @@ fn network_spec(n: pb::NetworkSpec) -> Result<(NetworkMode, NetPolicy)> {
             ))
         }
     };
-    let egress = match n.egress {
-        None => Egress::AllowAll,
-        Some(e) => {
-            let rules = e
-                .allow
-                .into_iter()
-                .enumerate()
-                .map(|(i, r)| egress_rule(i, r))
-                .collect::<Result<Vec<_>>>()?;
-            match pb::EgressMode::try_from(e.mode) {
-                Ok(pb::EgressMode::Unspecified | pb::EgressMode::AllowAll) if rules.is_empty() => {
-                    Egress::AllowAll
-                }
-                Ok(pb::EgressMode::DenyAll) if rules.is_empty() => Egress::DenyAll,
-                Ok(pb::EgressMode::AllowList) => Egress::AllowList { allow: rules },
-                Ok(_) => {
-                    return Err(Error::invalid(
-                        "network.egress.allow",
-                        "rules are only meaningful with mode ALLOW_LIST",
-                    ))
-                }
-                Err(_) => {
-                    return Err(Error::invalid(
-                        "network.egress.mode",
-                        format!("{} is not an EgressMode", e.mode),
-                    ))
-                }
-            }
-        }
-    };
+    let egress = egress_spec("network.egress", n.egress)?;
     let ports = n
         .ports
         .into_iter()
@@ -181,6 +152,53 @@ fn network_spec(n: pb::NetworkSpec) -> Result<(NetworkMode, NetPolicy)> {
     }
     policy.validate()?;
     Ok((mode, policy))
+}
+
+/// An EgressPolicy (the field `field`) → Egress; unset means ALLOW_ALL.
+fn egress_spec(field: &str, e: Option<pb::EgressPolicy>) -> Result<Egress> {
+    let Some(e) = e else {
+        return Ok(Egress::AllowAll);
+    };
+    let rules = e
+        .allow
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| egress_rule(field, i, r))
+        .collect::<Result<Vec<_>>>()?;
+    match pb::EgressMode::try_from(e.mode) {
+        Ok(pb::EgressMode::Unspecified | pb::EgressMode::AllowAll) if rules.is_empty() => {
+            Ok(Egress::AllowAll)
+        }
+        Ok(pb::EgressMode::DenyAll) if rules.is_empty() => Ok(Egress::DenyAll),
+        Ok(pb::EgressMode::AllowList) => Ok(Egress::AllowList { allow: rules }),
+        Ok(_) => Err(Error::invalid(
+            format!("{field}.allow"),
+            "rules are only meaningful with mode ALLOW_LIST",
+        )),
+        Err(_) => Err(Error::invalid(
+            format!("{field}.mode"),
+            format!("{} is not an EgressMode", e.mode),
+        )),
+    }
+}
+
+/// UpdateSandboxNetworkRequest → the sandbox and its new egress policy.
+pub fn update_network(r: pb::UpdateSandboxNetworkRequest) -> Result<(SandboxId, Egress)> {
+    let id = SandboxId::parse("sandbox_id", &r.sandbox_id)?;
+    if r.egress.is_none() {
+        return Err(Error::invalid(
+            "egress",
+            "the new egress policy is required (mode ALLOW_ALL to open everything but \
+             node-local destinations)",
+        ));
+    }
+    let egress = egress_spec("egress", r.egress)?;
+    NetPolicy {
+        egress: egress.clone(),
+        ports: Vec::new(),
+    }
+    .validate()?;
+    Ok((id, egress))
 }
 
 fn protocol(field: &str, p: i32, default: Option<Protocol>) -> Result<Option<Protocol>> {
@@ -202,8 +220,8 @@ fn port(field: &str, p: u32) -> Result<u16> {
     }
 }
 
-fn egress_rule(i: usize, r: pb::EgressRule) -> Result<EgressRule> {
-    let field = |f: &str| format!("network.egress.allow[{i}].{f}");
+fn egress_rule(parent: &str, i: usize, r: pb::EgressRule) -> Result<EgressRule> {
+    let field = |f: &str| format!("{parent}.allow[{i}].{f}");
     if r.cidr.is_empty() {
         return Err(Error::invalid(field("cidr"), "a CIDR is required"));
     }

@@ -123,6 +123,20 @@ impl Containers for Containerd {
         if update.snapshot_key.is_some() {
             paths.push("snapshotkey".into());
         }
+        paths.extend(
+            update
+                .extensions
+                .iter()
+                .map(|(k, _)| format!("extensions.{k}")),
+        );
+        let extensions = update
+            .extensions
+            .into_iter()
+            .map(|(k, value)| {
+                let type_url = extension_type_url(&k);
+                (k, prost_types::Any { type_url, value })
+            })
+            .collect();
         let req = UpdateContainerRequest {
             container: Some(CdContainer {
                 id: id.to_string(),
@@ -132,6 +146,7 @@ impl Containers for Containerd {
                     value,
                 }),
                 snapshot_key: update.snapshot_key.unwrap_or_default(),
+                extensions,
                 ..Default::default()
             }),
             update_mask: Some(prost_types::FieldMask { paths }),
