@@ -965,13 +965,13 @@ fn bridge_sandboxes_of_one_id_in_two_tenants_get_networks_of_their_own() {
                 ..t.request(id)
             };
             let a = alice
-                .try_create(forwarded(&alice, "net-1", 18090))
+                .try_create(forwarded(&alice, "net-1", 28090))
                 .await
                 .unwrap();
             // bob's sandbox of the same id cannot take alice's host port, and is not told
             // whose it is.
             let clash = bob
-                .try_create(forwarded(&bob, "net-1", 18090))
+                .try_create(forwarded(&bob, "net-1", 28090))
                 .await
                 .unwrap_err();
             assert_eq!(clash.code(), Code::FailedPrecondition, "{clash:?}");
@@ -980,7 +980,7 @@ fn bridge_sandboxes_of_one_id_in_two_tenants_get_networks_of_their_own() {
                 "{clash:?}"
             );
             let b = bob
-                .try_create(forwarded(&bob, "net-1", 18091))
+                .try_create(forwarded(&bob, "net-1", 28091))
                 .await
                 .unwrap();
             let (a_ip, b_ip) = (a.network.unwrap().ip_address, b.network.unwrap().ip_address);
