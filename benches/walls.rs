@@ -332,19 +332,7 @@ struct SandboxdSide {
 impl SandboxdSide {
     /// Pulls `image` through ImageService on `channel` (not timed).
     async fn pulled(channel: Channel, image: &str) -> Result<SandboxdSide> {
-        let mut pull = pb::image_service_client::ImageServiceClient::new(channel.clone())
-            .pull_image(pb::PullImageRequest {
-                image: image.to_owned(),
-            })
-            .await
-            .map_err(|s| status_error("PullImage", image, &s))?
-            .into_inner();
-        while pull
-            .message()
-            .await
-            .map_err(|s| status_error("PullImage stream", image, &s))?
-            .is_some()
-        {}
+        let channel = support::pull_on(channel, image).await?;
         Ok(SandboxdSide {
             client: SandboxServiceClient::new(channel),
             image: image.to_owned(),

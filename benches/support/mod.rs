@@ -274,7 +274,14 @@ pub fn target_dir() -> PathBuf {
 
 /// A channel to `env`'s sandboxd, once `image` is pulled through ImageService (not timed).
 pub async fn pulled_channel(env: &TestEnv, image: &str) -> Result<tonic::transport::Channel> {
-    let channel = env.channel().await;
+    pull_on(env.channel().await, image).await
+}
+
+/// `channel`, once `image` is pulled through its server's ImageService (not timed).
+pub async fn pull_on(
+    channel: tonic::transport::Channel,
+    image: &str,
+) -> Result<tonic::transport::Channel> {
     let mut pull = sandboxd::pb::image_service_client::ImageServiceClient::new(channel.clone())
         .pull_image(sandboxd::pb::PullImageRequest {
             image: image.to_owned(),
